@@ -1,0 +1,159 @@
+"""The ``lofit`` command line. Options come from the same dataclasses as the Python API.
+
+Precedence: dataclass defaults < ``--config file.yaml`` < command-line flags. The YAML
+file may be flat (``bias_lr: 0.02``) or sectioned like a run's config.yaml
+(``run: {...}``, ``lofit: {...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .config import LofitConfig
+from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
+from .plots import head_heatmap
+from .steps import HeadRanking
+from .tasks import TASKS
+
+
+def _field_type(cls: type, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        option = "--" + f.name.replace("_", "-")
+        kind = _field_type(cls, f.name)
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text:
+            help_text += f" (default: {f.default if f.default is not MISSING else None})"
+        if kind is bool:
+            group.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(option, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"lofit: config file {file} does not exist")
+    values = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"lofit: {file} must hold a mapping of option names to values")
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ("run", "lofit") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:
+    values = _load_yaml(args.config) if getattr(args, "config", None) else {}
+    known = {f.name for f in fields(RunConfig)} | {f.name for f in fields(LofitConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"lofit: unknown options in {args.config}: {', '.join(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    try:
+        return _build(RunConfig, values), _build(LofitConfig, values)
+    except ValueError as error:
+        raise SystemExit(f"lofit: {error}") from None
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=2))
+    for key, value in summary.items():
+        if key.endswith("exact_match"):
+            n = summary.get(key.replace("exact_match", "num_examples"))
+            print(f"\n{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}% of {n} examples")
+
+
+def _print_ranking(ranking: HeadRanking, top: int) -> None:
+    print("rank  layer  head  score")
+    for rank, (layer, head) in enumerate(ranking.order[:top]):
+        print(f"{rank:4d}  {layer:5d}  {head:4d}  {float(ranking.scores[layer, head]):.5f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lofit", description="Localized fine-tuning on LLM representations (LoFiT).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tasks = ", ".join(sorted(TASKS))
+
+    def command(name: str, help_text: str, options: Sequence[type] = (RunConfig, LofitConfig)) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=f"{help_text} Tasks: {tasks}.")
+        sub.add_argument("--config", help="YAML file of options; flags override it")
+        for cls in options:
+            _add_dataclass_options(sub, cls, f"{cls.__name__} options")
+        return sub
+
+    command("select", "Step 1: rank heads by training scales with an L1 penalty; write head_ranking.json and heads.png.")
+    tune = command("tune", "Step 2: train biases of the top heads of a saved ranking; write the adapter.")
+    tune.add_argument("--ranking", required=True, help="head_ranking.json from `lofit select` or `lofit run`")
+    command("run", "Both steps, then evaluation: write a full run folder.")
+    evaluate = command("eval", "Evaluate a model, zero-shot or with a saved adapter.", (RunConfig,))
+    evaluate.add_argument("--adapter", help="adapter folder to apply")
+    merge = commands.add_parser("merge", help="Fold an adapter into the model and save a plain transformers checkpoint.")
+    merge.add_argument("--model", default="default", help="base model the adapter was trained on (default: default)")
+    merge.add_argument("--adapter", required=True, help="adapter folder")
+    merge.add_argument("--output-dir", required=True, help="folder for the merged checkpoint")
+    heads = commands.add_parser("heads", help="Print a saved head ranking and write its layers x heads heatmap.")
+    heads.add_argument("ranking", help="head_ranking.json, or a run folder holding one")
+    heads.add_argument("--top", type=int, default=20, help="how many heads to print and outline (default: 20)")
+    heads.add_argument("--output", help="PNG path (default: heads.png beside the ranking)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "heads":
+            path = Path(args.ranking)
+            path = path / "head_ranking.json" if path.is_dir() else path
+            ranking = HeadRanking.load(path)
+            _print_ranking(ranking, args.top)
+            output = Path(args.output) if args.output else path.parent / "heads.png"
+            head_heatmap(ranking.scores, ranking.top(min(args.top, len(ranking.order))), output)
+            print(f"heatmap: {output}")
+        elif args.command == "merge":
+            run_merge(args.model, Path(args.adapter), Path(args.output_dir))
+            print(f"merged checkpoint: {args.output_dir}")
+        else:
+            run, lofit = _configs(args)
+            if args.command == "select":
+                ranking = run_select(run, lofit)
+                _print_ranking(ranking, lofit.num_heads_to_tune(len(ranking.order)))
+                print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
+            elif args.command == "tune":
+                _print_summary(run_tune(run, lofit, Path(args.ranking)))
+            elif args.command == "run":
+                _print_summary(run_all(run, lofit))
+            elif args.command == "eval":
+                _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"lofit: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

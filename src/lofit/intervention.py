@@ -1,0 +1,42 @@
+"""The LoFiT intervention on one layer's attention heads, as a forward pre-hook.
+
+For layer l the attention output projection receives x = [z_0, ..., z_{H-1}], the
+concatenated outputs of its H query heads (each of size D). The hook rewrites every
+head at once::
+
+    z'_h = (1 + A[l, h]) * z_h + v[l, h]        (elementwise, for all h in one op)
+
+where A and v are (num_layers, num_heads, head_dim) tensors owned by the LofitModel and
+``active[l, h]`` masks heads that are not being tuned (their A and v act as 0).
+The hook runs on every forward call, so it applies to every token, including each new
+token of ``generate`` with a KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+EffectiveParams = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class HeadIntervention:
+    """Pre-hook on layer ``layer``'s attention output projection applying z' = (1 + A) z + v."""
+
+    def __init__(self, layer: int, num_heads: int, head_dim: int, params: EffectiveParams, enabled: Callable[[], bool]):
+        self.layer = layer
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.params = params
+        self.enabled = enabled
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not self.enabled():
+            return None
+        x = args[0]
+        scale, bias = self.params(self.layer)  # (H, D) each
+        heads = x.unflatten(-1, (self.num_heads, self.head_dim))
+        heads = heads * (1 + scale.to(x.dtype)) + bias.to(x.dtype)
+        return (heads.flatten(-2), *args[1:])

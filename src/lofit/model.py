@@ -1,0 +1,174 @@
+"""LofitModel: a frozen Hugging Face decoder with LoFiT's per-head scales and biases."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .architectures import HeadLayout, head_layout
+from .config import LofitConfig
+from .intervention import HeadIntervention
+
+
+class LofitModel(nn.Module):
+    """A causal LM whose attention heads are rewritten as z' = (1 + A) z + v.
+
+    Attributes:
+        base_model: the wrapped model; all of its parameters are frozen.
+        lofit_scale: A, shape (num_layers, num_heads, head_dim).
+        lofit_bias: v, same shape.
+        active_heads: bool (num_layers, num_heads); heads outside it act as A = v = 0.
+        lofit_config: the hyper-parameters.
+        layout: where the heads are (see :mod:`lofit.architectures`).
+
+    Attribute access falls through to the base model, so a LofitModel is used like the
+    model it wraps: ``forward``, ``generate``, ``config``, ``transformers.Trainer``.
+    """
+
+    def __init__(self, base_model: PreTrainedModel, config: LofitConfig | None = None):
+        super().__init__()
+        self.base_model = base_model
+        self.lofit_config = config or LofitConfig()
+        self.layout: HeadLayout = head_layout(base_model)
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(False)
+        device = base_model.get_input_embeddings().weight.device
+        shape = self.layout.shape
+        self.lofit_scale = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
+        self.lofit_bias = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
+        self.register_buffer("active_heads", torch.ones(shape[:2], dtype=torch.bool, device=device))
+        self.head_ranking: list[tuple[int, int]] | None = None
+        self._adapter_enabled = True
+        self._hooks = [
+            proj.register_forward_pre_hook(
+                HeadIntervention(layer, self.layout.num_heads, self.layout.head_dim, self.effective_params, self._is_enabled)
+            )
+            for layer, proj in enumerate(self.layout.out_projs)
+        ]
+
+    # -- the intervention -------------------------------------------------------------
+    def _is_enabled(self) -> bool:
+        return self._adapter_enabled
+
+    def effective_params(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A[l], v[l]) with inactive heads zeroed, each of shape (num_heads, head_dim)."""
+        mask = self.active_heads[layer, :, None]
+        return self.lofit_scale[layer] * mask, self.lofit_bias[layer] * mask
+
+    @property
+    def selected_heads(self) -> list[tuple[int, int]]:
+        """The active heads as (layer, head) pairs, in ranking order when a ranking is known."""
+        active = {tuple(pair) for pair in self.active_heads.nonzero().tolist()}
+        if self.head_ranking is not None:
+            ranked = [pair for pair in self.head_ranking if pair in active]
+            if len(ranked) == len(active):
+                return ranked
+        return sorted(active)
+
+    def set_active_heads(self, heads: list[tuple[int, int]] | None) -> None:
+        """Restrict the intervention to ``heads`` (all heads when None)."""
+        num_layers, num_heads, _ = self.layout.shape
+        mask = torch.zeros_like(self.active_heads)
+        if heads is None:
+            mask[:] = True
+        else:
+            for layer, head in heads:
+                if not (0 <= layer < num_layers and 0 <= head < num_heads):
+                    raise ValueError(
+                        f"head ({layer}, {head}) does not exist: the model has {num_layers} layers "
+                        f"x {num_heads} heads (indices from 0)"
+                    )
+                mask[layer, head] = True
+            if len(heads) != int(mask.sum()):
+                raise ValueError(f"duplicate heads in {heads}")
+        self.active_heads.copy_(mask)
+
+    def l1_penalty(self) -> torch.Tensor:
+        """lambda * sum |A| over active heads: the sparsity term of head selection."""
+        return self.lofit_config.l1_lambda * (self.lofit_scale * self.active_heads[..., None]).abs().sum()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model without the intervention inside the ``with`` block."""
+        previous = self._adapter_enabled
+        self._adapter_enabled = False
+        try:
+            yield
+        finally:
+            self._adapter_enabled = previous
+
+    # -- behaving as the wrapped model ----------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward; in training with labels, adds the L1 term when A trains."""
+        outputs = self.base_model(*args, **kwargs)
+        if self.training and self.lofit_scale.requires_grad and getattr(outputs, "loss", None) is not None:
+            outputs.loss = outputs.loss + self.l1_penalty()
+        return outputs
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    # -- parameters -----------------------------------------------------------------------
+    def num_trainable_parameters(self) -> int:
+        """Numbers that training changes: head_dim per active head for each trainable tensor."""
+        per_tensor = int(self.active_heads.sum()) * self.layout.head_dim
+        return per_tensor * (int(self.lofit_scale.requires_grad) + int(self.lofit_bias.requires_grad))
+
+    def num_adapter_parameters(self) -> int:
+        """Numbers the saved adapter holds that are not zero-by-construction: K x head_dim per used tensor."""
+        per_tensor = int(self.active_heads.sum()) * self.layout.head_dim
+        used = int(bool(self.lofit_scale.detach().any())) + int(bool(self.lofit_bias.detach().any()))
+        return per_tensor * used
+
+    def print_trainable_parameters(self) -> None:
+        trainable = self.num_trainable_parameters()
+        total = sum(p.numel() for p in self.base_model.parameters()) + trainable
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def train_only(self, tensor: str) -> None:
+        """Make only ``"scale"`` (A), ``"bias"`` (v) or ``"none"`` trainable."""
+        if tensor not in ("scale", "bias", "none"):
+            raise ValueError(f"train_only takes 'scale', 'bias' or 'none', not {tensor!r}")
+        self.lofit_scale.requires_grad_(tensor == "scale")
+        self.lofit_bias.requires_grad_(tensor == "bias")
+
+    # -- saving, loading, merging -----------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, metrics: dict | None = None) -> None:
+        """Write the adapter: safetensors tensors, a JSON config and a model card."""
+        from .adapter_io import save_adapter
+
+        save_adapter(self, Path(directory), metrics)
+
+    @classmethod
+    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | Path) -> "LofitModel":
+        """Wrap ``base_model`` and load the adapter saved in ``directory`` (no unpickling)."""
+        from .adapter_io import load_adapter
+
+        return load_adapter(base_model, Path(directory))
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """Fold the adapter into the attention output projections; return the plain model."""
+        from .merge import merge_into_base
+
+        return merge_into_base(self)
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def get_lofit_model(model: PreTrainedModel, config: LofitConfig | None = None) -> LofitModel:
+    """Freeze ``model`` and attach LoFiT's scales and biases (both zero: the identity)."""
+    return LofitModel(model, config)

@@ -1,0 +1,170 @@
+"""The jobs behind the command line: select, tune, run, evaluate, merge.
+
+Each writes into a run folder:
+
+- ``adapter/``: the LoFiT adapter (safetensors + JSON config + model card);
+- ``head_ranking.json``: every head with its step-1 score, best first;
+- ``heads.png``: the layers x heads heatmap of those scores;
+- ``metrics.json``: evaluation metrics, parameter count, wall times;
+- ``predictions.jsonl``: one evaluated example per line;
+- ``config.yaml``: the resolved configuration of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .batching import tokenize_pair
+from .config import LofitConfig
+from .datafiles import resolve_data_dir
+from .loading import load_model
+from .merge import save_merged
+from .model import LofitModel, get_lofit_model
+from .plots import head_heatmap
+from .steps import HeadRanking, select_heads, tune_biases
+from .tasks import Evaluation, get_task
+
+
+@dataclass
+class RunConfig:
+    """What to train and evaluate, and where to write it."""
+
+    task: str = field(default="clutrr", metadata={"help": "task name (see `lofit eval --help`)"})
+    model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M), 'gemma3-270m', a folder, a .gguf file or a hub id"})
+    data_dir: str | None = field(default=None, metadata={"help": "data folder (default: $LOFIT_DATA)"})
+    output_dir: str | None = field(default=None, metadata={"help": "run folder (default: runs/<task>-<model>)"})
+    train_size: int | None = field(default=None, metadata={"help": "training examples sampled (default: the task's, 300 for CLUTRR)"})
+    eval_split: str = field(default="test", metadata={"help": "split to evaluate: val or test"})
+    eval_batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        model_name = Path(self.model).name.removesuffix(".gguf").replace("/", "_")
+        return Path("runs") / f"{self.task}-{model_name}"
+
+
+class Job:
+    """A loaded model, tokenizer and task, with the run folder they write into."""
+
+    def __init__(self, run: RunConfig, lofit: LofitConfig):
+        self.run = run
+        self.lofit = lofit
+        self.task = get_task(run.task)
+        self.data_dir = resolve_data_dir(run.data_dir)
+        self.output_dir = run.resolved_output_dir()
+        self.model, self.tokenizer = load_model(run.model)
+        self.timings: dict[str, float] = {}
+
+    def write_config(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()}
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def train_pairs(self):
+        size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
+        pairs = self.task.sample_train(self.data_dir, size, self.lofit.seed)
+        return [tokenize_pair(self.tokenizer, p.prompt, p.completion) for p in pairs]
+
+    def select(self, lofit_model: LofitModel, pairs) -> HeadRanking:
+        start = time.perf_counter()
+        ranking, log = select_heads(lofit_model, pairs, self.tokenizer.pad_token_id, progress=self.run.progress)
+        self.timings["select_seconds"] = time.perf_counter() - start
+        self.timings["select_losses"] = log.epoch_losses
+        k = self.lofit.num_heads_to_tune(len(ranking.order))
+        ranking.save(self.output_dir / "head_ranking.json")
+        head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
+        return ranking
+
+    def tune(self, lofit_model: LofitModel, pairs, ranking: HeadRanking) -> None:
+        start = time.perf_counter()
+        heads = ranking.top(self.lofit.num_heads_to_tune(len(ranking.order)))
+        log = tune_biases(lofit_model, pairs, heads, self.tokenizer.pad_token_id, progress=self.run.progress)
+        self.timings["tune_seconds"] = time.perf_counter() - start
+        self.timings["tune_losses"] = log.epoch_losses
+
+    def evaluate(self, model) -> Evaluation:
+        start = time.perf_counter()
+        examples = self.task.eval_examples(self.data_dir, self.run.eval_split)[: self.run.limit]
+        evaluation = self.task.evaluate(model, self.tokenizer, examples, self.run.eval_batch_size, self.run.progress)
+        self.timings["eval_seconds"] = time.perf_counter() - start
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "predictions.jsonl", "w") as handle:
+            for record in evaluation.records:
+                handle.write(json.dumps(record) + "\n")
+        return evaluation
+
+    def write_metrics(self, metrics: dict) -> None:
+        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _summary(job: Job, evaluation: Evaluation | None, lofit_model: LofitModel | None) -> dict:
+    summary = {"task": job.run.task, "model": job.run.model}
+    if evaluation is not None:
+        summary |= {f"{job.run.eval_split}_{k}": v for k, v in evaluation.metrics.items()}
+    if lofit_model is not None:
+        summary["trained_parameters"] = lofit_model.num_adapter_parameters()
+        summary["selected_heads"] = [list(h) for h in lofit_model.selected_heads]
+    return summary | job.timings
+
+
+def run_select(run: RunConfig, lofit: LofitConfig) -> HeadRanking:
+    """Step 1 only: write head_ranking.json and heads.png."""
+    job = Job(run, lofit)
+    job.write_config()
+    return job.select(get_lofit_model(job.model, lofit), job.train_pairs())
+
+
+def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
+    """Step 2 only, on the top heads of a saved ranking: write the adapter."""
+    job = Job(run, lofit)
+    job.write_config()
+    ranking = HeadRanking.load(ranking_path)
+    lofit_model = get_lofit_model(job.model, lofit)
+    job.tune(lofit_model, job.train_pairs(), ranking)
+    summary = _summary(job, None, lofit_model)
+    lofit_model.save_pretrained(job.output_dir / "adapter", summary)
+    return summary
+
+
+def run_all(run: RunConfig, lofit: LofitConfig) -> dict:
+    """Both steps, then evaluation: write the whole run folder; return the metrics."""
+    start = time.perf_counter()
+    job = Job(run, lofit)
+    job.write_config()
+    pairs = job.train_pairs()
+    lofit_model = get_lofit_model(job.model, lofit)
+    ranking = job.select(lofit_model, pairs)
+    job.tune(lofit_model, pairs, ranking)
+    evaluation = job.evaluate(lofit_model)
+    job.timings["total_seconds"] = time.perf_counter() - start
+    summary = _summary(job, evaluation, lofit_model)
+    lofit_model.save_pretrained(job.output_dir / "adapter", summary)
+    job.write_metrics(summary)
+    return summary
+
+
+def run_eval(run: RunConfig, adapter: Path | None) -> dict:
+    """Evaluate the model, or the model with a saved adapter."""
+    job = Job(run, LofitConfig())
+    if run.output_dir is None:
+        job.output_dir = (adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}"
+    model = LofitModel.from_pretrained(job.model, adapter) if adapter else job.model
+    evaluation = job.evaluate(model)
+    summary = _summary(job, evaluation, model if adapter else None) | {"adapter": str(adapter) if adapter else None}
+    job.write_metrics(summary)
+    return summary
+
+
+def run_merge(model_name: str, adapter: Path, output_dir: Path) -> None:
+    """Fold an adapter into the model and save a plain transformers checkpoint."""
+    model, tokenizer = load_model(model_name)
+    merged = LofitModel.from_pretrained(model, adapter).merge_and_unload()
+    save_merged(merged, tokenizer, output_dir)

@@ -1,0 +1,39 @@
+"""Log-probabilities of completion tokens, computing the vocabulary projection only where needed.
+
+The LM head maps each hidden state to |V| logits; for a 49k-token vocabulary that is a
+large share of a small model's compute. Only positions whose next token is a completion
+token carry loss, so we ask the model for logits at exactly those positions
+(``logits_to_keep`` with a boolean (B, T) mask), which is also how the model applies its
+own final logit processing (e.g. Gemma's soft-capping).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batching import Batch
+
+
+def completion_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """log p(target_i | prefix) for every completion token of the batch, shape (N,)."""
+    outputs = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        logits_to_keep=batch.score_mask,
+        use_cache=False,
+    )
+    logits = outputs.logits.float()  # (N, V): one row per scored position
+    return -nn.functional.cross_entropy(logits, batch.targets, reduction="none")
+
+
+def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean negative log-likelihood over the completion tokens of the batch."""
+    return -completion_token_logprobs(model, batch).mean()
+
+
+def sequence_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed log-probability of each sequence's completion, shape (B,)."""
+    token_logprobs = completion_token_logprobs(model, batch)
+    totals = torch.zeros(batch.input_ids.shape[0], dtype=token_logprobs.dtype, device=token_logprobs.device)
+    return totals.index_add(0, batch.rows, token_logprobs)

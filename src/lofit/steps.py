@@ -1,0 +1,136 @@
+"""The two steps of LoFiT: head selection by sparse scaling, then bias tuning on the top heads.
+
+Step 1 (``select_heads``): with v = 0, train only the scales A of *all* heads, from
+A ~ N(0, init_std), on  task_loss + lambda * sum |A|.  The L1 term keeps A at zero for
+heads the task does not need, so a head's importance is its scale's norm
+score[l, h] = || A[l, h] ||_2, and the ranking sorts heads by it.
+
+Step 2 (``tune_biases``): reset A to 0, activate the top K heads only, and train their
+biases v (from 0) on the task loss. The adapter is then K x head_dim numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .batching import Batch, TokenizedPair
+from .model import LofitModel
+from .scoring import sft_loss
+from .training import TrainingLog, TrainingRun, train
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass
+class HeadRanking:
+    """Heads sorted by importance score, best first.
+
+    Attributes:
+        scores: (num_layers, num_heads) tensor, ||A[l, h]||_2 after step 1.
+        order: every (layer, head) pair sorted by descending score (ties by index).
+    """
+
+    scores: torch.Tensor
+    order: list[tuple[int, int]]
+
+    @classmethod
+    def from_scores(cls, scores: torch.Tensor) -> "HeadRanking":
+        num_heads = scores.shape[1]
+        flat = scores.flatten()
+        # stable sort on the negated scores: equal scores keep index order
+        ranked = torch.sort(-flat, stable=True).indices.tolist()
+        return cls(scores.detach().cpu().float(), [(i // num_heads, i % num_heads) for i in ranked])
+
+    def top(self, k: int) -> list[tuple[int, int]]:
+        if not 1 <= k <= len(self.order):
+            raise ValueError(f"cannot take the top {k} heads: there are {len(self.order)} heads")
+        return self.order[:k]
+
+    def to_json(self) -> dict:
+        return {
+            "num_layers": self.scores.shape[0],
+            "num_heads": self.scores.shape[1],
+            "ranking": [
+                {"rank": rank, "layer": layer, "head": head, "score": float(self.scores[layer, head])}
+                for rank, (layer, head) in enumerate(self.order)
+            ],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadRanking":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no head ranking at {path}")
+        data = json.loads(path.read_text())
+        try:
+            scores = torch.zeros(data["num_layers"], data["num_heads"])
+            for entry in data["ranking"]:
+                scores[entry["layer"], entry["head"]] = entry["score"]
+        except (KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"{path} is not a lofit head ranking ({error!r})") from None
+        return cls.from_scores(scores)
+
+
+def select_heads(
+    model: LofitModel,
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    loss_fn: LossFn = sft_loss,
+    progress: bool = True,
+) -> tuple[HeadRanking, TrainingLog]:
+    """Step 1: train A on all heads with the task loss + L1 and rank heads by ||A||_2."""
+    config = model.lofit_config
+    generator = torch.Generator().manual_seed(config.seed)
+    model.set_active_heads(None)
+    with torch.no_grad():
+        model.lofit_bias.zero_()
+        model.lofit_scale.copy_(torch.randn(model.lofit_scale.shape, generator=generator) * config.init_std)
+    model.train_only("scale")
+
+    def loss_with_l1(m: nn.Module, batch: Batch) -> torch.Tensor:
+        return loss_fn(m, batch) + model.l1_penalty()
+
+    run = TrainingRun(
+        [model.lofit_scale], config.scale_lr, config.select_epochs, config.batch_size, config.seed,
+        config.weight_decay, config.warmup_ratio, "step 1: selecting heads", progress,
+    )
+    log = train(model, pairs, loss_with_l1, run, pad_id)
+    model.train_only("none")
+    ranking = HeadRanking.from_scores(model.lofit_scale.detach().norm(dim=-1))
+    model.head_ranking = ranking.order
+    return ranking, log
+
+
+def tune_biases(
+    model: LofitModel,
+    pairs: Sequence[TokenizedPair],
+    heads: Sequence[tuple[int, int]],
+    pad_id: int,
+    loss_fn: LossFn = sft_loss,
+    progress: bool = True,
+) -> TrainingLog:
+    """Step 2: reset A to 0 and train only the biases v of ``heads``."""
+    config = model.lofit_config
+    torch.manual_seed(config.seed)
+    model.set_active_heads(list(heads))
+    with torch.no_grad():
+        model.lofit_scale.zero_()
+        model.lofit_bias.zero_()
+    model.train_only("bias")
+    run = TrainingRun(
+        [model.lofit_bias], config.bias_lr, config.tune_epochs, config.batch_size, config.seed,
+        config.weight_decay, config.warmup_ratio, "step 2: tuning biases", progress,
+    )
+    log = train(model, pairs, loss_fn, run, pad_id)
+    model.train_only("none")
+    model.head_ranking = list(heads)
+    return log

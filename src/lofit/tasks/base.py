@@ -1,0 +1,93 @@
+"""The task interface: load splits, build training pairs, evaluate.
+
+A task is one module defining a :class:`Task` subclass and registering it in
+``lofit.tasks.TASKS``.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..generation import greedy_completions
+
+
+@dataclass(frozen=True)
+class PromptCompletion:
+    """A supervised example: the loss falls on ``completion`` only."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class GenerationExample:
+    """An evaluation example scored by exact match of the parsed greedy answer."""
+
+    prompt: str
+    answers: tuple[str, ...]
+
+
+@dataclass
+class Evaluation:
+    """Metrics and one record per example (prompt, output, prediction, answers, correct)."""
+
+    metrics: dict[str, float]
+    records: list[dict]
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalisation: lower case, surrounding whitespace removed."""
+    return text.strip().lower()
+
+
+class Task(ABC):
+    """A dataset with a training objective and an evaluation protocol."""
+
+    name: str
+    max_new_tokens: int = 16
+    default_train_size: int | None = None
+
+    @abstractmethod
+    def train_pairs(self, data_dir: Path) -> list[PromptCompletion]:
+        """All training examples, as prompt/completion pairs."""
+
+    @abstractmethod
+    def eval_examples(self, data_dir: Path, split: str) -> list[GenerationExample]:
+        """Evaluation examples of ``split`` ("val" or "test")."""
+
+    @abstractmethod
+    def parse_answer(self, generated: str) -> str:
+        """The answer inside a generated continuation."""
+
+    def sample_train(self, data_dir: Path, size: int | None, seed: int) -> list[PromptCompletion]:
+        """``size`` training pairs sampled with ``seed`` (all of them when size is None)."""
+        pairs = self.train_pairs(data_dir)
+        if size is None or size >= len(pairs):
+            return pairs
+        return random.Random(seed).sample(pairs, size)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[GenerationExample],
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> Evaluation:
+        """Greedy-decode every prompt and score exact match after normalisation."""
+        outputs = greedy_completions(model, tokenizer, [e.prompt for e in examples], self.max_new_tokens, batch_size, progress)
+        records = []
+        for example, output in zip(examples, outputs):
+            prediction = normalize_answer(self.parse_answer(output))
+            correct = prediction in {normalize_answer(a) for a in example.answers}
+            records.append({"prompt": example.prompt, "output": output, "prediction": prediction,
+                            "answers": list(example.answers), "correct": correct})
+        exact_match = sum(r["correct"] for r in records) / max(1, len(records))
+        return Evaluation({"exact_match": exact_match, "num_examples": len(records)}, records)
