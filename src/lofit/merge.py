@@ -35,10 +35,10 @@ class NotExportableError(ValueError):
 def merge_into_base(model: "LofitModel") -> PreTrainedModel:
     """Fold A and v into each layer's projection, remove the hooks, return the base model."""
     for layer, proj in enumerate(model.layout.out_projs):
-        scale, bias = (t.flatten().to(torch.float32) for t in model.effective_params(layer))
+        scale, bias = (t.flatten() for t in model.effective_params(layer))
         is_conv1d = isinstance(proj, Conv1D)
         weight = proj.weight.T if is_conv1d else proj.weight  # (out, in) view
-        shift = weight.float() @ bias
+        shift = weight.double() @ bias.double()
         weight.mul_((1 + scale).to(weight.dtype))
         if proj.bias is None:
             proj.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device), requires_grad=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +45,11 @@ class LofitModel(nn.Module):
         self.lofit_bias = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
         self.register_buffer("active_heads", torch.ones(shape[:2], dtype=torch.bool, device=device))
         self.head_ranking: list[tuple[int, int]] | None = None
+        # Present the base model's forward signature (transformers.Trainer reads it to pick
+        # the dataset columns the model accepts).
+        forward = functools.partial(LofitModel.forward, self)
+        forward.__signature__ = inspect.signature(base_model.forward)
+        self.forward = forward
         self._adapter_enabled = True
         self._hooks = [
             proj.register_forward_pre_hook(
