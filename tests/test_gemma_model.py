@@ -1,0 +1,28 @@
+"""Integration test on the second packaged real model, Gemma 3 270M (GGUF)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lofit import get_lofit_model
+from lofit.loading import load_model
+
+pytestmark = pytest.mark.integration
+
+
+def test_gemma3_270m_loads_and_the_adapter_is_the_identity_at_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOFIT_CACHE", str(tmp_path))
+    model, tokenizer = load_model("gemma3-270m")
+    lofit_model = get_lofit_model(model)
+    layout = lofit_model.layout
+    assert layout.model_type in ("gemma3_text", "gemma3")
+    # Gemma: heads x head_dim is not the hidden size; the split must use config.head_dim.
+    assert layout.num_heads * layout.head_dim != model.config.hidden_size
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        with lofit_model.disable_adapter():
+            plain = lofit_model(input_ids=ids).logits
+        assert torch.equal(lofit_model(input_ids=ids).logits, plain)
+        lofit_model.lofit_bias[3, 1] = 1.0
+        assert not torch.allclose(lofit_model(input_ids=ids).logits, plain)
