@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lofit
 from lofit import LofitConfig, LofitModel, get_lofit_model
 from lofit.batching import tokenize_pair
 from lofit.cli import main
@@ -24,7 +25,7 @@ DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "
 
 @pytest.fixture(scope="module")
 def default_model():
-    return load_model("default")
+    return lofit.load_model("default")
 
 
 @pytest.fixture(scope="module")
