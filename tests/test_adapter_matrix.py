@@ -14,6 +14,7 @@ from lofit.architectures import ARCHITECTURES, head_layout, projection_weight
 from lofit.batching import collate
 from lofit.merge import NotExportableError, save_merged
 from lofit.scoring import sft_loss
+from lofit.objectives import SFT
 from lofit.steps import select_heads, tune_biases
 
 from .conftest import ARCHITECTURE_NAMES, PAD, input_batch, randomize_adapter, synthetic_pairs, tiny_model
@@ -73,11 +74,11 @@ def test_training_changes_only_adapter_parameters(model_type):
     frozen = copy.deepcopy(model.state_dict())
     lofit_model = get_lofit_model(model, LofitConfig(heads=3, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=1e-1))
     pairs = synthetic_pairs()
-    ranking, _ = select_heads(lofit_model, pairs, PAD, progress=False)
+    ranking, _ = select_heads(lofit_model, SFT(pairs, PAD), progress=False)
     assert lofit_model.lofit_scale.detach().abs().sum() > 0
     assert not lofit_model.lofit_bias.detach().any()
     heads = ranking.top(3)
-    tune_biases(lofit_model, pairs, heads, PAD, progress=False)
+    tune_biases(lofit_model, SFT(pairs, PAD), heads, progress=False)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, frozen[name]), name
     assert not lofit_model.lofit_scale.detach().any()

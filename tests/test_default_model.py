@@ -16,6 +16,7 @@ from lofit import LofitConfig, LofitModel, get_lofit_model
 from lofit.batching import tokenize_pair
 from lofit.cli import main
 from lofit.loading import load_model
+from lofit.objectives import SFT
 from lofit.steps import select_heads, tune_biases
 from lofit.tasks import get_task
 
@@ -35,8 +36,8 @@ def trained(default_model, tmp_path_factory):
     task = get_task("clutrr")
     pairs = [tokenize_pair(tokenizer, p.prompt, p.completion) for p in task.sample_train(DATA, 16, seed=0)]
     lofit_model = get_lofit_model(model, LofitConfig(heads=6, select_epochs=1, tune_epochs=2, batch_size=8, bias_lr=5e-2))
-    ranking, _ = select_heads(lofit_model, pairs, tokenizer.pad_token_id, progress=False)
-    log = tune_biases(lofit_model, pairs, ranking.top(6), tokenizer.pad_token_id, progress=False)
+    ranking, _ = select_heads(lofit_model, SFT(pairs, tokenizer.pad_token_id), progress=False)
+    log = tune_biases(lofit_model, SFT(pairs, tokenizer.pad_token_id), ranking.top(6), progress=False)
     directory = tmp_path_factory.mktemp("adapter")
     lofit_model.save_pretrained(directory)
     yield lofit_model, directory, log

@@ -7,6 +7,7 @@ from transformers import Trainer, TrainingArguments
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.batching import collate
+from lofit.objectives import SFT
 from lofit.steps import HeadRanking, select_heads, tune_biases
 
 from .conftest import PAD, synthetic_pairs, tiny_model
@@ -17,8 +18,8 @@ CONFIG = LofitConfig(heads=4, select_epochs=2, tune_epochs=2, batch_size=4, scal
 def two_steps(seed: int):
     lofit_model = get_lofit_model(tiny_model("qwen2"), LofitConfig(**CONFIG.to_dict() | {"seed": seed}))
     pairs = synthetic_pairs(16)
-    ranking, select_log = select_heads(lofit_model, pairs, PAD, progress=False)
-    tune_log = tune_biases(lofit_model, pairs, ranking.top(4), PAD, progress=False)
+    ranking, select_log = select_heads(lofit_model, SFT(pairs, PAD), progress=False)
+    tune_log = tune_biases(lofit_model, SFT(pairs, PAD), ranking.top(4), progress=False)
     return ranking, select_log, tune_log, lofit_model.lofit_bias.detach().clone()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .batching import tokenize_pair
+from .objectives import Objective, build_objective
 from .config import LofitConfig
 from .datafiles import resolve_data_dir
 from .loading import load_model
@@ -42,6 +42,7 @@ class RunConfig:
     eval_split: str = field(default="test", metadata={"help": "split to evaluate: val or test"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples"})
+    beta: float = field(default=0.5, metadata={"help": "DPO beta, for tasks trained on preferences"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def resolved_output_dir(self) -> Path:
@@ -68,14 +69,15 @@ class Job:
         resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()}
         (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    def train_pairs(self):
+    def objective(self, lofit_model: LofitModel) -> Objective:
+        """The task's training examples as an SFT or DPO objective."""
         size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
-        pairs = self.task.sample_train(self.data_dir, size, self.lofit.seed)
-        return [tokenize_pair(self.tokenizer, p.prompt, p.completion) for p in pairs]
+        examples = self.task.sample_train(self.data_dir, size, self.lofit.seed)
+        return build_objective(lofit_model, self.tokenizer, examples, self.run.beta)
 
-    def select(self, lofit_model: LofitModel, pairs) -> HeadRanking:
+    def select(self, lofit_model: LofitModel, objective: Objective) -> HeadRanking:
         start = time.perf_counter()
-        ranking, log = select_heads(lofit_model, pairs, self.tokenizer.pad_token_id, progress=self.run.progress)
+        ranking, log = select_heads(lofit_model, objective, progress=self.run.progress)
         self.timings["select_seconds"] = time.perf_counter() - start
         self.timings["select_losses"] = log.epoch_losses
         k = self.lofit.num_heads_to_tune(len(ranking.order))
@@ -83,10 +85,10 @@ class Job:
         head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
         return ranking
 
-    def tune(self, lofit_model: LofitModel, pairs, ranking: HeadRanking) -> None:
+    def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking) -> None:
         start = time.perf_counter()
         heads = ranking.top(self.lofit.num_heads_to_tune(len(ranking.order)))
-        log = tune_biases(lofit_model, pairs, heads, self.tokenizer.pad_token_id, progress=self.run.progress)
+        log = tune_biases(lofit_model, objective, heads, progress=self.run.progress)
         self.timings["tune_seconds"] = time.perf_counter() - start
         self.timings["tune_losses"] = log.epoch_losses
 
@@ -119,7 +121,8 @@ def run_select(run: RunConfig, lofit: LofitConfig) -> HeadRanking:
     """Step 1 only: write head_ranking.json and heads.png."""
     job = Job(run, lofit)
     job.write_config()
-    return job.select(get_lofit_model(job.model, lofit), job.train_pairs())
+    lofit_model = get_lofit_model(job.model, lofit)
+    return job.select(lofit_model, job.objective(lofit_model))
 
 
 def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
@@ -128,7 +131,7 @@ def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
     job.write_config()
     ranking = HeadRanking.load(ranking_path)
     lofit_model = get_lofit_model(job.model, lofit)
-    job.tune(lofit_model, job.train_pairs(), ranking)
+    job.tune(lofit_model, job.objective(lofit_model), ranking)
     summary = _summary(job, None, lofit_model)
     lofit_model.save_pretrained(job.output_dir / "adapter", summary)
     return summary
@@ -139,10 +142,10 @@ def run_all(run: RunConfig, lofit: LofitConfig) -> dict:
     start = time.perf_counter()
     job = Job(run, lofit)
     job.write_config()
-    pairs = job.train_pairs()
     lofit_model = get_lofit_model(job.model, lofit)
-    ranking = job.select(lofit_model, pairs)
-    job.tune(lofit_model, pairs, ranking)
+    objective = job.objective(lofit_model)
+    ranking = job.select(lofit_model, objective)
+    job.tune(lofit_model, objective, ranking)
     evaluation = job.evaluate(lofit_model)
     job.timings["total_seconds"] = time.perf_counter() - start
     summary = _summary(job, evaluation, lofit_model)

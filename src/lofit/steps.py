@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .batching import Batch, TokenizedPair
 from .model import LofitModel
-from .scoring import sft_loss
+from .objectives import Objective
 from .training import TrainingLog, TrainingRun, train
-
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 @dataclass
@@ -80,13 +77,21 @@ class HeadRanking:
         return cls.from_scores(scores)
 
 
-def select_heads(
-    model: LofitModel,
-    pairs: Sequence[TokenizedPair],
-    pad_id: int,
-    loss_fn: LossFn = sft_loss,
-    progress: bool = True,
-) -> tuple[HeadRanking, TrainingLog]:
+class _WithL1(Objective):
+    """The task objective plus lambda * sum|A| (the sparsity term of step 1)."""
+
+    def __init__(self, objective: Objective, model: LofitModel):
+        self.objective, self.model = objective, model
+        self.items, self.pad_id = objective.items, objective.pad_id
+
+    def collate(self, items):
+        return self.objective.collate(items)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return self.objective.loss(model, batch) + self.model.l1_penalty()
+
+
+def select_heads(model: LofitModel, objective: Objective, progress: bool = True) -> tuple[HeadRanking, TrainingLog]:
     """Step 1: train A on all heads with the task loss + L1 and rank heads by ||A||_2."""
     config = model.lofit_config
     generator = torch.Generator().manual_seed(config.seed)
@@ -96,28 +101,18 @@ def select_heads(
         model.lofit_scale.copy_(torch.randn(model.lofit_scale.shape, generator=generator) * config.init_std)
     model.train_only("scale")
 
-    def loss_with_l1(m: nn.Module, batch: Batch) -> torch.Tensor:
-        return loss_fn(m, batch) + model.l1_penalty()
-
     run = TrainingRun(
         [model.lofit_scale], config.scale_lr, config.select_epochs, config.batch_size, config.seed,
         config.weight_decay, config.warmup_ratio, "step 1: selecting heads", progress,
     )
-    log = train(model, pairs, loss_with_l1, run, pad_id)
+    log = train(model, _WithL1(objective, model), run)
     model.train_only("none")
     ranking = HeadRanking.from_scores(model.lofit_scale.detach().norm(dim=-1))
     model.head_ranking = ranking.order
     return ranking, log
 
 
-def tune_biases(
-    model: LofitModel,
-    pairs: Sequence[TokenizedPair],
-    heads: Sequence[tuple[int, int]],
-    pad_id: int,
-    loss_fn: LossFn = sft_loss,
-    progress: bool = True,
-) -> TrainingLog:
+def tune_biases(model: LofitModel, objective: Objective, heads: Sequence[tuple[int, int]], progress: bool = True) -> TrainingLog:
     """Step 2: reset A to 0 and train only the biases v of ``heads``."""
     config = model.lofit_config
     torch.manual_seed(config.seed)
@@ -130,7 +125,7 @@ def tune_biases(
         [model.lofit_bias], config.bias_lr, config.tune_epochs, config.batch_size, config.seed,
         config.weight_decay, config.warmup_ratio, "step 2: tuning biases", progress,
     )
-    log = train(model, pairs, loss_fn, run, pad_id)
+    log = train(model, objective, run)
     model.train_only("none")
     model.head_ranking = list(heads)
     return log

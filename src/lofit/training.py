@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .batching import Batch, TokenizedPair, collate
+from .objectives import Objective
 
 
 @dataclass
@@ -38,22 +37,17 @@ class TrainingLog:
     steps: int = 0
 
 
-def train(
-    model: nn.Module,
-    pairs: Sequence[TokenizedPair],
-    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
-    run: TrainingRun,
-    pad_id: int,
-) -> TrainingLog:
-    """Minimise ``loss_fn`` over ``pairs`` by AdamW on ``run.parameters`` only.
+def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingLog:
+    """Minimise ``objective.loss`` over ``objective.items`` by AdamW on ``run.parameters`` only.
 
-    Each epoch visits the pairs in an order drawn from ``random.Random(run.seed)``; the
+    Each epoch visits the items in an order drawn from ``random.Random(run.seed)``; the
     learning rate decays linearly to 0 over all steps (after an optional warm-up).
     """
-    if not pairs:
+    items = objective.items
+    if not items:
         raise ValueError("no training examples")
     order_rng = random.Random(run.seed)
-    steps_per_epoch = math.ceil(len(pairs) / run.batch_size)
+    steps_per_epoch = math.ceil(len(items) / run.batch_size)
     total_steps = steps_per_epoch * run.epochs
     optimizer = torch.optim.AdamW(run.parameters, lr=run.lr, weight_decay=run.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(run.warmup_ratio * total_steps), total_steps)
@@ -63,12 +57,12 @@ def train(
     try:
         with tqdm(total=total_steps, desc=run.description, disable=not run.progress, dynamic_ncols=True) as bar:
             for _ in range(run.epochs):
-                order = list(range(len(pairs)))
+                order = list(range(len(items)))
                 order_rng.shuffle(order)
                 losses = []
                 for start in range(0, len(order), run.batch_size):
-                    batch = collate([pairs[i] for i in order[start : start + run.batch_size]], pad_id).to(device)
-                    loss = loss_fn(model, batch)
+                    batch = objective.collate([items[i] for i in order[start : start + run.batch_size]]).to(device)
+                    loss = objective.loss(model, batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

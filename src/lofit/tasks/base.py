@@ -27,6 +27,15 @@ class PromptCompletion:
 
 
 @dataclass(frozen=True)
+class PromptPreference:
+    """A preference example for DPO: ``chosen`` is preferred to ``rejected`` after ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
 class GenerationExample:
     """An evaluation example scored by exact match of the parsed greedy answer."""
 

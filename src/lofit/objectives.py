@@ -1,0 +1,136 @@
+"""Training objectives: SFT on completions, and DPO on preference pairs.
+
+An objective owns its training items and knows how to batch them and score a batch, so
+both LoFiT steps (and any other method) train on any of them through one loop.
+
+SFT: the mean negative log-likelihood of the completion tokens.
+
+DPO (Rafailov et al., 2023), with pi the policy (the model with its adapter) and ref the
+frozen model (the same model with the adapter disabled), for a prompt x with chosen y_w
+and rejected y_l::
+
+    loss = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
+
+The reference log-probabilities are computed once, before training, by the same model
+with its adapter disabled; no second copy of the model is loaded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from transformers import PreTrainedTokenizerBase
+
+from .batching import Batch, TokenizedPair, collate, tokenize_pair
+from .scoring import sequence_logprobs, sft_loss
+
+
+class Objective(ABC):
+    """Training items plus how to batch and score them."""
+
+    items: Sequence[Any]
+    pad_id: int
+
+    @abstractmethod
+    def collate(self, items: Sequence[Any]) -> Any:
+        """A batch (with a ``to(device)`` method) of ``items``."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The scalar loss of ``model`` on ``batch``."""
+
+
+@dataclass
+class SFT(Objective):
+    """Supervised fine-tuning on prompt/completion pairs, loss on completion tokens only."""
+
+    items: Sequence[TokenizedPair]
+    pad_id: int
+
+    def collate(self, items: Sequence[TokenizedPair]) -> Batch:
+        return collate(list(items), self.pad_id)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return sft_loss(model, batch)
+
+
+@dataclass(frozen=True)
+class PreferenceItem:
+    """One preference pair with its reference log-probabilities."""
+
+    chosen: TokenizedPair
+    rejected: TokenizedPair
+    reference_chosen: float
+    reference_rejected: float
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen rows then rejected rows in one padded batch, and their reference log-probs (2B,)."""
+
+    sequences: Batch
+    reference: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        return PreferenceBatch(self.sequences.to(device), self.reference.to(device))
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Mean of -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) over the batch."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return -nn.functional.logsigmoid(beta * margin).mean()
+
+
+@dataclass
+class DPO(Objective):
+    """Direct preference optimisation against the frozen model."""
+
+    items: Sequence[PreferenceItem]
+    pad_id: int
+    beta: float = 0.5
+
+    @classmethod
+    def with_reference(cls, model: nn.Module, pairs: Sequence[tuple[TokenizedPair, TokenizedPair]], pad_id: int,
+                       beta: float = 0.5, batch_size: int = 16) -> "DPO":
+        """Score every chosen and rejected completion once with the adapter disabled."""
+        if beta <= 0:
+            raise ValueError(f"DPO beta must be positive; got {beta}")
+        sequences = [pair for chosen_rejected in pairs for pair in chosen_rejected]
+        device = model.get_input_embeddings().weight.device
+        scores = []
+        with torch.no_grad(), model.disable_adapter():
+            for start in range(0, len(sequences), batch_size):
+                batch = collate(sequences[start : start + batch_size], pad_id).to(device)
+                scores.append(sequence_logprobs(model, batch).cpu())
+        reference = torch.cat(scores).view(-1, 2).tolist() if scores else []
+        items = [PreferenceItem(c, r, ref_c, ref_r) for (c, r), (ref_c, ref_r) in zip(pairs, reference)]
+        return cls(items, pad_id, beta)
+
+    def collate(self, items: Sequence[PreferenceItem]) -> PreferenceBatch:
+        sequences = collate([i.chosen for i in items] + [i.rejected for i in items], self.pad_id)
+        reference = torch.tensor([i.reference_chosen for i in items] + [i.reference_rejected for i in items])
+        return PreferenceBatch(sequences, reference)
+
+    def loss(self, model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+        policy = sequence_logprobs(model, batch.sequences)
+        half = policy.shape[0] // 2
+        return dpo_loss(policy[:half], policy[half:], batch.reference[:half], batch.reference[half:], self.beta)
+
+
+def build_objective(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Any], beta: float = 0.5) -> Objective:
+    """SFT for prompt/completion examples, DPO (reference = ``model`` with its adapter disabled) for preferences."""
+    from .tasks.base import PromptCompletion, PromptPreference
+
+    pad_id = tokenizer.pad_token_id
+    if examples and all(isinstance(e, PromptCompletion) for e in examples):
+        return SFT([tokenize_pair(tokenizer, e.prompt, e.completion) for e in examples], pad_id)
+    if examples and all(isinstance(e, PromptPreference) for e in examples):
+        pairs = [(tokenize_pair(tokenizer, e.prompt, e.chosen), tokenize_pair(tokenizer, e.prompt, e.rejected)) for e in examples]
+        return DPO.with_reference(model, pairs, pad_id, beta)
+    raise ValueError("training examples must be all prompt/completion pairs or all preference pairs")
