@@ -120,4 +120,4 @@ def test_run_command_writes_the_run_folder(tmp_path, capsys):
     assert metrics["test_num_examples"] == 8 and 0 <= metrics["test_exact_match"] <= 1
     assert metrics["trained_parameters"] == 3 * 64
     assert len(json.loads((output / "head_ranking.json").read_text())["ranking"]) == 270
-    assert "clutrr test exact match" in capsys.readouterr().out
+    assert "clutrr test exact match: " in capsys.readouterr().out

@@ -125,7 +125,7 @@ def test_data_folder_errors(tmp_path, monkeypatch):
 
 def test_missing_data_file(tmp_path):
     with pytest.raises(DataError, match=r"clutrr/train.json is missing"):
-        get_task("clutrr").train_pairs(tmp_path)
+        get_task("clutrr").train_examples(tmp_path)
 
 
 GOOD_ROW = {"clean_story": "[Ann] is the mother of [Bob].", "query": "('Bob', 'Ann')", "target_text": "mother"}
@@ -145,7 +145,7 @@ def test_malformed_clutrr_rows(tmp_path, rows, message):
     (tmp_path / "clutrr").mkdir()
     (tmp_path / "clutrr" / "train.json").write_text(json.dumps(rows))
     with pytest.raises(DataError, match=message):
-        get_task("clutrr").train_pairs(tmp_path)
+        get_task("clutrr").train_examples(tmp_path)
 
 
 def test_unparseable_data_file(tmp_path):
@@ -156,7 +156,7 @@ def test_unparseable_data_file(tmp_path):
 
 
 def test_unknown_task():
-    with pytest.raises(ValueError, match="unknown task 'nope'; known tasks: clutrr"):
+    with pytest.raises(ValueError, match="unknown task 'nope'; known tasks: clutrr, mquake, truthfulqa"):
         get_task("nope")
 
 

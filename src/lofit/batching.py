@@ -44,11 +44,12 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.score_mask, self.targets, self.rows)))
 
 
-def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> TokenizedPair:
-    """Token ids of ``prompt`` (with the tokenizer's special prefix, if any) and of ``completion`` + EOS."""
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, add_eos: bool = True) -> TokenizedPair:
+    """Token ids of ``prompt`` (with the tokenizer's special prefix, if any) and of ``completion``
+    (followed by EOS when ``add_eos``: training targets end there; scored choices do not)."""
     prompt_ids = tokenizer(prompt).input_ids
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return TokenizedPair(prompt_ids, completion_ids)
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    return TokenizedPair(prompt_ids, completion_ids + [tokenizer.eos_token_id] if add_eos else completion_ids)
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int) -> Batch:

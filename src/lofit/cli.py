@@ -80,6 +80,9 @@ def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:
         raise SystemExit(f"lofit: {error}") from None
 
 
+METRICS = ("exact_match", "contains_match", "mc1", "mc2", "accuracy")
+
+
 def _print_summary(summary: dict) -> None:
     """A few readable lines; everything is in the run folder's metrics.json."""
     print(f"\ntask {summary['task']}, model {summary['model']}")
@@ -90,10 +93,14 @@ def _print_summary(summary: dict) -> None:
     times = [f"{key.removesuffix('_seconds')} {value:.0f}s" for key, value in summary.items() if key.endswith("_seconds")]
     if times:
         print("wall time: " + ", ".join(times))
+    for fold in summary.get("folds", []):
+        print(f"fold {fold['run_folder']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fold.items() if k.endswith(METRICS)))
     for key, value in summary.items():
-        if key.endswith("exact_match"):
-            n = summary[key.replace("exact_match", "num_examples")]
-            print(f"{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}% of {n} examples")
+        if key.endswith(METRICS):
+            print(f"{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}%")
+    for key, value in summary.items():
+        if key.endswith("num_examples"):
+            print(f"evaluated on {value} examples")
     print(f"run folder: {summary['run_folder']}")
 
 

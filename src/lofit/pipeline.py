@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -43,6 +43,15 @@ class RunConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples"})
     beta: float = field(default=0.5, metadata={"help": "DPO beta, for tasks trained on preferences"})
+    fold: str = field(default="0", metadata={"help": "TruthfulQA fold: 0, 1, or all (each fold, then the mean; default: 0)"})
+    all_pairs: bool = field(default=False, metadata={"help": "TruthfulQA: train on the best answer against every incorrect answer, not only the first (default: False)"})
+
+    def folds(self) -> list[int]:
+        if self.fold == "all":
+            return [0, 1]
+        if self.fold not in ("0", "1"):
+            raise ValueError(f"fold must be 0, 1 or all; got {self.fold!r}")
+        return [int(self.fold)]
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def resolved_output_dir(self) -> Path:
@@ -58,7 +67,7 @@ class Job:
     def __init__(self, run: RunConfig, lofit: LofitConfig):
         self.run = run
         self.lofit = lofit
-        self.task = get_task(run.task)
+        self.task = get_task(run.task, fold=run.folds()[0], all_pairs=run.all_pairs)
         self.data_dir = resolve_data_dir(run.data_dir)
         self.output_dir = run.resolved_output_dir()
         self.model, self.tokenizer = load_model(run.model)
@@ -138,7 +147,24 @@ def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
 
 
 def run_all(run: RunConfig, lofit: LofitConfig) -> dict:
-    """Both steps, then evaluation: write the whole run folder; return the metrics."""
+    """Both steps, then evaluation: write the whole run folder; return the metrics.
+
+    With ``fold="all"`` each fold runs in its own sub-folder and the summary reports the
+    mean of each metric over the folds, as the paper does for TruthfulQA.
+    """
+    folds = run.folds()
+    if len(folds) == 1:
+        return _run_one(run, lofit)
+    base = run.resolved_output_dir()
+    summaries = [_run_one(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit) for k in folds]
+    mean = {key: sum(s[key] for s in summaries) / len(summaries)
+            for key, value in summaries[0].items() if key.startswith(f"{run.eval_split}_") and isinstance(value, float)}
+    summary = {"task": run.task, "model": run.model, "run_folder": str(base), "folds": summaries} | {f"mean_{k}": v for k, v in mean.items()}
+    (base / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run_one(run: RunConfig, lofit: LofitConfig) -> dict:
     start = time.perf_counter()
     job = Job(run, lofit)
     job.write_config()

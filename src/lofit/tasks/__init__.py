@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from .base import Evaluation, GenerationExample, PromptCompletion, Task, normalize_answer
+import inspect
+from typing import Any
+
+from .base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference, Task, normalize_answer
 from .clutrr import Clutrr
+from .mquake import MQuAKE
+from .truthfulqa import TruthfulQA
 
-TASKS: dict[str, type[Task]] = {"clutrr": Clutrr}
+TASKS: dict[str, type[Task]] = {"clutrr": Clutrr, "mquake": MQuAKE, "truthfulqa": TruthfulQA}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, **options: Any) -> Task:
+    """The task called ``name``, built with the options its constructor takes (e.g. fold=1)."""
     try:
-        return TASKS[name]()
+        task_class = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+    accepted = inspect.signature(task_class).parameters
+    return task_class(**{k: v for k, v in options.items() if k in accepted})
 
 
-__all__ = ["TASKS", "Evaluation", "GenerationExample", "PromptCompletion", "Task", "get_task", "normalize_answer"]
+__all__ = ["TASKS", "Evaluation", "GenerationExample", "GenerationTask", "PromptCompletion", "PromptPreference", "Task",
+           "get_task", "normalize_answer"]

@@ -60,43 +60,53 @@ class Task(ABC):
     """A dataset with a training objective and an evaluation protocol."""
 
     name: str
-    max_new_tokens: int = 16
     default_train_size: int | None = None
 
     @abstractmethod
-    def train_pairs(self, data_dir: Path) -> list[PromptCompletion]:
-        """All training examples, as prompt/completion pairs."""
+    def train_examples(self, data_dir: Path) -> list[PromptCompletion] | list[PromptPreference]:
+        """All training examples: prompt/completion pairs (SFT) or preference pairs (DPO)."""
 
     @abstractmethod
-    def eval_examples(self, data_dir: Path, split: str) -> list[GenerationExample]:
+    def eval_examples(self, data_dir: Path, split: str) -> list:
         """Evaluation examples of ``split`` ("val" or "test")."""
 
     @abstractmethod
+    def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence,
+                 batch_size: int = 16, progress: bool = True) -> Evaluation:
+        """Metrics of ``model`` on ``examples``."""
+
+    def sample_train(self, data_dir: Path, size: int | None, seed: int) -> list:
+        """``size`` training examples sampled with ``seed`` (all of them when size is None)."""
+        examples = self.train_examples(data_dir)
+        if size is None or size >= len(examples):
+            return examples
+        return random.Random(seed).sample(examples, size)
+
+
+class GenerationTask(Task):
+    """A task scored by exact match (or containment) of the parsed greedy answer."""
+
+    max_new_tokens: int = 16
+    match: str = "exact"
+
     def parse_answer(self, generated: str) -> str:
-        """The answer inside a generated continuation."""
+        """The answer inside a generated continuation: its first non-empty line."""
+        return generated.strip().split("\n")[0]
 
-    def sample_train(self, data_dir: Path, size: int | None, seed: int) -> list[PromptCompletion]:
-        """``size`` training pairs sampled with ``seed`` (all of them when size is None)."""
-        pairs = self.train_pairs(data_dir)
-        if size is None or size >= len(pairs):
-            return pairs
-        return random.Random(seed).sample(pairs, size)
-
-    def evaluate(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        examples: Sequence[GenerationExample],
-        batch_size: int = 16,
-        progress: bool = True,
-    ) -> Evaluation:
-        """Greedy-decode every prompt and score exact match after normalisation."""
+    def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[GenerationExample],
+                 batch_size: int = 16, progress: bool = True) -> Evaluation:
+        """Greedy-decode every prompt; score the normalised answer against the normalised references."""
         outputs = greedy_completions(model, tokenizer, [e.prompt for e in examples], self.max_new_tokens, batch_size, progress)
         records = []
         for example, output in zip(examples, outputs):
             prediction = normalize_answer(self.parse_answer(output))
-            correct = prediction in {normalize_answer(a) for a in example.answers}
+            answers = {normalize_answer(a) for a in example.answers}
+            if self.match == "contains":
+                correct = any(answer in normalize_answer(output) for answer in answers)
+            else:
+                correct = prediction in answers
             records.append({"prompt": example.prompt, "output": output, "prediction": prediction,
                             "answers": list(example.answers), "correct": correct})
         exact_match = sum(r["correct"] for r in records) / max(1, len(records))
-        return Evaluation({"exact_match": exact_match, "num_examples": len(records)}, records)
+        metric = "exact_match" if self.match == "exact" else "contains_match"
+        return Evaluation({metric: exact_match, "num_examples": len(records)}, records)

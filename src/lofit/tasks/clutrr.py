@@ -18,7 +18,7 @@ import ast
 from pathlib import Path
 
 from ..datafiles import DataError, read_json_rows, require_fields
-from .base import GenerationExample, PromptCompletion, Task
+from .base import GenerationExample, GenerationTask, PromptCompletion
 
 PROMPT_TEMPLATE = (
     'Read the following story about a family. "{story}" Assume the relations described in the story are all true. '
@@ -28,7 +28,7 @@ PROMPT_TEMPLATE = (
 FIELDS = ("clean_story", "query", "target_text")
 
 
-class Clutrr(Task):
+class Clutrr(GenerationTask):
     name = "clutrr"
     max_new_tokens = 16
     default_train_size = 300
@@ -46,12 +46,11 @@ class Clutrr(Task):
             examples.append((PROMPT_TEMPLATE.format(story=story, first=first, second=second), row["target_text"]))
         return examples
 
-    def train_pairs(self, data_dir: Path) -> list[PromptCompletion]:
+    def train_examples(self, data_dir: Path) -> list[PromptCompletion]:
         return [PromptCompletion(prompt, relation) for prompt, relation in self._rows(data_dir, "train")]
 
     def eval_examples(self, data_dir: Path, split: str) -> list[GenerationExample]:
         return [GenerationExample(prompt, (relation,)) for prompt, relation in self._rows(data_dir, split)]
 
     def parse_answer(self, generated: str) -> str:
-        first_line = generated.strip().split("\n")[0]
-        return first_line.split(".")[0]
+        return super().parse_answer(generated).split(".")[0]

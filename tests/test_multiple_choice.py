@@ -1,0 +1,94 @@
+"""MC1/MC2 against hand-computed values, and shared-prefix reuse against full recomputation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutput
+
+from lofit import get_lofit_model
+from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
+
+from .conftest import randomize_adapter, tiny_model
+
+WORDS = ["<pad>", "</s>", "Q:", "A:", "yes", "no", "maybe", "sky", "blue", "red"]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+
+
+class BigramModel(nn.Module):
+    """p(next | current) from a fixed table: every log-probability is known in advance."""
+
+    def __init__(self, probabilities: dict[str, dict[str, float]]):
+        super().__init__()
+        table = torch.full((len(WORDS), len(WORDS)), 1e-6)
+        for current, row in probabilities.items():
+            for word, p in row.items():
+                table[WORDS.index(current), WORDS.index(word)] = p
+        self.log_table = torch.log(table / table.sum(-1, keepdim=True))
+        self.embed = nn.Embedding(len(WORDS), 2)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None, past_key_values=None, use_cache=False):
+        logits = self.log_table[input_ids]
+        return CausalLMOutput(logits=logits[logits_to_keep] if logits_to_keep is not None else logits)
+
+
+def test_mc1_and_mc2_match_hand_computed_values():
+    """p(yes|A:) = 0.5, p(no|A:) = 0.3, p(maybe|A:) = 0.2; "sky blue" adds log p(blue|sky) = log 0.9."""
+    model = BigramModel({"A:": {"yes": 0.5, "no": 0.3, "maybe": 0.2}, "sky": {"blue": 0.9, "red": 0.1}})
+    example = MultipleChoiceExample("Q: sky A:", (" yes", " no", " maybe"), (1, 0, 1), best=0)
+    scores = choice_logprobs(model, word_tokenizer(), [example], progress=False)[0]
+    expected = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    metrics = mc_scores(scores, example)
+    assert metrics["mc1"] == 1.0
+    assert metrics["mc2"] == pytest.approx((0.5 + 0.2) / (0.5 + 0.3 + 0.2), abs=1e-5)
+    two_tokens = MultipleChoiceExample("Q: A: sky", (" blue", " red"), (0, 1), best=1)
+    assert mc_scores(choice_logprobs(model, word_tokenizer(), [two_tokens], progress=False)[0], two_tokens) == pytest.approx(
+        {"mc1": 0.0, "mc2": 0.1}, abs=1e-5)
+
+
+def test_mc1_is_the_harness_argmax_with_ties_to_the_best_answer():
+    example = MultipleChoiceExample("", ("a", "b", "c", "d"), (0, 1, 1, 0), best=1)
+    assert mc_scores([-1.0, -2.0, -0.5, -3.0], example)["mc1"] == 0.0  # an incorrect answer beats the best
+    assert mc_scores([-2.0, -2.0, -5.0, -3.0], example)["mc1"] == 1.0  # a tie goes to the best answer
+    assert mc_scores([-2.0, -1.0, -9.0, -3.0], example)["mc1"] == 1.0  # another correct answer may score higher
+
+
+def test_mc2_does_not_underflow_on_long_answers():
+    example = MultipleChoiceExample("", ("a", "b"), (1, 0), best=0)
+    assert mc_scores([-2000.0, -2001.0], example)["mc2"] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_invalid_multiple_choice_examples_are_refused():
+    with pytest.raises(ValueError, match="one label per choice"):
+        MultipleChoiceExample("", ("a", "b"), (1,), best=0)
+    with pytest.raises(ValueError, match="at least one choice incorrect"):
+        MultipleChoiceExample("", ("a", "b"), (1, 1), best=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_shared_prefix_reuse_equals_full_recomputation(model_type):
+    tokenizer = word_tokenizer()
+    lofit_model = get_lofit_model(tiny_model(model_type))
+    randomize_adapter(lofit_model)
+    examples = [MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe", " blue"), (1, 0, 0), best=0),
+                MultipleChoiceExample(" Q: A:", (" red", " yes yes"), (0, 1), best=1)]
+    prefix = "Q: sky A: blue Q: red A: no"
+    reused = choice_logprobs(lofit_model, tokenizer, examples, prefix=prefix, progress=False)
+    full = [choice_logprobs(lofit_model, tokenizer, [MultipleChoiceExample(prefix + e.prompt, e.choices, e.labels, e.best)],
+                            progress=False)[0] for e in examples]
+    for a, b in zip(reused, full):
+        assert a == pytest.approx(b, abs=1e-4)
