@@ -121,3 +121,22 @@ def test_run_command_writes_the_run_folder(tmp_path, capsys):
     assert metrics["trained_parameters"] == 3 * 64
     assert len(json.loads((output / "head_ranking.json").read_text())["ranking"]) == 270
     assert "clutrr test exact match: " in capsys.readouterr().out
+
+
+USER_DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(
+    "train_file,eval_file,metric",
+    [("capitals_train.jsonl", "capitals_test.jsonl", "test_exact_match"), ("myths_preferences.csv", None, "test_accuracy")],
+)
+def test_user_files_train_and_evaluate_end_to_end(tmp_path, train_file, eval_file, metric):
+    output = tmp_path / "run"
+    arguments = ["run", "--task", str(USER_DATA / train_file), "--model", "default", "--output-dir", str(output),
+                 "--heads", "3", "--select-epochs", "1", "--tune-epochs", "2", "--batch-size", "4", "--no-progress"]
+    if eval_file:
+        arguments += ["--eval-file", str(USER_DATA / eval_file)]
+    assert main(arguments) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0 <= metrics[metric] <= 1 and metrics["trained_parameters"] == 3 * 64
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()

@@ -34,7 +34,9 @@ from .tasks import Evaluation, get_task
 class RunConfig:
     """What to train and evaluate, and where to write it."""
 
-    task: str = field(default="clutrr", metadata={"help": "task name (see `lofit eval --help`)"})
+    task: str = field(default="clutrr", metadata={"help": "task name, or a .jsonl/.csv training file of your own (see docs/data.md)"})
+    eval_file: str | None = field(default=None, metadata={"help": "with a file task: the .jsonl/.csv file to evaluate on (default: the task file)"})
+    match: str = field(default="exact", metadata={"help": "with a file task of prompt/completion rows: 'exact' or 'contains' (default: exact)"})
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M), 'gemma3-270m', a folder, a .gguf file or a hub id"})
     data_dir: str | None = field(default=None, metadata={"help": "data folder (default: $LOFIT_DATA)"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (default: runs/<task>-<model>)"})
@@ -43,6 +45,7 @@ class RunConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples"})
     beta: float = field(default=0.5, metadata={"help": "DPO beta, for tasks trained on preferences"})
+    chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the tokenizer's chat template (instruct models)"})
     fold: str = field(default="0", metadata={"help": "TruthfulQA fold: 0, 1, or all (each fold, then the mean; default: 0)"})
     all_pairs: bool = field(default=False, metadata={"help": "TruthfulQA: train on the best answer against every incorrect answer, not only the first (default: False)"})
 
@@ -58,7 +61,8 @@ class RunConfig:
         if self.output_dir:
             return Path(self.output_dir)
         model_name = Path(self.model).name.removesuffix(".gguf").replace("/", "_")
-        return Path("runs") / f"{self.task}-{model_name}"
+        task_name = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task
+        return Path("runs") / f"{task_name}-{model_name}"
 
 
 class Job:
@@ -67,10 +71,12 @@ class Job:
     def __init__(self, run: RunConfig, lofit: LofitConfig):
         self.run = run
         self.lofit = lofit
-        self.task = get_task(run.task, fold=run.folds()[0], all_pairs=run.all_pairs)
-        self.data_dir = resolve_data_dir(run.data_dir)
+        self.task = get_task(run.task, fold=run.folds()[0], all_pairs=run.all_pairs, eval_file=run.eval_file, match=run.match)
+        self.data_dir = resolve_data_dir(run.data_dir) if self.task.needs_data_dir else None
         self.output_dir = run.resolved_output_dir()
         self.model, self.tokenizer = load_model(run.model)
+        if run.chat_template:
+            self.task.chat_tokenizer = self.tokenizer
         self.timings: dict[str, float] = {}
 
     def write_config(self) -> None:

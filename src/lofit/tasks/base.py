@@ -61,6 +61,18 @@ class Task(ABC):
 
     name: str
     default_train_size: int | None = None
+    needs_data_dir: bool = True
+    chat_tokenizer: PreTrainedTokenizerBase | None = None
+    """When set (``--chat-template``), prompts are wrapped in this tokenizer's chat template."""
+
+    def prompt(self, text: str) -> str:
+        """``text`` as the model sees it: as is, or as a user turn of the chat template."""
+        if self.chat_tokenizer is None:
+            return text
+        if not self.chat_tokenizer.chat_template:
+            raise ValueError("--chat-template was asked for, but this tokenizer has no chat template")
+        messages = [{"role": "user", "content": text.strip()}]
+        return self.chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @abstractmethod
     def train_examples(self, data_dir: Path) -> list[PromptCompletion] | list[PromptPreference]:

@@ -43,7 +43,7 @@ class Clutrr(GenerationTask):
             except (ValueError, SyntaxError, TypeError):
                 raise DataError(f"{path} row {number}: query must look like \"('A', 'B')\", got {row['query']!r}") from None
             story = row["clean_story"].replace("[", "").replace("]", "")
-            examples.append((PROMPT_TEMPLATE.format(story=story, first=first, second=second), row["target_text"]))
+            examples.append((self.prompt(PROMPT_TEMPLATE.format(story=story, first=first, second=second)), row["target_text"]))
         return examples
 
     def train_examples(self, data_dir: Path) -> list[PromptCompletion]:

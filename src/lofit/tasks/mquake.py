@@ -50,7 +50,7 @@ class MQuAKE(GenerationTask):
                 raise DataError(f"{path} line {line}: not an MQuAKE record (missing or malformed {error})") from None
             if not all(isinstance(a, str) and a.strip() for a in answers):
                 raise DataError(f"{path} line {line}: new_answer and its aliases must be non-empty strings")
-            examples.append((PROMPT_TEMPLATE.format(edit=edit, question=question), answers))
+            examples.append((self.prompt(PROMPT_TEMPLATE.format(edit=edit, question=question)), answers))
         return examples
 
     def train_examples(self, data_dir: Path) -> list[PromptCompletion]:

@@ -87,7 +87,7 @@ class TruthfulQA(Task):
         """One pair per question (best vs first incorrect), or best vs every incorrect with all_pairs."""
         examples = []
         for question, best, _, incorrect in self._rows(data_dir, "train"):
-            prompt = TRAIN_PROMPT.format(question=question)
+            prompt = self.prompt(TRAIN_PROMPT.format(question=question))
             for wrong in incorrect if self.all_pairs else incorrect[:1]:
                 examples.append(PromptPreference(prompt, " " + best, " " + wrong))
         return examples
@@ -97,12 +97,16 @@ class TruthfulQA(Task):
         for question, best, correct, incorrect in self._rows(data_dir, split):
             choices = tuple(" " + a for a in correct + incorrect)
             labels = (1,) * len(correct) + (0,) * len(incorrect)
-            examples.append(MultipleChoiceExample(EVAL_PROMPT.format(question=question), choices, labels, correct.index(best)))
+            prompt = EVAL_PROMPT.format(question=question)
+            if self.chat_tokenizer is not None:  # the primer goes inside the user turn
+                prompt = self.prompt(QA_PRIMER + prompt)
+            examples.append(MultipleChoiceExample(prompt, choices, labels, correct.index(best)))
         return examples
 
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples, batch_size: int = 16,
                  progress: bool = True) -> Evaluation:
-        scores = choice_logprobs(model, tokenizer, examples, prefix=QA_PRIMER, progress=progress)
+        prefix = QA_PRIMER if self.chat_tokenizer is None else ""
+        scores = choice_logprobs(model, tokenizer, examples, prefix=prefix, progress=progress)
         records = []
         for example, choice_scores in zip(examples, scores):
             records.append({"prompt": example.prompt, "choices": list(example.choices), "labels": list(example.labels),

@@ -1,0 +1,97 @@
+"""The user's own JSONL/CSV files: schemas, and a clear error naming file and line for every bad row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lofit.datafiles import DataError
+from lofit.multiple_choice import MultipleChoiceExample
+from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, UserFileTask, get_task
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_sft_preference_and_multiple_choice_schemas(tmp_path):
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2+2=", "completion": " 4"}])
+    pref = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "Q:", "chosen": " yes", "rejected": " no"}])
+    (tmp_path / "mc.csv").write_text('prompt,choices,label\nSky?,"["" blue"", "" red""]",0\n')
+    assert get_task(str(sft)).train_examples() == [PromptCompletion("2+2=", " 4")]
+    assert get_task(str(sft)).eval_examples() == [GenerationExample("2+2=", (" 4",))]
+    assert get_task(str(pref)).train_examples() == [PromptPreference("Q:", " yes", " no")]
+    assert get_task(str(pref)).eval_examples() == [MultipleChoiceExample("Q:", (" yes", " no"), (1, 0), 0)]
+    task = get_task(str(sft), eval_file=str(tmp_path / "mc.csv"))
+    assert task.eval_examples() == [MultipleChoiceExample("Sky?", (" blue", " red"), (1, 0), 0)]
+    with pytest.raises(DataError, match="can be evaluated but not trained on"):
+        get_task(str(tmp_path / "mc.csv")).train_examples()
+
+
+def test_every_malformed_row_is_reported_with_file_and_line(tmp_path):
+    rows = [{"prompt": "ok", "completion": " fine"}, {"prompt": "no completion"}, {"prompt": 3, "completion": "x"},
+            {"prompt": "ok", "completion": " fine"}, {"prompt": "", "completion": "x"}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        UserFileTask(path).train_examples()
+    message = str(error.value)
+    assert "3 malformed row(s), nothing was trained" in message
+    assert f"{path}:2: missing completion" in message
+    assert f"{path}:3: prompt, completion must be strings" in message
+    assert f"{path}:5: missing prompt" in message
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"prompt": "a", "completion": "b"}\n{not json\n', r"train.jsonl:2: not valid JSON"),
+        ('{"question": "a", "answer": "b"}\n', r"train.jsonl:1: fields \['answer', 'question'\] match no schema"),
+        ("", "no rows"),
+        ('{"prompt": "a", "choices": ["x"], "label": 0}\n', r":1: choices must be a list of at least two"),
+        ('{"prompt": "a", "choices": ["x", "y"], "label": 2}\n', r":1: label 2 is not an index of the 2 choices"),
+        ('{"prompt": "a", "choices": ["x", "y"], "label": "first"}\n', r":1: label must be an integer"),
+        ('["prompt", "completion"]\n', r":1: expected an object"),
+    ],
+)
+def test_malformed_files(tmp_path, text, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        UserFileTask(path).eval_examples()
+
+
+def test_csv_line_numbers_and_bad_json_choices(tmp_path):
+    path = tmp_path / "mc.csv"
+    path.write_text('prompt,choices,label\nA?,"[""x"", ""y""]",1\nB?,not json,0\n')
+    with pytest.raises(DataError, match=r"mc.csv:3: choices must be a JSON array"):
+        UserFileTask(path).eval_examples()
+
+
+def test_missing_or_unsupported_file(tmp_path):
+    with pytest.raises(DataError, match="is missing"):
+        UserFileTask(tmp_path / "absent.jsonl").train_examples()
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="must end in .jsonl or .csv"):
+        UserFileTask(tmp_path / "data.txt").train_examples()
+
+
+def test_unknown_match_mode():
+    with pytest.raises(ValueError, match="match must be 'exact' or 'contains'"):
+        UserFileTask("x.jsonl", match="fuzzy")
+
+
+def test_chat_template_wraps_prompts_when_switched_on(tmp_path):
+    from .test_multiple_choice import word_tokenizer
+
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2+2= ", "completion": "4"}])
+    task = get_task(str(path))
+    assert task.train_examples()[0].prompt == "2+2= "
+    task.chat_tokenizer = tokenizer
+    assert task.train_examples()[0].prompt == "<user>2+2=</user><assistant>"
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        task.eval_examples()
