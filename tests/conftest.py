@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -17,6 +18,7 @@ from transformers import (
     MistralConfig,
     Olmo2Config,
     Phi3Config,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -80,3 +82,13 @@ def randomize_adapter(lofit_model, seed: int = 0, scale: float = 0.5) -> None:
 def input_batch(seed: int = 1, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=generator)}
+
+
+WORDS = ["<pad>", "</s>", "Q:", "A:", "yes", "no", "maybe", "sky", "blue", "red"]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over WORDS, built offline."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")

@@ -6,24 +6,13 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutput
 
 from lofit import get_lofit_model
 from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 
-from .conftest import randomize_adapter, tiny_model
-
-WORDS = ["<pad>", "</s>", "Q:", "A:", "yes", "no", "maybe", "sky", "blue", "red"]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
-
+from .conftest import WORDS, randomize_adapter, tiny_model, word_tokenizer
 
 class BigramModel(nn.Module):
     """p(next | current) from a fixed table: every log-probability is known in advance."""

@@ -10,6 +10,8 @@ from lofit.datafiles import DataError
 from lofit.multiple_choice import MultipleChoiceExample
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, UserFileTask, get_task
 
+from .conftest import word_tokenizer
+
 
 def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -83,8 +85,6 @@ def test_unknown_match_mode():
 
 
 def test_chat_template_wraps_prompts_when_switched_on(tmp_path):
-    from .test_multiple_choice import word_tokenizer
-
     tokenizer = word_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2+2= ", "completion": "4"}])
