@@ -60,3 +60,13 @@ def test_heads_command_prints_the_ranking_and_writes_the_heatmap(tmp_path, capsy
 def test_missing_files_exit_with_a_message(tmp_path, capsys):
     assert main(["heads", str(tmp_path / "nothing.json")]) == 2
     assert "no head ranking" in capsys.readouterr().err
+
+
+def test_yaml_values_are_converted_to_the_field_types(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("bias_lr: 5e-2\nfold: 1\nlimit: 3\n")
+    run, lofit = parse(["run", "--config", str(config)])
+    assert (lofit.bias_lr, run.fold, run.limit) == (0.05, "1", 3)
+    config.write_text("batch_size: many\n")
+    with pytest.raises(SystemExit, match="batch_size must be of type int"):
+        parse(["run", "--config", str(config)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lofit
-from lofit import LofitConfig, LofitModel, get_lofit_model
+from lofit import LofitConfig, LofitModel, get_lofit_model, head_layout
 from lofit.batching import tokenize_pair
 from lofit.cli import main
 from lofit.loading import load_model
@@ -46,13 +46,11 @@ def trained(default_model, tmp_path_factory):
 
 def test_default_model_geometry_and_tokens(default_model):
     model, tokenizer = default_model
-    layout = get_lofit_model(model).layout
+    layout = head_layout(model)
     assert (layout.model_type, layout.shape) == ("llama", (30, 9, 64))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
     assert not model.is_quantized and model.dtype == torch.float32
     assert tokenizer("Hi").input_ids[0] != tokenizer.bos_token_id  # adds no BOS
-    model_wrapper = LofitModel(model)
-    model_wrapper.remove_hooks()
 
 
 def test_training_on_clutrr_learns_and_round_trips(default_model, trained):

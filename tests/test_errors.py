@@ -166,3 +166,36 @@ def test_bad_head_ranking_file(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"ranking": []}))
     with pytest.raises(ValueError, match="not a lofit head ranking"):
         HeadRanking.load(tmp_path / "x.json")
+
+
+def test_wrapping_an_already_wrapped_model_is_refused():
+    model = tiny_model("llama")
+    first = get_lofit_model(model)
+    with pytest.raises(ValueError, match="already carries a LoFiT adapter"):
+        get_lofit_model(model)
+    first.remove_hooks()
+    get_lofit_model(model)
+
+
+def test_heads_given_as_lists_work_like_tuples(tmp_path):
+    lofit_model = get_lofit_model(tiny_model("llama"))
+    lofit_model.set_active_heads([[1, 2], [0, 3]])
+    lofit_model.head_ranking = [(1, 2), (0, 3)]
+    assert lofit_model.selected_heads == [(1, 2), (0, 3)]
+    lofit_model.save_pretrained(tmp_path)
+
+
+def test_adapter_files_missing_their_fields(tmp_path):
+    get_lofit_model(tiny_model("llama")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lofit_config"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing lofit_config"):
+        LofitModel.from_pretrained(tiny_model("llama"), tmp_path)
+
+
+def test_examples_without_prompt_tokens_are_refused():
+    from lofit.batching import TokenizedPair, collate
+
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        collate([TokenizedPair([], [5, 1])], 0)

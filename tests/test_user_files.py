@@ -95,3 +95,9 @@ def test_chat_template_wraps_prompts_when_switched_on(tmp_path):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):
         task.eval_examples()
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("prompt,completion\nQ:, yes\n".encode("utf-8-sig"))
+    assert UserFileTask(path).train_examples() == [PromptCompletion("Q:", " yes")]

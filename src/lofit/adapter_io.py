@@ -101,6 +101,13 @@ def load_adapter(base_model: PreTrainedModel, directory: Path) -> "LofitModel":
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no LoFiT adapter in {directory}: {WEIGHTS_NAME} is missing")
+    missing = [key for key in ("lofit_config", "model_type", "num_layers", "num_heads", "head_dim") if key not in config]
+    if missing:
+        raise ValueError(f"{directory / CONFIG_NAME} is not a LoFiT adapter config: missing {', '.join(missing)}")
+    tensors = load_file(str(weights))
+    absent = [key for key in ("heads", "lofit_scale", "lofit_bias") if key not in tensors]
+    if absent:
+        raise ValueError(f"{weights} is not a LoFiT adapter: missing tensor(s) {', '.join(absent)}")
     model = LofitModel(base_model, LofitConfig.from_dict(config["lofit_config"]))
     expected = _geometry(model)
     saved = {key: config.get(key) for key in expected}
@@ -110,7 +117,6 @@ def load_adapter(base_model: PreTrainedModel, directory: Path) -> "LofitModel":
         raise AdapterMismatchError(
             f"the adapter in {directory} was made for another model (adapter vs this model: {differences})"
         )
-    tensors = load_file(str(weights))
     index = tensors["heads"]
     k, head_dim = len(index), expected["head_dim"]
     for name in ("lofit_scale", "lofit_bias"):

@@ -54,6 +54,8 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: s
 
 def collate(pairs: list[TokenizedPair], pad_id: int) -> Batch:
     """Right-pad ``pairs`` into a :class:`Batch`."""
+    if any(not p.prompt_ids or not p.completion_ids for p in pairs):
+        raise ValueError("every example needs at least one prompt token and one completion token")
     lengths = [len(p.prompt_ids) + len(p.completion_ids) for p in pairs]
     width = max(lengths)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)

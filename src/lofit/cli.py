@@ -63,8 +63,17 @@ def _load_yaml(path: str) -> dict[str, Any]:
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
+    """``cls`` from ``values`` (YAML values converted to each field's type, e.g. "5e-2" -> 0.05)."""
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    converted = {}
+    for name, value in values.items():
+        if name in names:
+            kind = _field_type(cls, name)
+            try:
+                converted[name] = value if value is None or isinstance(value, kind) else kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"option {name} must be of type {kind.__name__}, got {value!r}") from None
+    return cls(**converted)
 
 
 def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:

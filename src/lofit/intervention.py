@@ -38,5 +38,5 @@ class HeadIntervention:
         x = args[0]
         scale, bias = self.params(self.layer)  # (H, D) each
         heads = x.unflatten(-1, (self.num_heads, self.head_dim))
-        heads = heads * (1 + scale.to(x.dtype)) + bias.to(x.dtype)
+        heads = heads + heads * scale.to(x.dtype) + bias.to(x.dtype)  # not (1 + A): 1 + 1e-3 rounds in bf16
         return (heads.flatten(-2), *args[1:])

@@ -100,8 +100,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as error:
+            raise ModelNotFoundError(
+                f"{name_or_path!r} is not a local folder or file, and loading it as a hub id failed ({error})."
+            ) from None
     else:
         raise ModelNotFoundError(
             f"cannot load {name_or_path!r}: it is not 'default', 'gemma3-270m', an existing folder or "

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.pytorch_utils import Conv1D
 
-from .architectures import ARCHITECTURES, architecture_row
+from .architectures import ARCHITECTURES, architecture_row, projection_weight
 
 if TYPE_CHECKING:
     from .model import LofitModel
@@ -36,8 +35,7 @@ def merge_into_base(model: "LofitModel") -> PreTrainedModel:
     """Fold A and v into each layer's projection, remove the hooks, return the base model."""
     for layer, proj in enumerate(model.layout.out_projs):
         scale, bias = (t.flatten() for t in model.effective_params(layer))
-        is_conv1d = isinstance(proj, Conv1D)
-        weight = proj.weight.T if is_conv1d else proj.weight  # (out, in) view
+        weight = projection_weight(proj)  # (out, in), a view of the stored weight
         shift = weight.double() @ bias.double()
         weight.mul_((1 + scale).to(weight.dtype))
         if proj.bias is None:

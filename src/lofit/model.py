@@ -37,6 +37,11 @@ class LofitModel(nn.Module):
         self.base_model = base_model
         self.lofit_config = config or LofitConfig()
         self.layout: HeadLayout = head_layout(base_model)
+        if any(isinstance(hook, HeadIntervention) for proj in self.layout.out_projs for hook in proj._forward_pre_hooks.values()):
+            raise ValueError(
+                "this model already carries a LoFiT adapter; call remove_hooks() or merge_and_unload() on the "
+                "existing LofitModel, or load a fresh base model, before wrapping it again"
+            )
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
         device = base_model.get_input_embeddings().weight.device
@@ -81,6 +86,7 @@ class LofitModel(nn.Module):
         """Restrict the intervention to ``heads`` (all heads when None)."""
         num_layers, num_heads, _ = self.layout.shape
         mask = torch.zeros_like(self.active_heads)
+        heads = None if heads is None else [(int(layer), int(head)) for layer, head in heads]
         if heads is None:
             mask[:] = True
         else:

@@ -83,11 +83,11 @@ def choice_logprobs(
     from .scoring import sequence_logprobs
 
     device = model.get_input_embeddings().weight.device
-    reuse = bool(prefix) and all(_split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
+    model.eval()
+    reuse = bool(prefix) and all(e.prompt and _split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
     cache = _prefix_cache(model, tokenizer(prefix).input_ids, device) if reuse else None
     prefix_length = len(tokenizer(prefix).input_ids) if reuse else 0
     results = []
-    model.eval()
     for example in tqdm(examples, desc="scoring choices", disable=not progress, dynamic_ncols=True):
         if reuse:
             prompt_ids = tokenizer(example.prompt, add_special_tokens=False).input_ids

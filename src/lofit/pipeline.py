@@ -49,13 +49,14 @@ class RunConfig:
     fold: str = field(default="0", metadata={"help": "TruthfulQA fold: 0, 1, or all (each fold, then the mean; default: 0)"})
     all_pairs: bool = field(default=False, metadata={"help": "TruthfulQA: train on the best answer against every incorrect answer, not only the first (default: False)"})
 
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
     def folds(self) -> list[int]:
         if self.fold == "all":
             return [0, 1]
         if self.fold not in ("0", "1"):
             raise ValueError(f"fold must be 0, 1 or all; got {self.fold!r}")
         return [int(self.fold)]
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
@@ -146,6 +147,11 @@ def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
     job.write_config()
     ranking = HeadRanking.load(ranking_path)
     lofit_model = get_lofit_model(job.model, lofit)
+    if tuple(ranking.scores.shape) != lofit_model.layout.shape[:2]:
+        raise ValueError(
+            f"{ranking_path} ranks {tuple(ranking.scores.shape)} layers x heads, but {run.model} has "
+            f"{lofit_model.layout.shape[:2]}: it was made for another model"
+        )
     job.tune(lofit_model, job.objective(lofit_model), ranking)
     summary = _summary(job, None, lofit_model)
     lofit_model.save_pretrained(job.output_dir / "adapter", summary)

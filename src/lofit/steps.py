@@ -67,12 +67,12 @@ class HeadRanking:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no head ranking at {path}")
-        data = json.loads(path.read_text())
         try:
+            data = json.loads(path.read_text())
             scores = torch.zeros(data["num_layers"], data["num_heads"])
             for entry in data["ranking"]:
                 scores[entry["layer"], entry["head"]] = entry["score"]
-        except (KeyError, IndexError, TypeError) as error:
+        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a lofit head ranking ({error!r})") from None
         return cls.from_scores(scores)
 
@@ -127,5 +127,5 @@ def tune_biases(model: LofitModel, objective: Objective, heads: Sequence[tuple[i
     )
     log = train(model, objective, run)
     model.train_only("none")
-    model.head_ranking = list(heads)
+    model.head_ranking = [(int(layer), int(head)) for layer, head in heads]
     return log

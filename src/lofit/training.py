@@ -53,25 +53,24 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     schedule = get_linear_schedule_with_warmup(optimizer, int(run.warmup_ratio * total_steps), total_steps)
     device = next(iter(run.parameters)).device
     log = TrainingLog()
-    model.train()
-    try:
-        with tqdm(total=total_steps, desc=run.description, disable=not run.progress, dynamic_ncols=True) as bar:
-            for _ in range(run.epochs):
-                order = list(range(len(items)))
-                order_rng.shuffle(order)
-                losses = []
-                for start in range(0, len(order), run.batch_size):
-                    batch = objective.collate([items[i] for i in order[start : start + run.batch_size]]).to(device)
-                    loss = objective.loss(model, batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    losses.append(loss.item())
-                    log.steps += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                log.epoch_losses.append(sum(losses) / len(losses))
-    finally:
-        model.eval()
+    # The model stays in eval mode: only A or v train, and the frozen model's dropout must
+    # not perturb the policy (DPO's reference log-probabilities are computed without it).
+    model.eval()
+    with tqdm(total=total_steps, desc=run.description, disable=not run.progress, dynamic_ncols=True) as bar:
+        for _ in range(run.epochs):
+            order = list(range(len(items)))
+            order_rng.shuffle(order)
+            losses = []
+            for start in range(0, len(order), run.batch_size):
+                batch = objective.collate([items[i] for i in order[start : start + run.batch_size]]).to(device)
+                loss = objective.loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                log.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            log.epoch_losses.append(sum(losses) / len(losses))
     return log

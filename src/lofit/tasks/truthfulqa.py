@@ -55,7 +55,6 @@ def _answers(cell: str) -> list[str]:
 
 class TruthfulQA(Task):
     name = "truthfulqa"
-    folds = FOLDS
 
     def __init__(self, fold: int = 0, all_pairs: bool = False):
         if fold not in FOLDS:
@@ -66,7 +65,7 @@ class TruthfulQA(Task):
     def _rows(self, data_dir: Path, split: str) -> list[tuple[str, str, list[str], list[str]]]:
         path = require_file(data_dir / "truthfulqa" / f"fold_{self.fold}_{split}_seed_42.csv")
         rows = []
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
             if missing:

@@ -35,7 +35,7 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     require_file(path)
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append((number, json.loads(line)))
@@ -43,7 +43,7 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         return rows
     if path.suffix == ".csv":
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             return [(reader.line_num, row) for row in reader]
     raise DataError(f"{path}: data files must end in .jsonl or .csv")
