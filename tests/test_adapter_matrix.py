@@ -72,7 +72,7 @@ def test_intervention_matches_independent_reference(model_type):
 def test_training_changes_only_adapter_parameters(model_type):
     model = tiny_model(model_type)
     frozen = copy.deepcopy(model.state_dict())
-    lofit_model = get_lofit_model(model, LofitConfig(heads=3, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=1e-1))
+    lofit_model = get_lofit_model(model, LofitConfig(num_heads=3, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=1e-1))
     pairs = synthetic_pairs()
     ranking, _ = select_heads(lofit_model, SFT(pairs, PAD), progress=False)
     assert lofit_model.lofit_scale.detach().abs().sum() > 0

@@ -18,15 +18,15 @@ def parse(argv):
 def test_defaults_come_from_the_dataclasses():
     run, lofit = parse(["run"])
     assert run == RunConfig()
-    assert (lofit.heads, lofit.bias_lr, lofit.tune_epochs) == (0.1, 5e-2, 4)
+    assert (lofit.num_heads, lofit.bias_lr, lofit.tune_epochs) == (0.1, 5e-2, 4)
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"run": {"task": "mquake", "limit": 5}, "lofit": {"bias_lr": 0.3, "heads": 9}}))
-    run, lofit = parse(["run", "--config", str(config), "--heads", "12", "--no-progress"])
+    config.write_text(yaml.safe_dump({"run": {"task": "mquake", "limit": 5}, "lofit": {"bias_lr": 0.3, "num_heads": 9}}))
+    run, lofit = parse(["run", "--config", str(config), "--num-heads", "12", "--no-progress"])
     assert (run.task, run.limit, run.progress) == ("mquake", 5, False)
-    assert (lofit.bias_lr, lofit.heads) == (0.3, 12)
+    assert (lofit.bias_lr, lofit.num_heads) == (0.3, 12)
 
 
 def test_a_run_folder_config_yaml_round_trips(tmp_path):
@@ -42,7 +42,7 @@ def test_bad_options_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown options"):
         parse(["run", "--config", str(config)])
     with pytest.raises(SystemExit, match="heads must be"):
-        parse(["run", "--heads", "0"])
+        parse(["run", "--num-heads", "0"])
     with pytest.raises(SystemExit, match="does not exist"):
         parse(["run", "--config", str(tmp_path / "absent.yaml")])
     with pytest.raises(ValueError, match="fold must be 0, 1 or all"):
@@ -70,3 +70,17 @@ def test_yaml_values_are_converted_to_the_field_types(tmp_path):
     config.write_text("batch_size: many\n")
     with pytest.raises(SystemExit, match="batch_size must be of type int"):
         parse(["run", "--config", str(config)])
+
+
+def test_method_options_come_from_each_method_config(tmp_path):
+    from lofit.cli import _method_config
+
+    args = build_parser().parse_args(["run", "--method", "lora", "--lora-rank", "4", "--reft-layers", "1,2"])
+    run, _ = _configs(args)
+    assert run.method == "lora" and _method_config(args, "lora").lora_rank == 4
+    assert _method_config(args, "reft").reft_layers == "1,2"
+    assert _method_config(args, "zero-shot") is None
+    with pytest.raises(ValueError, match="unknown method"):
+        _method_config(build_parser().parse_args(["run", "--method", "prompting"]), "prompting")
+    with pytest.raises(SystemExit, match="reft_positions"):
+        _method_config(build_parser().parse_args(["run", "--reft-positions", "middle"]), "reft")

@@ -35,7 +35,7 @@ def trained(default_model, tmp_path_factory):
     model, tokenizer = default_model
     task = get_task("clutrr")
     pairs = [tokenize_pair(tokenizer, p.prompt, p.completion) for p in task.sample_train(DATA, 16, seed=0)]
-    lofit_model = get_lofit_model(model, LofitConfig(heads=6, select_epochs=1, tune_epochs=2, batch_size=8, bias_lr=5e-2))
+    lofit_model = get_lofit_model(model, LofitConfig(num_heads=6, select_epochs=1, tune_epochs=2, batch_size=8, bias_lr=5e-2))
     ranking, _ = select_heads(lofit_model, SFT(pairs, tokenizer.pad_token_id), progress=False)
     log = tune_biases(lofit_model, SFT(pairs, tokenizer.pad_token_id), ranking.top(6), progress=False)
     directory = tmp_path_factory.mktemp("adapter")
@@ -109,7 +109,7 @@ def test_merged_equals_hooked_on_the_default_model(trained, default_model):
 def test_run_command_writes_the_run_folder(tmp_path, capsys):
     output = tmp_path / "run"
     code = main(["run", "--task", "clutrr", "--model", "default", "--data-dir", str(DATA), "--output-dir", str(output),
-                 "--train-size", "8", "--limit", "8", "--heads", "3", "--select-epochs", "1", "--tune-epochs", "1",
+                 "--train-size", "8", "--limit", "8", "--num-heads", "3", "--select-epochs", "1", "--tune-epochs", "1",
                  "--no-progress"])
     assert code == 0
     assert {p.name for p in output.iterdir()} >= {"adapter", "head_ranking.json", "heads.png", "metrics.json",
@@ -131,10 +131,26 @@ USER_DATA = Path(__file__).parent / "data"
 def test_user_files_train_and_evaluate_end_to_end(tmp_path, train_file, eval_file, metric):
     output = tmp_path / "run"
     arguments = ["run", "--task", str(USER_DATA / train_file), "--model", "default", "--output-dir", str(output),
-                 "--heads", "3", "--select-epochs", "1", "--tune-epochs", "2", "--batch-size", "4", "--no-progress"]
+                 "--num-heads", "3", "--select-epochs", "1", "--tune-epochs", "2", "--batch-size", "4", "--no-progress"]
     if eval_file:
         arguments += ["--eval-file", str(USER_DATA / eval_file)]
     assert main(arguments) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0 <= metrics[metric] <= 1 and metrics["trained_parameters"] == 3 * 64
     assert (output / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_compare_command_runs_baselines_and_evaluates_their_saved_results(tmp_path, capsys):
+    output = tmp_path / "compare"
+    code = main(["compare", "--task", "clutrr", "--methods", "zero-shot,iti,red", "--data-dir", str(DATA),
+                 "--output-dir", str(output), "--train-size", "16", "--limit", "4", "--select-epochs", "1",
+                 "--tune-epochs", "0", "--no-progress"])
+    assert code == 0
+    table = (output / "comparison.md").read_text()
+    assert "| iti | 1,728 |" in table and "| red | 34,560 |" in table and "| zero-shot | 0 |" in table
+    assert table in capsys.readouterr().out
+    assert main(["eval", "--task", "clutrr", "--data-dir", str(DATA), "--adapter", str(output / "red" / "adapter"),
+                 "--limit", "4", "--no-progress"]) == 0
+    evaluated = json.loads((output / "red" / "eval-test" / "metrics.json").read_text())
+    trained = json.loads((output / "red" / "metrics.json").read_text())
+    assert evaluated["method"] == "red" and evaluated["test_exact_match"] == trained["test_exact_match"]

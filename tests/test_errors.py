@@ -28,12 +28,12 @@ def test_unknown_architecture_names_supported_types_and_where_to_add_a_row():
 @pytest.mark.parametrize("heads", [0, -1, 2.5, 0.0])
 def test_invalid_head_count_is_refused(heads):
     with pytest.raises(ValueError, match="heads must be"):
-        LofitConfig(heads=heads)
+        LofitConfig(num_heads=heads)
 
 
 def test_more_heads_than_the_model_has_is_refused():
     with pytest.raises(ValueError, match="asked for 1000 heads but the model has only 12 heads"):
-        LofitConfig(heads=1000).num_heads_to_tune(12)
+        LofitConfig(num_heads=1000).num_heads_to_tune(12)
     ranking = HeadRanking.from_scores(torch.rand(3, 4))
     with pytest.raises(ValueError, match="cannot take the top 13 heads"):
         ranking.top(13)

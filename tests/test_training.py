@@ -12,7 +12,7 @@ from lofit.steps import HeadRanking, select_heads, tune_biases
 
 from .conftest import PAD, synthetic_pairs, tiny_model
 
-CONFIG = LofitConfig(heads=4, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3)
+CONFIG = LofitConfig(num_heads=4, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3)
 
 
 def two_steps(seed: int):

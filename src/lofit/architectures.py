@@ -4,8 +4,11 @@ LoFiT edits the output of every attention head *before* the heads are mixed by t
 attention output projection. In every supported decoder that projection is one module
 per layer whose input is the concatenation of the query heads' outputs,
 ``x = [z_0, z_1, ..., z_{H-1}]`` with ``z_h`` of size ``head_dim``. So an architecture is
-described by one row: the path of that module (``{layer}`` marks the layer index), and
-the config flag that gives the projection a bias when a merged model is exported.
+described by one row: the path of that module (``{layer}`` marks the layer index), the
+config flag that gives the projection a bias when a merged model is exported, and the
+feed-forward block's path inside a layer (edited by the RED baseline). The decoder
+layer itself (whose output is the residual stream, edited by RepE and ReFT) is the
+module at the path's ``...{layer}`` prefix.
 
 Adding an architecture is adding a row to :data:`ARCHITECTURES`.
 """
@@ -29,10 +32,17 @@ class ArchitectureRow:
         bias_flag: config attribute that, when True, builds that projection with a bias
             (so a merged adapter can be saved as a plain checkpoint), or None when the
             architecture offers no such switch.
+        mlp: path of the feed-forward block inside a decoder layer.
     """
 
     out_proj: str
     bias_flag: str | None
+    mlp: str = "mlp"
+
+    @property
+    def layer(self) -> str:
+        """Dotted path of decoder layer ``{layer}``: the out_proj path up to the layer index."""
+        return self.out_proj.split("{layer}")[0] + "{layer}"
 
 
 ARCHITECTURES: dict[str, ArchitectureRow] = {
@@ -110,6 +120,33 @@ def projection_in_features(proj: nn.Module) -> int:
     return projection_weight(proj).shape[1]
 
 
+def _modules_at(model: PreTrainedModel, path: str) -> list[nn.Module]:
+    """The module at ``path`` (with ``{layer}``) for every layer of ``model``."""
+    modules = dict(model.named_modules())
+    found = []
+    for layer in range(model.config.num_hidden_layers):
+        name = path.format(layer=layer)
+        if name not in modules:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type {model.config.model_type!r}) has no module {name!r}; "
+                "lofit expects a causal-LM model (AutoModelForCausalLM) whose module paths "
+                "match the row for this model_type in lofit/architectures.py."
+            )
+        found.append(modules[name])
+    return found
+
+
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """Every decoder layer of ``model``; a layer's output is the residual stream after it."""
+    return _modules_at(model, architecture_row(model.config.model_type).layer)
+
+
+def feed_forwards(model: PreTrainedModel) -> list[nn.Module]:
+    """Every layer's feed-forward block of ``model``."""
+    row = architecture_row(model.config.model_type)
+    return _modules_at(model, f"{row.layer}.{row.mlp}")
+
+
 def head_layout(model: PreTrainedModel) -> HeadLayout:
     """Find every layer's attention output projection and the head geometry of ``model``.
 
@@ -119,19 +156,7 @@ def head_layout(model: PreTrainedModel) -> HeadLayout:
     """
     config = model.config
     model_type = config.model_type
-    row = architecture_row(model_type)
-    num_layers = config.num_hidden_layers
-    modules = dict(model.named_modules())
-    out_projs = []
-    for layer in range(num_layers):
-        path = row.out_proj.format(layer=layer)
-        if path not in modules:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} (model_type {model_type!r}) has no module {path!r}; "
-                "lofit expects a causal-LM model (AutoModelForCausalLM) whose module paths "
-                "match the row for this model_type in lofit/architectures.py."
-            )
-        out_projs.append(modules[path])
+    out_projs = _modules_at(model, architecture_row(model_type).out_proj)
     num_heads = config.num_attention_heads
     in_features = projection_in_features(out_projs[0])
     head_dim = getattr(config, "head_dim", None) or in_features // num_heads

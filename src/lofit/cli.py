@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 import yaml
 
+from .comparison import comparison_table, run_compare
 from .config import LofitConfig
+from .methods import METHOD_CONFIGS, get_method
 from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
 from .plots import head_heatmap
 from .steps import HeadRanking
@@ -76,15 +78,30 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**converted)
 
 
-def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    """Option values: the YAML file's, overridden by the flags given."""
     values = _load_yaml(args.config) if getattr(args, "config", None) else {}
-    known = {f.name for f in fields(RunConfig)} | {f.name for f in fields(LofitConfig)}
+    known = {f.name for cls in (RunConfig, LofitConfig, *METHOD_CONFIGS) for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise SystemExit(f"lofit: unknown options in {args.config}: {', '.join(unknown)}")
     values.update({k: v for k, v in vars(args).items() if k in known})
+    return values
+
+
+def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:
+    values = _values(args)
     try:
         return _build(RunConfig, values), _build(LofitConfig, values)
+    except ValueError as error:
+        raise SystemExit(f"lofit: {error}") from None
+
+
+def _method_config(args: argparse.Namespace, method: str) -> object | None:
+    """The config dataclass of ``method`` from the options (None for methods without options)."""
+    config_class = get_method(method).config_class
+    try:
+        return _build(config_class, _values(args)) if config_class is not None else None
     except ValueError as error:
         raise SystemExit(f"lofit: {error}") from None
 
@@ -94,11 +111,12 @@ METRICS = ("exact_match", "contains_match", "mc1", "mc2", "accuracy")
 
 def _print_summary(summary: dict) -> None:
     """A few readable lines; everything is in the run folder's metrics.json."""
-    print(f"\ntask {summary['task']}, model {summary['model']}")
+    print(f"\ntask {summary['task']}, model {summary['model']}, method {summary['method']}")
     if "trained_parameters" in summary:
+        print(f"trained parameters: {summary['trained_parameters']:,}")
+    if "selected_heads" in summary:
         heads = summary["selected_heads"]
-        print(f"trained parameters: {summary['trained_parameters']:,} ({len(heads)} heads)")
-        print("selected heads (layer.head): " + " ".join(f"{layer}.{head}" for layer, head in heads))
+        print(f"selected heads (layer.head, {len(heads)}): " + " ".join(f"{layer}.{head}" for layer, head in heads))
     times = [f"{key.removesuffix('_seconds')} {value:.0f}s" for key, value in summary.items() if key.endswith("_seconds")]
     if times:
         print("wall time: " + ", ".join(times))
@@ -134,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("select", "Step 1: rank heads by training scales with an L1 penalty; write head_ranking.json and heads.png.")
     tune = command("tune", "Step 2: train biases of the top heads of a saved ranking; write the adapter.")
     tune.add_argument("--ranking", required=True, help="head_ranking.json from `lofit select` or `lofit run`")
-    command("run", "Both steps, then evaluation: write a full run folder.")
+    command("run", "Fit a method (LoFiT's two steps by default, or a baseline with --method), then evaluate: write a full run folder.",
+            (RunConfig, LofitConfig, *METHOD_CONFIGS))
+    compare = command("compare", "Run several methods on one task, one after another, and print one table "
+                      "(method, trained parameters, metrics, wall time).", (RunConfig, LofitConfig, *METHOD_CONFIGS))
+    compare.add_argument("--methods", default="zero-shot,lofit,iti,repe,lora,red,reft",
+                         help="comma-separated methods (default: zero-shot,lofit,iti,repe,lora,red,reft)")
     evaluate = command("eval", "Evaluate a model, zero-shot or with a saved adapter.", (RunConfig,))
     evaluate.add_argument("--adapter", help="adapter folder to apply")
     merge = commands.add_parser("merge", help="Fold an adapter into the model and save a plain transformers checkpoint.")
@@ -171,7 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.command == "tune":
                 _print_summary(run_tune(run, lofit, Path(args.ranking)))
             elif args.command == "run":
-                _print_summary(run_all(run, lofit))
+                _print_summary(run_all(run, lofit, _method_config(args, run.method)))
+            elif args.command == "compare":
+                if "method" in vars(args):
+                    raise ValueError("compare takes --methods (a comma-separated list), not --method")
+                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+                configs = {name: _method_config(args, name) for name in methods}
+                summaries, folder = run_compare(run, lofit, methods, configs)
+                print(comparison_table(summaries))
+                print(f"comparison folder: {folder}")
             elif args.command == "eval":
                 _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None))
     except (FileNotFoundError, ValueError) as error:

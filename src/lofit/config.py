@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+SELECTORS = ("lofit", "random", "probe-layers", "bias-based", "iti", "file")
+"""Head selectors for step 2 (see :mod:`lofit.head_selection`)."""
+
+
+def head_count(amount: float, total_heads: int) -> int:
+    """``amount`` heads out of ``total_heads``: a count (integer >= 1) or a fraction in (0, 1), at least 1."""
+    if amount <= 0 or (amount >= 1 and amount != int(amount)):
+        raise ValueError(f"a number of heads must be an integer >= 1 or a fraction in (0, 1); got {amount}")
+    k = int(amount) if amount >= 1 else max(1, round(amount * total_heads))
+    if k > total_heads:
+        raise ValueError(f"asked for {k} heads but the model has only {total_heads} heads")
+    return k
+
 
 @dataclass
 class LofitConfig:
@@ -13,9 +26,16 @@ class LofitConfig:
     docs/method.md for why 10% of heads and not the paper's 3%.
     """
 
-    heads: float = field(
+    num_heads: float = field(
         default=0.1,
-        metadata={"help": "heads to tune in step 2: a count (integer >= 1) or a fraction of all heads (0 < x < 1)"},
+        metadata={"help": "K, the heads to tune in step 2: a count (integer >= 1) or a fraction of all heads (0 < x < 1)"},
+    )
+    heads: str = field(
+        default="lofit",
+        metadata={"help": "how to choose the K heads: lofit, random, probe-layers, bias-based, iti, or file (default: lofit)"},
+    )
+    heads_file: str | None = field(
+        default=None, metadata={"help": "with --heads file: a head_ranking.json from an earlier run, of any task"}
     )
     l1_lambda: float = field(
         default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection"}
@@ -31,8 +51,10 @@ class LofitConfig:
     seed: int = field(default=42, metadata={"help": "seed of initialisation, data order and sampling"})
 
     def __post_init__(self) -> None:
-        if self.heads <= 0 or (self.heads >= 1 and self.heads != int(self.heads)):
-            raise ValueError(f"heads must be an integer >= 1 or a fraction in (0, 1); got {self.heads}")
+        if self.num_heads <= 0 or (self.num_heads >= 1 and self.num_heads != int(self.num_heads)):
+            raise ValueError(f"num_heads must be an integer >= 1 or a fraction in (0, 1); got {self.num_heads}")
+        if self.heads not in SELECTORS:
+            raise ValueError(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}")
         for name in ("scale_lr", "bias_lr", "batch_size", "init_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
@@ -41,11 +63,8 @@ class LofitConfig:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
 
     def num_heads_to_tune(self, total_heads: int) -> int:
-        """K: ``heads`` as a count of heads out of ``total_heads`` (at least 1)."""
-        k = int(self.heads) if self.heads >= 1 else max(1, round(self.heads * total_heads))
-        if k > total_heads:
-            raise ValueError(f"asked for {k} heads but the model has only {total_heads} heads")
-        return k
+        """K: ``num_heads`` as a count of heads out of ``total_heads`` (at least 1)."""
+        return head_count(self.num_heads, total_heads)
 
     def to_dict(self) -> dict:
         return asdict(self)

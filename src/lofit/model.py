@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,9 +12,10 @@ from transformers import PreTrainedModel
 from .architectures import HeadLayout, head_layout
 from .config import LofitConfig
 from .intervention import HeadIntervention
+from .wrapper import InterventionModel
 
 
-class LofitModel(nn.Module):
+class LofitModel(InterventionModel):
     """A causal LM whose attention heads are rewritten as z' = (1 + A) z + v.
 
     Attributes:
@@ -33,29 +31,21 @@ class LofitModel(nn.Module):
     """
 
     def __init__(self, base_model: PreTrainedModel, config: LofitConfig | None = None):
-        super().__init__()
-        self.base_model = base_model
-        self.lofit_config = config or LofitConfig()
-        self.layout: HeadLayout = head_layout(base_model)
-        if any(isinstance(hook, HeadIntervention) for proj in self.layout.out_projs for hook in proj._forward_pre_hooks.values()):
+        layout = head_layout(base_model)
+        if any(isinstance(hook, HeadIntervention) for proj in layout.out_projs for hook in proj._forward_pre_hooks.values()):
             raise ValueError(
                 "this model already carries a LoFiT adapter; call remove_hooks() or merge_and_unload() on the "
                 "existing LofitModel, or load a fresh base model, before wrapping it again"
             )
-        for parameter in base_model.parameters():
-            parameter.requires_grad_(False)
+        super().__init__(base_model)
+        self.lofit_config = config or LofitConfig()
+        self.layout: HeadLayout = layout
         device = base_model.get_input_embeddings().weight.device
         shape = self.layout.shape
         self.lofit_scale = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
         self.lofit_bias = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
         self.register_buffer("active_heads", torch.ones(shape[:2], dtype=torch.bool, device=device))
         self.head_ranking: list[tuple[int, int]] | None = None
-        # Present the base model's forward signature (transformers.Trainer reads it to pick
-        # the dataset columns the model accepts).
-        forward = functools.partial(LofitModel.forward, self)
-        forward.__signature__ = inspect.signature(base_model.forward)
-        self.forward = forward
-        self._adapter_enabled = True
         self._hooks = [
             proj.register_forward_pre_hook(
                 HeadIntervention(layer, self.layout.num_heads, self.layout.head_dim, self.effective_params, self._is_enabled)
@@ -64,9 +54,6 @@ class LofitModel(nn.Module):
         ]
 
     # -- the intervention -------------------------------------------------------------
-    def _is_enabled(self) -> bool:
-        return self._adapter_enabled
-
     def effective_params(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A[l], v[l]) with inactive heads zeroed, each of shape (num_heads, head_dim)."""
         mask = self.active_heads[layer, :, None]
@@ -105,16 +92,6 @@ class LofitModel(nn.Module):
         """lambda * sum |A| over active heads: the sparsity term of head selection."""
         return self.lofit_config.l1_lambda * (self.lofit_scale * self.active_heads[..., None]).abs().sum()
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the base model without the intervention inside the ``with`` block."""
-        previous = self._adapter_enabled
-        self._adapter_enabled = False
-        try:
-            yield
-        finally:
-            self._adapter_enabled = previous
-
     # -- behaving as the wrapped model ----------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; in training with labels, adds the L1 term when A trains."""
@@ -122,15 +99,6 @@ class LofitModel(nn.Module):
         if self.training and self.lofit_scale.requires_grad and getattr(outputs, "loss", None) is not None:
             outputs.loss = outputs.loss + self.l1_penalty()
         return outputs
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_model, name)
 
     # -- parameters -----------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
@@ -143,11 +111,6 @@ class LofitModel(nn.Module):
         per_tensor = int(self.active_heads.sum()) * self.layout.head_dim
         used = int(bool(self.lofit_scale.detach().any())) + int(bool(self.lofit_bias.detach().any()))
         return per_tensor * used
-
-    def print_trainable_parameters(self) -> None:
-        trainable = self.num_trainable_parameters()
-        total = sum(p.numel() for p in self.base_model.parameters()) + trainable
-        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def train_only(self, tensor: str) -> None:
         """Make only ``"scale"`` (A), ``"bias"`` (v) or ``"none"`` trainable."""
@@ -175,11 +138,6 @@ class LofitModel(nn.Module):
         from .merge import merge_into_base
 
         return merge_into_base(self)
-
-    def remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
 
 def get_lofit_model(model: PreTrainedModel, config: LofitConfig | None = None) -> LofitModel:

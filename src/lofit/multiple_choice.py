@@ -78,13 +78,14 @@ def choice_logprobs(
     """Summed log-probability of every choice of every example, given ``prefix + prompt``.
 
     The prefix is encoded once and its KV cache reused when tokenising it apart from the
-    prompts is exact (checked on every prompt); otherwise each row carries the full text.
+    prompts is exact (checked on every prompt) and the model does not edit prompt
+    positions (LoReFT must see whole prompts); otherwise each row carries the full text.
     """
     from .scoring import sequence_logprobs
 
     device = model.get_input_embeddings().weight.device
     model.eval()
-    reuse = bool(prefix) and all(e.prompt and _split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
+    reuse = bool(prefix) and not getattr(model, "edits_prompt_positions", False) and all(e.prompt and _split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
     cache = _prefix_cache(model, tokenizer(prefix).input_ids, device) if reuse else None
     prefix_length = len(tokenizer(prefix).input_ids) if reuse else 0
     results = []

@@ -2,8 +2,8 @@
 
 Each writes into a run folder:
 
-- ``adapter/``: the LoFiT adapter (safetensors + JSON config + model card);
-- ``head_ranking.json``: every head with its step-1 score, best first;
+- ``adapter/``: the method's result (LoFiT: safetensors + JSON config + model card);
+- ``head_ranking.json``: every head with its score, best first (methods that rank heads);
 - ``heads.png``: the layers x heads heatmap of those scores;
 - ``metrics.json``: evaluation metrics, parameter count, wall times;
 - ``predictions.jsonl``: one evaluated example per line;
@@ -19,14 +19,16 @@ from pathlib import Path
 
 import yaml
 
-from .objectives import Objective, build_objective
 from .config import LofitConfig
+from .head_selection import rank_heads, ranking_from_file
+from .methods import FitContext, FitResult, get_method, load_adapted, saved_method
 from .datafiles import resolve_data_dir
 from .loading import load_model
 from .merge import save_merged
 from .model import LofitModel, get_lofit_model
 from .plots import head_heatmap
-from .steps import HeadRanking, select_heads, tune_biases
+from .objectives import Objective, build_objective
+from .steps import HeadRanking, tune_biases
 from .tasks import Evaluation, get_task
 
 
@@ -37,6 +39,7 @@ class RunConfig:
     task: str = field(default="clutrr", metadata={"help": "task name, or a .jsonl/.csv training file of your own (see docs/data.md)"})
     eval_file: str | None = field(default=None, metadata={"help": "with a file task: the .jsonl/.csv file to evaluate on (default: the task file)"})
     match: str = field(default="exact", metadata={"help": "with a file task of prompt/completion rows: 'exact' or 'contains' (default: exact)"})
+    method: str = field(default="lofit", metadata={"help": "lofit, zero-shot, iti, repe, lora, red or reft (default: lofit)"})
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M), 'gemma3-270m', a folder, a .gguf file or a hub id"})
     data_dir: str | None = field(default=None, metadata={"help": "data folder (default: $LOFIT_DATA)"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (default: runs/<task>-<model>)"})
@@ -63,7 +66,8 @@ class RunConfig:
             return Path(self.output_dir)
         model_name = Path(self.model).name.removesuffix(".gguf").replace("/", "_")
         task_name = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task
-        return Path("runs") / f"{task_name}-{model_name}"
+        method = "" if self.method == "lofit" else f"-{self.method}"
+        return Path("runs") / f"{task_name}-{model_name}{method}"
 
 
 class Job:
@@ -80,25 +84,30 @@ class Job:
             self.task.chat_tokenizer = self.tokenizer
         self.timings: dict[str, float] = {}
 
-    def write_config(self) -> None:
+    def write_config(self, method_options: dict | None = None) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()}
+        resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()} | ({"method": method_options} if method_options else {})
         (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def train_examples(self) -> list:
+        size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
+        return self.task.sample_train(self.data_dir, size, self.lofit.seed)
 
     def objective(self, lofit_model: LofitModel) -> Objective:
         """The task's training examples as an SFT or DPO objective."""
-        size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
-        examples = self.task.sample_train(self.data_dir, size, self.lofit.seed)
-        return build_objective(lofit_model, self.tokenizer, examples, self.run.beta)
+        return build_objective(lofit_model, self.tokenizer, self.train_examples(), self.run.beta)
 
-    def select(self, lofit_model: LofitModel, objective: Objective) -> HeadRanking:
-        start = time.perf_counter()
-        ranking, log = select_heads(lofit_model, objective, progress=self.run.progress)
-        self.timings["select_seconds"] = time.perf_counter() - start
-        self.timings["select_losses"] = log.epoch_losses
-        k = self.lofit.num_heads_to_tune(len(ranking.order))
+    def save_ranking(self, ranking: HeadRanking, k: int) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         ranking.save(self.output_dir / "head_ranking.json")
         head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
+
+    def select(self, lofit_model: LofitModel, examples: list, objective: Objective) -> HeadRanking:
+        """Rank heads with the configured selector (``--heads``)."""
+        start = time.perf_counter()
+        ranking = rank_heads(self.lofit.heads, lofit_model, self.tokenizer, examples, objective, self.lofit.heads_file, self.run.progress)
+        self.timings["select_seconds"] = time.perf_counter() - start
+        self.save_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
     def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking) -> None:
@@ -123,13 +132,15 @@ class Job:
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def _summary(job: Job, evaluation: Evaluation | None, lofit_model: LofitModel | None) -> dict:
-    summary = {"task": job.run.task, "model": job.run.model, "run_folder": str(job.output_dir)}
+def _summary(job: Job, evaluation: Evaluation | None, adapted: object | None, trained_parameters: int | None = None) -> dict:
+    summary = {"task": job.run.task, "model": job.run.model, "method": job.run.method, "run_folder": str(job.output_dir)}
     if evaluation is not None:
         summary |= {f"{job.run.eval_split}_{k}": v for k, v in evaluation.metrics.items()}
-    if lofit_model is not None:
-        summary["trained_parameters"] = lofit_model.num_adapter_parameters()
-        summary["selected_heads"] = [list(h) for h in lofit_model.selected_heads]
+    if isinstance(adapted, LofitModel):
+        summary["trained_parameters"] = adapted.num_adapter_parameters()
+        summary["selected_heads"] = [list(h) for h in adapted.selected_heads]
+    if trained_parameters is not None:
+        summary["trained_parameters"] = trained_parameters
     return summary | job.timings
 
 
@@ -138,66 +149,67 @@ def run_select(run: RunConfig, lofit: LofitConfig) -> HeadRanking:
     job = Job(run, lofit)
     job.write_config()
     lofit_model = get_lofit_model(job.model, lofit)
-    return job.select(lofit_model, job.objective(lofit_model))
+    examples = job.train_examples()
+    return job.select(lofit_model, examples, build_objective(lofit_model, job.tokenizer, examples, run.beta))
 
 
 def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
     """Step 2 only, on the top heads of a saved ranking: write the adapter."""
     job = Job(run, lofit)
     job.write_config()
-    ranking = HeadRanking.load(ranking_path)
     lofit_model = get_lofit_model(job.model, lofit)
-    if tuple(ranking.scores.shape) != lofit_model.layout.shape[:2]:
-        raise ValueError(
-            f"{ranking_path} ranks {tuple(ranking.scores.shape)} layers x heads, but {run.model} has "
-            f"{lofit_model.layout.shape[:2]}: it was made for another model"
-        )
+    ranking = ranking_from_file(ranking_path, lofit_model)
     job.tune(lofit_model, job.objective(lofit_model), ranking)
     summary = _summary(job, None, lofit_model)
-    lofit_model.save_pretrained(job.output_dir / "adapter", summary)
+    get_method("lofit").save(FitResult(lofit_model, lofit_model.num_adapter_parameters()), job.output_dir / "adapter", summary)
     return summary
 
 
-def run_all(run: RunConfig, lofit: LofitConfig) -> dict:
-    """Both steps, then evaluation: write the whole run folder; return the metrics.
+def run_all(run: RunConfig, lofit: LofitConfig, method_config: object | None = None) -> dict:
+    """Fit ``run.method`` (LoFiT's two steps by default), then evaluate: write the whole run
+    folder; return the metrics.
 
     With ``fold="all"`` each fold runs in its own sub-folder and the summary reports the
     mean of each metric over the folds, as the paper does for TruthfulQA.
     """
     folds = run.folds()
     if len(folds) == 1:
-        return _run_one(run, lofit)
+        return _run_one(run, lofit, method_config)
     base = run.resolved_output_dir()
-    summaries = [_run_one(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit) for k in folds]
+    summaries = [_run_one(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit, method_config) for k in folds]
     mean = {key: sum(s[key] for s in summaries) / len(summaries)
             for key, value in summaries[0].items() if key.startswith(f"{run.eval_split}_") and isinstance(value, float)}
-    summary = {"task": run.task, "model": run.model, "run_folder": str(base), "folds": summaries} | {f"mean_{k}": v for k, v in mean.items()}
+    summary = {"task": run.task, "model": run.model, "method": run.method, "run_folder": str(base), "folds": summaries}
+    summary |= {f"mean_{k}": v for k, v in mean.items()}
     (base / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _run_one(run: RunConfig, lofit: LofitConfig) -> dict:
+def _run_one(run: RunConfig, lofit: LofitConfig, method_config: object | None) -> dict:
     start = time.perf_counter()
+    method = get_method(run.method, method_config)
     job = Job(run, lofit)
-    job.write_config()
-    lofit_model = get_lofit_model(job.model, lofit)
-    objective = job.objective(lofit_model)
-    ranking = job.select(lofit_model, objective)
-    job.tune(lofit_model, objective, ranking)
-    evaluation = job.evaluate(lofit_model)
+    job.write_config(method.options())
+    fit_start = time.perf_counter()
+    result: FitResult = method.fit(FitContext(job.model, job.tokenizer, job.train_examples(), lofit, run.beta, run.progress))
+    job.timings["fit_seconds"] = time.perf_counter() - fit_start
+    job.timings |= result.log
+    if result.ranking is not None:  # methods that rank heads return a LofitModel
+        job.save_ranking(result.ranking, len(result.model.selected_heads))
+    evaluation = job.evaluate(result.model)
     job.timings["total_seconds"] = time.perf_counter() - start
-    summary = _summary(job, evaluation, lofit_model)
-    lofit_model.save_pretrained(job.output_dir / "adapter", summary)
+    summary = _summary(job, evaluation, result.model, result.trained_parameters)
+    method.save(result, job.output_dir / "adapter", summary)
     job.write_metrics(summary)
     return summary
 
 
 def run_eval(run: RunConfig, adapter: Path | None) -> dict:
     """Evaluate the model, or the model with a saved adapter."""
-    job = Job(run, LofitConfig())
+    job = Job(replace(run, method=saved_method(adapter) if adapter else "zero-shot"), LofitConfig())
     if run.output_dir is None:
         job.output_dir = (adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}"
-    model = LofitModel.from_pretrained(job.model, adapter) if adapter else job.model
+    model = load_adapted(job.model, adapter) if adapter else job.model
     evaluation = job.evaluate(model)
     summary = _summary(job, evaluation, model if adapter else None) | {"adapter": str(adapter) if adapter else None}
     job.write_metrics(summary)
@@ -206,6 +218,9 @@ def run_eval(run: RunConfig, adapter: Path | None) -> dict:
 
 def run_merge(model_name: str, adapter: Path, output_dir: Path) -> None:
     """Fold an adapter into the model and save a plain transformers checkpoint."""
+    method = saved_method(adapter)
+    if method not in ("lofit", "iti"):
+        raise ValueError(f"{adapter} holds a {method} result; only LoFiT and ITI adapters (per-head biases) fold into the model")
     model, tokenizer = load_model(model_name)
     merged = LofitModel.from_pretrained(model, adapter).merge_and_unload()
     save_merged(merged, tokenizer, output_dir)

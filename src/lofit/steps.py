@@ -112,6 +112,28 @@ def select_heads(model: LofitModel, objective: Objective, progress: bool = True)
     return ranking, log
 
 
+def select_heads_by_bias(model: LofitModel, objective: Objective, progress: bool = True) -> tuple[HeadRanking, TrainingLog]:
+    """The bias-based selection baseline: train v on all heads (A = 0, no L1) for the step-1
+    epochs at the bias learning rate, and rank heads by ||v[l, h]||_2. Leaves v at 0."""
+    config = model.lofit_config
+    torch.manual_seed(config.seed)
+    model.set_active_heads(None)
+    with torch.no_grad():
+        model.lofit_scale.zero_()
+        model.lofit_bias.zero_()
+    model.train_only("bias")
+    run = TrainingRun(
+        [model.lofit_bias], config.bias_lr, config.select_epochs, config.batch_size, config.seed,
+        config.weight_decay, config.warmup_ratio, "selecting heads by bias", progress,
+    )
+    log = train(model, objective, run)
+    model.train_only("none")
+    ranking = HeadRanking.from_scores(model.lofit_bias.detach().norm(dim=-1))
+    with torch.no_grad():
+        model.lofit_bias.zero_()
+    return ranking, log
+
+
 def tune_biases(model: LofitModel, objective: Objective, heads: Sequence[tuple[int, int]], progress: bool = True) -> TrainingLog:
     """Step 2: reset A to 0 and train only the biases v of ``heads``."""
     config = model.lofit_config

@@ -1,0 +1,53 @@
+"""``lofit compare``: several methods on one task, one after another, as one table.
+
+Each method runs exactly as ``lofit run --method NAME`` would, in its own sub-folder of
+the comparison folder, with the same training examples, seed and batch size; trained
+baselines get LoFiT's number of epochs (select + tune) unless told otherwise. The table
+(``comparison.md``, and ``comparison.json`` with every metric) has, per method, its
+trained parameters, its evaluation metrics and its wall times (fit, and total with
+evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .config import LofitConfig
+from .pipeline import RunConfig, run_all
+
+METRIC_SUFFIXES = ("exact_match", "contains_match", "mc1", "mc2", "accuracy")
+
+
+def _seconds(summary: dict, key: str) -> float:
+    """A wall time of a run, summed over folds for ``--fold all``."""
+    if "folds" in summary:
+        return sum(fold.get(key, 0.0) for fold in summary["folds"])
+    return summary.get(key, 0.0)
+
+
+def comparison_table(summaries: list[dict]) -> str:
+    """A markdown table: method, trained parameters, each metric (in %), fit and total wall time."""
+    metrics = [key for key in summaries[0] if key.endswith(METRIC_SUFFIXES)]
+    header = ["method", "trained parameters", *[m.replace("_", " ") for m in metrics], "fit (s)", "total (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for summary in summaries:
+        parameters = summary.get("trained_parameters", summary.get("folds", [{}])[0].get("trained_parameters", 0))
+        cells = [summary["method"], f"{parameters:,}", *[f"{100 * summary[m]:.1f}" for m in metrics],
+                 f"{_seconds(summary, 'fit_seconds'):.0f}", f"{_seconds(summary, 'total_seconds'):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_configs: dict[str, object | None]) -> tuple[list[dict], Path]:
+    """Run every method of ``methods`` on ``run``'s task; write and return the comparison."""
+    if not methods:
+        raise ValueError("name at least one method to compare")
+    folder = Path(run.output_dir) if run.output_dir else Path(str(replace(run, method="lofit").resolved_output_dir()) + "-compare")
+    summaries = [run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name))
+                 for name in methods]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    (folder / "comparison.md").write_text(comparison_table(summaries))
+    return summaries, folder

@@ -1,0 +1,77 @@
+"""Inference-Time Intervention (Li et al., 2023) as a LoFiT adapter with fitted, not trained, biases.
+
+On contrast pairs built from the training data (see :mod:`lofit.probing`):
+
+1. read every head's output z[l, h] at the last token of each positive and negative text;
+2. fit a logistic-regression probe per head on 80% of the pairs, rank heads by its
+   accuracy on the other 20%, keep the top K;
+3. for each kept head, the direction is the mass-mean shift
+   theta = mean(z | positive) - mean(z | negative), normalised to unit length, and
+   sigma = std over all texts of z . theta;
+4. at inference add  alpha * sigma * theta  to that head's output at every position.
+
+Step 4 is exactly LoFiT's bias v[l, h] (with A = 0), so ITI's result is a LoFiT adapter:
+it is saved, loaded, merged and evaluated the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..config import head_count
+from ..model import LofitModel, get_lofit_model
+from ..probing import collect_activations, contrast_pairs, probe_accuracies
+from ..steps import HeadRanking
+from .base import FitContext, FitResult, Method, write_method_file
+
+
+@dataclass
+class ItiConfig:
+    iti_num_heads: float = field(default=0.1, metadata={"help": "ITI's K: heads to intervene on, a count or a fraction of all heads"})
+    iti_alpha: float = field(default=15.0, metadata={"help": "ITI's intervention strength alpha (in units of each head's sigma)"})
+
+
+def mass_mean_shifts(heads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sigma * theta for every head: (N, L, H, D) activations, (N,) labels -> (L, H, D)."""
+    positive, negative = heads[labels == 1].mean(dim=0), heads[labels == 0].mean(dim=0)
+    theta = positive - negative
+    theta = theta / theta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sigma = torch.einsum("nlhd,lhd->nlh", heads, theta).std(dim=0)
+    return sigma[..., None] * theta
+
+
+class Iti(Method):
+    """Probe-ranked heads shifted along their mass-mean direction, learning-free."""
+
+    name = "iti"
+    config_class = ItiConfig
+
+    def fit(self, context: FitContext) -> FitResult:
+        model = get_lofit_model(context.model, context.lofit)
+        seed = context.lofit.seed
+        pairs = contrast_pairs(context.tokenizer, context.examples, seed)
+        activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
+        accuracy = probe_accuracies(activations.heads.flatten(1, 2), activations.labels, activations.groups, seed=seed)
+        ranking = HeadRanking.from_scores(accuracy.view(model.layout.shape[:2]))
+        k = head_count(self.config.iti_num_heads, len(ranking.order))
+        heads = ranking.top(k)
+        shifts = mass_mean_shifts(activations.heads, activations.labels)
+        model.set_active_heads(heads)
+        model.head_ranking = ranking.order
+        with torch.no_grad():
+            model.lofit_bias.copy_(self.config.iti_alpha * shifts.to(model.lofit_bias))
+        return FitResult(model, model.num_adapter_parameters(), {}, ranking)
+
+    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
+        result.model.save_pretrained(directory, metrics)
+        write_method_file(directory, self, result.model.base_model, metrics)
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        return LofitModel.from_pretrained(model, directory)
+

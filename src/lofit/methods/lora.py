@@ -1,0 +1,52 @@
+"""LoRA (Hu et al., 2022) through the ``peft`` library: W x + (alpha / r) B A x on the target modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .base import FitContext, FitResult, Method, check_geometry, read_method_file, train_parameters, write_method_file
+
+
+@dataclass
+class LoraBaselineConfig:
+    lora_rank: int = field(default=8, metadata={"help": "LoRA: rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: alpha (the update is scaled by alpha / r)"})
+    lora_targets: str | None = field(default=None, metadata={"help": "LoRA: comma-separated module names (default: peft's choice for the architecture, q and v projections for Llama)"})
+    lora_lr: float = field(default=5e-4, metadata={"help": "LoRA: learning rate"})
+    lora_epochs: int | None = field(default=None, metadata={"help": "LoRA: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+
+
+class Lora(Method):
+    """Low-rank updates of the chosen weight matrices, trained with peft on the task loss."""
+
+    name = "lora"
+    config_class = LoraBaselineConfig
+
+    def fit(self, context: FitContext) -> FitResult:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(context.lofit.seed)
+        targets = [t.strip() for t in self.config.lora_targets.split(",")] if self.config.lora_targets else None
+        config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, target_modules=targets,
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(context.model, config)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        epochs = self.config.lora_epochs if self.config.lora_epochs is not None else context.budget_epochs
+        log = train_parameters(model, context.objective(model), parameters, self.config.lora_lr, epochs, context, "LoRA: training")
+        return FitResult(model, sum(p.numel() for p in parameters), log)
+
+    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
+        result.model.save_pretrained(directory)  # peft: adapter_model.safetensors + adapter_config.json
+        write_method_file(directory, self, result.model.get_base_model(), metrics)
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        from peft import PeftModel
+
+        check_geometry(read_method_file(directory), model, directory)
+        return PeftModel.from_pretrained(model, directory)

@@ -1,0 +1,79 @@
+"""RED, Representation Editing (Wu et al., 2024): a learned scale and bias on every feed-forward output.
+
+For the output f of layer l's feed-forward block, RED trains s[l] and b[l] (size hidden)::
+
+    f' = (1 + s[l]) * f + b[l]        (s = b = 0 at the start: the identity)
+
+on all layers, everything else frozen: 2 x num_layers x hidden trained numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..architectures import feed_forwards
+from ..wrapper import InterventionModel
+from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, train_parameters, write_method_file
+
+WEIGHTS = "red.safetensors"
+
+
+@dataclass
+class RedConfig:
+    red_lr: float = field(default=1e-2, metadata={"help": "RED: learning rate"})
+    red_epochs: int | None = field(default=None, metadata={"help": "RED: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+
+
+class RedModel(InterventionModel):
+    """A frozen model whose feed-forward outputs are edited as f + s * f + b, per layer."""
+
+    def __init__(self, base_model: PreTrainedModel):
+        super().__init__(base_model)
+        blocks = feed_forwards(base_model)
+        shape = (len(blocks), base_model.config.hidden_size)
+        self.red_scale = nn.Parameter(torch.zeros(shape, device=self.device))
+        self.red_bias = nn.Parameter(torch.zeros(shape, device=self.device))
+        for index, block in enumerate(blocks):
+            self._hook(block, self._editor(index))
+
+    def _editor(self, index: int):
+        def edit(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + output * self.red_scale[index].to(output.dtype) + self.red_bias[index].to(output.dtype)
+        return edit
+
+
+class Red(Method):
+    """Per-dimension scale and bias on every layer's feed-forward output, trained on the task loss."""
+
+    name = "red"
+    config_class = RedConfig
+
+    def fit(self, context: FitContext) -> FitResult:
+        torch.manual_seed(context.lofit.seed)
+        model = RedModel(context.model)
+        epochs = self.config.red_epochs if self.config.red_epochs is not None else context.budget_epochs
+        log = train_parameters(model, context.objective(model), model.trainable_parameters(), self.config.red_lr, epochs,
+                               context, "RED: training edits")
+        return FitResult(model, model.num_trainable_parameters(), log)
+
+    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
+        write_method_file(directory, self, result.model.base_model, metrics)
+        tensors = {name: p.detach().float().cpu().contiguous() for name, p in (("red_scale", result.model.red_scale), ("red_bias", result.model.red_bias))}
+        save_file(tensors, str(directory / WEIGHTS))
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        check_geometry(read_method_file(directory), model, directory)
+        edited = RedModel(model)
+        shape = tuple(edited.red_scale.shape)
+        tensors = load_tensors(directory, WEIGHTS, {"red_scale": shape, "red_bias": shape})
+        with torch.no_grad():
+            edited.red_scale.copy_(tensors["red_scale"])
+            edited.red_bias.copy_(tensors["red_bias"])
+        return edited

@@ -1,0 +1,111 @@
+"""Representation Engineering (Zou et al., 2023): reading vectors added to the residual stream.
+
+On contrast pairs built from the training data (see :mod:`lofit.probing`), with
+r[l] the output of decoder layer l at a text's last token:
+
+1. per layer, the reading vector u[l] is the first principal component of the paired
+   differences d = r_pos[l] - r_neg[l] (unit length, signed so that mean(d . u) > 0);
+2. each layer is scored by how often a held-out pair's positive text projects higher on
+   u[l] than its negative text; the best ``repe_num_layers`` layers are kept;
+3. sigma[l] = std over all texts of r[l] . u[l];
+4. at inference each kept layer's output becomes r + coefficient * sigma[l] * u[l], at
+   every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..architectures import decoder_layers
+from ..probing import collect_activations, contrast_pairs, split_pairs
+from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
+from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, write_method_file
+
+WEIGHTS = "repe_shift.safetensors"
+
+
+@dataclass
+class RepeConfig:
+    repe_num_layers: int = field(default=4, metadata={"help": "RepE: layers to steer, those whose reading vector separates held-out pairs best"})
+    repe_coefficient: float = field(default=4.0, metadata={"help": "RepE: steering strength (in units of each layer's sigma)"})
+
+    def __post_init__(self) -> None:
+        if self.repe_num_layers < 1:
+            raise ValueError(f"repe_num_layers must be >= 1; got {self.repe_num_layers}")
+
+
+class ResidualShiftModel(InterventionModel):
+    """A frozen model whose decoder layer l outputs r + shift[l] (shift: (num_layers, hidden))."""
+
+    def __init__(self, base_model: PreTrainedModel):
+        super().__init__(base_model)
+        layers = decoder_layers(base_model)
+        self.shift = nn.Parameter(torch.zeros(len(layers), base_model.config.hidden_size, device=self.device), requires_grad=False)
+        for index, layer in enumerate(layers):
+            self._hook(layer, self._shifter(index))
+
+    def _shifter(self, index: int):
+        def shift(module: nn.Module, args: tuple, output):
+            hidden = hidden_states_of(output)
+            return replace_hidden_states(output, hidden + self.shift[index].to(hidden.dtype))
+        return shift
+
+    def num_adapter_parameters(self) -> int:
+        return int(self.shift.detach().any(dim=1).sum()) * self.shift.shape[1]
+
+
+def reading_vectors(residual: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reading vectors (L, d), held-out pair accuracy (L,), sigma (L,)) from (N, L, d) activations."""
+    positive, negative = residual[labels == 1], residual[labels == 0]  # pairs in the same order
+    train_texts, val_texts = split_pairs(groups, 0.2, seed)
+    train_pairs, val_pairs = train_texts[labels == 1], val_texts[labels == 1]
+    differences = (positive - negative)[train_pairs].transpose(0, 1)  # (L, P, d)
+    centred = differences - differences.mean(dim=1, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    vectors = v[:, 0]  # (L, d): first principal component of each layer's differences
+    mean_projection = torch.einsum("lpd,ld->lp", differences, vectors).mean(dim=1)
+    vectors = vectors * torch.where(mean_projection < 0, -1.0, 1.0)[:, None]
+    val_differences = (positive - negative)[val_pairs]
+    accuracy = (torch.einsum("pld,ld->pl", val_differences, vectors) > 0).float().mean(dim=0)
+    sigma = torch.einsum("nld,ld->nl", residual, vectors).std(dim=0)
+    return vectors, accuracy, sigma
+
+
+class Repe(Method):
+    """Learning-free steering of the residual stream of the best-reading layers."""
+
+    name = "repe"
+    config_class = RepeConfig
+
+    def fit(self, context: FitContext) -> FitResult:
+        seed = context.lofit.seed
+        pairs = contrast_pairs(context.tokenizer, context.examples, seed)
+        activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
+        vectors, accuracy, sigma = reading_vectors(activations.residual, activations.labels, activations.groups, seed)
+        num_layers = len(vectors)
+        if self.config.repe_num_layers > num_layers:
+            raise ValueError(f"repe_num_layers is {self.config.repe_num_layers} but the model has {num_layers} layers")
+        chosen = torch.sort(-accuracy, stable=True).indices[: self.config.repe_num_layers]
+        model = ResidualShiftModel(context.model)
+        with torch.no_grad():
+            model.shift[chosen] = (self.config.repe_coefficient * sigma[chosen, None] * vectors[chosen]).to(model.shift)
+        log = {"repe_layers": sorted(chosen.tolist()), "repe_layer_accuracy": accuracy.tolist()}
+        return FitResult(model, model.num_adapter_parameters(), log)
+
+    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
+        write_method_file(directory, self, result.model.base_model, metrics)
+        save_file({"shift": result.model.shift.detach().float().cpu().contiguous()}, str(directory / WEIGHTS))
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        check_geometry(read_method_file(directory), model, directory)
+        shifted = ResidualShiftModel(model)
+        with torch.no_grad():
+            shifted.shift.copy_(load_tensors(directory, WEIGHTS, {"shift": tuple(shifted.shift.shape)})["shift"])
+        return shifted

@@ -1,0 +1,167 @@
+"""Every method on tiny random models: identity when untrained, fitting changes the output,
+the parameter count, the save/load round trip, a result for another model refused."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lofit import LofitConfig
+from lofit.adapter_io import AdapterMismatchError
+from lofit.methods import METHODS, FitContext, get_method, load_adapted, saved_method
+from lofit.methods.iti import ItiConfig
+from lofit.methods.lora import LoraBaselineConfig
+from lofit.methods.red import RedModel
+from lofit.methods.repe import RepeConfig, ResidualShiftModel
+from lofit.methods.reft import ReftConfig, ReftModel, prompt_positions
+from lofit.tasks.base import PromptCompletion, PromptPreference
+
+from .conftest import input_batch, tiny_model, word_tokenizer
+
+ARCHITECTURES = ["llama", "gpt2", "gemma2"]
+TRAINED = ["lofit", "iti", "repe", "lora", "red", "reft"]
+SETTINGS = LofitConfig(num_heads=3, select_epochs=1, tune_epochs=2, batch_size=4, bias_lr=1e-1, scale_lr=1e-2)
+CONFIGS = {
+    "iti": ItiConfig(iti_num_heads=3, iti_alpha=5.0),
+    "repe": RepeConfig(repe_num_layers=2, repe_coefficient=4.0),
+    "lora": LoraBaselineConfig(lora_rank=2, lora_lr=5e-2, lora_targets="c_attn,q_proj,v_proj"),
+}
+
+
+def sft_examples(n: int = 16, seed: int = 0) -> list[PromptCompletion]:
+    """'Q: <words> A:' answered 'yes' when the first word is 'sky', else 'no'."""
+    rng = random.Random(seed)
+    words = ["sky", "blue", "red", "maybe"]
+    examples = []
+    for _ in range(n):
+        body = [rng.choice(words) for _ in range(rng.randrange(2, 5))]
+        examples.append(PromptCompletion("Q: " + " ".join(body) + " A:", "yes" if body[0] == "sky" else "no"))
+    return examples
+
+
+def context(model_type: str, examples=None) -> FitContext:
+    return FitContext(tiny_model(model_type), word_tokenizer(), examples or sft_examples(), SETTINGS, progress=False)
+
+
+def logits(model, seed: int = 1) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v.clamp(max=9) for k, v in input_batch(seed).items()}).logits
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_untrained_interventions_are_the_identity(model_type):
+    base = logits(tiny_model(model_type))
+    for wrap in (RedModel, ResidualShiftModel, lambda m: ReftModel(m, ReftConfig(reft_positions="first+last"))):
+        model = wrap(tiny_model(model_type))
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("name", TRAINED)
+def test_fitting_changes_the_output_and_the_result_round_trips(name, model_type, tmp_path):
+    fit_context = context(model_type)
+    base = logits(fit_context.model)
+    method = get_method(name, CONFIGS.get(name))
+    result = method.fit(fit_context)
+    fitted = logits(result.model)
+    assert not torch.allclose(fitted, base, atol=1e-4)
+    assert result.trained_parameters > 0
+    method.save(result, tmp_path / "saved", {"note": 1})
+    assert saved_method(tmp_path / "saved") == name
+    reloaded = load_adapted(tiny_model(model_type), tmp_path / "saved")
+    torch.testing.assert_close(logits(reloaded), fitted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_a_result_for_another_model_is_refused(name, tmp_path):
+    method = get_method(name, CONFIGS.get(name))
+    method.save(method.fit(context("llama")), tmp_path / "saved")
+    with pytest.raises((AdapterMismatchError, ValueError), match="another model|model_type|shape|size"):
+        load_adapted(tiny_model("gpt2"), tmp_path / "saved")
+
+
+def test_zero_shot_is_the_frozen_model(tmp_path):
+    fit_context = context("llama")
+    result = get_method("zero-shot").fit(fit_context)
+    assert result.model is fit_context.model and result.trained_parameters == 0
+    get_method("zero-shot").save(result, tmp_path / "z")
+    assert load_adapted(fit_context.model, tmp_path / "z") is fit_context.model
+
+
+def test_parameter_counts():
+    layers, hidden = 3, 32  # the tiny llama: 3 layers, hidden 32, 4 query heads of 8, 2 key-value heads
+    assert RedModel(tiny_model("llama")).num_trainable_parameters() == 2 * layers * hidden
+    reft = ReftModel(tiny_model("llama"), ReftConfig(reft_rank=2, reft_layers="0,2"))
+    assert reft.num_trainable_parameters() == 2 * (2 * 2 * hidden + 2)  # R, W (rank x hidden) and b per layer
+    assert get_method("iti", ItiConfig(iti_num_heads=3)).fit(context("llama")).trained_parameters == 3 * 8
+    assert get_method("repe", RepeConfig(repe_num_layers=2)).fit(context("llama")).trained_parameters == 2 * hidden
+    lora = get_method("lora", LoraBaselineConfig(lora_rank=2, lora_epochs=1)).fit(context("llama"))
+    q_in, q_out, v_out = hidden, 4 * 8, 2 * 8  # 2 key-value heads of 8
+    assert lora.trained_parameters == layers * 2 * ((q_in + q_out) + (q_in + v_out))
+    assert get_method("lofit").fit(context("llama")).trained_parameters == 3 * 8
+
+
+def test_reft_edits_only_the_last_prompt_position():
+    model = ReftModel(tiny_model("llama"), ReftConfig(reft_layers="0"))
+    with torch.no_grad():
+        model.edits[0].source.bias.fill_(1.0)
+        batch = {k: v.clamp(max=9) for k, v in input_batch(1, batch=2, length=6).items()}
+        keep = torch.zeros(2, 6, dtype=torch.bool)
+        keep[0, 3:5] = keep[1, 2:5] = True  # prompts of 4 and 3 tokens, then their completions
+        assert prompt_positions((2, 6), None, keep, "last", torch.device("cpu")).flatten().tolist() == [3, 2]
+        edited = model(**batch, logits_to_keep=keep, output_hidden_states=True).hidden_states[1]
+        with model.disable_adapter():
+            plain = model(**batch, output_hidden_states=True).hidden_states[1]
+    changed = (edited - plain).abs().amax(dim=-1) > 1e-6
+    assert changed[0].nonzero().flatten().tolist() == [3] and changed[1].nonzero().flatten().tolist() == [2]
+
+
+def test_preference_data_drives_the_learning_free_methods():
+    examples = [PromptPreference(e.prompt, e.completion, "maybe") for e in sft_examples()]
+    base = logits(tiny_model("llama"))
+    iti = get_method("iti", ItiConfig(iti_num_heads=2)).fit(context("llama", examples))
+    repe = get_method("repe", RepeConfig(repe_num_layers=1)).fit(context("llama", examples))
+    assert len(iti.model.selected_heads) == 2 and repe.trained_parameters == 32
+    assert not torch.allclose(logits(iti.model), base, atol=1e-4) and not torch.allclose(logits(repe.model), base, atol=1e-4)
+
+
+def test_every_method_is_registered():
+    assert set(METHODS) == {"lofit", "zero-shot", "iti", "repe", "lora", "red", "reft"}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_reft_generation_with_kv_cache_edits_only_the_prompt_end(model_type):
+    """Greedy tokens from generate (KV cache, left padding) equal the argmax of one full forward
+    that edits the last prompt position only."""
+    model = ReftModel(tiny_model(model_type), ReftConfig(reft_positions="first+last"))
+    with torch.no_grad():
+        for edit in model.edits:
+            edit.source.bias.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    prompts = [[5, 6, 7, 8, 9], [7, 8, 9]]
+    width, new = 5, 4
+    input_ids = torch.tensor([prompts[0], [0, 0, *prompts[1]]])
+    attention_mask = (torch.arange(width) >= torch.tensor([[0], [2]])).long()
+    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)[:, width:]
+    with torch.no_grad():
+        full = torch.cat([input_ids, generated], dim=1)
+        mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
+        keep = torch.zeros_like(full, dtype=torch.bool)
+        keep[:, width - 1 : -1] = True  # predicting the generated tokens; the first True is the prompt end
+        logits = model(input_ids=full, attention_mask=mask, logits_to_keep=keep).logits.view(2, new, -1)
+        with model.disable_adapter():
+            plain = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)[:, width:]
+    assert torch.equal(logits.argmax(dim=-1), generated)
+    assert not torch.equal(plain, generated)  # the edit matters
+
+
+@pytest.mark.parametrize("name", ["lofit", "lora", "red", "reft"])
+def test_trained_methods_learn_preferences_with_dpo(name):
+    """DPO against the model with the method's adapter disabled: the loss starts at log 2 and falls."""
+    examples = [PromptPreference(e.prompt, e.completion, "maybe") for e in sft_examples()]
+    result = get_method(name, CONFIGS.get(name)).fit(context("llama", examples))
+    losses = result.log.get("train_losses") or result.log["tune_losses"]
+    assert losses[-1] < losses[0] < 0.6932
