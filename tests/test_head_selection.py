@@ -21,7 +21,7 @@ def top_heads(selector: str, seed: int, heads_file=None) -> list[tuple[int, int]
     model = get_lofit_model(tiny_model("qwen2"), LofitConfig(num_heads=K, select_epochs=1, batch_size=4, seed=seed))
     tokenizer, examples = word_tokenizer(), sft_examples()
     objective = build_objective(model, tokenizer, examples)
-    ranking = rank_heads(selector, model, tokenizer, examples, objective, heads_file, progress=False)
+    ranking, _ = rank_heads(selector, model, tokenizer, examples, objective, heads_file, progress=False)
     assert sorted(ranking.order) == [(l, h) for l in range(3) for h in range(4)]  # every head ranked once
     assert not model.lofit_scale.requires_grad and not model.lofit_bias.requires_grad
     return ranking.top(K)
@@ -58,3 +58,16 @@ def test_file_selector_reads_a_ranking_and_refuses_one_of_another_shape(tmp_path
 def test_unknown_selector_is_refused():
     with pytest.raises(ValueError, match="unknown head selector"):
         LofitConfig(heads="best")
+
+
+def test_heads_file_and_the_file_selector_go_together():
+    with pytest.raises(ValueError, match="go together"):
+        LofitConfig(heads="file")
+    with pytest.raises(ValueError, match="go together"):
+        LofitConfig(heads_file="ranking.json")
+    with pytest.raises(ValueError, match="--num-heads"):
+        LofitConfig(heads="27")
+
+
+def test_adapter_configs_from_before_selectors_still_load():
+    assert LofitConfig.from_dict({"heads": 27, "bias_lr": 0.05}).num_heads == 27

@@ -165,3 +165,48 @@ def test_trained_methods_learn_preferences_with_dpo(name):
     result = get_method(name, CONFIGS.get(name)).fit(context("llama", examples))
     losses = result.log.get("train_losses") or result.log["tune_losses"]
     assert losses[-1] < losses[0] < 0.6932
+
+
+def test_repe_reading_vector_finds_the_axis_that_separates_pairs():
+    """Positives sit 3 units along e0 from their negatives; e1 carries larger, unpaired noise."""
+    from lofit.methods.repe import reading_vectors
+
+    generator = torch.Generator().manual_seed(0)
+    n, layers, hidden = 40, 2, 6
+    positive = torch.randn(n, layers, hidden, generator=generator)
+    negative = positive.clone()
+    negative[..., 0] -= 3.0
+    negative[..., 1] += 2.0 * torch.randn(n, layers, generator=generator)
+    reading = reading_vectors(torch.cat([positive, negative]), torch.cat([torch.ones(n), torch.zeros(n)]),
+                              torch.arange(n).repeat(2), seed=0)
+    assert (reading.vectors[:, 0] > 0.99).all() and (reading.accuracy == 1).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ItiConfig(iti_num_heads=0), lambda: ItiConfig(iti_num_heads=2.5), lambda: RepeConfig(repe_num_layers=0),
+    lambda: LoraBaselineConfig(lora_rank=0), lambda: LoraBaselineConfig(lora_lr=-1.0), lambda: ReftConfig(reft_positions="middle"),
+    lambda: ReftConfig(reft_epochs=-1), lambda: ReftConfig(reft_layers="1,x").layer_indices(3),
+    lambda: ReftConfig(reft_layers="7").layer_indices(3),
+])
+def test_bad_method_options_are_refused(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_a_method_refuses_another_method_s_config_and_unknown_names():
+    with pytest.raises(TypeError, match="takes a ItiConfig"):
+        get_method("iti", ReftConfig())
+    with pytest.raises(TypeError, match="no options"):
+        get_method("zero-shot", ReftConfig())
+    with pytest.raises(ValueError, match="unknown method 'ia3'"):
+        get_method("ia3")
+
+
+def test_an_incomplete_saved_result_is_reported(tmp_path):
+    method = get_method("red")
+    method.save(method.fit(context("llama")), tmp_path / "saved")
+    (tmp_path / "saved" / "red.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="red.safetensors is missing"):
+        load_adapted(tiny_model("llama"), tmp_path / "saved")
+    with pytest.raises(FileNotFoundError, match="nothing saved by lofit"):
+        load_adapted(tiny_model("llama"), tmp_path / "elsewhere")

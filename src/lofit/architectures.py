@@ -33,11 +33,14 @@ class ArchitectureRow:
             (so a merged adapter can be saved as a plain checkpoint), or None when the
             architecture offers no such switch.
         mlp: path of the feed-forward block inside a decoder layer.
+        lora_targets: module names the LoRA baseline adapts by default, or None to take
+            ``peft``'s own default for the architecture.
     """
 
     out_proj: str
     bias_flag: str | None
     mlp: str = "mlp"
+    lora_targets: tuple[str, ...] | None = None
 
     @property
     def layer(self) -> str:
@@ -53,8 +56,8 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {
     "gemma": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias"),
     "gemma2": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias"),
     "gemma3_text": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias"),
-    "phi3": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", None),
-    "olmo2": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias"),
+    "phi3": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", None, lora_targets=("qkv_proj",)),
+    "olmo2": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias", lora_targets=("q_proj", "v_proj")),
     "gpt2": ArchitectureRow("transformer.h.{layer}.attn.c_proj", "always"),
     "gpt_neox": ArchitectureRow("gpt_neox.layers.{layer}.attention.dense", "attention_bias"),
 }

@@ -2,7 +2,7 @@
 
 Precedence: dataclass defaults < ``--config file.yaml`` < command-line flags. The YAML
 file may be flat (``bias_lr: 0.02``) or sectioned like a run's config.yaml
-(``run: {...}``, ``lofit: {...}``).
+(``run: {...}``, ``lofit: {...}``, ``method_options: {...}``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .comparison import comparison_table, run_compare
+from .comparison import METRIC_SUFFIXES, comparison_table, run_compare
 from .config import LofitConfig
 from .methods import METHOD_CONFIGS, get_method
 from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
@@ -57,7 +57,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
         raise SystemExit(f"lofit: {file} must hold a mapping of option names to values")
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if key in ("run", "lofit") and isinstance(value, dict):
+        if key in ("run", "lofit", "method_options") and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
@@ -106,7 +106,6 @@ def _method_config(args: argparse.Namespace, method: str) -> object | None:
         raise SystemExit(f"lofit: {error}") from None
 
 
-METRICS = ("exact_match", "contains_match", "mc1", "mc2", "accuracy")
 
 
 def _print_summary(summary: dict) -> None:
@@ -121,9 +120,9 @@ def _print_summary(summary: dict) -> None:
     if times:
         print("wall time: " + ", ".join(times))
     for fold in summary.get("folds", []):
-        print(f"fold {fold['run_folder']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fold.items() if k.endswith(METRICS)))
+        print(f"fold {fold['run_folder']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fold.items() if k.endswith(METRIC_SUFFIXES)))
     for key, value in summary.items():
-        if key.endswith(METRICS):
+        if key.endswith(METRIC_SUFFIXES):
             print(f"{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}%")
     for key, value in summary.items():
         if key.endswith("num_examples"):
@@ -149,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_dataclass_options(sub, cls, f"{cls.__name__} options")
         return sub
 
-    command("select", "Step 1: rank heads by training scales with an L1 penalty; write head_ranking.json and heads.png.")
+    command("select", "Step 1: rank heads (by default by training scales with an L1 penalty; see --heads); write head_ranking.json and heads.png.")
     tune = command("tune", "Step 2: train biases of the top heads of a saved ranking; write the adapter.")
     tune.add_argument("--ranking", required=True, help="head_ranking.json from `lofit select` or `lofit run`")
     command("run", "Fit a method (LoFiT's two steps by default, or a baseline with --method), then evaluate: write a full run folder.",

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import LofitConfig
+from .methods import get_method
 from .pipeline import RunConfig, run_all
 
 METRIC_SUFFIXES = ("exact_match", "contains_match", "mc1", "mc2", "accuracy")
@@ -44,10 +45,14 @@ def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_c
     """Run every method of ``methods`` on ``run``'s task; write and return the comparison."""
     if not methods:
         raise ValueError("name at least one method to compare")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is named twice in {','.join(methods)}")
+    for name in methods:
+        get_method(name, method_configs.get(name))  # refuse an unknown method before anything runs
     folder = Path(run.output_dir) if run.output_dir else Path(str(replace(run, method="lofit").resolved_output_dir()) + "-compare")
-    summaries = [run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name))
-                 for name in methods]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
-    (folder / "comparison.md").write_text(comparison_table(summaries))
+    summaries = []
+    for name in methods:  # the table is rewritten after each method, so a failure loses nothing finished
+        summaries.append(run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name)))
+        (folder / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+        (folder / "comparison.md").write_text(comparison_table(summaries))
     return summaries, folder

@@ -8,10 +8,15 @@ SELECTORS = ("lofit", "random", "probe-layers", "bias-based", "iti", "file")
 """Head selectors for step 2 (see :mod:`lofit.head_selection`)."""
 
 
-def head_count(amount: float, total_heads: int) -> int:
-    """``amount`` heads out of ``total_heads``: a count (integer >= 1) or a fraction in (0, 1), at least 1."""
+def check_head_amount(amount: float) -> None:
+    """Refuse a number of heads that is neither a count (integer >= 1) nor a fraction in (0, 1)."""
     if amount <= 0 or (amount >= 1 and amount != int(amount)):
         raise ValueError(f"a number of heads must be an integer >= 1 or a fraction in (0, 1); got {amount}")
+
+
+def head_count(amount: float, total_heads: int) -> int:
+    """``amount`` heads out of ``total_heads``: a count (integer >= 1) or a fraction in (0, 1), at least 1."""
+    check_head_amount(amount)
     k = int(amount) if amount >= 1 else max(1, round(amount * total_heads))
     if k > total_heads:
         raise ValueError(f"asked for {k} heads but the model has only {total_heads} heads")
@@ -51,10 +56,12 @@ class LofitConfig:
     seed: int = field(default=42, metadata={"help": "seed of initialisation, data order and sampling"})
 
     def __post_init__(self) -> None:
-        if self.num_heads <= 0 or (self.num_heads >= 1 and self.num_heads != int(self.num_heads)):
-            raise ValueError(f"num_heads must be an integer >= 1 or a fraction in (0, 1); got {self.num_heads}")
+        check_head_amount(self.num_heads)
         if self.heads not in SELECTORS:
-            raise ValueError(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}")
+            hint = " (the number of heads to tune is --num-heads)" if self.heads.replace(".", "", 1).isdigit() else ""
+            raise ValueError(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}{hint}")
+        if (self.heads == "file") != (self.heads_file is not None):
+            raise ValueError("--heads file and --heads-file PATH go together: the file is the head_ranking.json to use")
         for name in ("scale_lr", "bias_lr", "batch_size", "init_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
@@ -71,6 +78,8 @@ class LofitConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "LofitConfig":
+        if isinstance(values.get("heads"), (int, float)):  # adapters saved before head selectors: heads was K
+            values = {k: v for k, v in values.items() if k != "heads"} | {"num_heads": values["heads"]}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -16,7 +16,7 @@ step 2 tunes the top K of it. The paper's ablations compare LoFiT's own selectio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import SELECTORS
 from .model import LofitModel
 from .objectives import Objective
-from .probing import Activations, collect_activations, contrast_pairs, probe_accuracies
+from .probing import Activations, collect_activations, contrast_pairs, fit_probes
 from .steps import HeadRanking, select_heads, select_heads_by_bias
 
 
@@ -43,16 +43,21 @@ def probe_layer_ranking(model: LofitModel, tokenizer: PreTrainedTokenizerBase, e
                         progress: bool = True) -> HeadRanking:
     """Every head scored by its layer's residual-stream probe accuracy."""
     activations = _base_activations(model, tokenizer, examples, seed, progress)
-    accuracy = probe_accuracies(activations.residual, activations.labels, activations.groups, seed=seed)
-    return HeadRanking.from_scores(accuracy[:, None].expand(-1, model.layout.num_heads).clone())
+    layer_scores = fit_probes(activations.residual, activations.labels, activations.groups, seed=seed).ranking_key()
+    return HeadRanking.from_scores(layer_scores[:, None].expand(-1, model.layout.num_heads).clone())
 
 
 def iti_ranking(model: LofitModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence, seed: int,
                 progress: bool = True) -> HeadRanking:
     """Every head scored by the validation accuracy of a linear probe on its output (ITI)."""
-    activations = _base_activations(model, tokenizer, examples, seed, progress)
-    accuracy = probe_accuracies(activations.heads.flatten(1, 2), activations.labels, activations.groups, seed=seed)
-    return HeadRanking.from_scores(accuracy.view(model.layout.shape[:2]))
+    return head_probe_ranking(_base_activations(model, tokenizer, examples, seed, progress), seed)
+
+
+def head_probe_ranking(activations: Activations, seed: int) -> HeadRanking:
+    """ITI's ranking: held-out accuracy of a probe on each head's output (ties: lower held-out loss)."""
+    num_layers, num_heads = activations.heads.shape[1:3]
+    scores = fit_probes(activations.heads.flatten(1, 2), activations.labels, activations.groups, seed=seed).ranking_key()
+    return HeadRanking.from_scores(scores.view(num_layers, num_heads))
 
 
 def ranking_from_file(path: str | Path | None, model: LofitModel) -> HeadRanking:
@@ -68,19 +73,24 @@ def ranking_from_file(path: str | Path | None, model: LofitModel) -> HeadRanking
 
 
 def rank_heads(selector: str, model: LofitModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence,
-               objective: Objective, heads_file: str | Path | None = None, progress: bool = True) -> HeadRanking:
-    """The ranking of ``selector`` (one of :data:`SELECTORS`) for ``model`` on the training data."""
-    seed = model.lofit_config.seed
-    selectors: dict[str, Callable[[], HeadRanking]] = {
-        "lofit": lambda: select_heads(model, objective, progress)[0],
-        "random": lambda: random_ranking(model.layout.shape[:2], seed),
-        "probe-layers": lambda: probe_layer_ranking(model, tokenizer, examples, seed, progress),
-        "bias-based": lambda: select_heads_by_bias(model, objective, progress)[0],
-        "iti": lambda: iti_ranking(model, tokenizer, examples, seed, progress),
-        "file": lambda: ranking_from_file(heads_file, model),
-    }
-    if selector not in selectors:
+               objective: Objective, heads_file: str | Path | None = None, progress: bool = True) -> tuple[HeadRanking, list[float]]:
+    """The ranking of ``selector`` (one of :data:`SELECTORS`) for ``model`` on the training data,
+    and the epoch losses of the training it took (empty for selectors that do not train)."""
+    if selector not in SELECTORS:
         raise ValueError(f"unknown head selector {selector!r}; choose one of: {', '.join(SELECTORS)}")
-    ranking = selectors[selector]()
+    seed = model.lofit_config.seed
+    losses: list[float] = []
+    if selector in ("lofit", "bias-based"):
+        train_and_rank = select_heads if selector == "lofit" else select_heads_by_bias
+        ranking, log = train_and_rank(model, objective, progress)
+        losses = log.epoch_losses
+    elif selector == "random":
+        ranking = random_ranking(model.layout.shape[:2], seed)
+    elif selector == "probe-layers":
+        ranking = probe_layer_ranking(model, tokenizer, examples, seed, progress)
+    elif selector == "iti":
+        ranking = iti_ranking(model, tokenizer, examples, seed, progress)
+    else:
+        ranking = ranking_from_file(heads_file, model)
     model.head_ranking = ranking.order
-    return ranking
+    return ranking, losses

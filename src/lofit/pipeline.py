@@ -86,7 +86,7 @@ class Job:
 
     def write_config(self, method_options: dict | None = None) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()} | ({"method": method_options} if method_options else {})
+        resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()} | ({"method_options": method_options} if method_options else {})
         (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def train_examples(self) -> list:
@@ -105,8 +105,10 @@ class Job:
     def select(self, lofit_model: LofitModel, examples: list, objective: Objective) -> HeadRanking:
         """Rank heads with the configured selector (``--heads``)."""
         start = time.perf_counter()
-        ranking = rank_heads(self.lofit.heads, lofit_model, self.tokenizer, examples, objective, self.lofit.heads_file, self.run.progress)
+        ranking, losses = rank_heads(self.lofit.heads, lofit_model, self.tokenizer, examples, objective, self.lofit.heads_file,
+                                     self.run.progress)
         self.timings["select_seconds"] = time.perf_counter() - start
+        self.timings["select_losses"] = losses
         self.save_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 

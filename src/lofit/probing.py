@@ -23,9 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .architectures import head_layout
+from .architectures import decoder_layers, head_layout
 from .batching import TokenizedPair, collate, tokenize_pair
 from .tasks.base import PromptCompletion, PromptPreference
+from .wrapper import hidden_states_of
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class ContrastPair:
 def contrast_pairs(tokenizer: PreTrainedTokenizerBase, examples: Sequence[PromptCompletion | PromptPreference],
                    seed: int) -> list[ContrastPair]:
     """Positive/negative pairs from preference or prompt/completion examples (see module docstring)."""
+    def text(prompt: str, completion: str) -> TokenizedPair:
+        return tokenize_pair(tokenizer, prompt, completion, add_eos=False)  # read at the answer's own last token
+
     if examples and all(isinstance(e, PromptPreference) for e in examples):
-        return [ContrastPair(tokenize_pair(tokenizer, e.prompt, e.chosen), tokenize_pair(tokenizer, e.prompt, e.rejected))
-                for e in examples]
+        return [ContrastPair(text(e.prompt, e.chosen), text(e.prompt, e.rejected)) for e in examples]
     if not examples or not all(isinstance(e, PromptCompletion) for e in examples):
         raise ValueError("contrast pairs need all prompt/completion examples or all preference examples")
     completions = sorted({e.completion for e in examples})
@@ -51,7 +54,7 @@ def contrast_pairs(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Prompt
     pairs = []
     for e in examples:
         wrong = rng.choice([c for c in completions if c != e.completion])
-        pairs.append(ContrastPair(tokenize_pair(tokenizer, e.prompt, e.completion), tokenize_pair(tokenizer, e.prompt, wrong)))
+        pairs.append(ContrastPair(text(e.prompt, e.completion), text(e.prompt, wrong)))
     return pairs
 
 
@@ -62,7 +65,8 @@ class Activations:
     Attributes:
         heads: (N, num_layers, num_heads, head_dim): each head's output (the attention
             output projection's input).
-        residual: (N, num_layers, hidden): each decoder layer's output.
+        residual: (N, num_layers, hidden): each decoder layer's output (the residual stream
+            after it, before any final norm).
         labels: (N,) 1.0 for a positive text, 0.0 for a negative one.
         groups: (N,) index of the pair a text belongs to (to split probes by pair).
     """
@@ -80,12 +84,17 @@ def collect_activations(model: nn.Module, pairs: Sequence[ContrastPair], pad_id:
     layout = head_layout(model)
     texts = [p.positive for p in pairs] + [p.negative for p in pairs]
     device = model.get_input_embeddings().weight.device
-    captured: list[torch.Tensor] = []
+    head_inputs: list[torch.Tensor] = []
+    layer_outputs: list[torch.Tensor] = []
 
     def keep_input(module: nn.Module, args: tuple) -> None:
-        captured.append(args[0])
+        head_inputs.append(args[0])
+
+    def keep_output(module: nn.Module, args: tuple, output) -> None:
+        layer_outputs.append(hidden_states_of(output))
 
     hooks = [proj.register_forward_pre_hook(keep_input) for proj in layout.out_projs]
+    hooks += [layer.register_forward_hook(keep_output) for layer in decoder_layers(model)]
     heads, residual = [], []
     try:
         model.eval()
@@ -94,11 +103,11 @@ def collect_activations(model: nn.Module, pairs: Sequence[ContrastPair], pad_id:
             batch = collate(chunk, pad_id).to(device)
             last = batch.attention_mask.sum(dim=1) - 1  # right padding: the last real token
             rows = torch.arange(len(chunk), device=device)
-            captured.clear()
-            outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                            use_cache=False, logits_to_keep=1)
-            heads.append(torch.stack([x[rows, last] for x in captured], dim=1).float().cpu())
-            residual.append(torch.stack([h[rows, last] for h in outputs.hidden_states[1:]], dim=1).float().cpu())
+            head_inputs.clear()
+            layer_outputs.clear()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1)
+            heads.append(torch.stack([x[rows, last] for x in head_inputs], dim=1).float().cpu())
+            residual.append(torch.stack([h[rows, last] for h in layer_outputs], dim=1).float().cpu())
     finally:
         for hook in hooks:
             hook.remove()
@@ -122,9 +131,21 @@ def split_pairs(groups: torch.Tensor, val_fraction: float, seed: int) -> tuple[t
     return ~val, val
 
 
-def probe_accuracies(features: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, val_fraction: float = 0.2,
-                     seed: int = 0, steps: int = 300, weight_decay: float = 1e-2) -> torch.Tensor:
-    """Validation accuracy of a logistic-regression probe per feature set.
+@dataclass
+class ProbeScores:
+    """Held-out accuracy (P,) and held-out mean cross-entropy (P,) of P probes."""
+
+    accuracy: torch.Tensor
+    loss: torch.Tensor
+
+    def ranking_key(self) -> torch.Tensor:
+        """Accuracy, ties broken by the lower held-out loss (accuracies on a few pairs tie often)."""
+        return self.accuracy.double() - 1e-6 * (self.loss / self.loss.max().clamp_min(1e-12)).double()
+
+
+def fit_probes(features: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, val_fraction: float = 0.2,
+                     seed: int = 0, steps: int = 300, weight_decay: float = 1e-2) -> ProbeScores:
+    """Held-out accuracy and loss of a logistic-regression probe per feature set.
 
     Args:
         features: (N, P, F): N texts, P independent probes (heads or layers), F features each.
@@ -133,7 +154,7 @@ def probe_accuracies(features: torch.Tensor, labels: torch.Tensor, groups: torch
 
     Each probe minimises the mean binary cross-entropy + ``weight_decay`` * ||w||^2 on the
     training texts (features standardised with training statistics) by full-batch Adam;
-    returns the (P,) accuracies on the held-out texts.
+    returns the (P,) accuracies and cross-entropies on the held-out texts.
     """
     train_mask, val_mask = split_pairs(groups, val_fraction, seed)
     if not val_mask.any() or not train_mask.any():
@@ -155,5 +176,8 @@ def probe_accuracies(features: torch.Tensor, labels: torch.Tensor, groups: torch
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        predictions = (torch.einsum("pnf,pf->pn", x[:, val_mask], weights) + bias) > 0
-        return (predictions == labels[val_mask].bool()).float().mean(dim=1)
+        logits = torch.einsum("pnf,pf->pn", x[:, val_mask], weights) + bias
+        y_val = labels[val_mask].expand(num_probes, -1)
+        accuracy = ((logits > 0) == y_val.bool()).float().mean(dim=1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y_val, reduction="none").mean(dim=1)
+        return ProbeScores(accuracy, loss)

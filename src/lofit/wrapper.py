@@ -74,8 +74,8 @@ class InterventionModel(nn.Module):
             return getattr(self.base_model, name)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapter's own parameters (the base model's are frozen)."""
-        return [p for name, p in self.named_parameters() if not name.startswith("base_model.")]
+        """The adapter's own parameters that training changes (the base model's are frozen)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("base_model.") and p.requires_grad]
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

@@ -77,6 +77,10 @@ class Method(ABC):
     def __init__(self, config: Any = None):
         if config is None and self.config_class is not None:
             config = self.config_class()
+        if self.config_class is None and config is not None:
+            raise TypeError(f"method {self.name!r} takes no options of its own")
+        if self.config_class is not None and not isinstance(config, self.config_class):
+            raise TypeError(f"method {self.name!r} takes a {self.config_class.__name__}, not a {type(config).__name__}")
         self.config = config
 
     @abstractmethod
@@ -99,7 +103,9 @@ class Method(ABC):
 def geometry(model: PreTrainedModel) -> dict:
     """What a saved result must agree with: the architecture and its sizes."""
     config = model.config
-    return {"model_type": config.model_type, "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
+    return {"model_type": config.model_type, "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
 
 
 def write_method_file(directory: Path, method: Method, model: PreTrainedModel, metrics: dict | None) -> None:
@@ -113,10 +119,22 @@ def write_method_file(directory: Path, method: Method, model: PreTrainedModel, m
 
 def read_method_file(directory: Path) -> dict:
     path = directory / METHOD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a result saved by lofit")
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return record
+
+
+def check_training_options(method: str, lr: float, epochs: int | None) -> None:
+    if lr <= 0:
+        raise ValueError(f"{method}_lr must be positive; got {lr}")
+    if epochs is not None and epochs < 0:
+        raise ValueError(f"{method}_epochs must be >= 0; got {epochs}")
 
 
 def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> None:

@@ -23,17 +23,21 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..config import head_count
+from ..config import check_head_amount, head_count
 from ..model import LofitModel, get_lofit_model
-from ..probing import collect_activations, contrast_pairs, probe_accuracies
-from ..steps import HeadRanking
+from ..head_selection import head_probe_ranking
+from ..probing import collect_activations, contrast_pairs
 from .base import FitContext, FitResult, Method, write_method_file
 
 
 @dataclass
 class ItiConfig:
-    iti_num_heads: float = field(default=0.1, metadata={"help": "ITI's K: heads to intervene on, a count or a fraction of all heads"})
+    iti_num_heads: float | None = field(default=None, metadata={"help": "ITI's K: heads to intervene on, a count or a fraction of all heads (default: LoFiT's --num-heads)"})
     iti_alpha: float = field(default=15.0, metadata={"help": "ITI's intervention strength alpha (in units of each head's sigma)"})
+
+    def __post_init__(self) -> None:
+        if self.iti_num_heads is not None:
+            check_head_amount(self.iti_num_heads)
 
 
 def mass_mean_shifts(heads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,15 +56,14 @@ class Iti(Method):
     config_class = ItiConfig
 
     def fit(self, context: FitContext) -> FitResult:
-        model = get_lofit_model(context.model, context.lofit)
         seed = context.lofit.seed
+        amount = self.config.iti_num_heads if self.config.iti_num_heads is not None else context.lofit.num_heads
         pairs = contrast_pairs(context.tokenizer, context.examples, seed)
         activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
-        accuracy = probe_accuracies(activations.heads.flatten(1, 2), activations.labels, activations.groups, seed=seed)
-        ranking = HeadRanking.from_scores(accuracy.view(model.layout.shape[:2]))
-        k = head_count(self.config.iti_num_heads, len(ranking.order))
-        heads = ranking.top(k)
+        ranking = head_probe_ranking(activations, seed)
+        heads = ranking.top(head_count(amount, len(ranking.order)))
         shifts = mass_mean_shifts(activations.heads, activations.labels)
+        model = get_lofit_model(context.model, context.lofit)
         model.set_active_heads(heads)
         model.head_ranking = ranking.order
         with torch.no_grad():

@@ -24,14 +24,15 @@ class Lofit(Method):
         model = get_lofit_model(context.model, config)
         objective = context.objective(model)
         start = time.perf_counter()
-        ranking = rank_heads(config.heads, model, context.tokenizer, context.examples, objective, config.heads_file, context.progress)
+        ranking, select_losses = rank_heads(config.heads, model, context.tokenizer, context.examples, objective,
+                                            config.heads_file, context.progress)
         selected = time.perf_counter()
         heads = ranking.top(config.num_heads_to_tune(len(ranking.order)))
         log = tune_biases(model, objective, heads, progress=context.progress)
         tuned = time.perf_counter()
         return FitResult(model, model.num_adapter_parameters(), {
             "select_seconds": selected - start, "tune_seconds": tuned - selected,
-            "tune_losses": log.epoch_losses,
+            "select_losses": select_losses, "tune_losses": log.epoch_losses,
         }, ranking)
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:

@@ -9,16 +9,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .base import FitContext, FitResult, Method, check_geometry, read_method_file, train_parameters, write_method_file
+from ..architectures import architecture_row
+from .base import FitContext, FitResult, Method, check_geometry, check_training_options, read_method_file, train_parameters, write_method_file
 
 
 @dataclass
 class LoraBaselineConfig:
     lora_rank: int = field(default=8, metadata={"help": "LoRA: rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: alpha (the update is scaled by alpha / r)"})
-    lora_targets: str | None = field(default=None, metadata={"help": "LoRA: comma-separated module names (default: peft's choice for the architecture, q and v projections for Llama)"})
+    lora_targets: str | None = field(default=None, metadata={"help": "LoRA: comma-separated module names (default: the architecture table's, else peft's choice; q and v projections for Llama)"})
     lora_lr: float = field(default=5e-4, metadata={"help": "LoRA: learning rate"})
     lora_epochs: int | None = field(default=None, metadata={"help": "LoRA: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+
+    def __post_init__(self) -> None:
+        check_training_options("lora", self.lora_lr, self.lora_epochs)
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0; got {self.lora_rank} and {self.lora_alpha}")
 
 
 class Lora(Method):
@@ -31,10 +37,14 @@ class Lora(Method):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(context.lofit.seed)
-        targets = [t.strip() for t in self.config.lora_targets.split(",")] if self.config.lora_targets else None
+        if self.config.lora_targets:
+            targets = [t.strip() for t in self.config.lora_targets.split(",")]
+        else:  # the table's choice, or peft's own default for the architecture
+            row_targets = architecture_row(context.model.config.model_type).lora_targets
+            targets = list(row_targets) if row_targets else None
         config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, target_modules=targets,
                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(context.model, config)
+        model = get_peft_model(context.model, config)  # injects the LoRA layers into context.model itself
         parameters = [p for p in model.parameters() if p.requires_grad]
         epochs = self.config.lora_epochs if self.config.lora_epochs is not None else context.budget_epochs
         log = train_parameters(model, context.objective(model), parameters, self.config.lora_lr, epochs, context, "LoRA: training")

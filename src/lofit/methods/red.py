@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import feed_forwards
 from ..wrapper import InterventionModel
-from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, train_parameters, write_method_file
+from .base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, train_parameters, write_method_file
 
 WEIGHTS = "red.safetensors"
 
@@ -28,6 +28,9 @@ WEIGHTS = "red.safetensors"
 class RedConfig:
     red_lr: float = field(default=1e-2, metadata={"help": "RED: learning rate"})
     red_epochs: int | None = field(default=None, metadata={"help": "RED: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+
+    def __post_init__(self) -> None:
+        check_training_options("red", self.red_lr, self.red_epochs)
 
 
 class RedModel(InterventionModel):
@@ -44,7 +47,8 @@ class RedModel(InterventionModel):
 
     def _editor(self, index: int):
         def edit(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + output * self.red_scale[index].to(output.dtype) + self.red_bias[index].to(output.dtype)
+            scale, bias = (t[index].to(output.device, output.dtype) for t in (self.red_scale, self.red_bias))
+            return output + output * scale + bias
         return edit
 
 

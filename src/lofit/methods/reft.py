@@ -15,6 +15,11 @@ untrained LoReFT is the identity. Positions, in every forward that starts a sequ
 
 A forward that continues a KV cache (one generated token at a time) is not edited: the
 edit reaches later tokens through the cached keys and values, as in pyreft.
+
+The last prompt position is known to lofit's own training and scoring (they pass the
+boolean mask) and to generation (left padding). A plain ``model(input_ids, labels=...)``
+call, as ``transformers.Trainer`` makes, has no such mask: the edit then falls on the last
+attended token of the whole sequence, so train LoReFT with ``lofit`` or pass the mask.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import decoder_layers
 from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
-from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, train_parameters, write_method_file
+from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, train_parameters, write_method_file
 
 WEIGHTS = "reft.safetensors"
 POSITIONS = ("last", "first+last")
@@ -46,6 +51,7 @@ class ReftConfig:
     reft_epochs: int | None = field(default=None, metadata={"help": "LoReFT: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
 
     def __post_init__(self) -> None:
+        check_training_options("reft", self.reft_lr, self.reft_epochs)
         if self.reft_positions not in POSITIONS:
             raise ValueError(f"reft_positions must be one of {', '.join(POSITIONS)}; got {self.reft_positions!r}")
         if self.reft_rank < 1:
@@ -77,8 +83,12 @@ class LowRankEdit(nn.Module):
             self.source.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        rotation = self.rotation.weight.to(h.dtype)
-        return h + (self.source(h.to(self.source.weight.dtype)).to(h.dtype) - h @ rotation.T) @ rotation
+        """Computed in the edit's own precision (float32), so that it is exactly the identity at
+        the start even on a bf16 model; only the difference is cast back to ``h``'s dtype."""
+        rotation = self.rotation.weight
+        x = h.to(rotation.device, rotation.dtype)
+        delta = (self.source(x) - x @ rotation.T) @ rotation
+        return h + delta.to(h.device, h.dtype)
 
 
 def prompt_positions(batch_shape: tuple[int, int], attention_mask: torch.Tensor | None, logits_to_keep: Any,
@@ -159,7 +169,11 @@ class Reft(Method):
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
         record = read_method_file(directory)
         check_geometry(record, model, directory)
-        edited = ReftModel(model, ReftConfig(**record["options"]))
+        try:
+            config = ReftConfig(**record["options"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{directory / METHOD_FILE} does not hold LoReFT options ({error})") from None
+        edited = ReftModel(model, config)
         state = edited.edits.state_dict()
         tensors = load_tensors(directory, WEIGHTS, {name: tuple(t.shape) for name, t in state.items()})
         edited.edits.load_state_dict(tensors)

@@ -38,6 +38,8 @@ class RepeConfig:
     def __post_init__(self) -> None:
         if self.repe_num_layers < 1:
             raise ValueError(f"repe_num_layers must be >= 1; got {self.repe_num_layers}")
+        if self.repe_coefficient == 0:
+            raise ValueError("repe_coefficient 0 would steer nothing; use --method zero-shot for the frozen model")
 
 
 class ResidualShiftModel(InterventionModel):
@@ -53,28 +55,52 @@ class ResidualShiftModel(InterventionModel):
     def _shifter(self, index: int):
         def shift(module: nn.Module, args: tuple, output):
             hidden = hidden_states_of(output)
-            return replace_hidden_states(output, hidden + self.shift[index].to(hidden.dtype))
+            return replace_hidden_states(output, hidden + self.shift[index].to(hidden.device, hidden.dtype))
         return shift
 
     def num_adapter_parameters(self) -> int:
+        """Numbers fitted: hidden per steered layer."""
         return int(self.shift.detach().any(dim=1).sum()) * self.shift.shape[1]
 
 
-def reading_vectors(residual: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(reading vectors (L, d), held-out pair accuracy (L,), sigma (L,)) from (N, L, d) activations."""
+@dataclass
+class ReadingVectors:
+    """Per layer: the unit reading vector (L, d), its held-out pair accuracy and mean
+    normalised margin (L,), and sigma (L,), the std of all texts' projections on it."""
+
+    vectors: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+    sigma: torch.Tensor
+
+    def best_layers(self, count: int) -> torch.Tensor:
+        """The ``count`` layers of highest held-out accuracy (ties: larger margin)."""
+        key = self.accuracy.double() + 1e-6 * torch.tanh(self.margin).double()
+        return torch.sort(-key, stable=True).indices[:count]
+
+
+def reading_vectors(residual: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, seed: int) -> ReadingVectors:
+    """RepE's reading vectors from (N, L, d) activations of paired positive/negative texts.
+
+    As in RepE, each training pair's difference is given a random sign (seeded) before the
+    differences are centred, so that the first principal component is the axis along which
+    positives and negatives differ, not the spread around their mean difference.
+    """
     positive, negative = residual[labels == 1], residual[labels == 0]  # pairs in the same order
+    if len(positive) < 3:
+        raise ValueError(f"RepE needs at least 3 contrast pairs (2 to read, 1 to check); got {len(positive)}")
     train_texts, val_texts = split_pairs(groups, 0.2, seed)
     train_pairs, val_pairs = train_texts[labels == 1], val_texts[labels == 1]
     differences = (positive - negative)[train_pairs].transpose(0, 1)  # (L, P, d)
-    centred = differences - differences.mean(dim=1, keepdim=True)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    vectors = v[:, 0]  # (L, d): first principal component of each layer's differences
+    signs = torch.randint(0, 2, (differences.shape[1],), generator=torch.Generator().manual_seed(seed)) * 2.0 - 1.0
+    flipped = differences * signs[None, :, None]
+    _, _, v = torch.linalg.svd(flipped - flipped.mean(dim=1, keepdim=True), full_matrices=False)
+    vectors = v[:, 0]  # (L, d): first principal component of each layer's signed differences
     mean_projection = torch.einsum("lpd,ld->lp", differences, vectors).mean(dim=1)
     vectors = vectors * torch.where(mean_projection < 0, -1.0, 1.0)[:, None]
-    val_differences = (positive - negative)[val_pairs]
-    accuracy = (torch.einsum("pld,ld->pl", val_differences, vectors) > 0).float().mean(dim=0)
     sigma = torch.einsum("nld,ld->nl", residual, vectors).std(dim=0)
-    return vectors, accuracy, sigma
+    held_out = torch.einsum("pld,ld->pl", (positive - negative)[val_pairs], vectors)
+    return ReadingVectors(vectors, (held_out > 0).float().mean(dim=0), (held_out / sigma.clamp_min(1e-12)).mean(dim=0), sigma)
 
 
 class Repe(Method):
@@ -85,17 +111,18 @@ class Repe(Method):
 
     def fit(self, context: FitContext) -> FitResult:
         seed = context.lofit.seed
-        pairs = contrast_pairs(context.tokenizer, context.examples, seed)
-        activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
-        vectors, accuracy, sigma = reading_vectors(activations.residual, activations.labels, activations.groups, seed)
-        num_layers = len(vectors)
+        num_layers = context.model.config.num_hidden_layers
         if self.config.repe_num_layers > num_layers:
             raise ValueError(f"repe_num_layers is {self.config.repe_num_layers} but the model has {num_layers} layers")
-        chosen = torch.sort(-accuracy, stable=True).indices[: self.config.repe_num_layers]
+        pairs = contrast_pairs(context.tokenizer, context.examples, seed)
+        activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
+        reading = reading_vectors(activations.residual, activations.labels, activations.groups, seed)
+        chosen = reading.best_layers(self.config.repe_num_layers)
         model = ResidualShiftModel(context.model)
         with torch.no_grad():
-            model.shift[chosen] = (self.config.repe_coefficient * sigma[chosen, None] * vectors[chosen]).to(model.shift)
-        log = {"repe_layers": sorted(chosen.tolist()), "repe_layer_accuracy": accuracy.tolist()}
+            shift = self.config.repe_coefficient * reading.sigma[chosen, None] * reading.vectors[chosen]
+            model.shift[chosen] = shift.to(model.shift)
+        log = {"repe_layers": sorted(chosen.tolist()), "repe_layer_accuracy": reading.accuracy.tolist()}
         return FitResult(model, model.num_adapter_parameters(), log)
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
