@@ -154,3 +154,4 @@ def test_compare_command_runs_baselines_and_evaluates_their_saved_results(tmp_pa
     evaluated = json.loads((output / "red" / "eval-test" / "metrics.json").read_text())
     trained = json.loads((output / "red" / "metrics.json").read_text())
     assert evaluated["method"] == "red" and evaluated["test_exact_match"] == trained["test_exact_match"]
+    assert evaluated["trained_parameters"] == 34_560

@@ -22,6 +22,7 @@ import yaml
 from .config import LofitConfig
 from .head_selection import rank_heads, ranking_from_file
 from .methods import FitContext, FitResult, get_method, load_adapted, saved_method
+from .methods.base import METHOD_FILE, read_method_file
 from .datafiles import resolve_data_dir
 from .loading import load_model
 from .merge import save_merged
@@ -213,7 +214,10 @@ def run_eval(run: RunConfig, adapter: Path | None) -> dict:
         job.output_dir = (adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}"
     model = load_adapted(job.model, adapter) if adapter else job.model
     evaluation = job.evaluate(model)
-    summary = _summary(job, evaluation, model if adapter else None) | {"adapter": str(adapter) if adapter else None}
+    trained = None
+    if adapter and (adapter / METHOD_FILE).is_file():
+        trained = read_method_file(adapter).get("metrics", {}).get("trained_parameters")
+    summary = _summary(job, evaluation, model if adapter else None, trained) | {"adapter": str(adapter) if adapter else None}
     job.write_metrics(summary)
     return summary
 
