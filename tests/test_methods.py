@@ -210,3 +210,23 @@ def test_an_incomplete_saved_result_is_reported(tmp_path):
         load_adapted(tiny_model("llama"), tmp_path / "saved")
     with pytest.raises(FileNotFoundError, match="nothing saved by lofit"):
         load_adapted(tiny_model("llama"), tmp_path / "elsewhere")
+
+
+def test_reft_scores_multiple_choice_on_whole_prompts():
+    """With a shared few-shot prefix, LoReFT is not given a cached prefix: it edits the same
+    positions as when each prompt carries the prefix itself."""
+    from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs
+
+    model = ReftModel(tiny_model("llama"), ReftConfig(reft_positions="first+last"))
+    with torch.no_grad():
+        for edit in model.edits:
+            edit.source.bias.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    tokenizer = word_tokenizer()
+    examples = [MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe"), (1, 0), best=0)]
+    prefix = "Q: red A: no"
+    shared = choice_logprobs(model, tokenizer, examples, prefix=prefix, progress=False)
+    whole = choice_logprobs(model, tokenizer, [MultipleChoiceExample(prefix + e.prompt, e.choices, e.labels, e.best)
+                                               for e in examples], progress=False)
+    with model.disable_adapter():
+        plain = choice_logprobs(model, tokenizer, examples, prefix=prefix, progress=False)
+    assert shared[0] == pytest.approx(whole[0], abs=1e-5) and shared[0] != pytest.approx(plain[0], abs=1e-3)

@@ -8,7 +8,6 @@ file may be flat (``bias_lr: 0.02``) or sectioned like a run's config.yaml
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 import typing

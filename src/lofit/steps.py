@@ -112,22 +112,29 @@ def select_heads(model: LofitModel, objective: Objective, progress: bool = True)
     return ranking, log
 
 
-def select_heads_by_bias(model: LofitModel, objective: Objective, progress: bool = True) -> tuple[HeadRanking, TrainingLog]:
-    """The bias-based selection baseline: train v on all heads (A = 0, no L1) for the step-1
-    epochs at the bias learning rate, and rank heads by ||v[l, h]||_2. Leaves v at 0."""
+def _train_biases(model: LofitModel, objective: Objective, heads: list[tuple[int, int]] | None, epochs: int,
+                  description: str, progress: bool) -> TrainingLog:
+    """Reset A and v to 0 and train only v on ``heads`` (all heads when None)."""
     config = model.lofit_config
     torch.manual_seed(config.seed)
-    model.set_active_heads(None)
+    model.set_active_heads(heads)
     with torch.no_grad():
         model.lofit_scale.zero_()
         model.lofit_bias.zero_()
     model.train_only("bias")
     run = TrainingRun(
-        [model.lofit_bias], config.bias_lr, config.select_epochs, config.batch_size, config.seed,
-        config.weight_decay, config.warmup_ratio, "selecting heads by bias", progress,
+        [model.lofit_bias], config.bias_lr, epochs, config.batch_size, config.seed,
+        config.weight_decay, config.warmup_ratio, description, progress,
     )
     log = train(model, objective, run)
     model.train_only("none")
+    return log
+
+
+def select_heads_by_bias(model: LofitModel, objective: Objective, progress: bool = True) -> tuple[HeadRanking, TrainingLog]:
+    """The bias-based selection baseline: train v on all heads (A = 0, no L1) for the step-1
+    epochs at the bias learning rate, and rank heads by ||v[l, h]||_2. Leaves v at 0."""
+    log = _train_biases(model, objective, None, model.lofit_config.select_epochs, "selecting heads by bias", progress)
     ranking = HeadRanking.from_scores(model.lofit_bias.detach().norm(dim=-1))
     with torch.no_grad():
         model.lofit_bias.zero_()
@@ -136,18 +143,7 @@ def select_heads_by_bias(model: LofitModel, objective: Objective, progress: bool
 
 def tune_biases(model: LofitModel, objective: Objective, heads: Sequence[tuple[int, int]], progress: bool = True) -> TrainingLog:
     """Step 2: reset A to 0 and train only the biases v of ``heads``."""
-    config = model.lofit_config
-    torch.manual_seed(config.seed)
-    model.set_active_heads(list(heads))
-    with torch.no_grad():
-        model.lofit_scale.zero_()
-        model.lofit_bias.zero_()
-    model.train_only("bias")
-    run = TrainingRun(
-        [model.lofit_bias], config.bias_lr, config.tune_epochs, config.batch_size, config.seed,
-        config.weight_decay, config.warmup_ratio, "step 2: tuning biases", progress,
-    )
-    log = train(model, objective, run)
-    model.train_only("none")
-    model.head_ranking = [(int(layer), int(head)) for layer, head in heads]
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    log = _train_biases(model, objective, heads, model.lofit_config.tune_epochs, "step 2: tuning biases", progress)
+    model.head_ranking = heads
     return log

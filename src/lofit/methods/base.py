@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -146,6 +146,11 @@ def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> Non
                                    f"(saved vs this model: {differences})")
 
 
+def save_tensors(directory: Path, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` (as float32, on the CPU) to ``directory/filename`` with safetensors."""
+    save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, str(directory / filename))
+
+
 def load_tensors(directory: Path, filename: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The tensors of ``directory/filename`` (safetensors, never unpickled), checked against ``shapes``."""
     path = directory / filename
@@ -160,11 +165,13 @@ def load_tensors(directory: Path, filename: str, shapes: dict[str, tuple[int, ..
     return tensors
 
 
-def train_parameters(model: nn.Module, objective: Objective, parameters: list[nn.Parameter], lr: float, epochs: int,
-                     context: FitContext, description: str) -> dict[str, Any]:
-    """Train ``parameters`` with lofit's loop (AdamW, linear decay, the shared batch size and seed)."""
+def train_adapter(model: nn.Module, parameters: list[nn.Parameter], lr: float, epochs: int | None, context: FitContext,
+                  description: str) -> FitResult:
+    """Train ``parameters`` of ``model`` on the context's objective with lofit's loop (AdamW,
+    linear decay, the shared batch size and seed) for ``epochs`` (None: the equal budget)."""
     start = time.perf_counter()
-    run = TrainingRun(parameters, lr, epochs, context.lofit.batch_size, context.lofit.seed,
-                      context.lofit.weight_decay, context.lofit.warmup_ratio, description, context.progress)
-    log: TrainingLog = train(model, objective, run)
-    return {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses}
+    run = TrainingRun(parameters, lr, epochs if epochs is not None else context.budget_epochs, context.lofit.batch_size,
+                      context.lofit.seed, context.lofit.weight_decay, context.lofit.warmup_ratio, description, context.progress)
+    log: TrainingLog = train(model, context.objective(model), run)
+    return FitResult(model, sum(p.numel() for p in parameters),
+                     {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses})

@@ -17,17 +17,15 @@ it is saved, loaded, merged and evaluated the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import PreTrainedModel
 
 from ..config import check_head_amount, head_count
-from ..model import LofitModel, get_lofit_model
+from ..model import get_lofit_model
 from ..head_selection import head_probe_ranking
 from ..probing import collect_activations, contrast_pairs
-from .base import FitContext, FitResult, Method, write_method_file
+from .base import FitContext, FitResult
+from .lofit_method import HeadAdapterMethod
 
 
 @dataclass
@@ -49,7 +47,7 @@ def mass_mean_shifts(heads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return sigma[..., None] * theta
 
 
-class Iti(Method):
+class Iti(HeadAdapterMethod):
     """Probe-ranked heads shifted along their mass-mean direction, learning-free."""
 
     name = "iti"
@@ -69,12 +67,4 @@ class Iti(Method):
         with torch.no_grad():
             model.lofit_bias.copy_(self.config.iti_alpha * shifts.to(model.lofit_bias))
         return FitResult(model, model.num_adapter_parameters(), {}, ranking)
-
-    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        result.model.save_pretrained(directory, metrics)
-        write_method_file(directory, self, result.model.base_model, metrics)
-
-    @classmethod
-    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
-        return LofitModel.from_pretrained(model, directory)
 

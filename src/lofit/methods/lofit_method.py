@@ -14,7 +14,20 @@ from ..steps import tune_biases
 from .base import FitContext, FitResult, Method, write_method_file
 
 
-class Lofit(Method):
+class HeadAdapterMethod(Method):
+    """A method whose result is a LoFiT adapter (per-head scales and biases): saved, loaded
+    and merged as one."""
+
+    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
+        result.model.save_pretrained(directory, metrics)
+        write_method_file(directory, self, result.model.base_model, metrics)
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        return LofitModel.from_pretrained(model, directory)
+
+
+class Lofit(HeadAdapterMethod):
     """Step 1 (or another head selector), then step 2 on the top K heads; options in LofitConfig."""
 
     name = "lofit"
@@ -34,11 +47,3 @@ class Lofit(Method):
             "select_seconds": selected - start, "tune_seconds": tuned - selected,
             "select_losses": select_losses, "tune_losses": log.epoch_losses,
         }, ranking)
-
-    def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        result.model.save_pretrained(directory, metrics)
-        write_method_file(directory, self, result.model.base_model, metrics)
-
-    @classmethod
-    def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
-        return LofitModel.from_pretrained(model, directory)

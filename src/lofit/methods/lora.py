@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..architectures import architecture_row
-from .base import FitContext, FitResult, Method, check_geometry, check_training_options, read_method_file, train_parameters, write_method_file
+from .base import FitContext, FitResult, Method, check_geometry, check_training_options, read_method_file, train_adapter, write_method_file
 
 
 @dataclass
@@ -46,9 +46,7 @@ class Lora(Method):
                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(context.model, config)  # injects the LoRA layers into context.model itself
         parameters = [p for p in model.parameters() if p.requires_grad]
-        epochs = self.config.lora_epochs if self.config.lora_epochs is not None else context.budget_epochs
-        log = train_parameters(model, context.objective(model), parameters, self.config.lora_lr, epochs, context, "LoRA: training")
-        return FitResult(model, sum(p.numel() for p in parameters), log)
+        return train_adapter(model, parameters, self.config.lora_lr, self.config.lora_epochs, context, "LoRA: training")
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         result.model.save_pretrained(directory)  # peft: adapter_model.safetensors + adapter_config.json

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..architectures import feed_forwards
 from ..wrapper import InterventionModel
-from .base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, train_parameters, write_method_file
+from .base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
 
 WEIGHTS = "red.safetensors"
 
@@ -61,15 +60,12 @@ class Red(Method):
     def fit(self, context: FitContext) -> FitResult:
         torch.manual_seed(context.lofit.seed)
         model = RedModel(context.model)
-        epochs = self.config.red_epochs if self.config.red_epochs is not None else context.budget_epochs
-        log = train_parameters(model, context.objective(model), model.trainable_parameters(), self.config.red_lr, epochs,
-                               context, "RED: training edits")
-        return FitResult(model, model.num_trainable_parameters(), log)
+        return train_adapter(model, model.trainable_parameters(), self.config.red_lr, self.config.red_epochs, context,
+                             "RED: training edits")
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         write_method_file(directory, self, result.model.base_model, metrics)
-        tensors = {name: p.detach().float().cpu().contiguous() for name, p in (("red_scale", result.model.red_scale), ("red_bias", result.model.red_bias))}
-        save_file(tensors, str(directory / WEIGHTS))
+        save_tensors(directory, WEIGHTS, {"red_scale": result.model.red_scale, "red_bias": result.model.red_bias})
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:

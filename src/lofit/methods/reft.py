@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from transformers import PreTrainedModel
 
 from ..architectures import decoder_layers
 from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
-from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, train_parameters, write_method_file
+from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
 
 WEIGHTS = "reft.safetensors"
 POSITIONS = ("last", "first+last")
@@ -155,15 +154,12 @@ class Reft(Method):
     def fit(self, context: FitContext) -> FitResult:
         torch.manual_seed(context.lofit.seed)
         model = ReftModel(context.model, self.config)
-        epochs = self.config.reft_epochs if self.config.reft_epochs is not None else context.budget_epochs
-        log = train_parameters(model, context.objective(model), model.trainable_parameters(), self.config.reft_lr, epochs,
-                               context, "LoReFT: training")
-        return FitResult(model, model.num_trainable_parameters(), log)
+        return train_adapter(model, model.trainable_parameters(), self.config.reft_lr, self.config.reft_epochs, context,
+                             "LoReFT: training")
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         write_method_file(directory, self, result.model.base_model, metrics)
-        state = {name: t.detach().float().cpu().contiguous() for name, t in result.model.edits.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS))
+        save_tensors(directory, WEIGHTS, result.model.edits.state_dict())
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..architectures import decoder_layers
 from ..probing import collect_activations, contrast_pairs, split_pairs
 from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
-from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, write_method_file
+from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, save_tensors, write_method_file
 
 WEIGHTS = "repe_shift.safetensors"
 
@@ -127,7 +126,7 @@ class Repe(Method):
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         write_method_file(directory, self, result.model.base_model, metrics)
-        save_file({"shift": result.model.shift.detach().float().cpu().contiguous()}, str(directory / WEIGHTS))
+        save_tensors(directory, WEIGHTS, {"shift": result.model.shift})
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
