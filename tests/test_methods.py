@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lofit import LofitConfig
+from lofit import LofitConfig, get_lofit_model
 from lofit.adapter_io import AdapterMismatchError
 from lofit.methods import METHODS, FitContext, get_method, load_adapted, saved_method
 from lofit.methods.iti import ItiConfig
@@ -52,8 +52,13 @@ def logits(model, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_untrained_interventions_are_the_identity(model_type):
+    from peft import LoraConfig, get_peft_model
+
     base = logits(tiny_model(model_type))
-    for wrap in (RedModel, ResidualShiftModel, lambda m: ReftModel(m, ReftConfig(reft_positions="first+last"))):
+    lora = lambda m: get_peft_model(m, LoraConfig(r=2, target_modules=["c_attn", "q_proj", "v_proj"]))  # noqa: E731
+    wrappers = (RedModel, ResidualShiftModel, lambda m: ReftModel(m, ReftConfig(reft_positions="first+last")), lora,
+                lambda m: get_lofit_model(m))
+    for wrap in wrappers:
         model = wrap(tiny_model(model_type))
         torch.testing.assert_close(logits(model), base, rtol=0, atol=1e-5)
 
