@@ -40,11 +40,10 @@ class LofitModel(InterventionModel):
         super().__init__(base_model)
         self.lofit_config = config or LofitConfig()
         self.layout: HeadLayout = layout
-        device = base_model.get_input_embeddings().weight.device
         shape = self.layout.shape
-        self.lofit_scale = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
-        self.lofit_bias = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
-        self.register_buffer("active_heads", torch.ones(shape[:2], dtype=torch.bool, device=device))
+        self.lofit_scale = nn.Parameter(torch.zeros(shape, device=self.device), requires_grad=False)
+        self.lofit_bias = nn.Parameter(torch.zeros(shape, device=self.device), requires_grad=False)
+        self.register_buffer("active_heads", torch.ones(shape[:2], dtype=torch.bool, device=self.device))
         self.head_ranking: list[tuple[int, int]] | None = None
         self._hooks = [
             proj.register_forward_pre_hook(
