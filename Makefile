@@ -1,11 +1,11 @@
 # `make demo`: set up and run LoFiT on CLUTRR with the embedded SmolLM2-135M model.
-# `make test`: set up and run the test suite.
+# `make test`: set up and run the test suite. `make bench`: the speed table.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export LOFIT_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# `make bench`: the speed table (ratios measured in one run, on the default model; ~10 min).
+bench: install
+	$(BIN)/python benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
@@ -18,12 +21,28 @@ from transformers import (
     MistralConfig,
     Olmo2Config,
     Phi3Config,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
 
 from lofit.batching import TokenizedPair
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """The models here are tiny: one thread per op is faster than handing each small matmul to
+    a pool, several times so when other processes share the cores. Integration tests on the
+    embedded model keep every thread."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 VOCAB = 96
 EOS = 1
@@ -32,6 +51,18 @@ COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2,
 )
+
+
+def tiny_config(model_type: str, **overrides) -> Callable[[], PretrainedConfig]:
+    """A maker of ``model_type``'s default config shrunk to COMMON's sizes (plus ``overrides``)."""
+    return lambda: AutoConfig.for_model(model_type, **{**COMMON, **overrides})
+
+
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+# Multi-head latent attention: o_proj reads 4 heads x v_head_dim 6, while config.head_dim is qk_rope_head_dim 4.
+MLA = dict(num_key_value_heads=4, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
+           kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6, **MOE)
+GEMMA3_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON),
@@ -45,6 +76,34 @@ TINY_CONFIGS = {
     "olmo2": lambda: Olmo2Config(**COMMON),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=EOS, bos_token_id=2),
     "gpt_neox": lambda: GPTNeoXConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}),
+    # Located automatically (no row in lofit.architectures.ARCHITECTURES) unless noted.
+    "mixtral": tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": tiny_config("qwen3_moe", num_experts=4, **MOE),
+    "qwen2_moe": tiny_config("qwen2_moe", num_experts=4, shared_expert_intermediate_size=16, **MOE),
+    "granitemoe": tiny_config("granitemoe", num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": tiny_config("olmoe", num_experts=4, num_experts_per_tok=2),
+    "granite": tiny_config("granite"),
+    "starcoder2": tiny_config("starcoder2"),
+    "cohere": tiny_config("cohere"),
+    "cohere2": tiny_config("cohere2"),
+    "olmo": tiny_config("olmo"),
+    "stablelm": tiny_config("stablelm"),
+    "phi": tiny_config("phi"),
+    "smollm3": tiny_config("smollm3"),
+    "exaone4": tiny_config("exaone4"),
+    "opt": tiny_config("opt", ffn_dim=64, word_embed_proj_dim=32),
+    "falcon": tiny_config("falcon", num_kv_heads=2, new_decoder_architecture=True),
+    "gptj": tiny_config("gptj", rotary_dim=4, n_inner=64),
+    "bloom": tiny_config("bloom"),
+    "gpt_bigcode": tiny_config("gpt_bigcode", n_inner=64),
+    "codegen": tiny_config("codegen", rotary_dim=4, n_inner=64),
+    "mpt": tiny_config("mpt", expansion_ratio=2),
+    "xglm": tiny_config("xglm", ffn_dim=64),
+    "biogpt": tiny_config("biogpt"),
+    "gemma3": lambda: Gemma3Config(text_config={**COMMON, "head_dim": 16, "sliding_window": 4}, vision_config=GEMMA3_VISION,
+                                   mm_tokens_per_image=4),
+    "deepseek_v2": tiny_config("deepseek_v2", **MLA),  # a row: head_dim is v_head_dim
+    "deepseek_v3": tiny_config("deepseek_v3", **MLA),  # a row: head_dim is v_head_dim
 }
 ARCHITECTURE_NAMES = sorted(TINY_CONFIGS)
 

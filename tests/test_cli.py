@@ -6,17 +6,17 @@ import pytest
 import torch
 import yaml
 
-from lofit.cli import _configs, build_parser, main
+from lofit.cli import OptionsError, _configs, build_parser, main
 from lofit.pipeline import RunConfig
 from lofit.steps import HeadRanking
 
 
 def parse(argv):
-    return _configs(build_parser().parse_args(argv))
+    return _configs(build_parser().parse_args(argv))[:3]
 
 
 def test_defaults_come_from_the_dataclasses():
-    run, lofit = parse(["run"])
+    run, lofit, _ = parse(["run"])
     assert run == RunConfig()
     assert (lofit.num_heads, lofit.bias_lr, lofit.tune_epochs) == (0.1, 5e-2, 4)
 
@@ -24,7 +24,7 @@ def test_defaults_come_from_the_dataclasses():
 def test_yaml_config_is_overridden_by_flags(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"run": {"task": "mquake", "limit": 5}, "lofit": {"bias_lr": 0.3, "num_heads": 9}}))
-    run, lofit = parse(["run", "--config", str(config), "--num-heads", "12", "--no-progress"])
+    run, lofit, _ = parse(["run", "--config", str(config), "--num-heads", "12", "--no-progress"])
     assert (run.task, run.limit, run.progress) == ("mquake", 5, False)
     assert (lofit.bias_lr, lofit.num_heads) == (0.3, 12)
 
@@ -32,18 +32,18 @@ def test_yaml_config_is_overridden_by_flags(tmp_path):
 def test_a_run_folder_config_yaml_round_trips(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"run": vars(RunConfig(task="truthfulqa", fold="all")), "lofit": {"seed": 7}}))
-    run, lofit = parse(["run", "--config", str(config)])
+    run, lofit, _ = parse(["run", "--config", str(config)])
     assert (run.task, run.folds(), lofit.seed) == ("truthfulqa", [0, 1], 7)
 
 
 def test_bad_options_are_refused(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("bias_learning_rate: 0.1\n")
-    with pytest.raises(SystemExit, match="unknown options"):
+    with pytest.raises(OptionsError, match="unknown option 'bias_learning_rate'"):
         parse(["run", "--config", str(config)])
-    with pytest.raises(SystemExit, match="heads must be"):
+    with pytest.raises(OptionsError, match="heads must be"):
         parse(["run", "--num-heads", "0"])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(OptionsError, match="does not exist"):
         parse(["run", "--config", str(tmp_path / "absent.yaml")])
     with pytest.raises(ValueError, match="fold must be 0, 1 or all"):
         RunConfig(fold="2").folds()
@@ -65,22 +65,60 @@ def test_missing_files_exit_with_a_message(tmp_path, capsys):
 def test_yaml_values_are_converted_to_the_field_types(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("bias_lr: 5e-2\nfold: 1\nlimit: 3\n")
-    run, lofit = parse(["run", "--config", str(config)])
+    run, lofit, _ = parse(["run", "--config", str(config)])
     assert (lofit.bias_lr, run.fold, run.limit) == (0.05, "1", 3)
     config.write_text("batch_size: many\n")
-    with pytest.raises(SystemExit, match="batch_size must be of type int"):
+    with pytest.raises(OptionsError, match="batch_size must be of type int"):
         parse(["run", "--config", str(config)])
 
 
 def test_method_options_come_from_each_method_config(tmp_path):
-    from lofit.cli import _method_config
+    run, _, _, configs = _configs(build_parser().parse_args(["run", "--method", "lora", "--lora-rank", "4"]))
+    assert run.method == "lora" and configs["lora"].lora_rank == 4
+    _, _, _, configs = _configs(build_parser().parse_args(["compare", "--methods", "zero-shot,reft", "--reft-layers", "1,2"]))
+    assert configs == {"zero-shot": None, "reft": configs["reft"]} and configs["reft"].reft_layers == "1,2"
+    with pytest.raises(OptionsError, match="unknown method"):
+        _configs(build_parser().parse_args(["run", "--method", "prompting"]))
+    with pytest.raises(OptionsError, match="reft_positions"):
+        _configs(build_parser().parse_args(["run", "--method", "reft", "--reft-positions", "middle"]))
 
-    args = build_parser().parse_args(["run", "--method", "lora", "--lora-rank", "4", "--reft-layers", "1,2"])
-    run, _ = _configs(args)
-    assert run.method == "lora" and _method_config(args, "lora").lora_rank == 4
-    assert _method_config(args, "reft").reft_layers == "1,2"
-    assert _method_config(args, "zero-shot") is None
-    with pytest.raises(ValueError, match="unknown method"):
-        _method_config(build_parser().parse_args(["run", "--method", "prompting"]), "prompting")
-    with pytest.raises(SystemExit, match="reft_positions"):
-        _method_config(build_parser().parse_args(["run", "--reft-positions", "middle"]), "reft")
+
+def test_options_of_another_method_are_refused_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(OptionsError, match="--reft-rank is an option of --method reft; this run uses lofit"):
+        _configs(build_parser().parse_args(["run", "--reft-rank", "4"]))
+    config = tmp_path / "c.yaml"
+    config.write_text("method_options: {lora_rank: 4}\n")
+    with pytest.raises(OptionsError, match="--lora-rank is an option of --method lora; this run uses red, reft"):
+        _configs(build_parser().parse_args(["compare", "--methods", "red,reft", "--config", str(config)]))
+    assert main(["run", "--task", str(tmp_path / "absent.jsonl"), "--reft-rank", "4", "--num-heads", "0",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["lofit: error: --reft-rank is an option of --method reft; this run uses lofit"]
+    assert not (tmp_path / "run").exists()
+    assert main(["run", "--num-heads", "0", "--batch-size", "0", "--dtype", "float8"]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 3  # one line per problem
+
+
+def test_bad_data_and_paths_are_refused_before_the_model_loads_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    import lofit.pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(lofit.pipeline, "load_model", no_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "completion": "b"}\n')
+    out = tmp_path / "run"
+    for argv, message in [
+        (["run", "--task", str(bad)], "bad.jsonl:2: missing completion"),
+        (["run", "--task", str(tmp_path / "empty.jsonl")], "is missing"),
+        (["run", "--task", str(good), "--heads", "file", "--heads-file", str(tmp_path / "none.json")], "no head ranking"),
+        (["run", "--task", str(good), "--resume"], "no run to continue"),
+        (["tune", "--task", str(good), "--ranking", str(tmp_path / "none.json")], "no head ranking"),
+        (["eval", "--task", str(good), "--adapter", str(tmp_path / "nowhere")], "nothing saved by lofit"),
+    ]:
+        assert main([*argv, "--output-dir", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

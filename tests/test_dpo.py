@@ -9,7 +9,7 @@ import torch
 from lofit import LofitConfig, get_lofit_model
 from lofit.batching import TokenizedPair
 from lofit.multiple_choice import MultipleChoiceExample, mc_scores
-from lofit.objectives import DPO, dpo_loss
+from lofit.objectives import DPO, dpo_losses
 from lofit.scoring import sequence_logprobs
 from lofit.batching import collate
 from lofit.steps import select_heads, tune_biases
@@ -19,12 +19,12 @@ from .conftest import EOS, PAD, randomize_adapter, tiny_model
 
 def test_dpo_loss_is_log_2_when_policy_equals_reference():
     logps = torch.tensor([-3.0, -7.5, -0.2])
-    assert dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.5).item() == torch.tensor(math.log(2)).item()
+    assert dpo_losses(logps, logps - 1, logps, logps - 1, beta=0.5).mean().item() == torch.tensor(math.log(2)).item()
 
 
 def test_dpo_loss_falls_as_the_policy_prefers_the_chosen_answer():
     reference = torch.tensor([-4.0])
-    better = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), reference, reference, beta=0.5)
+    better = dpo_losses(torch.tensor([-3.0]), torch.tensor([-5.0]), reference, reference, beta=0.5).mean()
     assert better.item() < math.log(2)
     assert better.item() == torch.nn.functional.softplus(torch.tensor(-0.5 * 2.0)).item()
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lofit import get_lofit_model
 from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
@@ -31,7 +31,18 @@ class BigramModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=None, past_key_values=None, use_cache=False):
         logits = self.log_table[input_ids]
-        return CausalLMOutput(logits=logits[logits_to_keep] if logits_to_keep is not None else logits)
+        if isinstance(logits_to_keep, int):
+            logits = logits[:, -logits_to_keep:]
+        elif logits_to_keep is not None:
+            logits = logits[logits_to_keep]
+        return CausalLMOutputWithPast(logits=logits, past_key_values=NoContext() if use_cache else None)
+
+
+class NoContext:
+    """The KV cache of a bigram model: there is nothing to remember."""
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
 
 
 def test_mc1_and_mc2_match_hand_computed_values():

@@ -40,6 +40,11 @@ class Batch:
     targets: torch.Tensor
     rows: torch.Tensor
 
+    @property
+    def weight(self) -> int:
+        """Loss terms in the batch: its completion tokens."""
+        return int(self.targets.numel())
+
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.score_mask, self.targets, self.rows)))
 

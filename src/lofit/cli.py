@@ -18,12 +18,14 @@ from typing import Any, Sequence
 import yaml
 
 from .comparison import METRIC_SUFFIXES, comparison_table, run_compare
+from .compute import ComputeConfig
 from .config import LofitConfig
-from .methods import METHOD_CONFIGS, get_method
+from .methods import METHOD_CONFIGS, METHODS, get_method
 from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
 from .plots import head_heatmap
 from .steps import HeadRanking
 from .tasks import TASKS
+from .training import NonFiniteLossError
 
 
 def _field_type(cls: type, name: str) -> type:
@@ -47,19 +49,30 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: st
             group.add_argument(option, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
+class OptionsError(ValueError):
+    """Options that cannot run, one problem per line; refused before anything loads or is written."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"lofit: config file {file} does not exist")
-    values = yaml.safe_load(file.read_text()) or {}
+        raise OptionsError([f"config file {file} does not exist"])
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise OptionsError([f"{file} is not valid YAML: {' '.join(str(error).split())}"]) from None
     if not isinstance(values, dict):
-        raise SystemExit(f"lofit: {file} must hold a mapping of option names to values")
+        raise OptionsError([f"{file} must hold a mapping of option names to values"])
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if key in ("run", "lofit", "method_options") and isinstance(value, dict):
+        if key in ("run", "lofit", "compute", "method_options") and isinstance(value, dict):
             flat.update(value)
         else:
-            flat[key] = value
+            flat[str(key)] = value
     return flat
 
 
@@ -70,41 +83,71 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     for name, value in values.items():
         if name in names:
             kind = _field_type(cls, name)
+            if value is None and type(None) not in typing.get_args(typing.get_type_hints(cls)[name]):
+                raise ValueError(f"option {name} must be of type {kind.__name__}, got None")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"option {name} must be true or false, got {value!r}")
             try:
                 converted[name] = value if value is None or isinstance(value, kind) else kind(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ValueError(f"option {name} must be of type {kind.__name__}, got {value!r}") from None
     return cls(**converted)
 
 
-def _values(args: argparse.Namespace) -> dict[str, Any]:
-    """Option values: the YAML file's, overridden by the flags given."""
+OPTION_OWNERS: dict[str, str] = {f.name: name for name, method in METHODS.items() if method.config_class
+                                 for f in fields(method.config_class)}
+"""Each method-specific option and the method it belongs to."""
+
+
+def _values(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
+    """Option values: the YAML file's, overridden by the flags given. Unknown options and
+    options of a method other than ``methods`` are refused."""
     values = _load_yaml(args.config) if getattr(args, "config", None) else {}
-    known = {f.name for cls in (RunConfig, LofitConfig, *METHOD_CONFIGS) for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"lofit: unknown options in {args.config}: {', '.join(unknown)}")
+    known = {f.name for cls in (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS) for f in fields(cls)}
+    problems = [f"unknown option {name!r} in {args.config}" for name in sorted(set(values) - known)]
     values.update({k: v for k, v in vars(args).items() if k in known})
+    for name in sorted(values):
+        owner = OPTION_OWNERS.get(name)
+        if owner is not None and owner not in methods:
+            problems.append(f"--{name.replace('_', '-')} is an option of --method {owner}; this run uses {', '.join(methods)}")
+    if problems:
+        raise OptionsError(problems)
     return values
 
 
-def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig]:
-    values = _values(args)
-    try:
-        return _build(RunConfig, values), _build(LofitConfig, values)
-    except ValueError as error:
-        raise SystemExit(f"lofit: {error}") from None
+def _methods(args: argparse.Namespace) -> list[str]:
+    """The methods a command runs: ``--methods`` for compare, ``--method`` (default lofit) otherwise."""
+    if args.command == "compare":
+        if "method" in vars(args):
+            raise OptionsError(["compare takes --methods (a comma-separated list), not --method"])
+        return [m.strip() for m in args.methods.split(",") if m.strip()]
+    values = _load_yaml(args.config) if getattr(args, "config", None) else {}
+    method = vars(args).get("method", values.get("method", RunConfig.method))
+    if not isinstance(method, str):
+        raise OptionsError([f"option method must be a method's name, got {method!r}"])
+    return [method]
 
 
-def _method_config(args: argparse.Namespace, method: str) -> object | None:
-    """The config dataclass of ``method`` from the options (None for methods without options)."""
-    config_class = get_method(method).config_class
-    try:
-        return _build(config_class, _values(args)) if config_class is not None else None
-    except ValueError as error:
-        raise SystemExit(f"lofit: {error}") from None
-
-
+def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig, ComputeConfig, dict[str, object | None]]:
+    """Every config of the command, each method's included; all problems are gathered into one OptionsError."""
+    methods = _methods(args)
+    values = _values(args, methods)
+    problems, built = [], []
+    for cls in (RunConfig, LofitConfig, ComputeConfig):
+        try:
+            built.append(_build(cls, values))
+        except ValueError as error:
+            problems.append(str(error))
+    method_configs: dict[str, object | None] = {}
+    for name in methods:
+        try:
+            config_class = get_method(name).config_class
+            method_configs[name] = _build(config_class, values) if config_class is not None else None
+        except (ValueError, TypeError) as error:
+            problems.append(str(error))
+    if problems:
+        raise OptionsError(problems)
+    return (*built, method_configs)
 
 
 def _print_summary(summary: dict) -> None:
@@ -140,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     tasks = ", ".join(sorted(TASKS))
 
-    def command(name: str, help_text: str, options: Sequence[type] = (RunConfig, LofitConfig)) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, options: Sequence[type] = (RunConfig, LofitConfig, ComputeConfig)) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=f"{help_text} Tasks: {tasks}.")
         sub.add_argument("--config", help="YAML file of options; flags override it")
         for cls in options:
@@ -151,17 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune = command("tune", "Step 2: train biases of the top heads of a saved ranking; write the adapter.")
     tune.add_argument("--ranking", required=True, help="head_ranking.json from `lofit select` or `lofit run`")
     command("run", "Fit a method (LoFiT's two steps by default, or a baseline with --method), then evaluate: write a full run folder.",
-            (RunConfig, LofitConfig, *METHOD_CONFIGS))
+            (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS))
     compare = command("compare", "Run several methods on one task, one after another, and print one table "
-                      "(method, trained parameters, metrics, wall time).", (RunConfig, LofitConfig, *METHOD_CONFIGS))
+                      "(method, trained parameters, metrics, wall time).", (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS))
     compare.add_argument("--methods", default="zero-shot,lofit,iti,repe,lora,red,reft",
                          help="comma-separated methods (default: zero-shot,lofit,iti,repe,lora,red,reft)")
-    evaluate = command("eval", "Evaluate a model, zero-shot or with a saved adapter.", (RunConfig,))
+    evaluate = command("eval", "Evaluate a model, zero-shot or with a saved adapter.", (RunConfig, ComputeConfig))
     evaluate.add_argument("--adapter", help="adapter folder to apply")
     merge = commands.add_parser("merge", help="Fold an adapter into the model and save a plain transformers checkpoint.")
     merge.add_argument("--model", default="default", help="base model the adapter was trained on (default: default)")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--output-dir", required=True, help="folder for the merged checkpoint")
+    for option in ("device", "dtype", "device_map"):
+        compute_field = next(f for f in fields(ComputeConfig) if f.name == option)
+        merge.add_argument("--" + option.replace("_", "-"), dest=option, default=compute_field.default, help=compute_field.metadata["help"])
     heads = commands.add_parser("heads", help="Print a saved head ranking and write its layers x heads heatmap.")
     heads.add_argument("ranking", help="head_ranking.json, or a run folder holding one")
     heads.add_argument("--top", type=int, default=20, help="how many heads to print and outline (default: 20)")
@@ -181,31 +227,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             head_heatmap(ranking.scores, ranking.top(min(args.top, len(ranking.order))), output)
             print(f"heatmap: {output}")
         elif args.command == "merge":
-            run_merge(args.model, Path(args.adapter), Path(args.output_dir))
+            compute = ComputeConfig(device=args.device, dtype=args.dtype, device_map=args.device_map)
+            run_merge(args.model, Path(args.adapter), Path(args.output_dir), compute)
             print(f"merged checkpoint: {args.output_dir}")
         else:
-            run, lofit = _configs(args)
+            run, lofit, compute, method_configs = _configs(args)
             if args.command == "select":
-                ranking = run_select(run, lofit)
+                ranking = run_select(run, lofit, compute)
                 _print_ranking(ranking, lofit.num_heads_to_tune(len(ranking.order)))
                 print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
             elif args.command == "tune":
-                _print_summary(run_tune(run, lofit, Path(args.ranking)))
+                _print_summary(run_tune(run, lofit, Path(args.ranking), compute))
             elif args.command == "run":
-                _print_summary(run_all(run, lofit, _method_config(args, run.method)))
+                _print_summary(run_all(run, lofit, method_configs[run.method], compute))
             elif args.command == "compare":
-                if "method" in vars(args):
-                    raise ValueError("compare takes --methods (a comma-separated list), not --method")
-                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-                configs = {name: _method_config(args, name) for name in methods}
-                summaries, folder = run_compare(run, lofit, methods, configs)
+                summaries, folder = run_compare(run, lofit, list(method_configs), method_configs, compute)
                 print(comparison_table(summaries))
                 print(f"comparison folder: {folder}")
             elif args.command == "eval":
-                _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None))
+                _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None, compute))
     except (FileNotFoundError, ValueError) as error:
-        print(f"lofit: error: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"lofit: error: {line}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"lofit: training stopped: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,11 +10,13 @@ evaluation).
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
+from .atomic import write_json, write_text
+from .compute import ComputeConfig
 from .config import LofitConfig
+from .distributed import is_main_process
 from .methods import get_method
 from .pipeline import RunConfig, run_all
 
@@ -41,7 +43,8 @@ def comparison_table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_configs: dict[str, object | None]) -> tuple[list[dict], Path]:
+def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_configs: dict[str, object | None],
+                compute: ComputeConfig | None = None) -> tuple[list[dict], Path]:
     """Run every method of ``methods`` on ``run``'s task; write and return the comparison."""
     if not methods:
         raise ValueError("name at least one method to compare")
@@ -52,7 +55,8 @@ def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_c
     folder = Path(run.output_dir) if run.output_dir else Path(str(replace(run, method="lofit").resolved_output_dir()) + "-compare")
     summaries = []
     for name in methods:  # the table is rewritten after each method, so a failure loses nothing finished
-        summaries.append(run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name)))
-        (folder / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
-        (folder / "comparison.md").write_text(comparison_table(summaries))
+        summaries.append(run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name), compute))
+        if is_main_process():
+            write_json(folder / "comparison.json", summaries)
+            write_text(folder / "comparison.md", comparison_table(summaries))
     return summaries, folder

@@ -56,18 +56,23 @@ class LofitConfig:
     seed: int = field(default=42, metadata={"help": "seed of initialisation, data order and sampling"})
 
     def __post_init__(self) -> None:
-        check_head_amount(self.num_heads)
+        """Refuse impossible values, every problem on its own line."""
+        problems = []
+        try:
+            check_head_amount(self.num_heads)
+        except ValueError as error:
+            problems.append(str(error))
         if self.heads not in SELECTORS:
             hint = " (the number of heads to tune is --num-heads)" if self.heads.replace(".", "", 1).isdigit() else ""
-            raise ValueError(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}{hint}")
+            problems.append(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}{hint}")
         if (self.heads == "file") != (self.heads_file is not None):
-            raise ValueError("--heads file and --heads-file PATH go together: the file is the head_ranking.json to use")
-        for name in ("scale_lr", "bias_lr", "batch_size", "init_std"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("l1_lambda", "select_epochs", "tune_epochs", "weight_decay", "warmup_ratio"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+            problems.append("--heads file and --heads-file PATH go together: the file is the head_ranking.json to use")
+        problems += [f"{name} must be positive; got {getattr(self, name)}"
+                     for name in ("scale_lr", "bias_lr", "batch_size", "init_std") if getattr(self, name) <= 0]
+        problems += [f"{name} must be >= 0; got {getattr(self, name)}"
+                     for name in ("l1_lambda", "select_epochs", "tune_epochs", "weight_decay", "warmup_ratio") if getattr(self, name) < 0]
+        if problems:
+            raise ValueError("\n".join(problems))
 
     def num_heads_to_tune(self, total_heads: int) -> int:
         """K: ``num_heads`` as a count of heads out of ``total_heads`` (at least 1)."""

@@ -1,8 +1,14 @@
-"""Finding the data folder and reading data files with errors that name file and row."""
+"""Finding the data folder and reading data files with errors that name file and row.
+
+Data files are UTF-8 (a byte-order mark is allowed); any problem reading one (missing,
+not UTF-8, not valid JSON, a malformed row) raises :class:`DataError` naming the file.
+"""
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,18 +31,56 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
+def shorten(text: str, limit: int = 160) -> str:
+    """``text`` cut to ``limit`` characters (ending in "...") for error messages."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters for error messages."""
+    return shorten(repr(value), limit)
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) of finite float value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def require_file(path: Path) -> Path:
     if not path.is_file():
         raise DataError(f"data file {path} is missing")
     return path
 
 
+def read_text(path: Path) -> str:
+    """The text of the UTF-8 file ``path`` (a byte-order mark dropped); a DataError naming the
+    file and line when it is missing or holds bytes that are not UTF-8."""
+    data = require_file(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8") from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads(text)``, or a DataError starting with ``where`` (the file, and line)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as error:  # JSONDecodeError, or an integer of too many digits
+        raise DataError(f"{where}: not valid JSON ({shorten(getattr(error, 'msg', str(error)))})") from None
+
+
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON file holding a list of objects."""
-    try:
-        rows = json.loads(require_file(path).read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    rows = parse_json(read_text(path), str(path))
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects, found {type(rows).__name__}")
     return rows

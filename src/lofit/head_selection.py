@@ -26,6 +26,7 @@ from .model import LofitModel
 from .objectives import Objective
 from .probing import Activations, collect_activations, contrast_pairs, fit_probes
 from .steps import HeadRanking, select_heads, select_heads_by_bias
+from .training import TrainingLog, TrainingSetup
 
 
 def random_ranking(shape: tuple[int, int], seed: int) -> HeadRanking:
@@ -73,17 +74,17 @@ def ranking_from_file(path: str | Path | None, model: LofitModel) -> HeadRanking
 
 
 def rank_heads(selector: str, model: LofitModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence,
-               objective: Objective, heads_file: str | Path | None = None, progress: bool = True) -> tuple[HeadRanking, list[float]]:
+               objective: Objective, heads_file: str | Path | None = None, progress: bool = True,
+               setup: TrainingSetup | None = None) -> tuple[HeadRanking, TrainingLog]:
     """The ranking of ``selector`` (one of :data:`SELECTORS`) for ``model`` on the training data,
-    and the epoch losses of the training it took (empty for selectors that do not train)."""
+    and the log of the training it took (empty for selectors that do not train)."""
     if selector not in SELECTORS:
         raise ValueError(f"unknown head selector {selector!r}; choose one of: {', '.join(SELECTORS)}")
     seed = model.lofit_config.seed
-    losses: list[float] = []
+    log = TrainingLog()
     if selector in ("lofit", "bias-based"):
         train_and_rank = select_heads if selector == "lofit" else select_heads_by_bias
-        ranking, log = train_and_rank(model, objective, progress)
-        losses = log.epoch_losses
+        ranking, log = train_and_rank(model, objective, progress, setup)
     elif selector == "random":
         ranking = random_ranking(model.layout.shape[:2], seed)
     elif selector == "probe-layers":
@@ -93,4 +94,4 @@ def rank_heads(selector: str, model: LofitModel, tokenizer: PreTrainedTokenizerB
     else:
         ranking = ranking_from_file(heads_file, model)
     model.head_ranking = ranking.order
-    return ranking, losses
+    return ranking, log

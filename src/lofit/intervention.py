@@ -6,7 +6,8 @@ head at once::
 
     z'_h = (1 + A[l, h]) * z_h + v[l, h]        (elementwise, for all h in one op)
 
-where A and v are (num_layers, num_heads, head_dim) tensors owned by the LofitModel and
+where A and v are (num_layers, num_heads, head_dim) float32 tensors owned by the LofitModel
+(applied in the activation's dtype, on the activation's device) and
 ``active[l, h]`` masks heads that are not being tuned (their A and v act as 0).
 The hook runs on every forward call, so it applies to every token, including each new
 token of ``generate`` with a KV cache.
@@ -38,5 +39,8 @@ class HeadIntervention:
         x = args[0]
         scale, bias = self.params(self.layer)  # (H, D) each
         heads = x.unflatten(-1, (self.num_heads, self.head_dim))
-        heads = heads + heads * scale.to(x.dtype) + bias.to(x.dtype)  # not (1 + A): 1 + 1e-3 rounds in bf16
+        # A and v are float32 master weights, applied in the activation's dtype on its device (a
+        # model spread over devices by a device map keeps each layer where it is).
+        scale, bias = scale.to(x.device, x.dtype), bias.to(x.device, x.dtype)
+        heads = heads + heads * scale + bias  # not (1 + A): 1 + 1e-3 rounds in bf16
         return (heads.flatten(-2), *args[1:])

@@ -17,9 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .compute import resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "default"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,13 +62,15 @@ def gemma3_model_file(cache_dir: Path | None = None) -> Path:
     return path
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if placement["dtype"] == "auto":  # de-quantised GGUF weights have no dtype of their own
+        placement = placement | {"dtype": torch.float32}
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent),
         gguf_file=path.name,
-        dtype=dtype,
         quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+        **placement,
     )
     # The weights are now ordinary float tensors: drop the "quantized" marking, which
     # would make transformers.Trainer refuse to train and save_pretrained write GGUF metadata.
@@ -76,33 +81,47 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tokenizer
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode.
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto",
+               device_map: str | dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode, placed and typed as asked.
 
     Args:
         name_or_path: ``"default"``, ``"gemma3-270m"``, a checkpoint folder, a ``.gguf``
             file, or a hub id.
-        dtype: the dtype of the weights (float32 by default: CPU training wants it).
+        dtype: ``"auto"`` (float32 on the CPU, the checkpoint's dtype on an accelerator),
+            ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        device: ``"auto"`` (this process's best device), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or ``"mps"``; ignored when ``device_map`` is given.
+        device_map: e.g. ``"auto"``: spread the layers over every visible device
+            (accelerate's big-model loading), for a model one device cannot hold.
     """
+    if device_map is not None:
+        placement: dict[str, Any] = {"dtype": resolve_dtype(dtype, None if torch.cuda.is_available() else torch.device("cpu")),
+                                     "device_map": device_map}
+    else:
+        target = resolve_device(device)
+        placement = {"dtype": resolve_dtype(dtype, target)}
+        if target.type != "cpu":  # load straight onto the accelerator, not through CPU memory
+            placement["device_map"] = {"": target}
     if name_or_path == DEFAULT_MODEL:
-        model, tokenizer = _load_gguf(default_model_file(), dtype)
+        model, tokenizer = _load_gguf(default_model_file(), placement)
     elif name_or_path == "gemma3-270m":
-        model, tokenizer = _load_gguf(gemma3_model_file(), dtype)
+        model, tokenizer = _load_gguf(gemma3_model_file(), placement)
     elif name_or_path.endswith(".gguf"):
         path = Path(name_or_path)
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}.")
-        model, tokenizer = _load_gguf(path, dtype)
+        model, tokenizer = _load_gguf(path, placement)
     elif Path(name_or_path).exists():
         path = Path(name_or_path)
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is not a Hugging Face checkpoint folder: it has no config.json.")
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **placement)
     elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **placement)
         except OSError as error:
             raise ModelNotFoundError(
                 f"{name_or_path!r} is not a local folder or file, and loading it as a hub id failed ({error})."

@@ -9,10 +9,18 @@ gives::
 so merging scales the columns of W by (1 + a) and adds W v to the bias (creating a
 zero bias first when the projection has none). Only heads' own columns move:
 ``b += W[:, head] @ v[head]`` summed over heads.
+
+Merging is checked before anything changes: when a merged weight or bias would not be
+finite (in the model's dtype), :class:`MergeError` is raised and the model is left as it
+was. :func:`fold_adapter` returns a :class:`ProjectionBackup` per layer (the original
+columns it scaled, the original bias or None), and :func:`restore_projections` puts them
+back, so an unmerge restores the base weights bit for bit. How ``LofitModel.merge()``,
+``unmerge()`` and ``merge_and_unload()`` use them is described on those methods.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +28,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import ARCHITECTURES, architecture_row, projection_weight
+from .architectures import architecture_row, family_support, projection_weight, text_config
+from .atomic import staged_folder
 
 if TYPE_CHECKING:
     from .model import LofitModel
@@ -30,23 +39,79 @@ class NotExportableError(ValueError):
     """The architecture cannot express a bias on its attention output projection in a checkpoint."""
 
 
+class MergeError(ValueError):
+    """Merging the adapter would put non-finite numbers (inf or nan) into the model's weights."""
+
+
+@dataclass
+class ProjectionBackup:
+    """What merging changes in one attention output projection: the indices of the input
+    columns it scales, their original values (out, len(columns)), and the original bias
+    (None when the projection had none)."""
+
+    columns: torch.Tensor
+    weight_columns: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class _MergedProjection:
+    columns: torch.Tensor
+    weight_columns: torch.Tensor
+    bias: torch.Tensor
+
+
+def _merged_projection(model: "LofitModel", layer: int) -> _MergedProjection:
+    """The new scaled columns and bias of ``layer``'s projection, computed without changing it."""
+    proj = model.layout.out_projs[layer]
+    scale, bias = (t.flatten() for t in model.effective_params(layer))
+    weight = projection_weight(proj)  # (out, in), a view of the stored weight
+    columns = scale.nonzero().flatten().to(weight.device)
+    shift = weight.double() @ bias.to(weight.device).double()
+    old_bias = proj.bias if proj.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    scaled = weight[:, columns] * (1 + scale.to(weight.device)[columns]).to(weight.dtype)
+    merged = _MergedProjection(columns, scaled, old_bias + shift.to(old_bias.dtype))
+    if not (torch.isfinite(merged.weight_columns).all() and torch.isfinite(merged.bias).all()):
+        raise MergeError(
+            f"merging the adapter would put inf or nan into layer {layer}'s attention output projection "
+            f"(its scales or biases are too large for {weight.dtype}); the model was left unmerged"
+        )
+    return merged
+
+
 @torch.no_grad()
-def merge_into_base(model: "LofitModel") -> PreTrainedModel:
-    """Fold A and v into each layer's projection, remove the hooks, return the base model."""
-    for layer, proj in enumerate(model.layout.out_projs):
-        scale, bias = (t.flatten() for t in model.effective_params(layer))
-        weight = projection_weight(proj)  # (out, in), a view of the stored weight
-        shift = weight.double() @ bias.double()
-        weight.mul_((1 + scale).to(weight.dtype))
+def fold_adapter(model: "LofitModel") -> list[ProjectionBackup]:
+    """Fold A and v into every layer's projection in place and return what restores them;
+    a MergeError, with nothing changed, when a merged number would not be finite."""
+    plans = [_merged_projection(model, layer) for layer in range(len(model.layout.out_projs))]
+    backups = []
+    for proj, plan in zip(model.layout.out_projs, plans):
+        weight = projection_weight(proj)
+        backups.append(ProjectionBackup(plan.columns, weight[:, plan.columns].clone(),
+                                        None if proj.bias is None else proj.bias.detach().clone()))
+        weight[:, plan.columns] = plan.weight_columns
         if proj.bias is None:
-            proj.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device), requires_grad=False)
-        proj.bias.add_(shift.to(proj.bias.dtype))
-    model.remove_hooks()
-    return model.base_model
+            proj.bias = nn.Parameter(plan.bias, requires_grad=False)
+        else:
+            proj.bias.copy_(plan.bias)
+    return backups
 
 
-def exportable_types() -> list[str]:
-    return sorted(t for t, row in ARCHITECTURES.items() if row.bias_flag is not None)
+@torch.no_grad()
+def restore_projections(model: "LofitModel", backups: list[ProjectionBackup]) -> None:
+    """Undo :func:`fold_adapter`: the scaled columns and the biases as they were."""
+    for proj, backup in zip(model.layout.out_projs, backups):
+        projection_weight(proj)[:, backup.columns] = backup.weight_columns
+        if backup.bias is None:
+            proj.bias = None
+        else:
+            proj.bias.copy_(backup.bias)
+
+
+def exportable_types(model_types: list[str]) -> list[str]:
+    """Those of ``model_types`` whose merged models save as plain checkpoints, judged on each
+    family's default config (:func:`lofit.architectures.family_support`; docs/export.md)."""
+    return sorted(t for t in model_types if family_support(t).exportable)
 
 
 @torch.no_grad()
@@ -58,20 +123,21 @@ def save_merged(merged: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
     every other module it adds (e.g. Llama's q/k/v biases) an explicit zero bias.
     """
     config = merged.config
-    row = architecture_row(config.model_type)
+    row = architecture_row(merged)
     if row.bias_flag is None:
         raise NotExportableError(
             f"{config.model_type!r} models have no config switch for a bias on the attention output "
             f"projection, so a merged LoFiT adapter cannot be saved as a plain checkpoint. Use the "
             f"adapter with lofit (LofitModel.from_pretrained) or merge_and_unload() in memory. "
-            f"Exportable model types: {', '.join(exportable_types())}."
+            "Exportable model types are listed in docs/export.md."
         )
     if row.bias_flag != "always":
-        setattr(config, row.bias_flag, True)
+        setattr(text_config(config), row.bias_flag, True)
         _add_zero_biases_the_flag_expects(merged)
-    merged.save_pretrained(str(directory))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+    with staged_folder(directory) as staging:  # the checkpoint appears whole, or not at all
+        merged.save_pretrained(str(staging))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
 
 
 def _add_zero_biases_the_flag_expects(merged: PreTrainedModel) -> None:

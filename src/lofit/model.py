@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,7 +12,10 @@ from transformers import PreTrainedModel
 from .architectures import HeadLayout, head_layout
 from .config import LofitConfig
 from .intervention import HeadIntervention
-from .wrapper import InterventionModel
+from .wrapper import AdapterStateError, InterventionModel
+
+if TYPE_CHECKING:
+    from .merge import ProjectionBackup
 
 
 class LofitModel(InterventionModel):
@@ -34,7 +37,7 @@ class LofitModel(InterventionModel):
         layout = head_layout(base_model)
         if any(isinstance(hook, HeadIntervention) for proj in layout.out_projs for hook in proj._forward_pre_hooks.values()):
             raise ValueError(
-                "this model already carries a LoFiT adapter; call remove_hooks() or merge_and_unload() on the "
+                "this model already carries a LoFiT adapter; call unload() or merge_and_unload() on the "
                 "existing LofitModel, or load a fresh base model, before wrapping it again"
             )
         super().__init__(base_model)
@@ -45,6 +48,7 @@ class LofitModel(InterventionModel):
         self.lofit_bias = nn.Parameter(torch.zeros(shape, device=self.device), requires_grad=False)
         self.register_buffer("active_heads", torch.ones(shape[:2], dtype=torch.bool, device=self.device))
         self.head_ranking: list[tuple[int, int]] | None = None
+        self._merge_backups: list["ProjectionBackup"] | None = None
         self._hooks = [
             proj.register_forward_pre_hook(
                 HeadIntervention(layer, self.layout.num_heads, self.layout.head_dim, self.effective_params, self._is_enabled)
@@ -132,11 +136,56 @@ class LofitModel(InterventionModel):
 
         return load_adapter(base_model, Path(directory))
 
-    def merge_and_unload(self) -> PreTrainedModel:
-        """Fold the adapter into the attention output projections; return the plain model."""
-        from .merge import merge_into_base
+    # Merging: merge() folds the adapter into the attention output projections in place and
+    # keeps what unmerge() needs to restore them exactly (the original scaled columns and
+    # biases); while merged the hooks stand by and disable_adapter() is refused.
+    # merge_and_unload() is merge() then unload() without keeping the backups: the base model
+    # comes back with the adapter in its weights for good (as PEFT's merge_and_unload), and
+    # this LofitModel refuses any further merge, unmerge or disable_adapter.
+    def merge(self) -> None:
+        """Fold the adapter into the base model's weights in place (see :mod:`lofit.merge`);
+        refused when already merged or unloaded; a MergeError, with nothing changed, when a
+        merged weight would not be finite."""
+        from .merge import fold_adapter
 
-        return merge_into_base(self)
+        self._require_attached("merge")
+        if self._merged:
+            raise AdapterStateError("the adapter is already merged into the base weights; merging it again would apply it twice")
+        self._merge_backups = fold_adapter(self)
+        self._merged = True
+
+    def unmerge(self) -> None:
+        """Restore the base weights that merge() changed, bit for bit, and switch the hooks back on."""
+        from .merge import restore_projections
+
+        self._require_attached("unmerge")
+        if not self._merged:
+            raise AdapterStateError("the adapter is not merged, so there is nothing to unmerge")
+        restore_projections(self, self._merge_backups)
+        self._merge_backups = None
+        self._merged = False
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """Fold the adapter into the attention output projections for good and return the
+        plain base model (hooks removed, ``requires_grad`` as it was before wrapping)."""
+        self._require_attached("merge_and_unload")
+        self.merge()
+        self._merge_backups = None
+        return super().unload()
+
+    def unload(self) -> PreTrainedModel:
+        """The base model without the adapter: unmerged first when merged, then hooks removed
+        and ``requires_grad`` restored."""
+        if self._merged and not self._unloaded:
+            self.unmerge()
+        return super().unload()
+
+    def _require_attached(self, action: str) -> None:
+        if self._unloaded:
+            raise AdapterStateError(
+                f"{action}() is refused: this LofitModel already gave its base model back (merge_and_unload() or "
+                f"unload()); wrap the model again or load the adapter again to {action}"
+            )
 
 
 def get_lofit_model(model: PreTrainedModel, config: LofitConfig | None = None) -> LofitModel:

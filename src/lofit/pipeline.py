@@ -13,13 +13,17 @@ Each writes into a run folder:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from .atomic import write_json, write_text
+from .compute import ComputeConfig
 from .config import LofitConfig
+from .distributed import is_main_process, wait_for_everyone
 from .head_selection import rank_heads, ranking_from_file
 from .methods import FitContext, FitResult, get_method, load_adapted, saved_method
 from .methods.base import METHOD_FILE, read_method_file
@@ -30,6 +34,7 @@ from .model import LofitModel, get_lofit_model
 from .plots import head_heatmap
 from .objectives import Objective, build_objective
 from .steps import HeadRanking, tune_biases
+from .training import CheckpointPolicy, TrainingSetup, make_accelerator
 from .tasks import Evaluation, get_task
 
 
@@ -53,7 +58,14 @@ class RunConfig:
     fold: str = field(default="0", metadata={"help": "TruthfulQA fold: 0, 1, or all (each fold, then the mean; default: 0)"})
     all_pairs: bool = field(default=False, metadata={"help": "TruthfulQA: train on the best answer against every incorrect answer, not only the first (default: False)"})
 
+    save_steps: int | None = field(default=None, metadata={"help": "also checkpoint every N optimiser steps (default: at the end of each epoch only)"})
+    resume: bool = field(default=False, metadata={"help": "continue the interrupted run in the output folder from its newest checkpoint"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"save_steps must be >= 1; got {self.save_steps}")
+        self.folds()
 
     def folds(self) -> list[int]:
         if self.fold == "all":
@@ -71,68 +83,120 @@ class RunConfig:
         return Path("runs") / f"{task_name}-{model_name}{method}"
 
 
-class Job:
-    """A loaded model, tokenizer and task, with the run folder they write into."""
+RESUME_IGNORES = ("resume", "progress", "save_steps", "eval_batch_size", "limit")
+"""Run options that may change between an interrupted run and its resumption."""
 
-    def __init__(self, run: RunConfig, lofit: LofitConfig):
+
+class Job:
+    """A task with its data checked, then a loaded model and tokenizer, and the run folder they write into.
+
+    Every data row the job needs is read and validated before the model loads, so bad data
+    fails in a second, not after a model load. Only the main process writes files.
+    """
+
+    def __init__(self, run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None,
+                 needs: tuple[str, ...] = ("train", "eval"), method_options: dict | None = None):
         self.run = run
         self.lofit = lofit
+        self.compute = compute or ComputeConfig()
+        self.method_options = method_options
         self.task = get_task(run.task, fold=run.folds()[0], all_pairs=run.all_pairs, eval_file=run.eval_file, match=run.match)
         self.data_dir = resolve_data_dir(run.data_dir) if self.task.needs_data_dir else None
         self.output_dir = run.resolved_output_dir()
-        self.model, self.tokenizer = load_model(run.model)
+        self.timings: dict[str, float] = {}
+        if "train" in needs:
+            self.train_examples()
+        if "eval" in needs:
+            self.eval_examples()
+        if lofit.heads == "file":
+            HeadRanking.load(lofit.heads_file)  # a missing or malformed file is refused before the model loads
+        if run.resume:
+            self._check_resumable()
+        self.model, self.tokenizer = load_model(run.model, self.compute.dtype, self.compute.device, self.compute.device_map)
         if run.chat_template:
             self.task.chat_tokenizer = self.tokenizer
-        self.timings: dict[str, float] = {}
 
-    def write_config(self, method_options: dict | None = None) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"run": asdict(self.run), "lofit": self.lofit.to_dict()} | ({"method_options": method_options} if method_options else {})
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    def resolved_config(self) -> dict:
+        return ({"run": asdict(self.run), "lofit": self.lofit.to_dict(), "compute": asdict(self.compute)}
+                | ({"method_options": self.method_options} if self.method_options else {}))
+
+    def write_config(self) -> None:
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.output_dir / "config.yaml", yaml.safe_dump(self.resolved_config(), sort_keys=False))
+
+    def training_setup(self) -> TrainingSetup:
+        """Checkpoints in ``<run folder>/checkpoints``: resumed with ``--resume`` (the folder's run
+        was checked to have the same settings), cleared otherwise."""
+        folder = self.output_dir / "checkpoints"
+        if not self.run.resume and is_main_process() and folder.exists():
+            shutil.rmtree(folder)
+        wait_for_everyone()
+        return TrainingSetup(self.compute, CheckpointPolicy(folder, self.run.save_steps, self.run.resume))
+
+    def _check_resumable(self) -> None:
+        path = self.output_dir / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist, so there is no run to continue in {self.output_dir}")
+        saved = yaml.safe_load(path.read_text()) or {}
+        now = self.resolved_config()
+        differences = []
+        for section in ("run", "lofit", "method_options"):
+            before, after = saved.get(section) or {}, now.get(section) or {}
+            differences += [f"{key}: {before.get(key)!r} then, {after.get(key)!r} now" for key in sorted(set(before) | set(after))
+                            if key not in RESUME_IGNORES and before.get(key) != after.get(key)]
+        if differences:
+            raise ValueError(f"--resume: the run in {self.output_dir} had other settings ({'; '.join(differences)}); "
+                             "resume with the same options, or start a new run without --resume")
 
     def train_examples(self) -> list:
         size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
         return self.task.sample_train(self.data_dir, size, self.lofit.seed)
+
+    def eval_examples(self) -> list:
+        return self.task.eval_examples(self.data_dir, self.run.eval_split)[: self.run.limit]
 
     def objective(self, lofit_model: LofitModel) -> Objective:
         """The task's training examples as an SFT or DPO objective."""
         return build_objective(lofit_model, self.tokenizer, self.train_examples(), self.run.beta)
 
     def save_ranking(self, ranking: HeadRanking, k: int) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        ranking.save(self.output_dir / "head_ranking.json")
-        head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ranking.save(self.output_dir / "head_ranking.json")
+            head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
 
-    def select(self, lofit_model: LofitModel, examples: list, objective: Objective) -> HeadRanking:
+    def select(self, lofit_model: LofitModel, examples: list, objective: Objective, setup: TrainingSetup) -> HeadRanking:
         """Rank heads with the configured selector (``--heads``)."""
         start = time.perf_counter()
-        ranking, losses = rank_heads(self.lofit.heads, lofit_model, self.tokenizer, examples, objective, self.lofit.heads_file,
-                                     self.run.progress)
+        ranking, log = rank_heads(self.lofit.heads, lofit_model, self.tokenizer, examples, objective, self.lofit.heads_file,
+                                  self.run.progress, setup)
         self.timings["select_seconds"] = time.perf_counter() - start
-        self.timings["select_losses"] = losses
+        self.timings["select_losses"] = log.epoch_losses
         self.save_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
-    def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking) -> None:
+    def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking, setup: TrainingSetup) -> None:
         start = time.perf_counter()
         heads = ranking.top(self.lofit.num_heads_to_tune(len(ranking.order)))
-        log = tune_biases(lofit_model, objective, heads, progress=self.run.progress)
+        log = tune_biases(lofit_model, objective, heads, self.run.progress, setup)
         self.timings["tune_seconds"] = time.perf_counter() - start
         self.timings["tune_losses"] = log.epoch_losses
 
     def evaluate(self, model) -> Evaluation:
+        """Evaluate (split across processes when there are several), under the run's mixed precision."""
         start = time.perf_counter()
-        examples = self.task.eval_examples(self.data_dir, self.run.eval_split)[: self.run.limit]
-        evaluation = self.task.evaluate(model, self.tokenizer, examples, self.run.eval_batch_size, self.run.progress)
+        with make_accelerator(self.compute.mixed_precision, model.get_input_embeddings().weight.device).autocast():
+            evaluation = self.task.evaluate(model, self.tokenizer, self.eval_examples(), self.run.eval_batch_size, self.run.progress)
         self.timings["eval_seconds"] = time.perf_counter() - start
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "predictions.jsonl", "w") as handle:
-            for record in evaluation.records:
-                handle.write(json.dumps(record) + "\n")
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.output_dir / "predictions.jsonl", "".join(json.dumps(record) + "\n" for record in evaluation.records))
         return evaluation
 
     def write_metrics(self, metrics: dict) -> None:
-        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if is_main_process():
+            write_json(self.output_dir / "metrics.json", metrics)
 
 
 def _summary(job: Job, evaluation: Evaluation | None, adapted: object | None, trained_parameters: int | None = None) -> dict:
@@ -147,28 +211,36 @@ def _summary(job: Job, evaluation: Evaluation | None, adapted: object | None, tr
     return summary | job.timings
 
 
-def run_select(run: RunConfig, lofit: LofitConfig) -> HeadRanking:
+def run_select(run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None) -> HeadRanking:
     """Step 1 only: write head_ranking.json and heads.png."""
-    job = Job(run, lofit)
+    job = Job(run, lofit, compute, needs=("train",))
+    setup = job.training_setup()
     job.write_config()
     lofit_model = get_lofit_model(job.model, lofit)
     examples = job.train_examples()
-    return job.select(lofit_model, examples, build_objective(lofit_model, job.tokenizer, examples, run.beta))
+    ranking = job.select(lofit_model, examples, build_objective(lofit_model, job.tokenizer, examples, run.beta), setup)
+    wait_for_everyone()
+    return ranking
 
 
-def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path) -> dict:
+def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path, compute: ComputeConfig | None = None) -> dict:
     """Step 2 only, on the top heads of a saved ranking: write the adapter."""
-    job = Job(run, lofit)
+    HeadRanking.load(ranking_path)  # refused before the model loads
+    job = Job(run, lofit, compute, needs=("train",))
+    setup = job.training_setup()
     job.write_config()
     lofit_model = get_lofit_model(job.model, lofit)
     ranking = ranking_from_file(ranking_path, lofit_model)
-    job.tune(lofit_model, job.objective(lofit_model), ranking)
+    job.tune(lofit_model, job.objective(lofit_model), ranking, setup)
     summary = _summary(job, None, lofit_model)
-    get_method("lofit").save(FitResult(lofit_model, lofit_model.num_adapter_parameters()), job.output_dir / "adapter", summary)
+    if is_main_process():
+        get_method("lofit").save(FitResult(lofit_model, lofit_model.num_adapter_parameters()), job.output_dir / "adapter", summary)
+    wait_for_everyone()
     return summary
 
 
-def run_all(run: RunConfig, lofit: LofitConfig, method_config: object | None = None) -> dict:
+def run_all(run: RunConfig, lofit: LofitConfig, method_config: object | None = None,
+            compute: ComputeConfig | None = None) -> dict:
     """Fit ``run.method`` (LoFiT's two steps by default), then evaluate: write the whole run
     folder; return the metrics.
 
@@ -177,39 +249,48 @@ def run_all(run: RunConfig, lofit: LofitConfig, method_config: object | None = N
     """
     folds = run.folds()
     if len(folds) == 1:
-        return _run_one(run, lofit, method_config)
+        return _run_one(run, lofit, method_config, compute)
     base = run.resolved_output_dir()
-    summaries = [_run_one(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit, method_config) for k in folds]
+    summaries = [_run_one(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit, method_config, compute)
+                 for k in folds]
     mean = {key: sum(s[key] for s in summaries) / len(summaries)
             for key, value in summaries[0].items() if key.startswith(f"{run.eval_split}_") and isinstance(value, float)}
     summary = {"task": run.task, "model": run.model, "method": run.method, "run_folder": str(base), "folds": summaries}
     summary |= {f"mean_{k}": v for k, v in mean.items()}
-    (base / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main_process():
+        write_json(base / "metrics.json", summary)
     return summary
 
 
-def _run_one(run: RunConfig, lofit: LofitConfig, method_config: object | None) -> dict:
+def _run_one(run: RunConfig, lofit: LofitConfig, method_config: object | None, compute: ComputeConfig | None) -> dict:
+    """Fit, write the adapter, then evaluate: a crash in evaluation loses no training."""
     start = time.perf_counter()
     method = get_method(run.method, method_config)
-    job = Job(run, lofit)
-    job.write_config(method.options())
+    job = Job(run, lofit, compute, method_options=method.options())
+    setup = job.training_setup()
+    job.write_config()
     fit_start = time.perf_counter()
-    result: FitResult = method.fit(FitContext(job.model, job.tokenizer, job.train_examples(), lofit, run.beta, run.progress))
+    context = FitContext(job.model, job.tokenizer, job.train_examples(), lofit, run.beta, run.progress, setup)
+    result: FitResult = method.fit(context)
     job.timings["fit_seconds"] = time.perf_counter() - fit_start
     job.timings |= result.log
     if result.ranking is not None:  # methods that rank heads return a LofitModel
         job.save_ranking(result.ranking, len(result.model.selected_heads))
+    if is_main_process():
+        method.save(result, job.output_dir / "adapter", _summary(job, None, result.model, result.trained_parameters))
     evaluation = job.evaluate(result.model)
     job.timings["total_seconds"] = time.perf_counter() - start
     summary = _summary(job, evaluation, result.model, result.trained_parameters)
-    method.save(result, job.output_dir / "adapter", summary)
+    if is_main_process():
+        method.save(result, job.output_dir / "adapter", summary)  # again, now with the evaluation's metrics
     job.write_metrics(summary)
+    wait_for_everyone()
     return summary
 
 
-def run_eval(run: RunConfig, adapter: Path | None) -> dict:
+def run_eval(run: RunConfig, adapter: Path | None, compute: ComputeConfig | None = None) -> dict:
     """Evaluate the model, or the model with a saved adapter."""
-    job = Job(replace(run, method=saved_method(adapter) if adapter else "zero-shot"), LofitConfig())
+    job = Job(replace(run, method=saved_method(adapter) if adapter else "zero-shot"), LofitConfig(), compute, needs=("eval",))
     if run.output_dir is None:
         job.output_dir = (adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}"
     model = load_adapted(job.model, adapter) if adapter else job.model
@@ -219,14 +300,16 @@ def run_eval(run: RunConfig, adapter: Path | None) -> dict:
         trained = read_method_file(adapter).get("metrics", {}).get("trained_parameters")
     summary = _summary(job, evaluation, model if adapter else None, trained) | {"adapter": str(adapter) if adapter else None}
     job.write_metrics(summary)
+    wait_for_everyone()
     return summary
 
 
-def run_merge(model_name: str, adapter: Path, output_dir: Path) -> None:
+def run_merge(model_name: str, adapter: Path, output_dir: Path, compute: ComputeConfig | None = None) -> None:
     """Fold an adapter into the model and save a plain transformers checkpoint."""
     method = saved_method(adapter)
     if method not in ("lofit", "iti"):
         raise ValueError(f"{adapter} holds a {method} result; only LoFiT and ITI adapters (per-head biases) fold into the model")
-    model, tokenizer = load_model(model_name)
+    compute = compute or ComputeConfig()
+    model, tokenizer = load_model(model_name, compute.dtype, compute.device, compute.device_map)
     merged = LofitModel.from_pretrained(model, adapter).merge_and_unload()
     save_merged(merged, tokenizer, output_dir)

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .atomic import replacing  # noqa: E402
+
 
 def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path: str | Path, title: str = "") -> None:
     """Write a PNG of ``scores`` (num_layers x num_heads) with ``selected`` heads outlined."""
@@ -25,5 +27,6 @@ def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path
     axes.set_title(title or f"head importance ||A||_2 (red: {len(selected)} selected)")
     figure.colorbar(image, ax=axes, label="score")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)

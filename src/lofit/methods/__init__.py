@@ -10,18 +10,20 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..adapter_io import CONFIG_NAME
+from ..adapter_io import CONFIG_NAME, AdapterError
+from ..datafiles import short_repr
 from .base import METHOD_FILE, FitContext, FitResult, Method, read_method_file
-from .iti import Iti, ItiConfig
+from .iti import Iti
 from .lofit_method import Lofit
-from .lora import Lora, LoraBaselineConfig
-from .red import Red, RedConfig
-from .repe import Repe, RepeConfig
-from .reft import Reft, ReftConfig
+from .lora import Lora
+from .red import Red
+from .repe import Repe
+from .reft import Reft
 from .zero_shot import ZeroShot
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Lofit, ZeroShot, Iti, Repe, Lora, Red, Reft)}
-METHOD_CONFIGS: tuple[type, ...] = (ItiConfig, RepeConfig, LoraBaselineConfig, RedConfig, ReftConfig)
+METHOD_CONFIGS: tuple[type, ...] = tuple(m.config_class for m in METHODS.values() if m.config_class is not None)
+"""Every method's option dataclass, derived from :data:`METHODS`."""
 
 
 def get_method(name: str, config: object | None = None) -> Method:
@@ -32,12 +34,15 @@ def get_method(name: str, config: object | None = None) -> Method:
 
 
 def saved_method(directory: str | Path) -> str:
-    """The method that saved ``directory`` (a LoFiT adapter from before methods existed counts as lofit)."""
+    """The method that saved ``directory`` (a LoFiT adapter from before methods existed counts
+    as lofit); FileNotFoundError when nothing lofit saved is there, AdapterError when the
+    method file is broken or names no known method."""
     directory = Path(directory)
     if (directory / METHOD_FILE).is_file():
         name = read_method_file(directory).get("method")
-        if name not in METHODS:
-            raise ValueError(f"{directory / METHOD_FILE} names an unknown method {name!r}")
+        if not isinstance(name, str) or name not in METHODS:
+            raise AdapterError(f"{directory / METHOD_FILE} names an unknown method {short_repr(name)}; "
+                               f"known methods: {', '.join(METHODS)}")
         return name
     if (directory / CONFIG_NAME).is_file():
         return "lofit"
@@ -45,7 +50,10 @@ def saved_method(directory: str | Path) -> str:
 
 
 def load_adapted(model: PreTrainedModel, directory: str | Path) -> nn.Module:
-    """``model`` with the result saved in ``directory`` (by any method) applied."""
+    """``model`` with the result saved in ``directory`` (by any method) applied. Every file is
+    checked: FileNotFoundError for a missing one, AdapterError (AdapterMismatchError for a
+    result made for another model) for a broken or foreign one, and then ``model`` is left
+    as it was (``requires_grad``, hooks, modules)."""
     directory = Path(directory)
     return METHODS[saved_method(directory)].load(model, directory)
 

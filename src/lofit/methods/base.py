@@ -13,23 +13,24 @@ model, refusing one made for a model of another type or shape.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapter_io import AdapterMismatchError
+from ..adapter_io import AdapterMismatchError, check_tensor, check_tensor_names, read_json_object, read_safetensors
+from ..atomic import save_safetensors, write_json
+from ..datafiles import short_repr
 from ..config import LofitConfig
 from ..objectives import Objective, build_objective
 from ..steps import HeadRanking
-from ..training import TrainingLog, TrainingRun, train
+from ..training import TrainingLog, TrainingRun, TrainingSetup, train
 
 METHOD_FILE = "lofit_method.json"
 
@@ -45,6 +46,7 @@ class FitContext:
     lofit: LofitConfig = field(default_factory=LofitConfig)
     beta: float = 0.5
     progress: bool = True
+    setup: TrainingSetup = field(default_factory=TrainingSetup)
 
     def objective(self, model: nn.Module) -> Objective:
         """SFT or DPO on the examples; DPO's reference is ``model`` with its adapter disabled."""
@@ -102,32 +104,28 @@ class Method(ABC):
 
 def geometry(model: PreTrainedModel) -> dict:
     """What a saved result must agree with: the architecture and its sizes."""
-    config = model.config
-    return {"model_type": config.model_type, "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+    config = model.config.get_text_config()  # a multimodal model's sizes are those of its text decoder
+    return {"model_type": model.config.model_type, "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
 
 
 def write_method_file(directory: Path, method: Method, model: PreTrainedModel, metrics: dict | None) -> None:
+    """Write :data:`METHOD_FILE` (the method, the model's geometry, the options, ``metrics``) atomically."""
     from .. import __version__
 
-    directory.mkdir(parents=True, exist_ok=True)
     record = {"method": method.name, "lofit_version": __version__, "base_model": getattr(model, "name_or_path", "") or "",
               **geometry(model), "options": method.options(), "metrics": metrics or {}}
-    (directory / METHOD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(directory / METHOD_FILE, record)
 
 
 def read_method_file(directory: Path) -> dict:
+    """The JSON object in ``directory``'s :data:`METHOD_FILE`: FileNotFoundError when it is
+    absent, AdapterError when it is not UTF-8 JSON holding an object."""
     path = directory / METHOD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a result saved by lofit")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return record
+    return read_json_object(path)
 
 
 def check_training_options(method: str, lr: float, epochs: int | None) -> None:
@@ -138,40 +136,59 @@ def check_training_options(method: str, lr: float, epochs: int | None) -> None:
 
 
 def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> None:
+    """An AdapterMismatchError unless the saved ``record`` has ``model``'s type and sizes."""
     expected = geometry(model)
     saved = {key: record.get(key) for key in expected}
     if saved != expected:
-        differences = ", ".join(f"{key} {saved[key]!r} vs {expected[key]!r}" for key in expected if saved[key] != expected[key])
-        raise AdapterMismatchError(f"the {record.get('method')} result in {directory} was made for another model "
-                                   f"(saved vs this model: {differences})")
+        differences = ", ".join(f"{key} {short_repr(saved[key])} vs {expected[key]!r}" for key in expected
+                                if saved[key] != expected[key])
+        raise AdapterMismatchError(f"{directory / METHOD_FILE}: the {short_repr(record.get('method'))} result was made for "
+                                   f"another model (saved vs this model: {differences})")
 
 
 def save_tensors(directory: Path, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` (as float32, on the CPU) to ``directory/filename`` with safetensors."""
-    save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, str(directory / filename))
+    """Write ``tensors`` (as float32, on the CPU) to ``directory/filename`` with safetensors, atomically."""
+    save_safetensors(directory / filename, {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()},
+                     metadata={"format": "pt"})
 
 
 def load_tensors(directory: Path, filename: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The tensors of ``directory/filename`` (safetensors, never unpickled), checked against ``shapes``."""
+    """The tensors of ``directory/filename`` (safetensors, never unpickled) as float32: exactly
+    the names of ``shapes``, floating point, finite and of those shapes (else an AdapterError,
+    an AdapterMismatchError for a shape); FileNotFoundError when the file is absent."""
     path = directory / filename
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} does not hold a complete saved result")
-    tensors = load_file(str(path))
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise ValueError(f"{path} lacks the tensor {name!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise AdapterMismatchError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, this model needs {shape}")
-    return tensors
+    tensors = read_safetensors(path)
+    check_tensor_names(path, tensors, tuple(shapes))
+    return {name: check_tensor(path, name, tensors[name], shape) for name, shape in shapes.items()}
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside the block torch's global RNG (which weight initialisers draw from) is seeded
+    with ``seed``; afterwards the caller's RNG state is what it was."""
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        yield
 
 
 def train_adapter(model: nn.Module, parameters: list[nn.Parameter], lr: float, epochs: int | None, context: FitContext,
-                  description: str) -> FitResult:
+                  description: str, method: str, first_trained_layer: int = 0) -> FitResult:
     """Train ``parameters`` of ``model`` on the context's objective with lofit's loop (AdamW,
-    linear decay, the shared batch size and seed) for ``epochs`` (None: the equal budget)."""
+    linear decay, the shared batch size and seed) for ``epochs`` (None: the equal budget);
+    ``method`` names the checkpoint stage and the learning-rate option (``--<method>-lr``);
+    nothing trained acts below ``first_trained_layer`` (see :class:`~lofit.training.TrainingRun`)."""
     start = time.perf_counter()
     run = TrainingRun(parameters, lr, epochs if epochs is not None else context.budget_epochs, context.lofit.batch_size,
-                      context.lofit.seed, context.lofit.weight_decay, context.lofit.warmup_ratio, description, context.progress)
+                      context.lofit.seed, context.lofit.weight_decay, context.lofit.warmup_ratio, description, context.progress,
+                      method, f"--{method}-lr", context.setup, first_trained_layer)
     log: TrainingLog = train(model, context.objective(model), run)
     return FitResult(model, sum(p.numel() for p in parameters),
-                     {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses})
+                     {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses} | training_warnings(log))
+
+
+def training_warnings(*logs: TrainingLog) -> dict:
+    """The training warnings (divergence) of ``logs`` as a summary entry, if any."""
+    messages = [message for log in logs for message in log.warnings]
+    return {"warnings": messages} if messages else {}

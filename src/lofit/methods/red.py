@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..architectures import feed_forwards
+from ..atomic import staged_folder
 from ..wrapper import InterventionModel
 from .base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
 
@@ -38,7 +39,7 @@ class RedModel(InterventionModel):
     def __init__(self, base_model: PreTrainedModel):
         super().__init__(base_model)
         blocks = feed_forwards(base_model)
-        shape = (len(blocks), base_model.config.hidden_size)
+        shape = (len(blocks), base_model.config.get_text_config().hidden_size)
         self.red_scale = nn.Parameter(torch.zeros(shape, device=self.device))
         self.red_bias = nn.Parameter(torch.zeros(shape, device=self.device))
         for index, block in enumerate(blocks):
@@ -58,21 +59,22 @@ class Red(Method):
     config_class = RedConfig
 
     def fit(self, context: FitContext) -> FitResult:
-        torch.manual_seed(context.lofit.seed)
-        model = RedModel(context.model)
+        model = RedModel(context.model)  # s = b = 0: nothing random
         return train_adapter(model, model.trainable_parameters(), self.config.red_lr, self.config.red_epochs, context,
-                             "RED: training edits")
+                             "RED: training edits", "red")
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        write_method_file(directory, self, result.model.base_model, metrics)
-        save_tensors(directory, WEIGHTS, {"red_scale": result.model.red_scale, "red_bias": result.model.red_bias})
+        with staged_folder(directory) as staging:  # all files appear together, none half-written
+            save_tensors(staging, WEIGHTS, {"red_scale": result.model.red_scale, "red_bias": result.model.red_bias})
+            write_method_file(staging, self, result.model.base_model, metrics)
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        """Files read and checked first; the model is wrapped only when they fit it."""
         check_geometry(read_method_file(directory), model, directory)
-        edited = RedModel(model)
-        shape = tuple(edited.red_scale.shape)
+        shape = (len(feed_forwards(model)), model.config.get_text_config().hidden_size)
         tensors = load_tensors(directory, WEIGHTS, {"red_scale": shape, "red_bias": shape})
+        edited = RedModel(model)
         with torch.no_grad():
             edited.red_scale.copy_(tensors["red_scale"])
             edited.red_bias.copy_(tensors["red_bias"])

@@ -33,9 +33,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from transformers import PreTrainedModel
 
+from ..adapter_io import AdapterError, options_from_json
 from ..architectures import decoder_layers
+from ..atomic import staged_folder
 from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
-from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
+from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, seeded, train_adapter, write_method_file
 
 WEIGHTS = "reft.safetensors"
 POSITIONS = ("last", "first+last")
@@ -116,7 +118,7 @@ class ReftModel(InterventionModel):
         self.reft_config = config
         layers = decoder_layers(base_model)
         self.layer_indices = config.layer_indices(len(layers))
-        hidden = base_model.config.hidden_size
+        hidden = base_model.config.get_text_config().hidden_size
         self.edits = nn.ModuleList(LowRankEdit(hidden, config.reft_rank) for _ in self.layer_indices).to(self.device)
         self._positions: torch.Tensor | None = None
         self._hook(base_model, self._locate, pre=True, with_kwargs=True)
@@ -139,8 +141,9 @@ class ReftModel(InterventionModel):
             if self._positions is None:
                 return None
             hidden = hidden_states_of(output)
-            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(self._positions)
-            edited = hidden.index_put((rows, self._positions), edit(hidden[rows, self._positions]))
+            positions = self._positions.to(hidden.device)  # layers of a device-mapped model sit on several devices
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(positions)
+            edited = hidden.index_put((rows, positions), edit(hidden[rows, positions]))
             return replace_hidden_states(output, edited)
         return apply
 
@@ -152,25 +155,31 @@ class Reft(Method):
     config_class = ReftConfig
 
     def fit(self, context: FitContext) -> FitResult:
-        torch.manual_seed(context.lofit.seed)
-        model = ReftModel(context.model, self.config)
+        with seeded(context.lofit.seed):  # R starts as a random orthonormal matrix
+            model = ReftModel(context.model, self.config)
         return train_adapter(model, model.trainable_parameters(), self.config.reft_lr, self.config.reft_epochs, context,
-                             "LoReFT: training")
+                             "LoReFT: training", "reft", first_trained_layer=min(model.layer_indices))
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        write_method_file(directory, self, result.model.base_model, metrics)
-        save_tensors(directory, WEIGHTS, result.model.edits.state_dict())
+        with staged_folder(directory) as staging:  # all files appear together, none half-written
+            save_tensors(staging, WEIGHTS, result.model.edits.state_dict())
+            write_method_file(staging, self, result.model.base_model, metrics)
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        """The options are checked before wrapping; the tensors, whose shapes the edits define,
+        after it, and a refused load gives the model back as it was (``unload``)."""
         record = read_method_file(directory)
         check_geometry(record, model, directory)
+        config = options_from_json(ReftConfig, record.get("options"), directory / METHOD_FILE, "options")
         try:
-            config = ReftConfig(**record["options"])
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"{directory / METHOD_FILE} does not hold LoReFT options ({error})") from None
-        edited = ReftModel(model, config)
-        state = edited.edits.state_dict()
-        tensors = load_tensors(directory, WEIGHTS, {name: tuple(t.shape) for name, t in state.items()})
-        edited.edits.load_state_dict(tensors)
+            edited = ReftModel(model, config)
+        except ValueError as error:
+            raise AdapterError(f"{directory / METHOD_FILE}: the LoReFT options do not fit this model ({error})") from None
+        try:
+            shapes = {name: tuple(t.shape) for name, t in edited.edits.state_dict().items()}
+            edited.edits.load_state_dict(load_tensors(directory, WEIGHTS, shapes))
+        except BaseException:
+            edited.unload()
+            raise
         return edited

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..architectures import decoder_layers
+from ..atomic import staged_folder
 from ..probing import collect_activations, contrast_pairs, split_pairs
 from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
 from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, save_tensors, write_method_file
@@ -47,7 +48,7 @@ class ResidualShiftModel(InterventionModel):
     def __init__(self, base_model: PreTrainedModel):
         super().__init__(base_model)
         layers = decoder_layers(base_model)
-        self.shift = nn.Parameter(torch.zeros(len(layers), base_model.config.hidden_size, device=self.device), requires_grad=False)
+        self.shift = nn.Parameter(torch.zeros(len(layers), base_model.config.get_text_config().hidden_size, device=self.device), requires_grad=False)
         for index, layer in enumerate(layers):
             self._hook(layer, self._shifter(index))
 
@@ -125,13 +126,16 @@ class Repe(Method):
         return FitResult(model, model.num_adapter_parameters(), log)
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        write_method_file(directory, self, result.model.base_model, metrics)
-        save_tensors(directory, WEIGHTS, {"shift": result.model.shift})
+        with staged_folder(directory) as staging:  # all files appear together, none half-written
+            save_tensors(staging, WEIGHTS, {"shift": result.model.shift})
+            write_method_file(staging, self, result.model.base_model, metrics)
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
+        """Files read and checked first; the model is wrapped only when they fit it."""
         check_geometry(read_method_file(directory), model, directory)
+        shift = load_tensors(directory, WEIGHTS, {"shift": (len(decoder_layers(model)), model.config.get_text_config().hidden_size)})["shift"]
         shifted = ResidualShiftModel(model)
         with torch.no_grad():
-            shifted.shift.copy_(load_tensors(directory, WEIGHTS, {"shift": tuple(shifted.shift.shape)})["shift"])
+            shifted.shift.copy_(shift)
         return shifted

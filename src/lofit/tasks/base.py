@@ -108,7 +108,9 @@ class GenerationTask(Task):
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[GenerationExample],
                  batch_size: int = 16, progress: bool = True) -> Evaluation:
         """Greedy-decode every prompt; score the normalised answer against the normalised references."""
-        outputs = greedy_completions(model, tokenizer, [e.prompt for e in examples], self.max_new_tokens, batch_size, progress)
+        # Only the first line is read in exact-match mode, so generation stops there.
+        outputs = greedy_completions(model, tokenizer, [e.prompt for e in examples], self.max_new_tokens, batch_size, progress,
+                                     stop_at_line_end=self.match == "exact")
         records = []
         for example, output in zip(examples, outputs):
             prediction = normalize_answer(self.parse_answer(output))

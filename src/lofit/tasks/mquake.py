@@ -11,10 +11,9 @@ or one of its aliases.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..datafiles import DataError, require_file
+from ..datafiles import DataError, parse_json, read_text
 from .base import GenerationExample, GenerationTask, PromptCompletion
 
 PROMPT_TEMPLATE = "Q: Imagine that {edit}. {question} A:"
@@ -22,14 +21,9 @@ PROMPT_TEMPLATE = "Q: Imagine that {edit}. {question} A:"
 
 def _read_jsonl(path: Path) -> list[tuple[int, object]]:
     rows = []
-    with open(require_file(path)) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+        if line.strip():
+            rows.append((line_number, parse_json(line, f"{path} line {line_number}")))
     return rows
 
 

@@ -12,12 +12,13 @@ Training prompt: ``Q: <question>\\nA:`` (no primer), completion `` <answer>`` + 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..datafiles import DataError, require_file
+from ..datafiles import DataError, read_text
 from ..multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 from .base import Evaluation, PromptPreference, Task
 
@@ -63,9 +64,9 @@ class TruthfulQA(Task):
         self.all_pairs = all_pairs
 
     def _rows(self, data_dir: Path, split: str) -> list[tuple[str, str, list[str], list[str]]]:
-        path = require_file(data_dir / "truthfulqa" / f"fold_{self.fold}_{split}_seed_42.csv")
+        path = data_dir / "truthfulqa" / f"fold_{self.fold}_{split}_seed_42.csv"
         rows = []
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with io.StringIO(read_text(path), newline="") as handle:
             reader = csv.DictReader(handle)
             missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
             if missing:

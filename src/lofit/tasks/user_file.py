@@ -7,22 +7,25 @@
 | multiple choice | ``prompt``, ``choices``, ``label`` | (evaluation only) | accuracy (MC1) and MC2 by log-likelihood |
 
 ``choices`` is a list of strings (in CSV: a JSON array in the cell); ``label`` is the index
-of the correct choice. Completions, answers and choices are used exactly as written (start
-them with a space if the prompt does not end with one). Every malformed row is reported
-with file and line, and a file with any malformed row is refused before training starts.
+of the correct choice (an integer, or a string or whole float holding one). Completions,
+answers and choices are used exactly as written (start them with a space if the prompt
+does not end with one). Files are UTF-8 (a byte-order mark is allowed); JSONL lines are
+split at ``\n`` only, so a string may hold any other line separator (U+2028...). Every
+malformed row is reported with file and line, and a file with any malformed row is
+refused before training starts: every problem raises :class:`~lofit.datafiles.DataError`.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..datafiles import DataError, require_file
+from ..datafiles import DataError, parse_json, read_text, short_repr, shorten
 from ..multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 from .base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference
 
@@ -30,23 +33,19 @@ SCHEMAS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "
 MAX_REPORTED = 20
 
 
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs of a .jsonl or .csv file."""
-    require_file(path)
+def read_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, row) pairs of a .jsonl or .csv file (blank JSONL lines skipped)."""
+    if path.suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{path}: data files must end in .jsonl or .csv")
+    text = read_text(path)
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        return rows
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            return [(reader.line_num, row) for row in reader]
-    raise DataError(f"{path}: data files must end in .jsonl or .csv")
+        lines = enumerate(text.split("\n"), start=1)
+        return [(number, parse_json(line, f"{path}:{number}")) for number, line in lines if line.strip()]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV ({error})") from None  # the line being read
 
 
 def _schema_of(path: Path, rows: list[tuple[int, dict]]) -> str:
@@ -59,12 +58,39 @@ def _schema_of(path: Path, rows: list[tuple[int, dict]]) -> str:
         if all(c in first for c in columns):
             return name
     expected = "; ".join(" + ".join(c) for c in SCHEMAS.values())
-    raise DataError(f"{path}:{first_line}: fields {sorted(first)} match no schema (expected {expected})")
+    found = shorten(str(sorted(str(name) for name in first if name is not None)))  # None: csv's surplus cells
+    raise DataError(f"{path}:{first_line}: fields {found} match no schema (expected {expected})")
+
+
+def _label(value: Any) -> int | None:
+    """``value`` as a choice index: an integer, a string holding one, or a whole float; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, int) else None
+
+
+def _choices(value: Any) -> list | None:
+    """``value`` as a list: a list as is, a string parsed as a JSON array; else None."""
+    if isinstance(value, str):
+        try:
+            value = parse_json(value, "choices")
+        except DataError:
+            return None
+    return value if isinstance(value, list) else None
 
 
 def _row_problem(row: Any, schema: str) -> str | None:
     if not isinstance(row, dict):
         return "expected an object with named fields"
+    if None in row:  # csv.DictReader files a row's cells beyond the header under None
+        return "more cells than the header has columns"
     missing = [c for c in SCHEMAS[schema] if c not in row or row[c] in (None, "")]
     if missing:
         return f"missing {', '.join(missing)}"
@@ -72,18 +98,14 @@ def _row_problem(row: Any, schema: str) -> str | None:
     if any(not isinstance(row[c], str) for c in text_columns):
         return f"{', '.join(text_columns)} must be strings"
     if schema == "multiple_choice":
-        choices = row["choices"]
-        if isinstance(choices, str):
-            try:
-                choices = json.loads(choices)
-            except json.JSONDecodeError:
-                return "choices must be a JSON array of strings"
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        choices = _choices(row["choices"])
+        if choices is None:
+            return "choices must be a JSON array of strings"
+        if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             return "choices must be a list of at least two non-empty strings"
-        try:
-            label = int(row["label"])
-        except (TypeError, ValueError):
-            return f"label must be an integer, got {row['label']!r}"
+        label = _label(row["label"])
+        if label is None:
+            return f"label must be an integer, got {short_repr(row['label'])}"
         if not 0 <= label < len(choices):
             return f"label {label} is not an index of the {len(choices)} choices"
         row["choices"], row["label"] = choices, label

@@ -1,0 +1,103 @@
+"""Where and in which precision lofit runs: devices, dtypes, mixed precision, memory.
+
+One dataclass, :class:`ComputeConfig`, shared by the Python API and every command that
+loads a model (``--device``, ``--dtype``, ``--device-map``, ``--mixed-precision``,
+``--gradient-accumulation-steps``, ``--gradient-checkpointing``).
+
+- ``device="auto"`` is the best device this process can use: under ``torchrun`` or
+  ``accelerate launch`` the process's own device (``cuda:LOCAL_RANK`` or the CPU),
+  otherwise CUDA, then MPS, then the CPU.
+- ``dtype="auto"`` is float32 on the CPU (CPU training wants it) and the checkpoint's own
+  dtype on an accelerator (a GGUF file de-quantises to float32).
+- ``device_map`` (e.g. ``"auto"``) spreads one model over several devices with
+  ``accelerate``'s big-model loading; it replaces ``device``.
+- ``mixed_precision`` runs forward passes under autocast (bf16 or fp16) while the
+  adapter's trainable tensors stay float32 (master weights).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class ComputeConfig:
+    """Placement, precision and memory options of a run (see the module docstring)."""
+
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (default: auto, the best available)"})
+    dtype: str = field(default="auto", metadata={"help": "weights' dtype: auto, float32, bfloat16 or float16 (default: auto: float32 on CPU, the checkpoint's on a GPU)"})
+    device_map: str | None = field(default=None, metadata={"help": "spread the model over devices, e.g. auto (accelerate's big-model loading; replaces --device)"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "autocast forward passes: no, bf16 or fp16 (fp16 needs a GPU); adapters stay float32 (default: accelerate launch's setting, else no)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "split each process's share of a batch into this many micro-batches (same result, less memory)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the frozen layers' activations in the backward pass (less memory, same gradients)"})
+    prefix_cache_mb: int = field(default=1024, metadata={"help": "memory for the frozen-prefix cache: hidden states below the first trained layer, computed once per training sequence (0: off)"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch training examples of similar length together (less padding; batches in seeded random order)"})
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got {self.mixed_precision!r}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0; got {self.prefix_cache_mb}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
+        if self.mixed_precision == "fp16" and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+            raise ValueError("--mixed-precision fp16 needs a GPU; on the CPU use bf16")
+        if self.device_map is not None and self.device not in ("auto",):
+            raise ValueError("give either --device or --device-map, not both: a device map places the model itself")
+
+
+def check_device(spec: str) -> None:
+    """Refuse a device name that is not auto, cpu, mps, cuda or cuda:N."""
+    index = spec.removeprefix("cuda:")
+    if spec not in ("auto", "cpu", "cuda", "mps") and not (spec.startswith("cuda:") and index.isdigit()):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {spec!r}")
+
+
+def process_is_distributed() -> bool:
+    """Whether this process was started by torchrun / accelerate launch with several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device for ``spec``; ``auto`` is this process's best device (see module docstring)."""
+    check_device(spec)
+    if spec == "auto":
+        if process_is_distributed():
+            from .distributed import process_state
+
+            return process_state().device
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} was asked for, but this torch has no CUDA device (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but MPS is not available here")
+    return device
+
+
+def resolve_dtype(spec: str | torch.dtype, device: torch.device | None) -> torch.dtype | str:
+    """The weights' dtype: a torch dtype, or ``"auto"`` (the checkpoint's) on an accelerator."""
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {spec!r}")
+    if spec == "auto":
+        return torch.float32 if device is None or device.type == "cpu" else "auto"
+    return DTYPES[spec]
