@@ -1,12 +1,10 @@
-"""Determinism, the head ranking, the L1 term, and compatibility with transformers.Trainer."""
+"""Determinism, the head ranking and the L1 term (transformers.Trainer: tests/test_trainer.py)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import Trainer, TrainingArguments
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.batching import collate
 from lofit.objectives import SFT
 from lofit.steps import HeadRanking, select_heads, tune_biases
 
@@ -52,21 +50,6 @@ def test_l1_penalty_is_lambda_times_sum_of_absolute_scales():
         lofit_model.lofit_scale.fill_(-2.0)
     lofit_model.set_active_heads([(0, 0), (1, 1)])
     assert lofit_model.l1_penalty().item() == 0.25 * 2 * 2 * lofit_model.layout.head_dim
-
-
-def test_transformers_trainer_trains_the_wrapper(tmp_path):
-    lofit_model = get_lofit_model(tiny_model("llama"), LofitConfig(l1_lambda=1e-3))
-    lofit_model.train_only("scale")
-    batch = collate(synthetic_pairs(8), PAD)
-    labels = torch.where(torch.roll(batch.score_mask, 1, dims=1), batch.input_ids, -100)
-    rows = [{"input_ids": i, "attention_mask": m, "labels": l} for i, m, l in zip(batch.input_ids, batch.attention_mask, labels)]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-2,
-                             save_strategy="no", report_to=[], use_cpu=True, logging_steps=1)
-    before = {n: p.detach().clone() for n, p in lofit_model.base_model.named_parameters()}
-    result = Trainer(model=lofit_model, args=args, train_dataset=rows).train()
-    assert result.global_step == 4
-    assert lofit_model.lofit_scale.detach().abs().sum() > 0
-    assert all(torch.equal(p, before[n]) for n, p in lofit_model.base_model.named_parameters())
 
 
 def test_forward_adds_l1_term_to_the_loss_while_scales_train():

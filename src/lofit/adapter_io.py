@@ -4,8 +4,9 @@ An adapter directory holds:
 
 - ``adapter_model.safetensors``: ``heads`` (K, 2) int64 (layer, head) pairs in ranking
   order, and ``lofit_scale`` / ``lofit_bias`` (K, head_dim): A and v of those heads only.
-- ``adapter_config.json``: the base model's identity and geometry, the hyper-parameters,
-  the selected heads and any metrics.
+- ``adapter_config.json``: the base model's identity (its portable name and the fingerprint
+  of its weights, see :mod:`lofit.identity`) and geometry, the hyper-parameters, the
+  selected heads and any metrics.
 - ``README.md``: a short model card.
 
 Saving writes the three files into a staging folder and moves them into place (see
@@ -16,7 +17,9 @@ before it touches the model: a missing file raises ``FileNotFoundError``; any ot
 problem (a truncated or foreign weights file, bad JSON, a missing or mistyped field, a
 tensor of the wrong dtype, shape or with non-finite values) raises :class:`AdapterError`
 naming the file, and :class:`AdapterMismatchError` (a subclass) when the adapter was made
-for a model of another type or shape. A refused load leaves the base model as it was.
+for a model of another type or shape. A refused load leaves the base model as it was. An
+adapter made for a model of the same shape but with another fingerprint loads with a
+``UserWarning`` naming both models.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .architectures import HeadLayout, head_layout
 from .atomic import save_safetensors, staged_folder, write_json, write_text
 from .config import LofitConfig
 from .datafiles import finite_number, short_repr, shorten
+from .identity import identity, identity_problem, warn_if_other_weights
 
 if TYPE_CHECKING:
     from .model import LofitModel
@@ -163,10 +167,9 @@ def save_adapter(model: "LofitModel", directory: Path, metrics: dict | None = No
         "lofit_scale": model.lofit_scale.detach()[layers, head_ids].float().cpu().contiguous(),
         "lofit_bias": model.lofit_bias.detach()[layers, head_ids].float().cpu().contiguous(),
     }
-    base_name = getattr(model.base_model, "name_or_path", "") or ""
     config = {
         "lofit_version": __version__,
-        "base_model": base_name,
+        **identity(model.base_model),
         **_geometry(model.layout),
         "selected_heads": [list(pair) for pair in heads],
         "lofit_config": model.lofit_config.to_dict(),
@@ -187,11 +190,11 @@ def _model_card(config: dict) -> str:
     return (
         f"# LoFiT adapter\n\n"
         f"A [LoFiT](https://arxiv.org/abs/2406.01563) adapter for `{config['base_model'] or 'an unnamed model'}` "
-        f"(model_type `{config['model_type']}`): per-head biases (and scales) on {k} of {total} attention heads, "
-        f"{k} x {config['head_dim']} numbers per tensor.\n\n"
+        f"(model_type `{config['model_type']}`, weights fingerprint `{config['base_model_fingerprint']}`): per-head "
+        f"biases (and scales) on {k} of {total} attention heads, {k} x {config['head_dim']} numbers per tensor.\n\n"
         f"Heads (layer.head, best first): {heads}{more}\n\n## Metrics\n{metrics}\n\n"
-        f"## Use\n```python\nimport lofit\nmodel, tokenizer = lofit.load_model(...)\n"
-        f"model = lofit.LofitModel.from_pretrained(model, 'this/folder')\n```\n\n"
+        f"## Use\n```python\nimport lofit\nmodel, tokenizer = lofit.load_model({config['base_model'] or '...'!r})\n"
+        f"model = lofit.LofitModel.from_pretrained(model, 'this/folder')  # or the hub id it was pushed to\n```\n\n"
         f"Made with lofit {config['lofit_version']}.\n"
     )
 
@@ -199,7 +202,8 @@ def _model_card(config: dict) -> str:
 # -- loading ------------------------------------------------------------------------------------------
 def read_adapter_config(directory: Path) -> dict:
     """The checked adapter_config.json of ``directory``: an object with ``lofit_config`` and
-    the geometry fields (model_type a string, the sizes integers)."""
+    the geometry fields (model_type a string, the sizes integers; ``base_model`` and
+    ``base_model_fingerprint``, when present, strings)."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no LoFiT adapter in {directory}: {CONFIG_NAME} is missing")
@@ -212,6 +216,9 @@ def read_adapter_config(directory: Path) -> dict:
     for key in GEOMETRY_KEYS[1:]:
         if not _KINDS["int"](config[key]):
             raise AdapterError(f"{path}: {key} must be an integer, got {short_repr(config[key])}")
+    problem = identity_problem(config)
+    if problem:
+        raise AdapterError(f"{path}: {problem}")
     return config
 
 
@@ -257,6 +264,7 @@ def load_adapter(base_model: PreTrainedModel, directory: Path) -> "LofitModel":
     _check_geometry(config, layout, directory)
     lofit_config = options_from_json(LofitConfig, config["lofit_config"], directory / CONFIG_NAME, "lofit_config")
     heads, scale, bias = _read_adapter_tensors(directory, layout)
+    warn_if_other_weights(config, base_model, directory / CONFIG_NAME)
     model = LofitModel(base_model, lofit_config)
     model.set_active_heads(heads)
     if heads:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +19,10 @@ from .comparison import METRIC_SUFFIXES, comparison_table, run_compare
 from .compute import ComputeConfig
 from .config import LofitConfig
 from .methods import METHOD_CONFIGS, METHODS, get_method
+from .experiments import shipped_grids
+from .experiments.command import run_experiment_command
+from .experiments.report import write_report
+from .options import build_config, field_type
 from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
 from .plots import head_heatmap
 from .steps import HeadRanking
@@ -28,18 +30,11 @@ from .tasks import TASKS
 from .training import NonFiniteLossError
 
 
-def _field_type(cls: type, name: str) -> type:
-    hint = typing.get_type_hints(cls)[name]
-    if isinstance(hint, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     for f in fields(cls):
         option = "--" + f.name.replace("_", "-")
-        kind = _field_type(cls, f.name)
+        kind = field_type(cls, f.name)
         help_text = f.metadata.get("help", "")
         if "default" not in help_text:
             help_text += f" (default: {f.default if f.default is not MISSING else None})"
@@ -74,24 +69,6 @@ def _load_yaml(path: str) -> dict[str, Any]:
         else:
             flat[str(key)] = value
     return flat
-
-
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    """``cls`` from ``values`` (YAML values converted to each field's type, e.g. "5e-2" -> 0.05)."""
-    names = {f.name for f in fields(cls)}
-    converted = {}
-    for name, value in values.items():
-        if name in names:
-            kind = _field_type(cls, name)
-            if value is None and type(None) not in typing.get_args(typing.get_type_hints(cls)[name]):
-                raise ValueError(f"option {name} must be of type {kind.__name__}, got None")
-            if kind is bool and not isinstance(value, bool):
-                raise ValueError(f"option {name} must be true or false, got {value!r}")
-            try:
-                converted[name] = value if value is None or isinstance(value, kind) else kind(value)
-            except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"option {name} must be of type {kind.__name__}, got {value!r}") from None
-    return cls(**converted)
 
 
 OPTION_OWNERS: dict[str, str] = {f.name: name for name, method in METHODS.items() if method.config_class
@@ -135,14 +112,14 @@ def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig, ComputeC
     problems, built = [], []
     for cls in (RunConfig, LofitConfig, ComputeConfig):
         try:
-            built.append(_build(cls, values))
+            built.append(build_config(cls, values))
         except ValueError as error:
             problems.append(str(error))
     method_configs: dict[str, object | None] = {}
     for name in methods:
         try:
             config_class = get_method(name).config_class
-            method_configs[name] = _build(config_class, values) if config_class is not None else None
+            method_configs[name] = build_config(config_class, values) if config_class is not None else None
         except (ValueError, TypeError) as error:
             problems.append(str(error))
     if problems:
@@ -200,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default="zero-shot,lofit,iti,repe,lora,red,reft",
                          help="comma-separated methods (default: zero-shot,lofit,iti,repe,lora,red,reft)")
     evaluate = command("eval", "Evaluate a model, zero-shot or with a saved adapter.", (RunConfig, ComputeConfig))
-    evaluate.add_argument("--adapter", help="adapter folder to apply")
+    evaluate.add_argument("--adapter", help="adapter folder to apply (with --harness-tasks also a hub id)")
+    evaluate.add_argument("--harness-tasks", help="comma-separated lm-evaluation-harness tasks to run instead of --task "
+                          "(needs lofit[eval]; see docs/harness.md)")
+    evaluate.add_argument("--harness-include", help="folder of harness task YAML files to add (lm-eval's include path)")
     merge = commands.add_parser("merge", help="Fold an adapter into the model and save a plain transformers checkpoint.")
     merge.add_argument("--model", default="default", help="base model the adapter was trained on (default: default)")
     merge.add_argument("--adapter", required=True, help="adapter folder")
@@ -208,6 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     for option in ("device", "dtype", "device_map"):
         compute_field = next(f for f in fields(ComputeConfig) if f.name == option)
         merge.add_argument("--" + option.replace("_", "-"), dest=option, default=compute_field.default, help=compute_field.metadata["help"])
+    experiment = commands.add_parser("experiment", help="Run one of the paper's experiments (a grid of cells), resumably; write results.jsonl and a report.",
+                                     description="Experiments: " + ", ".join(sorted(shipped_grids())) + ". See docs/experiments.md.")
+    experiment.add_argument("name", nargs="?", help="the experiment (or give --grid FILE)")
+    experiment.add_argument("--grid", help="a grid YAML file of your own, instead of NAME")
+    experiment.add_argument("--model", help="the model of every cell (default: the grid's, else default)")
+    experiment.add_argument("--tasks", help="comma-separated tasks (default: the grid's)")
+    experiment.add_argument("--seeds", help="comma-separated seeds (default: the grid's)")
+    experiment.add_argument("--heads", help="table2: comma-separated head selectors (default: the grid's)")
+    experiment.add_argument("--train-size", help="data-efficiency: comma-separated training set sizes (default: the grid's)")
+    experiment.add_argument("--output-dir", help="experiment folder (default: runs/experiments/<name>-<model>)")
+    experiment.add_argument("--limit", type=int, help="a smoke run: evaluate every cell on its first N examples only")
+    experiment.add_argument("--data-dir", help="data folder (default: $LOFIT_DATA)")
+    experiment.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                            help="an option for every cell, e.g. --option mixed_precision=bf16 (repeatable)")
+    experiment.add_argument("--tune", action="store_true", help="choose each arm's hyper-parameters on the validation split first")
+    experiment.add_argument("--dry-run", action="store_true", help="list the cells, which are done, and estimated times; run nothing")
+    experiment.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    report = commands.add_parser("report", help="Rebuild an experiment's report.md, report.csv and figures from its results.jsonl.")
+    report.add_argument("folder", help="the experiment folder")
     heads = commands.add_parser("heads", help="Print a saved head ranking and write its layers x heads heatmap.")
     heads.add_argument("ranking", help="head_ranking.json, or a run folder holding one")
     heads.add_argument("--top", type=int, default=20, help="how many heads to print and outline (default: 20)")
@@ -226,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = Path(args.output) if args.output else path.parent / "heads.png"
             head_heatmap(ranking.scores, ranking.top(min(args.top, len(ranking.order))), output)
             print(f"heatmap: {output}")
+        elif args.command == "experiment":
+            run_experiment_command(args)
+        elif args.command == "report":
+            print(f"report: {write_report(Path(args.folder))}")
         elif args.command == "merge":
             compute = ComputeConfig(device=args.device, dtype=args.dtype, device_map=args.device_map)
             run_merge(args.model, Path(args.adapter), Path(args.output_dir), compute)
@@ -244,6 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summaries, folder = run_compare(run, lofit, list(method_configs), method_configs, compute)
                 print(comparison_table(summaries))
                 print(f"comparison folder: {folder}")
+            elif args.command == "eval" and args.harness_tasks:
+                from .harness import harness_command  # lm-eval is optional: imported only when asked for
+
+                harness_command(args.harness_tasks, run.model, args.adapter, args.harness_include, compute,
+                                run.eval_batch_size, run.limit, run.chat_template, run.output_dir)
             elif args.command == "eval":
                 _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None, compute))
     except (FileNotFoundError, ValueError) as error:

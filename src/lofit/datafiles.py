@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 DATA_ENV = "LOFIT_DATA"
+TASK_FOLDERS = ("clutrr", "truthfulqa", "mquake")
+"""The built-in tasks' sub-folders of the data folder."""
+HOW_TO_GET_DATA = ("the built-in tasks read the LoFiT paper's splits, published in the folder dataset/ of "
+                   "https://github.com/fc2869/lo-fit: download that folder, rename its MQuAKE/ to mquake/, and pass it "
+                   "with --data-dir or the LOFIT_DATA environment variable (see docs/data.md)")
 
 
 class DataError(ValueError):
@@ -21,13 +26,15 @@ class DataError(ValueError):
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """``data_dir`` if given, else ``$LOFIT_DATA``; it must be an existing folder."""
+    """``data_dir`` if given, else ``$LOFIT_DATA``; it must be an existing folder. The error
+    for a missing one says where the data come from (:data:`HOW_TO_GET_DATA`)."""
     chosen = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
     if not chosen:
-        raise DataError(f"no data folder: pass --data-dir or set {DATA_ENV} (the folder holding clutrr/, truthfulqa/, mquake/)")
+        raise DataError(f"no data folder: pass --data-dir or set {DATA_ENV} (the folder holding clutrr/, truthfulqa/, "
+                        f"mquake/); {HOW_TO_GET_DATA}")
     path = Path(chosen)
     if not path.is_dir():
-        raise DataError(f"data folder {path} does not exist")
+        raise DataError(f"data folder {path} does not exist; {HOW_TO_GET_DATA}")
     return path
 
 
@@ -52,8 +59,11 @@ def finite_number(value: Any) -> bool:
 
 
 def require_file(path: Path) -> Path:
+    """``path`` if it is a file; else a DataError, which for a file of a built-in task's
+    folder (:data:`TASK_FOLDERS`) also says where the data come from."""
     if not path.is_file():
-        raise DataError(f"data file {path} is missing")
+        hint = f"; {HOW_TO_GET_DATA}" if path.parent.name in TASK_FOLDERS else ""
+        raise DataError(f"data file {path} is missing{hint}")
     return path
 
 

@@ -10,6 +10,10 @@
 
 GGUF weights are de-quantised to float on load; the model is then a plain float model
 and is marked as such so that training (including ``transformers.Trainer``) accepts it.
+
+The name the model was loaded by is recorded as ``model.lofit_base_name`` (reduced to a
+name that means the same on another machine, see :func:`lofit.identity.portable_name`):
+saved adapters record it as their base model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .compute import resolve_device, resolve_dtype
+from .identity import portable_name
 
 DEFAULT_MODEL = "default"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,5 +138,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.lofit_base_name = portable_name(name_or_path)
     model.eval()
     return model, tokenizer

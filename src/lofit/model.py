@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,12 @@ class LofitModel(InterventionModel):
 
     Attribute access falls through to the base model, so a LofitModel is used like the
     model it wraps: ``forward``, ``generate``, ``config``, ``transformers.Trainer``.
+
+    ``state_dict()`` is the adapter alone (``lofit_scale``, ``lofit_bias``,
+    ``active_heads``): the frozen base model's weights are not part of a LofitModel's state,
+    and ``load_state_dict`` does not report them missing. ``transformers.Trainer`` saves a
+    model that is not a ``PreTrainedModel`` by its state dict and resumes with
+    ``load_state_dict``, so its checkpoints hold the adapter only (docs/trainer.md).
     """
 
     def __init__(self, base_model: PreTrainedModel, config: LofitConfig | None = None):
@@ -55,6 +62,8 @@ class LofitModel(InterventionModel):
             )
             for layer, proj in enumerate(self.layout.out_projs)
         ]
+        self.register_state_dict_post_hook(_drop_base_weights)
+        self.register_load_state_dict_post_hook(_base_weights_not_missing)
 
     # -- the intervention -------------------------------------------------------------
     def effective_params(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +138,24 @@ class LofitModel(InterventionModel):
 
         save_adapter(self, Path(directory), metrics)
 
-    @classmethod
-    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | Path) -> "LofitModel":
-        """Wrap ``base_model`` and load the adapter saved in ``directory`` (no unpickling)."""
-        from .adapter_io import load_adapter
+    def push_to_hub(self, repo_id: str, metrics: dict | None = None, **hub_options: Any) -> str:
+        """Save the adapter into a temporary folder and upload it to the hub repository
+        ``repo_id``; ``hub_options`` and the return value are :func:`lofit.hub.push_to_hub`'s."""
+        from .hub import push_to_hub
 
-        return load_adapter(base_model, Path(directory))
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, metrics)
+            return push_to_hub(folder, repo_id, **hub_options)
+
+    @classmethod
+    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | Path, revision: str | None = None,
+                        token: str | None = None) -> "LofitModel":
+        """Wrap ``base_model`` and load the adapter saved in ``directory``, a local folder or a
+        hub id (downloaded, see :func:`lofit.hub.adapter_folder`); no unpickling."""
+        from .adapter_io import load_adapter
+        from .hub import adapter_folder
+
+        return load_adapter(base_model, adapter_folder(directory, revision=revision, token=token))
 
     # Merging: merge() folds the adapter into the attention output projections in place and
     # keeps what unmerge() needs to restore them exactly (the original scaled columns and
@@ -186,6 +207,22 @@ class LofitModel(InterventionModel):
                 f"{action}() is refused: this LofitModel already gave its base model back (merge_and_unload() or "
                 f"unload()); wrap the model again or load the adapter again to {action}"
             )
+
+
+def _drop_base_weights(module: LofitModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: leave the frozen base model's tensors out."""
+    for key in [key for key in state_dict if key.startswith(prefix + "base_model.")]:
+        del state_dict[key]
+
+
+def _base_weights_not_missing(module: LofitModel, incompatible_keys: Any) -> None:
+    """Load post-hook: the base model's tensors are not expected in a LofitModel's state dict."""
+    base_keys = {f"base_model.{name}" for name in module.base_model.state_dict()}
+
+    def is_base(key: str) -> bool:
+        return key in base_keys or any(key[i + 1:] in base_keys for i, char in enumerate(key) if char == ".")
+
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not is_base(key)]
 
 
 def get_lofit_model(model: PreTrainedModel, config: LofitConfig | None = None) -> LofitModel:

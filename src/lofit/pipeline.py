@@ -1,5 +1,12 @@
 """The jobs behind the command line: select, tune, run, evaluate, merge.
 
+The unit of work is :func:`run_cell`: one resolved configuration (:class:`CellConfig`)
+fitted and evaluated into one run folder, returning its summary. ``lofit run`` is one
+cell per fold, ``lofit compare`` one per method, and ``lofit experiment`` one per grid
+point. A cell may borrow an already loaded model (a :data:`ModelSource`); whatever it
+attached to that model (hooks, LoRA layers) is removed when it ends, so the next cell
+starts from the clean base model.
+
 Each writes into a run folder:
 
 - ``adapter/``: the method's result (LoFiT: safetensors + JSON config + model card);
@@ -17,33 +24,37 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import yaml
+from torch import nn
 
 from .atomic import write_json, write_text
 from .compute import ComputeConfig
 from .config import LofitConfig
 from .distributed import is_main_process, wait_for_everyone
-from .head_selection import rank_heads, ranking_from_file
-from .methods import FitContext, FitResult, get_method, load_adapted, saved_method
+from .head_selection import ranking_from_file
+from .methods import METHODS, FitContext, FitResult, get_method, load_adapted, saved_method
 from .methods.base import METHOD_FILE, read_method_file
+from .methods.lofit_method import HeadAdapterMethod, select_step, tune_step
 from .datafiles import resolve_data_dir
 from .loading import load_model
 from .merge import save_merged
 from .model import LofitModel, get_lofit_model
 from .plots import head_heatmap
 from .objectives import Objective, build_objective
-from .steps import HeadRanking, tune_biases
+from .steps import HeadRanking
 from .training import CheckpointPolicy, TrainingSetup, make_accelerator
 from .tasks import Evaluation, get_task
+from .wrapper import InterventionModel
 
 
 @dataclass
 class RunConfig:
     """What to train and evaluate, and where to write it."""
 
-    task: str = field(default="clutrr", metadata={"help": "task name, or a .jsonl/.csv training file of your own (see docs/data.md)"})
-    eval_file: str | None = field(default=None, metadata={"help": "with a file task: the .jsonl/.csv file to evaluate on (default: the task file)"})
+    task: str = field(default="clutrr", metadata={"help": "task name, or data of your own: a .jsonl/.csv/.parquet file or a datasets dataset (owner/name[:split] or a folder; see docs/data.md)"})
+    eval_file: str | None = field(default=None, metadata={"help": "with your own data: the file or dataset to evaluate on (default: the training data)"})
     match: str = field(default="exact", metadata={"help": "with a file task of prompt/completion rows: 'exact' or 'contains' (default: exact)"})
     method: str = field(default="lofit", metadata={"help": "lofit, zero-shot, iti, repe, lora, red or reft (default: lofit)"})
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M), 'gemma3-270m', a folder, a .gguf file or a hub id"})
@@ -78,13 +89,31 @@ class RunConfig:
         if self.output_dir:
             return Path(self.output_dir)
         model_name = Path(self.model).name.removesuffix(".gguf").replace("/", "_")
-        task_name = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task
+        is_file = self.task.endswith((".jsonl", ".csv", ".parquet"))  # a dataset id owner/name[:split] becomes owner_name_split
+        task_name = Path(self.task).stem if is_file else self.task.replace("/", "_").replace(":", "_")
         method = "" if self.method == "lofit" else f"-{self.method}"
         return Path("runs") / f"{task_name}-{model_name}{method}"
 
 
 RESUME_IGNORES = ("resume", "progress", "save_steps", "eval_batch_size", "limit")
 """Run options that may change between an interrupted run and its resumption."""
+
+ModelSource = Callable[[str, ComputeConfig], tuple]
+"""Gives the (model, tokenizer) of a model name under a compute config."""
+
+
+def load_fresh(name: str, compute: ComputeConfig) -> tuple:
+    """The :data:`ModelSource` of a single command: load the model from disk."""
+    return load_model(name, compute.dtype, compute.device, compute.device_map)
+
+
+def release(adapted: nn.Module) -> None:
+    """Take ``adapted``'s adapter off its base model: hooks removed and ``requires_grad``
+    restored (hook-based methods), LoRA layers replaced by the original modules (peft)."""
+    if isinstance(adapted, InterventionModel):
+        adapted.unload()
+    elif hasattr(adapted, "peft_config") and hasattr(adapted, "unload"):
+        adapted.unload()
 
 
 class Job:
@@ -95,7 +124,8 @@ class Job:
     """
 
     def __init__(self, run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None,
-                 needs: tuple[str, ...] = ("train", "eval"), method_options: dict | None = None):
+                 needs: tuple[str, ...] = ("train", "eval"), method_options: dict | None = None,
+                 models: ModelSource = load_fresh):
         self.run = run
         self.lofit = lofit
         self.compute = compute or ComputeConfig()
@@ -112,7 +142,7 @@ class Job:
             HeadRanking.load(lofit.heads_file)  # a missing or malformed file is refused before the model loads
         if run.resume:
             self._check_resumable()
-        self.model, self.tokenizer = load_model(run.model, self.compute.dtype, self.compute.device, self.compute.device_map)
+        self.model, self.tokenizer = models(run.model, self.compute)
         if run.chat_template:
             self.task.chat_tokenizer = self.tokenizer
 
@@ -166,21 +196,20 @@ class Job:
             ranking.save(self.output_dir / "head_ranking.json")
             head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
 
+    def context(self, examples: list, setup: TrainingSetup) -> FitContext:
+        return FitContext(self.model, self.tokenizer, examples, self.lofit, self.run.beta, self.run.progress, setup)
+
     def select(self, lofit_model: LofitModel, examples: list, objective: Objective, setup: TrainingSetup) -> HeadRanking:
-        """Rank heads with the configured selector (``--heads``)."""
-        start = time.perf_counter()
-        ranking, log = rank_heads(self.lofit.heads, lofit_model, self.tokenizer, examples, objective, self.lofit.heads_file,
-                                  self.run.progress, setup)
-        self.timings["select_seconds"] = time.perf_counter() - start
+        """Rank heads with the configured selector (``--heads``), as LoFiT's fit does."""
+        ranking, log, seconds = select_step(lofit_model, self.context(examples, setup), objective)
+        self.timings["select_seconds"] = seconds
         self.timings["select_losses"] = log.epoch_losses
         self.save_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
     def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking, setup: TrainingSetup) -> None:
-        start = time.perf_counter()
-        heads = ranking.top(self.lofit.num_heads_to_tune(len(ranking.order)))
-        log = tune_biases(lofit_model, objective, heads, self.run.progress, setup)
-        self.timings["tune_seconds"] = time.perf_counter() - start
+        log, seconds = tune_step(lofit_model, self.context(self.train_examples(), setup), objective, ranking)
+        self.timings["tune_seconds"] = seconds
         self.timings["tune_losses"] = log.epoch_losses
 
     def evaluate(self, model) -> Evaluation:
@@ -211,14 +240,18 @@ def _summary(job: Job, evaluation: Evaluation | None, adapted: object | None, tr
     return summary | job.timings
 
 
-def run_select(run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None) -> HeadRanking:
+def run_select(run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None,
+               models: ModelSource = load_fresh) -> HeadRanking:
     """Step 1 only: write head_ranking.json and heads.png."""
-    job = Job(run, lofit, compute, needs=("train",))
+    job = Job(run, lofit, compute, needs=("train",), models=models)
     setup = job.training_setup()
     job.write_config()
     lofit_model = get_lofit_model(job.model, lofit)
-    examples = job.train_examples()
-    ranking = job.select(lofit_model, examples, build_objective(lofit_model, job.tokenizer, examples, run.beta), setup)
+    try:
+        examples = job.train_examples()
+        ranking = job.select(lofit_model, examples, build_objective(lofit_model, job.tokenizer, examples, run.beta), setup)
+    finally:
+        release(lofit_model)
     wait_for_everyone()
     return ranking
 
@@ -240,19 +273,20 @@ def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path, compute: Co
 
 
 def run_all(run: RunConfig, lofit: LofitConfig, method_config: object | None = None,
-            compute: ComputeConfig | None = None) -> dict:
+            compute: ComputeConfig | None = None, models: ModelSource = load_fresh) -> dict:
     """Fit ``run.method`` (LoFiT's two steps by default), then evaluate: write the whole run
     folder; return the metrics.
 
     With ``fold="all"`` each fold runs in its own sub-folder and the summary reports the
     mean of each metric over the folds, as the paper does for TruthfulQA.
     """
+    compute = compute or ComputeConfig()
     folds = run.folds()
     if len(folds) == 1:
-        return _run_one(run, lofit, method_config, compute)
+        return run_cell(CellConfig(run, lofit, compute, method_config), models)
     base = run.resolved_output_dir()
-    summaries = [_run_one(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit, method_config, compute)
-                 for k in folds]
+    summaries = [run_cell(CellConfig(replace(run, fold=str(k), output_dir=str(base / f"fold_{k}")), lofit, compute, method_config),
+                          models) for k in folds]
     mean = {key: sum(s[key] for s in summaries) / len(summaries)
             for key, value in summaries[0].items() if key.startswith(f"{run.eval_split}_") and isinstance(value, float)}
     summary = {"task": run.task, "model": run.model, "method": run.method, "run_folder": str(base), "folds": summaries}
@@ -262,28 +296,48 @@ def run_all(run: RunConfig, lofit: LofitConfig, method_config: object | None = N
     return summary
 
 
-def _run_one(run: RunConfig, lofit: LofitConfig, method_config: object | None, compute: ComputeConfig | None) -> dict:
-    """Fit, write the adapter, then evaluate: a crash in evaluation loses no training."""
+@dataclass
+class CellConfig:
+    """One fully resolved unit of work: what to run (one fold), how to fit it, where to compute it."""
+
+    run: RunConfig
+    lofit: LofitConfig = field(default_factory=LofitConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    method: object | None = None
+    """The config dataclass of ``run.method`` (None: its defaults, or a method without options)."""
+
+
+def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
+    """Fit ``cell.run.method``, write the adapter, then evaluate: one run folder, its summary
+    returned. A crash in evaluation loses no training. The adapter is taken off the model
+    (:func:`release`) when the cell ends, finished or not."""
+    run, lofit, compute = cell.run, cell.lofit, cell.compute
+    if len(run.folds()) != 1:
+        raise ValueError("a cell evaluates one fold; run_all runs --fold all fold by fold")
     start = time.perf_counter()
-    method = get_method(run.method, method_config)
-    job = Job(run, lofit, compute, method_options=method.options())
+    method = get_method(run.method, cell.method)
+    job = Job(run, lofit, compute, method_options=method.options(), models=models)
     setup = job.training_setup()
     job.write_config()
     fit_start = time.perf_counter()
-    context = FitContext(job.model, job.tokenizer, job.train_examples(), lofit, run.beta, run.progress, setup)
-    result: FitResult = method.fit(context)
-    job.timings["fit_seconds"] = time.perf_counter() - fit_start
-    job.timings |= result.log
-    if result.ranking is not None:  # methods that rank heads return a LofitModel
-        job.save_ranking(result.ranking, len(result.model.selected_heads))
-    if is_main_process():
-        method.save(result, job.output_dir / "adapter", _summary(job, None, result.model, result.trained_parameters))
-    evaluation = job.evaluate(result.model)
-    job.timings["total_seconds"] = time.perf_counter() - start
-    summary = _summary(job, evaluation, result.model, result.trained_parameters)
-    if is_main_process():
-        method.save(result, job.output_dir / "adapter", summary)  # again, now with the evaluation's metrics
-    job.write_metrics(summary)
+    result: FitResult | None = None
+    try:
+        result = method.fit(job.context(job.train_examples(), setup))
+        job.timings["fit_seconds"] = time.perf_counter() - fit_start
+        job.timings |= result.log
+        if result.ranking is not None:  # methods that rank heads return a LofitModel
+            job.save_ranking(result.ranking, len(result.model.selected_heads))
+        if is_main_process():
+            method.save(result, job.output_dir / "adapter", _summary(job, None, result.model, result.trained_parameters))
+        evaluation = job.evaluate(result.model)
+        job.timings["total_seconds"] = time.perf_counter() - start
+        summary = _summary(job, evaluation, result.model, result.trained_parameters)
+        if is_main_process():
+            method.save(result, job.output_dir / "adapter", summary)  # again, now with the evaluation's metrics
+        job.write_metrics(summary)
+    finally:
+        if result is not None:
+            release(result.model)
     wait_for_everyone()
     return summary
 
@@ -307,9 +361,10 @@ def run_eval(run: RunConfig, adapter: Path | None, compute: ComputeConfig | None
 def run_merge(model_name: str, adapter: Path, output_dir: Path, compute: ComputeConfig | None = None) -> None:
     """Fold an adapter into the model and save a plain transformers checkpoint."""
     method = saved_method(adapter)
-    if method not in ("lofit", "iti"):
-        raise ValueError(f"{adapter} holds a {method} result; only LoFiT and ITI adapters (per-head biases) fold into the model")
+    if not issubclass(METHODS[method], HeadAdapterMethod):
+        mergeable = ", ".join(name for name, cls in METHODS.items() if issubclass(cls, HeadAdapterMethod))
+        raise ValueError(f"{adapter} holds a {method} result; only per-head bias adapters ({mergeable}) fold into the model")
     compute = compute or ComputeConfig()
-    model, tokenizer = load_model(model_name, compute.dtype, compute.device, compute.device_map)
+    model, tokenizer = load_fresh(model_name, compute)
     merged = LofitModel.from_pretrained(model, adapter).merge_and_unload()
     save_merged(merged, tokenizer, output_dir)

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapter_io import AdapterMismatchError, check_tensor, check_tensor_names, read_json_object, read_safetensors
+from ..adapter_io import AdapterError, AdapterMismatchError, check_tensor, check_tensor_names, read_json_object, read_safetensors
 from ..atomic import save_safetensors, write_json
 from ..datafiles import short_repr
+from ..identity import identity, identity_problem, warn_if_other_weights
 from ..config import LofitConfig
 from ..objectives import Objective, build_objective
 from ..steps import HeadRanking
@@ -111,21 +112,27 @@ def geometry(model: PreTrainedModel) -> dict:
 
 
 def write_method_file(directory: Path, method: Method, model: PreTrainedModel, metrics: dict | None) -> None:
-    """Write :data:`METHOD_FILE` (the method, the model's geometry, the options, ``metrics``) atomically."""
+    """Write :data:`METHOD_FILE` (the method, the base model's portable name and fingerprint, see
+    :mod:`lofit.identity`, its geometry, the options, ``metrics``) atomically."""
     from .. import __version__
 
-    record = {"method": method.name, "lofit_version": __version__, "base_model": getattr(model, "name_or_path", "") or "",
-              **geometry(model), "options": method.options(), "metrics": metrics or {}}
+    record = {"method": method.name, "lofit_version": __version__, **identity(model), **geometry(model),
+              "options": method.options(), "metrics": metrics or {}}
     write_json(directory / METHOD_FILE, record)
 
 
 def read_method_file(directory: Path) -> dict:
     """The JSON object in ``directory``'s :data:`METHOD_FILE`: FileNotFoundError when it is
-    absent, AdapterError when it is not UTF-8 JSON holding an object."""
+    absent, AdapterError when it is not UTF-8 JSON holding an object, or gives the base
+    model's name or fingerprint as something other than a string."""
     path = directory / METHOD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a result saved by lofit")
-    return read_json_object(path)
+    record = read_json_object(path)
+    problem = identity_problem(record)
+    if problem:
+        raise AdapterError(f"{path}: {problem}")
+    return record
 
 
 def check_training_options(method: str, lr: float, epochs: int | None) -> None:
@@ -136,7 +143,8 @@ def check_training_options(method: str, lr: float, epochs: int | None) -> None:
 
 
 def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> None:
-    """An AdapterMismatchError unless the saved ``record`` has ``model``'s type and sizes."""
+    """An AdapterMismatchError unless the saved ``record`` has ``model``'s type and sizes; then a
+    UserWarning when it was made for a model of another fingerprint (:mod:`lofit.identity`)."""
     expected = geometry(model)
     saved = {key: record.get(key) for key in expected}
     if saved != expected:
@@ -144,6 +152,7 @@ def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> Non
                                 if saved[key] != expected[key])
         raise AdapterMismatchError(f"{directory / METHOD_FILE}: the {short_repr(record.get('method'))} result was made for "
                                    f"another model (saved vs this model: {differences})")
+    warn_if_other_weights(record, model, directory / METHOD_FILE)
 
 
 def save_tensors(directory: Path, filename: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -11,7 +11,9 @@ from transformers import PreTrainedModel
 from ..atomic import staged_folder
 from ..head_selection import rank_heads
 from ..model import LofitModel, get_lofit_model
-from ..steps import tune_biases
+from ..objectives import Objective
+from ..steps import HeadRanking, tune_biases
+from ..training import TrainingLog
 from .base import FitContext, FitResult, Method, training_warnings, write_method_file
 
 
@@ -29,23 +31,35 @@ class HeadAdapterMethod(Method):
         return LofitModel.from_pretrained(model, directory)
 
 
+def select_step(model: LofitModel, context: FitContext, objective: Objective) -> tuple[HeadRanking, TrainingLog, float]:
+    """Rank ``model``'s heads with the selector ``context.lofit.heads`` (step 1 by default):
+    the ranking, the log of the training it took, and its wall time in seconds."""
+    config = context.lofit
+    start = time.perf_counter()
+    ranking, log = rank_heads(config.heads, model, context.tokenizer, context.examples, objective, config.heads_file,
+                              context.progress, context.setup)
+    return ranking, log, time.perf_counter() - start
+
+
+def tune_step(model: LofitModel, context: FitContext, objective: Objective, ranking: HeadRanking) -> tuple[TrainingLog, float]:
+    """Step 2 on the top K = ``num_heads_to_tune`` heads of ``ranking``: its log and wall time in seconds."""
+    start = time.perf_counter()
+    heads = ranking.top(context.lofit.num_heads_to_tune(len(ranking.order)))
+    log = tune_biases(model, objective, heads, context.progress, context.setup)
+    return log, time.perf_counter() - start
+
+
 class Lofit(HeadAdapterMethod):
     """Step 1 (or another head selector), then step 2 on the top K heads; options in LofitConfig."""
 
     name = "lofit"
 
     def fit(self, context: FitContext) -> FitResult:
-        config = context.lofit
-        model = get_lofit_model(context.model, config)
+        model = get_lofit_model(context.model, context.lofit)
         objective = context.objective(model)
-        start = time.perf_counter()
-        ranking, select_log = rank_heads(config.heads, model, context.tokenizer, context.examples, objective,
-                                         config.heads_file, context.progress, context.setup)
-        selected = time.perf_counter()
-        heads = ranking.top(config.num_heads_to_tune(len(ranking.order)))
-        log = tune_biases(model, objective, heads, context.progress, context.setup)
-        tuned = time.perf_counter()
+        ranking, select_log, select_seconds = select_step(model, context, objective)
+        tune_log, tune_seconds = tune_step(model, context, objective, ranking)
         return FitResult(model, model.num_adapter_parameters(), {
-            "select_seconds": selected - start, "tune_seconds": tuned - selected,
-            "select_losses": select_log.epoch_losses, "tune_losses": log.epoch_losses,
-        } | training_warnings(select_log, log), ranking)
+            "select_seconds": select_seconds, "tune_seconds": tune_seconds,
+            "select_losses": select_log.epoch_losses, "tune_losses": tune_log.epoch_losses,
+        } | training_warnings(select_log, tune_log), ranking)

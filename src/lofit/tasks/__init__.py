@@ -9,30 +9,25 @@ from .base import Evaluation, GenerationExample, GenerationTask, PromptCompletio
 from .clutrr import Clutrr
 from .mquake import MQuAKE
 from .truthfulqa import TruthfulQA
-from .user_file import UserFileTask
+from .user_file import UserFileTask, is_user_source
 
 TASKS: dict[str, type[Task]] = {"clutrr": Clutrr, "mquake": MQuAKE, "truthfulqa": TruthfulQA}
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """The task called ``name`` (or a user's .jsonl/.csv file), built with the options its
-    constructor takes (e.g. fold=1, eval_file=...)."""
-    if name.endswith((".jsonl", ".csv")):
-        task_class: type[Task] = UserFileTask
+    """The task called ``name``, else the user's own data ``name`` (a .jsonl, .csv or .parquet
+    file, or a ``datasets`` dataset: see :mod:`lofit.tasks.user_file`), built with the
+    options its constructor takes (e.g. fold=1, eval_file=...)."""
+    if name in TASKS:
+        task_class: type[Task] = TASKS[name]
+    elif is_user_source(name):
+        task_class = UserFileTask
         options = {"train_file": name, **options}
     else:
-        task_class = _registered(name)
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, or data of your own: a "
+                         ".jsonl/.csv/.parquet file, or a datasets dataset (owner/name or a folder)")
     accepted = inspect.signature(task_class).parameters
     return task_class(**{k: v for k, v in options.items() if k in accepted})
-
-
-def _registered(name: str) -> type[Task]:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, or a .jsonl/.csv file of your own"
-        ) from None
 
 
 __all__ = ["TASKS", "Evaluation", "GenerationExample", "GenerationTask", "PromptCompletion", "PromptPreference", "Task",

@@ -1,4 +1,5 @@
-"""The user's own data: JSONL or CSV files in one of three schemas, validated before use.
+"""The user's own data: JSONL, CSV or Parquet files, or a ``datasets`` dataset, in one of three
+schemas, validated before use.
 
 | schema | columns | trains with | evaluated by |
 |---|---|---|---|
@@ -6,13 +7,24 @@
 | preference | ``prompt``, ``chosen``, ``rejected`` | DPO | accuracy: chosen scores above rejected |
 | multiple choice | ``prompt``, ``choices``, ``label`` | (evaluation only) | accuracy (MC1) and MC2 by log-likelihood |
 
+Where the rows come from (a *source*):
+
+- a file ending in ``.jsonl``, ``.csv`` or ``.parquet`` (read with ``pyarrow``);
+- otherwise a ``datasets`` dataset: a hub id ``owner/name`` or a local folder, loaded with
+  ``datasets.load_dataset`` (a folder written by ``save_to_disk`` with ``load_from_disk``;
+  a single saved ``Dataset`` has no splits and is used whole). ``SOURCE:SPLIT`` picks a
+  split (``datasets`` split syntax, e.g. ``owner/name:train[:500]``); without one, training
+  reads ``train`` and evaluation the split asked for (``--eval-split``). Needs the
+  ``datasets`` package (``pip install 'lofit[data]'``).
+
 ``choices`` is a list of strings (in CSV: a JSON array in the cell); ``label`` is the index
 of the correct choice (an integer, or a string or whole float holding one). Completions,
 answers and choices are used exactly as written (start them with a space if the prompt
 does not end with one). Files are UTF-8 (a byte-order mark is allowed); JSONL lines are
 split at ``\n`` only, so a string may hold any other line separator (U+2028...). Every
-malformed row is reported with file and line, and a file with any malformed row is
-refused before training starts: every problem raises :class:`~lofit.datafiles.DataError`.
+malformed row is reported with its place (``file:line`` for JSONL and CSV, ``row N``,
+from 1, for Parquet and datasets), and data with any malformed row are refused before
+training starts: every problem raises :class:`~lofit.datafiles.DataError`.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from typing import Any, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..datafiles import DataError, parse_json, read_text, short_repr, shorten
+from ..datafiles import DataError, parse_json, read_text, require_file, short_repr, shorten
 from ..multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 from .base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference
 
@@ -33,33 +45,92 @@ SCHEMAS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "
 MAX_REPORTED = 20
 
 
-def read_rows(path: Path) -> list[tuple[int, Any]]:
-    """(line number, row) pairs of a .jsonl or .csv file (blank JSONL lines skipped)."""
-    if path.suffix not in (".jsonl", ".csv"):
-        raise DataError(f"{path}: data files must end in .jsonl or .csv")
+FILE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def is_dataset_source(source: str) -> bool:
+    """Whether ``source`` names a ``datasets`` dataset: not a file of :data:`FILE_SUFFIXES` nor
+    an existing file, and (before any ``:SPLIT``) a name with a ``/`` or an existing folder."""
+    name = source.partition(":")[0]
+    return not source.endswith(FILE_SUFFIXES) and not Path(source).is_file() and ("/" in name or Path(name).is_dir())
+
+
+def is_user_source(name: str) -> bool:
+    """Whether ``name`` names the user's own data: a data file or a ``datasets`` dataset."""
+    return name.endswith(FILE_SUFFIXES) or is_dataset_source(name)
+
+
+def _file_rows(path: Path) -> list[tuple[str, Any]]:
+    """(place, row) pairs of a .jsonl, .csv or .parquet file (blank JSONL lines skipped)."""
+    if path.suffix not in FILE_SUFFIXES:
+        raise DataError(f"{path}: data files must end in .jsonl or .csv or .parquet; a datasets dataset is named by "
+                        "its hub id or folder")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs the pyarrow package: pip install 'lofit[data]'") from None
+        try:
+            rows = pyarrow.parquet.read_table(require_file(path)).to_pylist()
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable Parquet file ({shorten(str(error))})") from None
+        return [(f"{path} row {number}", row) for number, row in enumerate(rows, start=1)]
     text = read_text(path)
     if path.suffix == ".jsonl":
         lines = enumerate(text.split("\n"), start=1)
-        return [(number, parse_json(line, f"{path}:{number}")) for number, line in lines if line.strip()]
+        return [(f"{path}:{number}", parse_json(line, f"{path}:{number}")) for number, line in lines if line.strip()]
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        return [(reader.line_num, row) for row in reader]
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
     except csv.Error as error:
         raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV ({error})") from None  # the line being read
 
 
-def _schema_of(path: Path, rows: list[tuple[int, dict]]) -> str:
+def _dataset_rows(source: str, split: str) -> list[tuple[str, Any]]:
+    """(place, row) pairs of the ``datasets`` dataset ``source`` (``NAME`` or ``NAME:SPLIT``;
+    ``split`` when it names none)."""
+    name, _, chosen = source.partition(":")
+    split = chosen or split
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading the dataset {name!r} needs the datasets package: pip install 'lofit[data]'") from None
+    whole = (Path(name) / "state.json").is_file()  # one Dataset written by save_to_disk: no splits, used whole
+    saved = whole or (Path(name) / "dataset_dict.json").is_file()  # a DatasetDict written by save_to_disk
+    try:
+        loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as error:  # not found, unreachable hub, unknown split, unreadable files
+        raise DataError(f"cannot load split {split!r} of the dataset {name!r}: {shorten(str(error), 300)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"the dataset {name!r} has no split {split!r} (it has: {', '.join(loaded)})")
+        loaded = loaded[split]
+    where = name if whole else f"{name}, split {split},"
+    return [(f"{where} row {number}", row) for number, row in enumerate(loaded, start=1)]
+
+
+def read_rows(source: str | Path, split: str = "train") -> list[tuple[str, Any]]:
+    """(place, row) pairs of ``source`` (see the module docstring), the place naming the file
+    and line, or the dataset, split and row; ``split`` is the dataset split read when the
+    source names none."""
+    if is_dataset_source(str(source)):
+        return _dataset_rows(str(source), split)
+    return _file_rows(Path(source))
+
+
+def _schema_of(where: str, rows: list[tuple[str, Any]]) -> str:
     if not rows:
-        raise DataError(f"{path}: no rows")
-    first_line, first = rows[0]
+        raise DataError(f"{where}: no rows")
+    first_place, first = rows[0]
     if not isinstance(first, dict):
-        raise DataError(f"{path}:{first_line}: expected an object with named fields")
+        raise DataError(f"{first_place}: expected an object with named fields")
     for name, columns in SCHEMAS.items():
         if all(c in first for c in columns):
             return name
     expected = "; ".join(" + ".join(c) for c in SCHEMAS.values())
     found = shorten(str(sorted(str(name) for name in first if name is not None)))  # None: csv's surplus cells
-    raise DataError(f"{path}:{first_line}: fields {found} match no schema (expected {expected})")
+    raise DataError(f"{first_place}: fields {found} match no schema (expected {expected})")
 
 
 def _label(value: Any) -> int | None:
@@ -112,11 +183,12 @@ def _row_problem(row: Any, schema: str) -> str | None:
     return None
 
 
-def load_user_file(path: Path) -> tuple[str, list[dict]]:
-    """The schema and validated rows of ``path``; a DataError lists every malformed row."""
-    rows = read_rows(path)
-    schema = _schema_of(path, rows)
-    problems = [f"{path}:{line}: {problem}" for line, row in rows if (problem := _row_problem(row, schema))]
+def load_user_data(source: str | Path, split: str = "train") -> tuple[str, list[dict]]:
+    """The schema and validated rows of ``source`` (``split``: see :func:`read_rows`); a
+    DataError lists every malformed row."""
+    rows = read_rows(source, split)
+    schema = _schema_of(str(source), rows)
+    problems = [f"{place}: {problem}" for place, row in rows if (problem := _row_problem(row, schema))]
     if problems:
         more = f"\n... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise DataError(f"{len(problems)} malformed row(s), nothing was trained:\n" + "\n".join(problems[:MAX_REPORTED]) + more)
@@ -124,20 +196,21 @@ def load_user_file(path: Path) -> tuple[str, list[dict]]:
 
 
 class UserFileTask(GenerationTask):
-    """Train on ``train_file`` and evaluate on ``eval_file`` (or the train file itself)."""
+    """Train on the source ``train_file`` and evaluate on ``eval_file`` (or the training source
+    itself); each a file or a ``datasets`` dataset (see the module docstring)."""
 
     needs_data_dir = False
 
     def __init__(self, train_file: str | Path, eval_file: str | Path | None = None, match: str = "exact"):
         if match not in ("exact", "contains"):
             raise ValueError(f"match must be 'exact' or 'contains'; got {match!r}")
-        self.train_file = Path(train_file)
-        self.eval_file = Path(eval_file) if eval_file else self.train_file
-        self.name = self.train_file.name
+        self.train_file = train_file
+        self.eval_file = eval_file or train_file
+        self.name = Path(str(train_file).partition(":")[0] if isinstance(train_file, str) else train_file).name
         self.match = match
 
     def train_examples(self, data_dir: Path | None = None) -> list[PromptCompletion] | list[PromptPreference]:
-        schema, rows = load_user_file(self.train_file)
+        schema, rows = load_user_data(self.train_file, "train")
         if schema == "sft":
             return [PromptCompletion(self.prompt(r["prompt"]), r["completion"]) for r in rows]
         if schema == "preference":
@@ -145,7 +218,9 @@ class UserFileTask(GenerationTask):
         raise DataError(f"{self.train_file}: multiple-choice rows (prompt, choices, label) can be evaluated but not trained on")
 
     def eval_examples(self, data_dir: Path | None = None, split: str = "test") -> list:
-        schema, rows = load_user_file(self.eval_file)
+        """The evaluation rows: of the evaluation file, or of the dataset's split named in the
+        source, else ``split``."""
+        schema, rows = load_user_data(self.eval_file, split)
         if schema == "sft":
             return [GenerationExample(self.prompt(r["prompt"]), (r["completion"],)) for r in rows]
         if schema == "preference":

@@ -1,0 +1,215 @@
+"""An experiment's report, rebuilt from ``results.jsonl`` alone.
+
+``report.md`` has one row per (task, arm, sweep point): the mean and the standard
+deviation (sample, n - 1; 0 for one seed) over seeds of every metric, in %, the best mean
+of each task in bold, the trained parameters and the mean wall time; then the tuning
+trials, and the experiment's own section (cross-task matrix, layer histograms, curves).
+``report.csv`` holds the same rows; each figure is one PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_text
+from ..plots import curves, layer_histograms, matrix_plot
+from ..steps import HeadRanking
+from .bootstrap import paired_bootstrap
+from .results import read_results
+
+
+def _point(record: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in record.get("point", {}).items())
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, label, sweep point) of the test records, in order of first appearance."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for record in records:
+        if record.get("phase") == "test":
+            groups[(record["task"], record["label"], json.dumps(record.get("point", {}), sort_keys=True))].append(record)
+    rows = []
+    for (task, label, _), members in groups.items():
+        metric_names = [m for m in members[0]["metrics"] if m != "num_examples"]
+        row = {"task": task, "label": label, "point": _point(members[0]), "point_values": members[0].get("point", {}),
+               "method": members[0]["method"], "metric": members[0]["metric"], "seeds": sorted(r["seed"] for r in members),
+               "trained_parameters": members[0].get("trained_parameters"),
+               "minutes": statistics.fmean(r["seconds"] for r in members) / 60,
+               "examples": members[0]["metrics"].get("num_examples"), "trial": members[0].get("trial", {})}
+        for name in metric_names:
+            row[name] = _stats([r["metrics"][name] for r in members])
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict]) -> tuple[str, str]:
+    """The markdown table and the CSV of ``rows``."""
+    metrics = list(dict.fromkeys(m for row in rows for m in row if isinstance(row.get(m), tuple)))
+    best = {(task, m): max(row[m][0] for row in rows if row["task"] == task and m in row)
+            for task in {r["task"] for r in rows} for m in metrics if any(m in r and r["task"] == task for r in rows)}
+    header = ["task", "arm", "setting", *[f"{m.replace('_', ' ')} (%)" for m in metrics], "seeds", "trained parameters", "minutes / run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["task", "arm", "method", "setting", "tuned", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
+                     "seeds", "trained_parameters", "minutes_per_run", "examples"])
+    for row in rows:
+        cells = []
+        for m in metrics:
+            if m not in row:
+                cells.append("")
+                continue
+            text = f"{100 * row[m][0]:.1f} ± {100 * row[m][1]:.1f}"
+            cells.append(f"**{text}**" if len(rows) > 1 and row[m][0] == best[(row["task"], m)] else text)
+        setting = "; ".join(filter(None, [row["point"], ", ".join(f"{k}={v}" for k, v in row["trial"].items())]))
+        parameters = f"{row['trained_parameters']:,}" if row["trained_parameters"] is not None else ""
+        lines.append("| " + " | ".join([row["task"], row["label"], setting, *cells, ",".join(map(str, row["seeds"])),
+                                        parameters, f"{row['minutes']:.1f}"]) + " |")
+        writer.writerow([row["task"], row["label"], row["method"], row["point"], json.dumps(row["trial"]),
+                         *[f"{row[m][i]:.6f}" if m in row else "" for m in metrics for i in (0, 1)],
+                         " ".join(map(str, row["seeds"])), row["trained_parameters"], f"{row['minutes']:.2f}", row["examples"]])
+    return "\n".join(lines) + "\n", buffer.getvalue()
+
+
+def _tuning(records: list[dict]) -> str:
+    trials = [r for r in records if r.get("phase") == "tune"]
+    if not trials:
+        return ""
+    lines = ["## Tuning trials (validation split)", "", "| task | arm | setting | trial | score (%) | examples |", "|---|---|---|---|---|---|"]
+    for r in trials:
+        trial = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
+        lines.append(f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {100 * r['score']:.1f} | {r['metrics'].get('num_examples')} |")
+    return "\n".join(lines) + "\n"
+
+
+def cross_task(records: list[dict], folder: Path) -> str:
+    """The matrix of LoFiT's primary metric with heads from task X (rows) tuned on task Y
+    (columns), minus the diagonal cell of Y (heads from Y itself), in points; each
+    off-diagonal cell with the paired bootstrap test against its diagonal, per example
+    (and seed: the seeds the two cells share, concatenated)."""
+    tests = [r for r in records if r.get("phase") == "test"]
+    by_cell: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in tests:
+        by_cell[(r["point"].get("heads_task") or r["task"], r["task"])][r["seed"]] = r
+    tasks = list(dict.fromkeys([t for pair in by_cell for t in pair]))
+    lines = ["## Cross-task transfer: heads from task X (rows), biases tuned on task Y (columns)", "",
+             "Cells: the metric's change in points against heads selected on Y itself (the diagonal shows its absolute value); "
+             "p: paired bootstrap test, 10,000 resamples.", "",
+             "| heads from \\ tuned on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    matrix = []
+    for x in tasks:
+        cells, values = [], []
+        for y in tasks:
+            runs, diagonal = by_cell.get((x, y), {}), by_cell.get((y, y), {})
+            if not runs:
+                cells.append("missing")
+                values.append(None)
+                continue
+            score = statistics.fmean(r["score"] for r in runs.values())
+            if x == y:
+                cells.append(f"**{100 * score:.1f}** ({runs[next(iter(runs))]['metric']})")
+                values.append(0.0)
+                continue
+            seeds = sorted(set(runs) & set(diagonal))
+            if not seeds:
+                cells.append(f"{100 * score:.1f} (no diagonal)")
+                values.append(None)
+                continue
+            a = [v for s in seeds for v in runs[s]["per_example"]]
+            b = [v for s in seeds for v in diagonal[s]["per_example"]]
+            test = paired_bootstrap(a, b)
+            cells.append(f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], p={test.p_value:.3f}")
+            values.append(100 * test.difference)
+        lines.append(f"| {x} | " + " | ".join(cells) + " |")
+        matrix.append(values)
+    matrix_plot(matrix, tasks, tasks, folder / "cross_task.png", "change vs. heads from the same task (points)",
+                "heads selected on", "biases tuned on", "")
+    return "\n".join(lines) + "\n\nFigure: `cross_task.png`.\n"
+
+
+def jaccard(a: set, b: set) -> float:
+    """|A ∩ B| / |A ∪ B|: 1 for equal head sets, 0 for disjoint ones."""
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def layers(records: list[dict], folder: Path) -> str:
+    """Per task, the layers of its top-K step-1 heads (first seed), and the pairwise overlap
+    of the tasks' head sets: the number of shared heads and the Jaccard index."""
+    rankings = {}
+    for r in records:
+        if r.get("phase") == "ranking" and r["task"] not in rankings:
+            rankings[r["task"]] = r
+    if not rankings:
+        return ""
+    heads, counts = {}, {}
+    for task, r in rankings.items():
+        scores = torch.tensor(r["scores"])
+        heads[task] = set(HeadRanking.from_scores(scores).top(r["top_k"]))
+        counts[task] = [sum(1 for layer, _ in heads[task] if layer == i) for i in range(scores.shape[0])]
+    layer_histograms(counts, folder / "layers.png", "top-K step-1 heads per layer")
+    tasks = list(heads)
+    lines = ["## Where the selected heads sit", "", "| task | K | heads per layer (layer 0 first) | mean layer |", "|---|---|---|---|"]
+    for task in tasks:
+        mean_layer = statistics.fmean(layer for layer, _ in heads[task])
+        lines.append(f"| {task} | {len(heads[task])} | {' '.join(map(str, counts[task]))} | {mean_layer:.1f} |")
+    lines += ["", "Overlap of the head sets (shared heads / Jaccard index |A∩B| / |A∪B|):", "",
+              "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for a in tasks:
+        lines.append(f"| {a} | " + " | ".join(f"{len(heads[a] & heads[b])} / {jaccard(heads[a], heads[b]):.2f}" for b in tasks) + " |")
+    return "\n".join(lines) + "\n\nFigure: `layers.png`.\n"
+
+
+def _x_value(value: object, name: str) -> float:
+    """A sweep value as a number on the curve's x axis (``num_heads``: % of the heads)."""
+    if name == "num_heads":
+        return 100.0 if value == "all" else 100 * float(value) if float(value) < 1 else float(value)
+    return float(value)
+
+
+def curve(rows: list[dict], folder: Path, x: str) -> str:
+    panels: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if x in row["point_values"]:
+            mean, std = row[row["metric"]]
+            panels[row["task"]][row["label"]].append((_x_value(row["point_values"][x], x), 100 * mean, 100 * std))
+    if not panels:
+        return ""
+    x_label = "% of heads (K)" if x == "num_heads" else x.replace("_", " ")
+    curves({k: dict(v) for k, v in panels.items()}, folder / f"{x}.png", x_label, "score (%)", log_x=True)
+    return f"Figure: `{x}.png` (mean ± std over seeds of each task's main metric).\n"
+
+
+def write_report(folder: Path) -> Path:
+    """Write report.md, report.csv and the figures of ``folder`` from its results.jsonl; return report.md's path."""
+    records = read_results(folder)
+    if not records:
+        raise FileNotFoundError(f"no results in {folder / 'results.jsonl'}")
+    spec, name = records[-1].get("report", {"kind": "table"}), records[-1].get("experiment", folder.name)
+    rows = summarize(records)
+    table, table_csv = _table(rows) if rows else ("", "")
+    parts = [f"# {name}", "", records[-1].get("description", ""), "",
+             f"{sum(r.get('phase') == 'test' for r in records)} test runs, {sum(r.get('phase') == 'tune' for r in records)} "
+             f"tuning trials, {sum(r.get('phase') == 'ranking' for r in records)} step-1 rankings. Mean ± standard deviation "
+             "over seeds; best mean per task in bold.", "", table]
+    kind = spec.get("kind")
+    if kind == "cross-task":
+        parts.append(cross_task(records, folder))
+    elif kind == "layers":
+        parts.append(layers(records, folder))
+    elif kind == "curve":
+        parts.append(curve(rows, folder, spec["x"]))
+    parts.append(_tuning(records))
+    write_text(folder / "report.csv", table_csv)
+    write_text(folder / "report.md", "\n".join(parts))
+    return folder / "report.md"

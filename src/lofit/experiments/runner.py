@@ -1,0 +1,255 @@
+"""The experiment runner: every cell of a grid through :func:`lofit.pipeline.run_cell`.
+
+- Each finished cell is appended to ``results.jsonl`` at once (resolved configuration,
+  metrics, per-example scores, trained parameters, wall time, seed); a rerun skips every
+  cell whose key is already there, so a stopped experiment continues where it stopped (a
+  cell stopped mid-training resumes from its newest checkpoint).
+- Step-1 rankings are computed once per key of :func:`~lofit.experiments.grid.ranking_key`
+  (task, seed, model, step-1 options), recorded as ``ranking`` lines, and handed to every
+  LoFiT cell that needs them as ``--heads file --heads-file``.
+- The model is loaded once per process (:class:`ModelPool`) and lent to each cell; each
+  cell takes its adapter off again, which the pool checks before lending it out.
+- With ``tune``, every arm's trials run first on the validation split with the first
+  seed; the best trial of each (task, arm, sweep point) is then run on test with every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..comparison import METRIC_SUFFIXES
+from ..compute import ComputeConfig
+from ..datafiles import resolve_data_dir
+from ..distributed import is_main_process
+from ..pipeline import load_fresh, run_cell, run_select
+from ..steps import HeadRanking
+from ..tasks import get_task
+from .grid import Cell, Grid, cell_config, check_tuning, expand, ranking_key
+from .results import append_result, read_results
+
+TRAIN_SECONDS = {"clutrr": 0.27, "mquake": 0.05, "truthfulqa": 0.55}
+"""Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""
+EVAL_SECONDS = {"clutrr": 0.15, "mquake": 0.11, "truthfulqa": 0.41}
+"""Rough seconds per evaluated example, default model, 2 CPU cores."""
+
+
+class ModelPool:
+    """Loads each model once per process and lends it to cells, checked clean: the same
+    number of hooks on every module as when it was loaded."""
+
+    def __init__(self, load: Callable[[str, ComputeConfig], tuple] = load_fresh):
+        self.load = load
+        self.loaded: dict[tuple, tuple] = {}
+        self.hooks: dict[tuple, list[int]] = {}
+
+    def __call__(self, name: str, compute: ComputeConfig) -> tuple:
+        key = (name, compute.dtype, compute.device, compute.device_map)
+        if key not in self.loaded:
+            self.loaded[key] = self.load(name, compute)
+            self.hooks[key] = _hook_counts(self.loaded[key][0])
+        model = self.loaded[key][0]
+        if _hook_counts(model) != self.hooks[key]:
+            raise RuntimeError(f"model {name} still carries an adapter's hooks from an earlier cell")
+        return self.loaded[key]
+
+    def total_heads(self, name: str, compute: ComputeConfig) -> int:
+        config = self(name, compute)[0].config.get_text_config()
+        return config.num_hidden_layers * config.num_attention_heads
+
+
+def _hook_counts(model) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+
+
+def primary_metric(summary: dict, split: str) -> str | None:
+    """The summary key of the cell's main metric: the first of :data:`METRIC_SUFFIXES` it reports."""
+    for suffix in METRIC_SUFFIXES:
+        if f"{split}_{suffix}" in summary:
+            return f"{split}_{suffix}"
+    return None
+
+
+def example_scores(run_folder: Path, metric: str) -> list[float]:
+    """Per-example scores of ``metric`` from a run folder's predictions.jsonl: the record's
+    own field (mc1, mc2) when it has one, else its ``correct`` flag as 0/1."""
+    name = metric.split("_", 1)[1]
+    field = {"accuracy": "mc1"}.get(name, name)
+    scores = []
+    for line in (run_folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        scores.append(float(record[field] if field in record else record["correct"]))
+    return scores
+
+
+class Runner:
+    """Runs (or lists) the cells of one grid into one experiment folder."""
+
+    def __init__(self, grid: Grid, folder: str | Path, overrides: dict[str, Any] | None = None, tune: bool = False,
+                 pool: ModelPool | None = None, log: Callable[[str], None] = print):
+        self.grid, self.folder, self.tune, self.log = grid, Path(folder), tune, log
+        self.overrides = dict(overrides or {})
+        self.pool = pool or ModelPool()
+        self.done = {record["key"]: record for record in read_results(self.folder)}
+        if tune:
+            check_tuning(grid)
+        self.trials = expand(grid, "tune", self.overrides) if tune else []
+        for cell in self.trials + self.test_cells():
+            self._check_data(cell)
+
+    def test_cells(self) -> list[Cell]:
+        return expand(self.grid, "test", self.overrides, self.chosen())
+
+    def chosen(self) -> dict[tuple, dict]:
+        """The best finished trial per (task, label, point): highest score, the earlier trial on a tie."""
+        best: dict[tuple, tuple[float, dict]] = {}
+        for cell in self.trials:
+            record = self.done.get(cell.key)
+            group = (cell.task, cell.label, cell.point)
+            if record is not None and (group not in best or record["score"] > best[group][0]):
+                best[group] = (record["score"], dict(cell.trial))
+        return {group: trial for group, (_, trial) in best.items()}
+
+    def pending_tuning(self) -> bool:
+        return any(cell.key not in self.done for cell in self.trials)
+
+    def _check_data(self, cell: Cell) -> None:
+        """The cell's training and evaluation rows, read and validated before any model loads."""
+        options = cell.config
+        for task_name in {options["task"], options.get("heads_task") or options["task"]}:
+            task = get_task(task_name, fold=int(options["fold"]), all_pairs=options["all_pairs"],
+                            eval_file=options["eval_file"], match=options["match"])
+            data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
+            size = options["train_size"] if options["train_size"] is not None else task.default_train_size
+            task.sample_train(data_dir, size, options["seed"])
+            if cell.phase != "ranking":
+                task.eval_examples(data_dir, options["eval_split"])
+
+    # --- listing -----------------------------------------------------------------------
+
+    def estimate(self, cell: Cell) -> float:
+        """Seconds a cell should take: the mean of finished cells of its method, task and
+        phase, else a rough rate for the default model on 2 CPU cores."""
+        similar = [r["seconds"] for r in self.done.values()
+                   if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase]
+        if similar:
+            return sum(similar) / len(similar)
+        options = cell.config
+        task = get_task(options["task"], fold=int(options["fold"]), eval_file=options["eval_file"], match=options["match"])
+        data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
+        size = options["train_size"] if options["train_size"] is not None else task.default_train_size
+        train = len(task.sample_train(data_dir, size, options["seed"]))
+        rate = TRAIN_SECONDS.get(options["task"], 0.27)
+        if cell.phase == "ranking":
+            return train * options["select_epochs"] * rate
+        epochs = options.get(f"{cell.method}_epochs") or options["select_epochs"] + options["tune_epochs"]
+        epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(cell.method, epochs)
+        evaluated = len(task.eval_examples(data_dir, options["eval_split"])[: options["limit"]])
+        return train * epochs * rate + evaluated * EVAL_SECONDS.get(options["task"], 0.15)
+
+    def listing(self) -> str:
+        """Every cell with its key, state and estimated time, and the total still to run."""
+        lines, remaining = [], 0.0
+        cells = self.trials + self.test_cells()
+        for cell in cells:
+            finished = cell.key in self.done
+            seconds = 0.0 if finished else self.estimate(cell)
+            remaining += seconds
+            state = "done" if finished else f"~{seconds / 60:.0f} min"
+            lines.append(f"{cell.key}  {state:>9}  {cell.describe()}")
+        if self.tune and self.pending_tuning():
+            lines.append("(test cells use the best trial once tuning has finished; until then, the untuned setting is listed)")
+        rankings = sum(r.get("phase") == "ranking" for r in self.done.values())
+        lines.append(f"{len(cells)} cells, {sum(c.key in self.done for c in cells)} done, {rankings} step-1 rankings recorded; "
+                     f"about {remaining / 3600:.1f} h to go (rough: default model, 2 CPU cores)")
+        return "\n".join(lines)
+
+    # --- running -----------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        """Run every cell not yet in results.jsonl; return all of this grid's records."""
+        for cell in self.trials:
+            self._run(cell)
+        for cell in self.test_cells():
+            self._run(cell)
+        keys = [c.key for c in self.trials + self.test_cells()]
+        return [self.done[k] for k in keys if k in self.done]
+
+    def _run(self, cell: Cell) -> None:
+        if cell.key in self.done:
+            return
+        self.log(f"[{cell.key}] {cell.describe()}")
+        record = self._ranking(cell) if cell.phase == "ranking" else self._fit(cell)
+        self._record(record)
+
+    def _record(self, record: dict) -> None:
+        record |= {"experiment": self.grid.name, "description": self.grid.description, "report": self.grid.report,
+                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if is_main_process():
+            append_result(self.folder, record)
+        self.done[record["key"]] = record
+
+    def _compute(self, cell: Cell) -> ComputeConfig:
+        return cell_config(cell, total_heads=1).compute
+
+    def _cell_config(self, cell: Cell, output_dir: Path):
+        config = cell_config(cell, self.pool.total_heads(cell.config["model"], self._compute(cell)))
+        resume = (output_dir / "checkpoints").is_dir() and (output_dir / "config.yaml").is_file()
+        return replace(config, run=replace(config.run, output_dir=str(output_dir), resume=resume))
+
+    def _ranking(self, cell: Cell) -> dict:
+        """Step 1 for ``cell`` (on its ``heads_task``): head_ranking.json in ``rankings/<key>/``, and its record."""
+        key = ranking_key(cell.config)
+        folder = self.folder / "rankings" / key
+        task = cell.config.get("heads_task") or cell.task
+        ranking_cell = replace(cell, phase="ranking", options=tuple(sorted((cell.config | {"task": task, "limit": None}).items())))
+        config = self._cell_config(ranking_cell, folder)
+        start = time.perf_counter()
+        ranking = run_select(config.run, config.lofit, config.compute, self.pool)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return {"key": key, "phase": "ranking", "label": cell.label, "task": task, "seed": cell.seed, "method": "lofit",
+                "selector": config.lofit.heads, "options": ranking_cell.config, "top_k": config.lofit.num_heads_to_tune(len(ranking.order)),
+                "scores": ranking.scores.tolist(), "seconds": time.perf_counter() - start, "run_folder": str(folder)}
+
+    def _ranking_file(self, cell: Cell) -> tuple[Path, dict]:
+        """The cached ranking a LoFiT cell uses (computed and recorded first if need be)."""
+        key = ranking_key(cell.config)
+        if key not in self.done:
+            self.log(f"[{key}] ranking {cell.config.get('heads_task') or cell.task} seed {cell.seed} ({cell.config['heads']})")
+            self._record(self._ranking(cell))
+        record = self.done[key]
+        path = self.folder / "rankings" / key / "head_ranking.json"
+        if not path.is_file():  # rebuilt from the record alone
+            HeadRanking.from_scores(torch.tensor(record["scores"])).save(path)
+        return path, record
+
+    def _fit(self, cell: Cell) -> dict:
+        options, key = cell.config, cell.key
+        ranking: dict = {}
+        if cell.method == "lofit" and options["heads"] != "file":
+            path, ranking = self._ranking_file(cell)
+            cell = replace(cell, options=tuple(sorted((options | {"heads": "file", "heads_file": str(path)}).items())))
+        run_folder = self.folder / "cells" / f"{cell.phase}-{cell.label}-{key}".replace("/", "_")
+        start = time.perf_counter()
+        summary = run_cell(self._cell_config(cell, run_folder), self.pool)
+        seconds = time.perf_counter() - start
+        shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
+        split = options["eval_split"]
+        metric = primary_metric(summary, split)
+        metrics = {k.removeprefix(f"{split}_"): v for k, v in summary.items() if k.startswith(f"{split}_")}
+        return {"key": key, "phase": cell.phase,
+                "label": cell.label, "task": cell.task, "seed": cell.seed, "method": cell.method,
+                "point": dict(cell.point), "trial": dict(cell.trial), "options": options,
+                "metric": metric.removeprefix(f"{split}_") if metric else None, "score": summary.get(metric),
+                "metrics": metrics, "per_example": example_scores(run_folder, metric) if metric else [],
+                "trained_parameters": summary.get("trained_parameters"), "selected_heads": summary.get("selected_heads"),
+                "seconds": seconds, "fit_seconds": summary.get("fit_seconds"), "eval_seconds": summary.get("eval_seconds"),
+                "ranking_key": ranking.get("key"), "ranking_seconds": ranking.get("seconds"),
+                "warnings": summary.get("warnings", []), "run_folder": str(run_folder)}

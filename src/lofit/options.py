@@ -1,0 +1,40 @@
+"""Option values into config dataclasses: the one conversion shared by the command line,
+``--config`` files and experiment grids.
+
+A value is converted to its field's type (YAML reads ``5e-2`` as a string: it becomes
+0.05 for a float field); ``None`` only where the field allows it; booleans must be booleans.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import fields
+from typing import Any
+
+
+def field_type(cls: type, name: str) -> type:
+    """The type of ``cls``'s field ``name``, with ``| None`` removed."""
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def build_config(cls: type, values: dict[str, Any]) -> Any:
+    """``cls`` from the entries of ``values`` that name its fields, each converted to the
+    field's type; a ValueError naming the option when a value does not convert."""
+    names = {f.name for f in fields(cls)}
+    converted = {}
+    for name, value in values.items():
+        if name in names:
+            kind = field_type(cls, name)
+            if value is None and type(None) not in typing.get_args(typing.get_type_hints(cls)[name]):
+                raise ValueError(f"option {name} must be of type {kind.__name__}, got None")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"option {name} must be true or false, got {value!r}")
+            try:
+                converted[name] = value if value is None or isinstance(value, kind) else kind(value)
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"option {name} must be of type {kind.__name__}, got {value!r}") from None
+    return cls(**converted)

@@ -1,0 +1,220 @@
+"""The experiment runner on tiny models: grids, keys, results per cell, resume, ranking
+reuse, tuning, reports rebuilt from results.jsonl alone, the bootstrap test, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from lofit.cli import main
+from lofit.experiments import ModelPool, Runner, load_grid
+from lofit.experiments import runner as runner_module
+from lofit.experiments.bootstrap import paired_bootstrap
+from lofit.experiments.grid import check_tuning, expand
+from lofit.experiments.report import jaccard, write_report
+from lofit.experiments.results import RESULTS, append_result, read_results
+from lofit.config import LofitConfig
+from lofit.methods import METHODS
+from lofit.pipeline import CellConfig, RunConfig, load_fresh, run_cell
+
+from .tiny_run import tiny_model_folder, write_task
+
+FAST = {"select_epochs": 1, "tune_epochs": 1, "red_epochs": 1, "batch_size": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("experiment")
+    model = tiny_model_folder(folder / "model")
+    return {"model": str(model), "task": str(write_task(folder / "task.jsonl", rows=12)), "folder": folder}
+
+
+def grid_file(setting, tmp_path, **changes):
+    grid = {"name": "tiny", "description": "a tiny grid", "tasks": [setting["task"]], "seeds": [1],
+            "options": {"model": setting["model"]} | FAST, "sweep": {"num_heads": [2, 4]},
+            "arms": [{"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2]}},
+                     {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 3e-2]}}]} | changes
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+class CountingPool(ModelPool):
+    loads = 0
+
+    def __init__(self):
+        super().__init__(self.counted_load)
+
+    def counted_load(self, name, compute):
+        CountingPool.loads += 1
+        return load_fresh(name, compute)
+
+
+def test_grid_expands_to_keyed_cells(setting, tmp_path):
+    grid = load_grid(str(grid_file(setting, tmp_path, seeds=[1, 2])))
+    cells = expand(grid, "test", {})
+    assert len(cells) == 2 * 2 * 2  # arms x sweep points x seeds
+    assert [c.seed for c in cells] == [1] * 4 + [2] * 4  # seed first: a stopped run has whole seeds
+    assert len({c.key for c in cells}) == len(cells)
+    assert [c.key for c in expand(grid, "test", {"progress": True, "output_dir": "elsewhere"})] == [c.key for c in cells]
+    assert [c.key for c in expand(grid, "test", {"bias_lr": 0.3})][0] != cells[0].key
+    trials = expand(grid, "tune", {})
+    assert len(trials) == 2 * 2 * 2 and {c.config["eval_split"] for c in trials} == {"val"}
+    assert "red_epochs" not in cells[0].config and cells[2].config["red_epochs"] == 1  # another method's option: left out
+    with pytest.raises(ValueError, match="not options of method red"):
+        expand(load_grid(str(grid_file(setting, tmp_path, arms=[{"label": "RED", "method": "red", "options": {"lora_rank": 4}}]))), "test", {})
+    with pytest.raises(ValueError, match="no_such_option"):
+        expand(grid, "test", {"no_such_option": 1})
+
+
+def test_tuning_needs_the_same_number_of_trials_per_arm(setting, tmp_path):
+    arms = [{"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2]}},
+            {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2]}}]
+    with pytest.raises(ValueError, match="same size"):
+        check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms))))
+
+
+def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting, tmp_path, monkeypatch):
+    grid = load_grid(str(grid_file(setting, tmp_path)))
+    folder = tmp_path / "out"
+    selects, cells_run = [], []
+    real_select, real_cell = runner_module.run_select, runner_module.run_cell
+
+    def counting_select(*args, **kwargs):
+        selects.append(args[0].task)
+        return real_select(*args, **kwargs)
+
+    def failing_cell(config, models):
+        if len(cells_run) == 2:
+            raise KeyboardInterrupt  # the experiment is stopped during its third cell
+        cells_run.append(config.run.method)
+        return real_cell(config, models)
+
+    monkeypatch.setattr(runner_module, "run_select", counting_select)
+    monkeypatch.setattr(runner_module, "run_cell", failing_cell)
+    CountingPool.loads = 0
+    pool = CountingPool()
+    base = pool(setting["model"], runner_module.ComputeConfig())[0]
+    probe = torch.tensor([[1, 2, 3, 4]])
+    before = base(probe).logits
+    with pytest.raises(KeyboardInterrupt):
+        Runner(grid, folder, tune=False, pool=pool, log=lambda _: None).run()
+    records = read_results(folder)
+    assert [r["phase"] for r in records] == ["ranking", "test", "test"]  # appended the moment each finished
+    assert len(selects) == 1 and CountingPool.loads == 1
+    assert torch.equal(base(probe).logits, before)  # each cell left the base model clean
+
+    cells_run.clear()
+    monkeypatch.setattr(runner_module, "run_cell", real_cell)
+    resumed = Runner(grid, folder, pool=pool, log=lambda _: None).run()
+    assert len(resumed) == 4 and len(read_results(folder)) == 1 + 4  # the 2 finished cells were skipped
+    assert len(selects) == 1 and CountingPool.loads == 1  # one step 1 per (task, seed), one model load
+    lofit = [r for r in resumed if r["method"] == "lofit"]
+    assert {r["ranking_key"] for r in lofit} == {records[0]["key"]}
+    assert [len(r["selected_heads"]) for r in lofit] == [2, 4]
+    assert all(len(r["per_example"]) == 12 and r["score"] == sum(r["per_example"]) / 12 for r in resumed)
+    assert not any((folder / "cells").glob("*/checkpoints"))
+    assert torch.equal(base(probe).logits, before)
+
+    report = write_report(folder)
+    assert "| LoFiT |" in report.read_text() and (folder / "report.csv").read_text().count("\n") == 1 + 4
+
+
+def test_tuning_picks_the_best_trial_per_arm_and_keeps_all_trials(setting, tmp_path, monkeypatch):
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[
+        {"label": "RED", "method": "red", "tune": {"red_lr": [1e-3, 3e-1]}},
+        {"label": "zero", "method": "zero-shot"}])))
+    scores = iter([0.25, 0.75, 0.5])  # trials 1e-3 and 0.3, then zero-shot's test cell
+
+    def fake_cell(config, models):
+        folder = runner_module.Path(config.run.output_dir)
+        folder.mkdir(parents=True)
+        (folder / "predictions.jsonl").write_text(json.dumps({"correct": True}) + "\n")
+        return {"test_exact_match" if config.run.eval_split == "test" else "val_exact_match": next(scores, 1.0),
+                "trained_parameters": 0, "lr": getattr(config.method, "red_lr", None)}
+
+    monkeypatch.setattr(runner_module, "run_cell", fake_cell)
+    monkeypatch.setattr(ModelPool, "total_heads", lambda self, name, compute: 8)
+    records = Runner(grid, tmp_path / "tuned", tune=True, pool=ModelPool(), log=lambda _: None).run()
+    assert [r["phase"] for r in records] == ["tune", "tune", "test", "test"]
+    assert records[2]["label"] == "RED" and records[2]["options"]["red_lr"] == 0.3
+    assert records[0]["options"]["eval_split"] == "val" and records[0]["options"]["limit"] == 100
+
+
+def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
+    def record(key, task, heads_task, seed, per_example):
+        return {"key": key, "phase": "test", "label": "LoFiT", "task": task, "seed": seed, "method": "lofit",
+                "point": {"heads_task": heads_task}, "trial": {}, "metric": "exact_match", "score": sum(per_example) / 4,
+                "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4}, "per_example": per_example,
+                "trained_parameters": 64, "seconds": 60.0, "experiment": "cross-task", "report": {"kind": "cross-task"}}
+
+    for line in [record("a", "x", "x", 1, [1, 1, 1, 1]), record("b", "x", "y", 1, [0, 0, 0, 0]),
+                 record("c", "y", "y", 1, [1, 0, 1, 0]), record("d", "y", "x", 1, [1, 0, 1, 0])]:
+        append_result(tmp_path, line)
+    with open(tmp_path / RESULTS, "a") as file:
+        file.write('{"key": "torn')  # an interrupted write
+    report = write_report(tmp_path).read_text()
+    assert "-100.0 [-100.0, -100.0], p=0.000" in report  # heads from y, tuned on x: all wrong vs all right
+    assert "+0.0 [+0.0, +0.0], p=1.000" in report
+    assert (tmp_path / "cross_task.png").stat().st_size > 0
+    assert "**100.0 ± 0.0**" in report and "4 test runs" in report
+    (tmp_path / "report.md").unlink()
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == report
+    append_result(tmp_path, {"key": "after-the-torn-line", "phase": "other"})
+    assert [r["key"] for r in read_results(tmp_path)] == ["a", "b", "c", "d", "after-the-torn-line"]
+
+
+def test_layers_report_counts_heads_per_layer_and_overlap(tmp_path):
+    def ranking(key, task, scores):
+        return {"key": key, "phase": "ranking", "task": task, "seed": 1, "top_k": 2, "scores": scores,
+                "seconds": 1.0, "experiment": "layers", "report": {"kind": "layers"}}
+
+    append_result(tmp_path, ranking("a", "x", [[3.0, 2.0], [0.0, 1.0]]))  # top 2: (0,0), (0,1)
+    append_result(tmp_path, ranking("b", "y", [[3.0, 0.0], [2.0, 1.0]]))  # top 2: (0,0), (1,0)
+    report = write_report(tmp_path).read_text()
+    assert "| x | 2 | 2 0 | 0.0 |" in report and "| y | 2 | 1 1 | 0.5 |" in report
+    assert "| x | 2 / 1.00 | 1 / 0.33 |" in report and (tmp_path / "layers.png").is_file()
+    assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+
+
+def test_paired_bootstrap_known_answers():
+    same = paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], resamples=500)
+    assert same.difference == 0 and same.p_value == 1.0
+    opposite = paired_bootstrap([1] * 30, [0] * 30, resamples=999)
+    assert opposite.difference == 1 and opposite.p_value == pytest.approx(1 / 1000) and opposite.low == opposite.high == 1
+    small = paired_bootstrap([1] + [0] * 99, [0] * 100, resamples=2000)  # one example of 100 differs: not significant
+    assert small.difference == pytest.approx(0.01) and small.p_value > 0.3 and small.low == 0
+    with pytest.raises(ValueError):
+        paired_bootstrap([1, 0], [1])
+
+
+def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(["experiment", "--grid", str(grid_file(setting, tmp_path)), "--output-dir", str(out), "--dry-run",
+                 "--seeds", "1,2", "--tune"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  tune ") == 8 and printed.count("  test ") == 8 and "16 cells, 0 done, 0 step-1 rankings" in printed
+    assert not out.exists()
+    assert main(["experiment", "table3", "--grid", "x.yaml", "--dry-run"]) == 2
+    assert main(["experiment", "no-such-experiment", "--dry-run"]) == 2
+    shutil.rmtree(tmp_path / "dry", ignore_errors=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "reft"])
+def test_a_cell_gives_the_lent_model_back_clean(setting, tmp_path, method):
+    pool = ModelPool()
+    compute = runner_module.ComputeConfig()
+    base = pool(setting["model"], compute)[0]
+    names = [name for name, _ in base.named_modules()]
+    probe = torch.tensor([[1, 2, 3, 4]])
+    before = base(probe).logits
+    method_config = METHODS[method].config_class(**{f"{method}_epochs": 1})
+    run = RunConfig(task=setting["task"], model=setting["model"], method=method, output_dir=str(tmp_path / method), progress=False)
+    summary = run_cell(CellConfig(run, LofitConfig(batch_size=8), compute, method_config), pool)
+    assert summary["trained_parameters"] > 0
+    assert pool(setting["model"], compute)[0] is base  # lent again: no hooks left
+    assert [name for name, _ in base.named_modules()] == names and torch.equal(base(probe).logits, before)
