@@ -112,8 +112,6 @@ def main() -> None:
     lofit_model = lofit.get_lofit_model(model)
     lofit_model.set_active_heads(heads)
     lofit_model.train_only("bias")
-    upper = lofit.get_lofit_model.__module__  # placeholder to keep names short below
-    del upper
     cache = PrefixCache(model, min(layer for layer, _ in heads), 2**30)
     with cache.attached():
         step2 = timed({"ours": lambda b: adapter_step(lofit_model, b, [lofit_model.lofit_bias], autocast),
