@@ -9,18 +9,15 @@ alternating the two variants so that machine noise hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
+from collections.abc import Callable
 
 import torch
+from common import per_step_arguments, step2_workload, timed
 from torch import nn
 
-import lofit
-from lofit.batching import Batch, collate, tokenize_pair
-from lofit.datafiles import resolve_data_dir
+from lofit.batching import Batch
 from lofit.scoring import sft_loss
-from lofit.tasks import get_task
 
 
 def full_logits_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -30,35 +27,18 @@ def full_logits_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    args = per_step_arguments(__doc__)
+    lofit_model, batches = step2_workload(args.batches, args.batch_size)
 
-    model, tokenizer = lofit.load_model("default")
-    lofit_model = lofit.get_lofit_model(model)
-    lofit_model.set_active_heads([(layer, 0) for layer in range(27)])
-    lofit_model.train_only("bias")
-    pairs = get_task("clutrr").sample_train(resolve_data_dir(None), args.batches * args.batch_size, seed=0)
-    tokenized = [tokenize_pair(tokenizer, p.prompt, p.completion) for p in pairs]
-    batches = [collate(tokenized[i : i + args.batch_size], tokenizer.pad_token_id) for i in range(0, len(tokenized), args.batch_size)]
-
-    times: dict[str, list[float]] = {"scored positions only": [], "all positions": []}
-    variants = {"scored positions only": sft_loss, "all positions": full_logits_loss}
-    for batch in batches[:1]:  # warm-up
-        for loss_fn in variants.values():
+    def step(loss_fn: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[Batch], None]:
+        def run(batch: Batch) -> None:
             loss_fn(lofit_model, batch).backward()
-    for _ in range(args.repeats):
-        for batch in batches:
-            for name, loss_fn in variants.items():
-                start = time.perf_counter()
-                loss = loss_fn(lofit_model, batch)
-                loss.backward()
-                times[name].append(time.perf_counter() - start)
-                lofit_model.lofit_bias.grad = None
+            lofit_model.lofit_bias.grad = None
+        return run
+
+    variants = {"scored positions only": step(sft_loss), "all positions": step(full_logits_loss)}
+    medians = timed(variants, {name: batches for name in variants}, args.repeats, statistics.median, warm_up=1)
     torch.testing.assert_close(sft_loss(lofit_model, batches[0]), full_logits_loss(lofit_model, batches[0]), rtol=1e-5, atol=1e-5)
-    medians = {name: statistics.median(values) for name, values in times.items()}
     for name, value in medians.items():
         print(f"{name:>22}: median {value * 1000:.0f} ms per forward+backward of {args.batch_size} stories")
     print(f"speed-up of scoring only the answer positions: {medians['all positions'] / medians['scored positions only']:.2f}x")

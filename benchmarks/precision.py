@@ -10,53 +10,35 @@ relative difference of the two losses.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
+from common import per_step_arguments, step2_workload, timed
 
-import lofit
-from lofit.batching import collate, tokenize_pair
-from lofit.datafiles import resolve_data_dir
+from lofit.batching import Batch
 from lofit.scoring import sft_loss
-from lofit.tasks import get_task
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
-
-    model, tokenizer = lofit.load_model("default")
-    lofit_model = lofit.get_lofit_model(model)
-    lofit_model.set_active_heads([(layer, 0) for layer in range(27)])
-    lofit_model.train_only("bias")
-    pairs = get_task("clutrr").sample_train(resolve_data_dir(None), args.batches * args.batch_size, seed=0)
-    tokenized = [tokenize_pair(tokenizer, p.prompt, p.completion) for p in pairs]
-    batches = [collate(tokenized[i : i + args.batch_size], tokenizer.pad_token_id) for i in range(0, len(tokenized), args.batch_size)]
-
+    args = per_step_arguments(__doc__)
+    lofit_model, batches = step2_workload(args.batches, args.batch_size)
     contexts = {"float32": lambda: torch.autocast("cpu", enabled=False),
                 "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
-    times: dict[str, list[float]] = {name: [] for name in contexts}
-    losses: dict[str, list[float]] = {name: [] for name in contexts}
-    for name, context in contexts.items():  # warm-up
-        with context():
-            sft_loss(lofit_model, batches[0]).backward()
-    for repeat in range(args.repeats):
-        for batch in batches:
-            for name, context in contexts.items():
-                start = time.perf_counter()
-                with context():
-                    loss = sft_loss(lofit_model, batch)
-                loss.backward()
-                times[name].append(time.perf_counter() - start)
-                lofit_model.lofit_bias.grad = None
-                if repeat == 0:
-                    losses[name].append(loss.item())
-    medians = {name: statistics.median(values) for name, values in times.items()}
+
+    def step(context: Callable[[], AbstractContextManager]) -> Callable[[Batch], float]:
+        def run(batch: Batch) -> float:
+            with context():
+                loss = sft_loss(lofit_model, batch)
+            loss.backward()
+            lofit_model.lofit_bias.grad = None
+            return loss.item()
+        return run
+
+    variants = {name: step(context) for name, context in contexts.items()}
+    losses = {name: [variant(batch) for batch in batches] for name, variant in variants.items()}
+    medians = timed(variants, {name: batches for name in variants}, args.repeats, statistics.median, warm_up=0)
     for name, value in medians.items():
         print(f"{name:>14}: median {value * 1000:.0f} ms per forward+backward of {args.batch_size} stories")
     print(f"speed-up of bf16 autocast over float32: {medians['float32'] / medians['bf16 autocast']:.2f}x")

@@ -6,7 +6,7 @@ they are per-step timings, so that the noise of a shared machine hits both alike
 Definitions:
 - "plain forward+backward": one step as a naive loop does it: a random batch of 8 stories,
   float32, logits at every position, loss on the answer tokens, gradient back to the
-  input embeddings (through every layer);
+  input embeddings (through every layer; the weights frozen, so no weight gradients);
 - "frozen forward+backward": the same, with logits only at the answer positions;
 - "LoFiT step-2 step": lofit's defaults (length-grouped batches, the frozen-prefix cache
   warmed by one pass, the default precision), training v of the heads named in the row.
@@ -17,11 +17,10 @@ Definitions:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from typing import Callable
 
 import torch
+from common import timed
 from torch import nn
 
 import lofit
@@ -61,21 +60,6 @@ def adapter_step(model: nn.Module, batch: Batch, parameters: list[nn.Parameter],
         parameter.grad = None
 
 
-def timed(variants: dict[str, Callable[[Batch], None]], batches: dict[str, list[Batch]], repeats: int) -> dict[str, float]:
-    """Mean seconds per step of each variant over its batches, variants alternated step by step."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, step in variants.items():  # warm-up (and fills prefix caches)
-        for batch in batches[name]:
-            step(batch)
-    for _ in range(repeats):
-        for index in range(len(next(iter(batches.values())))):
-            for name, step in variants.items():
-                start = time.perf_counter()
-                step(batches[name][index])
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.mean(values) for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=12, help="batches of 8 stories in the per-step measurements")
@@ -86,6 +70,7 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
     compute = ComputeConfig()
     model, tokenizer = lofit.load_model("default")
+    model.requires_grad_(False)  # every step below is a frozen model's: no weight gradients
     data = resolve_data_dir(None)
     task = get_task("clutrr")
 
@@ -134,8 +119,8 @@ def main() -> None:
                    "random": lambda b: adapter_step(lofit_model, b, [lofit_model.lofit_bias], autocast)},
                   {"grouped": grouped, "random": random_batches}, 1)
     rows.append((f"D. an epoch of {args.batches * 8} stories, length-grouped vs random batches (no cache)",
-                 f"{epoch['grouped'] * len(grouped):.1f} s vs {epoch['random'] * len(random_batches):.1f} s = "
-                 f"{epoch['random'] / epoch['grouped']:.2f}x faster", "reported"))
+                 (f"{epoch['grouped'] * len(grouped):.1f} s vs {epoch['random'] * len(random_batches):.1f} s = "
+                  f"{epoch['random'] / epoch['grouped']:.2f}x faster"), "reported"))
     lofit_model.set_active_heads(heads)
     lofit_model.remove_hooks()
 

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from lofit.batching import TokenizedPair
+from lofit.methods import METHODS
 
 
 
@@ -136,6 +137,33 @@ def randomize_adapter(lofit_model, seed: int = 0, scale: float = 0.5) -> None:
     with torch.no_grad():
         lofit_model.lofit_scale.copy_(torch.randn(lofit_model.lofit_scale.shape, generator=generator) * scale)
         lofit_model.lofit_bias.copy_(torch.randn(lofit_model.lofit_bias.shape, generator=generator) * scale)
+
+
+SAVED_METHODS = [name for name in METHODS if name != "zero-shot"]
+"""The methods whose result holds numbers of its own to save (0-shot saves only its name)."""
+
+
+def fitted(name: str, model) -> torch.nn.Module:
+    """An untrained result of method ``name`` on ``model``, with non-zero numbers where it has any."""
+    from peft import LoraConfig, get_peft_model
+
+    from lofit import get_lofit_model
+    from lofit.methods.red import RedModel
+    from lofit.methods.reft import ReftConfig, ReftModel
+    from lofit.methods.repe import ResidualShiftModel
+
+    if name in ("lofit", "iti"):
+        wrapped = get_lofit_model(model)
+        randomize_adapter(wrapped)
+        wrapped.set_active_heads([(0, 1), (2, 3)])
+        return wrapped
+    if name == "lora":
+        return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    wrapped = {"repe": ResidualShiftModel, "red": RedModel, "reft": lambda m: ReftModel(m, ReftConfig(reft_rank=2))}[name](model)
+    with torch.no_grad():
+        for parameter in wrapped.trainable_parameters() or [wrapped.shift]:
+            parameter.add_(0.1)
+    return wrapped
 
 
 def input_batch(seed: int = 1, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:

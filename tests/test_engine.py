@@ -4,6 +4,7 @@ gradient checkpointing, placement, and the caller's random state."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -70,6 +71,17 @@ def test_gradient_accumulation_gives_the_same_adapter():
     plain = tuned_bias()
     accumulated = tuned_bias(TrainingSetup(ComputeConfig(gradient_accumulation_steps=3)))
     assert torch.allclose(plain, accumulated, atol=1e-6)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        training.make_accelerator("bf16", torch.device("cpu"))
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        training.make_accelerator("bf16", torch.device("cpu"))
+    assert not [w for w in caught if "no bf16 instructions" in str(w.message)]
 
 
 def test_bf16_mixed_precision_follows_float32():

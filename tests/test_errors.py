@@ -18,14 +18,12 @@ from lofit.datafiles import DataError, resolve_data_dir
 from lofit.loading import ModelNotFoundError, load_model
 from lofit.merge import MergeError
 from lofit.methods import FitResult, get_method, load_adapted
-from lofit.methods.red import RedModel
 from lofit.methods.reft import ReftConfig, ReftModel
-from lofit.methods.repe import ResidualShiftModel
 from lofit.steps import HeadRanking
 from lofit.tasks import get_task
 from lofit.wrapper import AdapterStateError
 
-from .conftest import input_batch, randomize_adapter, tiny_model
+from .conftest import SAVED_METHODS, fitted, input_batch, randomize_adapter, tiny_model
 
 
 @pytest.mark.parametrize("heads", [0, -1, 2.5, 0.0])
@@ -206,27 +204,8 @@ def test_examples_without_prompt_tokens_are_refused():
 
 # -- broken or foreign saved results: one clear error, the base model left as it was ---------------------
 
-METHOD_NAMES = ["lofit", "iti", "repe", "lora", "red", "reft"]
 WEIGHTS = {"lofit": "adapter_model.safetensors", "iti": "adapter_model.safetensors", "lora": "adapter_model.safetensors",
            "repe": "repe_shift.safetensors", "red": "red.safetensors", "reft": "reft.safetensors"}
-
-
-def fitted(name: str, model) -> torch.nn.Module:
-    """An untrained result of method ``name`` on ``model``, with non-zero numbers where it has any."""
-    from peft import LoraConfig, get_peft_model
-
-    if name in ("lofit", "iti"):
-        wrapped = get_lofit_model(model)
-        randomize_adapter(wrapped)
-        wrapped.set_active_heads([(0, 1), (2, 3)])
-        return wrapped
-    if name == "lora":
-        return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    wrapped = {"repe": ResidualShiftModel, "red": RedModel, "reft": lambda m: ReftModel(m, ReftConfig(reft_rank=2))}[name](model)
-    with torch.no_grad():
-        for parameter in wrapped.trainable_parameters() or [wrapped.shift]:
-            parameter.add_(0.1)
-    return wrapped
 
 
 def save_result(name: str, directory) -> None:
@@ -305,7 +284,7 @@ LOFIT_CONFIG_BREAKAGES = {
 
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", SAVED_METHODS)
 def test_a_broken_result_is_refused_and_the_model_left_as_it_was(name, breakage, tmp_path):
     save_result(name, tmp_path)
     damage, message = BREAKAGES[breakage]
@@ -375,7 +354,7 @@ def test_reft_options_that_do_not_fit_the_model_are_refused(tmp_path):
         edit_json(tmp_path / "lofit_method.json", lambda r: r.update(options=asdict(ReftConfig(reft_rank=2))))
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", SAVED_METHODS)
 def test_the_model_loads_after_a_refused_load(name, tmp_path):
     save_result(name, tmp_path / "good")
     save_result(name, tmp_path / "bad")
@@ -542,7 +521,7 @@ def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", SAVED_METHODS)
 def test_an_interrupted_save_leaves_the_previous_result_whole(name, tmp_path, monkeypatch):
     directory = tmp_path / "result"
     save_result(name, directory)

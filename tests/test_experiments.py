@@ -124,6 +124,35 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
     assert "| LoFiT |" in report.read_text() and (folder / "report.csv").read_text().count("\n") == 1 + 4
 
 
+def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_path, monkeypatch):
+    lofit_only = [{"label": "LoFiT", "method": "lofit"}]
+    first = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=lofit_only)))
+    selects = []
+    real_select = runner_module.run_select
+
+    def counting_select(*args, **kwargs):
+        selects.append(args[0].task)
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_select", counting_select)
+    pool = ModelPool()
+    Runner(first, tmp_path / "experiments" / "first", pool=pool, log=lambda _: None).run()
+    second = load_grid(str(grid_file(setting, tmp_path, name="second", sweep={"num_heads": [3]}, arms=lofit_only)))
+    (tmp_path / "experiments" / "unrelated").mkdir()
+    (tmp_path / "experiments" / "unrelated" / RESULTS).write_text("torn")
+    records = Runner(second, tmp_path / "experiments" / "second", pool=pool, log=lambda _: None).run()
+    assert len(selects) == 1  # step 1 ran for the first experiment only
+    ranking = [r for r in read_results(tmp_path / "experiments" / "second") if r["phase"] == "ranking"]
+    assert len(ranking) == 1 and ranking[0]["reused_from"].endswith("first") and ranking[0]["experiment"] == "second"
+    assert records[0]["ranking_key"] == ranking[0]["key"] and len(records[0]["selected_heads"]) == 3
+    assert (tmp_path / "experiments" / "second" / "rankings" / ranking[0]["key"] / "head_ranking.json").is_file()
+    layers = load_grid(str(grid_file(setting, tmp_path, name="layers", sweep={}, report={"kind": "layers"},
+                                     arms=[{"label": "step 1", "method": "lofit", "options": {"select_only": True}}])))
+    [record] = Runner(layers, tmp_path / "experiments" / "layers", pool=pool, log=lambda _: None).run()
+    assert len(selects) == 1 and record["phase"] == "ranking" and record["label"] == "step 1"
+    assert record["scores"] == ranking[0]["scores"]
+
+
 def test_tuning_picks_the_best_trial_per_arm_and_keeps_all_trials(setting, tmp_path, monkeypatch):
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[
         {"label": "RED", "method": "red", "tune": {"red_lr": [1e-3, 3e-1]}},
@@ -161,7 +190,7 @@ def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     assert "-100.0 [-100.0, -100.0], p=0.000" in report  # heads from y, tuned on x: all wrong vs all right
     assert "+0.0 [+0.0, +0.0], p=1.000" in report
     assert (tmp_path / "cross_task.png").stat().st_size > 0
-    assert "**100.0 ± 0.0**" in report and "4 test runs" in report
+    assert "**100.0 (1 seed)**" in report and "4 test runs" in report
     (tmp_path / "report.md").unlink()
     assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == report
     append_result(tmp_path, {"key": "after-the-torn-line", "phase": "other"})

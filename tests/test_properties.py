@@ -21,18 +21,15 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lofit import get_lofit_model
 from lofit.adapter_io import AdapterError
 from lofit.datafiles import DataError
 from lofit.methods import FitResult, get_method, load_adapted
-from lofit.methods.red import RedModel
-from lofit.methods.reft import ReftConfig, ReftModel
-from lofit.methods.repe import ResidualShiftModel
+from lofit.methods.reft import ReftConfig
 from lofit.multiple_choice import MultipleChoiceExample
 from lofit.steps import HeadRanking
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, get_task
 
-from .conftest import randomize_adapter, tiny_model
+from .conftest import SAVED_METHODS, fitted, tiny_model
 
 FAST = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL_LOADS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -233,27 +230,13 @@ def test_any_head_ranking_file_loads_or_raises_a_value_error(data, raw):
 
 # -- saved adapters -----------------------------------------------------------------------------------------------
 
-METHOD_NAMES = ["lofit", "iti", "repe", "lora", "red", "reft"]
-
-
-def fitted(name: str, model) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    if name in ("lofit", "iti"):
-        wrapped = get_lofit_model(model)
-        randomize_adapter(wrapped)
-        wrapped.set_active_heads([(0, 1), (2, 3)])
-        return wrapped
-    if name == "lora":
-        return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    return {"repe": ResidualShiftModel, "red": RedModel, "reft": lambda m: ReftModel(m, ReftConfig(reft_rank=2))}[name](model)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, Path]:
     """One saved result per method, for the llama tiny model."""
     folders = {}
-    for name in METHOD_NAMES:
+    for name in SAVED_METHODS:
         folders[name] = tmp_path_factory.mktemp(name)
         method = get_method(name, ReftConfig(reft_rank=2) if name == "reft" else None)
         method.save(FitResult(fitted(name, tiny_model("llama")), 1), folders[name])
@@ -323,7 +306,7 @@ def apply_edit(directory: Path, edit: tuple) -> None:
 
 
 @MODEL_LOADS
-@given(name=st.sampled_from(METHOD_NAMES), edit=config_edits("lofit_method.json", METHOD_KEYS))
+@given(name=st.sampled_from(SAVED_METHODS), edit=config_edits("lofit_method.json", METHOD_KEYS))
 def test_any_method_file_loads_or_raises_an_adapter_error(saved, name, edit):
     EXAMPLES["lofit_method.json edits"] += 1
     load_damaged(saved[name], lambda directory: apply_edit(directory, edit))
@@ -384,7 +367,7 @@ def weight_damage(draw):
 
 
 @MODEL_LOADS
-@given(name=st.sampled_from(METHOD_NAMES), damage=weight_damage())
+@given(name=st.sampled_from(SAVED_METHODS), damage=weight_damage())
 def test_any_weights_file_loads_or_raises_an_adapter_error(saved, name, damage):
     EXAMPLES["weights files"] += 1
     load_damaged(saved[name], lambda directory: damage(directory / WEIGHT_FILES[name]))

@@ -70,7 +70,7 @@ def _table(rows: list[dict]) -> tuple[str, str]:
             if m not in row:
                 cells.append("")
                 continue
-            text = f"{100 * row[m][0]:.1f} ± {100 * row[m][1]:.1f}"
+            text = f"{100 * row[m][0]:.1f}" + (f" ± {100 * row[m][1]:.1f}" if len(row["seeds"]) > 1 else " (1 seed)")
             cells.append(f"**{text}**" if len(rows) > 1 and row[m][0] == best[(row["task"], m)] else text)
         setting = "; ".join(filter(None, [row["point"], ", ".join(f"{k}={v}" for k, v in row["trial"].items())]))
         parameters = f"{row['trained_parameters']:,}" if row["trained_parameters"] is not None else ""
@@ -201,7 +201,7 @@ def write_report(folder: Path) -> Path:
     parts = [f"# {name}", "", records[-1].get("description", ""), "",
              f"{sum(r.get('phase') == 'test' for r in records)} test runs, {sum(r.get('phase') == 'tune' for r in records)} "
              f"tuning trials, {sum(r.get('phase') == 'ranking' for r in records)} step-1 rankings. Mean ± standard deviation "
-             "over seeds; best mean per task in bold.", "", table]
+             "over seeds (a single seed has none); best mean per task in bold.", "", table]
     kind = spec.get("kind")
     if kind == "cross-task":
         parts.append(cross_task(records, folder))

@@ -6,7 +6,8 @@
   cell stopped mid-training resumes from its newest checkpoint).
 - Step-1 rankings are computed once per key of :func:`~lofit.experiments.grid.ranking_key`
   (task, seed, model, step-1 options), recorded as ``ranking`` lines, and handed to every
-  LoFiT cell that needs them as ``--heads file --heads-file``.
+  LoFiT cell that needs them as ``--heads file --heads-file``. A ranking already recorded
+  by another experiment folder beside this one (same parent) is copied, not recomputed.
 - The model is loaded once per process (:class:`ModelPool`) and lent to each cell; each
   cell takes its adapter off again, which the pool checks before lending it out.
 - With ``tune``, every arm's trials run first on the validation split with the first
@@ -33,11 +34,11 @@ from ..pipeline import load_fresh, run_cell, run_select
 from ..steps import HeadRanking
 from ..tasks import get_task
 from .grid import Cell, Grid, cell_config, check_tuning, expand, ranking_key
-from .results import append_result, read_results
+from .results import RESULTS, append_result, read_results
 
-TRAIN_SECONDS = {"clutrr": 0.27, "mquake": 0.05, "truthfulqa": 0.55}
+TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
 """Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""
-EVAL_SECONDS = {"clutrr": 0.15, "mquake": 0.11, "truthfulqa": 0.41}
+EVAL_SECONDS = {"clutrr": 0.22, "mquake": 0.11, "truthfulqa": 0.41}
 """Rough seconds per evaluated example, default model, 2 CPU cores."""
 
 
@@ -186,7 +187,7 @@ class Runner:
         if cell.key in self.done:
             return
         self.log(f"[{cell.key}] {cell.describe()}")
-        record = self._ranking(cell) if cell.phase == "ranking" else self._fit(cell)
+        record = self._ranking_record(cell) if cell.phase == "ranking" else self._fit(cell)
         self._record(record)
 
     def _record(self, record: dict) -> None:
@@ -218,12 +219,33 @@ class Runner:
                 "selector": config.lofit.heads, "options": ranking_cell.config, "top_k": config.lofit.num_heads_to_tune(len(ranking.order)),
                 "scores": ranking.scores.tolist(), "seconds": time.perf_counter() - start, "run_folder": str(folder)}
 
+    def _shared_ranking(self, key: str) -> dict | None:
+        """A ranking with ``key`` recorded by another experiment in a sibling folder (the
+        experiments of one parent folder share step 1), marked with where it came from."""
+        for results in sorted(self.folder.parent.glob(f"*/{RESULTS}")):
+            if results.parent.resolve() == self.folder.resolve():
+                continue
+            for record in read_results(results.parent):
+                if record["key"] == key and record.get("phase") == "ranking":
+                    return {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")} | {
+                        "reused_from": str(results.parent), "run_folder": str(self.folder / "rankings" / key)}
+        return None
+
+    def _ranking_record(self, cell: Cell) -> dict:
+        """The step-1 record of ``cell``: a sibling experiment's when one has it, else computed now."""
+        shared = self._shared_ranking(ranking_key(cell.config))
+        if shared is None:
+            return self._ranking(cell)
+        self.log(f"  reused from {shared['reused_from']}")
+        return shared | {"label": cell.label}
+
     def _ranking_file(self, cell: Cell) -> tuple[Path, dict]:
-        """The cached ranking a LoFiT cell uses (computed and recorded first if need be)."""
+        """The cached ranking a LoFiT cell uses: this experiment's, a sibling experiment's, or
+        computed and recorded now."""
         key = ranking_key(cell.config)
         if key not in self.done:
             self.log(f"[{key}] ranking {cell.config.get('heads_task') or cell.task} seed {cell.seed} ({cell.config['heads']})")
-            self._record(self._ranking(cell))
+            self._record(self._ranking_record(cell))
         record = self.done[key]
         path = self.folder / "rankings" / key / "head_ranking.json"
         if not path.is_file():  # rebuilt from the record alone
