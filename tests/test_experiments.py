@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from lofit.cli import main
+from lofit.compute import hardware
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
@@ -118,6 +119,7 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
     assert [len(r["selected_heads"]) for r in lofit] == [2, 4]
     assert all(len(r["per_example"]) == 12 and r["score"] == sum(r["per_example"]) / 12 for r in resumed)
     assert not any((folder / "cells").glob("*/checkpoints"))
+    assert all(r["hardware"] == hardware(torch.device("cpu")) for r in [records[0], *resumed])
     assert torch.equal(base(probe).logits, before)
 
     report = write_report(folder)
@@ -191,6 +193,7 @@ def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     assert "+0.0 [+0.0, +0.0], p=1.000" in report
     assert (tmp_path / "cross_task.png").stat().st_size > 0
     assert "**100.0 (1 seed)**" in report and "4 test runs" in report
+    assert "- not recorded: 4 runs and trials" in report  # where they ran: not in these records
     (tmp_path / "report.md").unlink()
     assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == report
     append_result(tmp_path, {"key": "after-the-torn-line", "phase": "other"})
@@ -231,6 +234,18 @@ def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
     assert main(["experiment", "table3", "--grid", "x.yaml", "--dry-run"]) == 2
     assert main(["experiment", "no-such-experiment", "--dry-run"]) == 2
     shutil.rmtree(tmp_path / "dry", ignore_errors=True)
+
+
+def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_path):
+    grid = load_grid(str(grid_file(setting, tmp_path)))
+    runner = Runner(grid, tmp_path / "out", log=lambda _: None)
+    cell = runner.test_cells()[0]
+    here = hardware(torch.device("cpu"))
+    runner.done = {"a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": here},
+                   "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"}}
+    assert runner.estimate(cell) == 100.0
+    runner.done["c"] = {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 50.0}  # hardware unrecorded
+    assert runner.estimate(cell) == 75.0
 
 
 @pytest.mark.parametrize("method", ["lora", "reft"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lofit import get_lofit_model
+from lofit import multiple_choice
+from lofit.architectures import text_config
+from lofit.choice_packing import pack_questions, question_length
 from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 
 from .conftest import WORDS, randomize_adapter, tiny_model, word_tokenizer
@@ -92,3 +96,51 @@ def test_shared_prefix_reuse_equals_full_recomputation(model_type):
                             progress=False)[0] for e in examples]
     for a, b in zip(reused, full):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+PACKING_EXAMPLES = [
+    MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe", " blue", " no maybe red", " yes"), (1, 0, 0, 1, 0), best=0),
+    MultipleChoiceExample(" Q: A:", (" red", " yes yes", " yes no sky"), (0, 1, 0), best=1),
+    MultipleChoiceExample(" Q: red blue sky A: maybe", (" sky", " sky blue"), (1, 0), best=0),
+    MultipleChoiceExample(" Q: no A:", (" blue red red", " blue red yes", " maybe"), (1, 0, 0), best=0),
+]
+"""Choices with shared beginnings (a trie), a duplicate choice, one-token choices, and
+questions that end up several to a packed row."""
+
+
+ALIBI_FAMILIES = {"bloom", "mpt"}
+"""Families whose position information is a bias built from a 2-D mask: packing must be refused."""
+
+
+def test_packed_scoring_equals_scoring_each_question(model_type, monkeypatch):
+    """Questions packed with their choice tries into rows give every choice the score it gets
+    on its own; a family whose attention ignores the custom mask is detected and scored
+    unpacked, with a warning: the same scores either way."""
+    rows = []
+    score_packed = multiple_choice.score_packed
+    monkeypatch.setattr(multiple_choice, "score_packed", lambda model, questions, *rest: rows.append(len(questions))
+                        or score_packed(model, questions, *rest))
+    tokenizer = word_tokenizer()
+    lofit_model = get_lofit_model(tiny_model(model_type))
+    randomize_adapter(lofit_model)
+    sliding_window = getattr(text_config(lofit_model.config), "sliding_window", None) or 1000
+    for prefix in ("Q: sky A: blue Q: red A: no", ""):
+        rows.clear()
+        alone = choice_logprobs(lofit_model, tokenizer, PACKING_EXAMPLES, prefix=prefix, progress=False, pack_tokens=0)
+        assert rows == []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            packed = choice_logprobs(lofit_model, tokenizer, PACKING_EXAMPLES, prefix=prefix, progress=False, pack_tokens=16)
+        for a, b in zip(packed, alone):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert any("did not reproduce" in str(w.message) for w in caught) == (model_type in ALIBI_FAMILIES)
+        if model_type not in ALIBI_FAMILIES and sliding_window >= 16:
+            assert rows[0] == 2 and sum(rows[1:]) == 2, rows  # the probe's row, then the other two questions packed
+
+
+def test_pack_questions_keeps_order_and_budget():
+    questions = [([1] * n, [[2], [2, 3], [2, 3]]) for n in (3, 9, 1, 20, 2)]  # each adds 2 choice tokens (a trie)
+    assert [question_length(q) for q in questions] == [5, 11, 3, 22, 4]
+    assert pack_questions(questions, 16) == [[0, 1], [2], [3], [4]]  # 22 > 16: a row of its own
+    assert pack_questions(questions, 30) == [[0, 1, 2], [3, 4]]
+    assert pack_questions(questions, 100) == [[0, 1, 2, 3, 4]]

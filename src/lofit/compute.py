@@ -18,6 +18,7 @@ loads a model (``--device``, ``--dtype``, ``--device-map``, ``--mixed-precision`
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -101,3 +102,24 @@ def resolve_dtype(spec: str | torch.dtype, device: torch.device | None) -> torch
     if spec == "auto":
         return torch.float32 if device is None or device.type == "cpu" else "auto"
     return DTYPES[spec]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device) -> str:
+    """Where a computation runs, as results record it: the GPU's name, or the CPU's and the
+    number of threads torch uses."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads"
+    return device.type

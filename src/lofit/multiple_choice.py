@@ -10,13 +10,16 @@ correct answers and F the incorrect ones:
   a softmax in float64 so that long answers cannot underflow to 0/0.
 
 A prefix shared by every prompt (the few-shot primer) is run through the model once and its
-KV cache copied for each question; each question's prompt is run once, and all its choices
-are scored in one batch on the prompt's KV cache.
+KV cache reused by every question. The questions, each with all its choices, are then packed
+into rows without padding (:mod:`lofit.choice_packing`); a model whose attention does not
+take a custom mask runs each question's prompt once and its choices as a batch on the
+prompt's KV cache.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .architectures import text_config
 from .batching import TokenizedPair, collate, tokenize_pair
+from .choice_packing import Question, pack_questions, score_packed
 from .distributed import gather_in_order, is_main_process, my_share
 
 
@@ -79,8 +84,6 @@ def _choices_after_prompt(model: nn.Module, prompt_ids: list[int], choices: list
     """
     from .scoring import sequence_logprobs
 
-    if any(not choice for choice in choices):
-        raise ValueError("every choice needs at least one token")
     attention = torch.ones((1, past_length + len(prompt_ids)), dtype=torch.long, device=device)
     out = model(input_ids=torch.tensor([prompt_ids], device=device), attention_mask=attention, past_key_values=past,
                 use_cache=True, logits_to_keep=1)
@@ -97,6 +100,38 @@ def _choices_after_prompt(model: nn.Module, prompt_ids: list[int], choices: list
     return scores
 
 
+PACKING_PROBE_QUESTIONS = 2
+"""Questions scored both unpacked and packed together in one row before packing is trusted."""
+
+
+def _packing_limit(model: nn.Module) -> int | None:
+    """The longest context a packed question may have: the sliding window of a model with
+    sliding-window layers (a custom mask replaces the window, which only matters once a
+    question's own context is longer than it), else none."""
+    config = text_config(model.config)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    if not window or getattr(config, "use_sliding_window", True) is False or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def _packing_reproduces(model: nn.Module, questions: list[Question], reference: list[list[float]], past, past_length: int,
+                        device: torch.device) -> bool:
+    """Whether scoring ``questions`` (two or more) packed in one row reproduces their unpacked
+    ``reference`` scores: to float32 rounding, or to bfloat16's when the forward pass runs in
+    lower precision. A family that cannot take a 4-D mask at all (ALiBi models build their
+    bias from a 2-D one, for instance) fails its forward pass here, which answers no as well."""
+    try:
+        packed = score_packed(model, questions, past, past_length, device)
+    except (ValueError, RuntimeError, TypeError, IndexError):
+        return False
+    weights = model.get_input_embeddings().weight
+    low_precision = torch.is_autocast_enabled(weights.device.type) or weights.dtype != torch.float32
+    tolerance = {"rtol": 2e-2, "atol": 0.1} if low_precision else {"rtol": 1e-4, "atol": 1e-3}
+    return all(torch.allclose(torch.tensor(a), torch.tensor(b), **tolerance) for a, b in zip(packed, reference))
+
+
 @torch.no_grad()
 def choice_logprobs(
     model: nn.Module,
@@ -104,14 +139,19 @@ def choice_logprobs(
     examples: Sequence[MultipleChoiceExample],
     prefix: str = "",
     progress: bool = True,
+    pack_tokens: int = 512,
 ) -> list[list[float]]:
     """Summed log-probability of every choice of every example, given ``prefix + prompt``.
 
     The prefix is encoded once and its KV cache reused when tokenising it apart from the
-    prompts is exact (checked on every prompt); each prompt is then encoded once and all its
-    choices scored in one batched pass on its KV cache (:func:`_choices_after_prompt`). A
-    model that edits prompt positions (LoReFT) must see whole prompts: each of its rows
-    carries the full text.
+    prompts is exact (checked on every prompt). Questions are then packed, with all their
+    choices, into rows of at most ``pack_tokens`` tokens and scored without padding
+    (:mod:`lofit.choice_packing`), once the first two questions have been scored both packed
+    together and unpacked (each prompt once, its choices as a batch on the prompt's KV cache:
+    :func:`_choices_after_prompt`) with the same result; a model whose attention ignores a
+    custom mask or position ids keeps the unpacked path for every question (``pack_tokens``
+    0 forces it). A model that edits prompt positions (LoReFT) must see whole prompts: each
+    of its rows carries the full text.
     """
     from .scoring import sequence_logprobs
 
@@ -121,16 +161,41 @@ def choice_logprobs(
     reuse = bool(prefix) and not whole_rows and all(e.prompt and _split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
     cache = _prefix_cache(model, tokenizer(prefix).input_ids, device) if reuse else None
     prefix_length = len(tokenizer(prefix).input_ids) if reuse else 0
-    results = []
-    share = my_share(len(examples))  # with several processes each scores its share; gathered back in order
+    share = [examples[i] for i in my_share(len(examples))]  # with several processes each scores its share; gathered back in order
     show = progress and is_main_process()
-    for example in tqdm([examples[i] for i in share], desc="scoring choices", disable=not show, dynamic_ncols=True):
-        choices = [tokenizer(c, add_special_tokens=False).input_ids for c in example.choices]
-        if whole_rows:
+    if whole_rows:
+        results = []
+        for example in tqdm(share, desc="scoring choices", disable=not show, dynamic_ncols=True):
             pairs = [tokenize_pair(tokenizer, prefix + example.prompt, c, add_eos=False) for c in example.choices]
             results.append(sequence_logprobs(model, collate(pairs, tokenizer.pad_token_id).to(device)).tolist())
-            continue
-        prompt_ids = tokenizer(example.prompt, add_special_tokens=False).input_ids if reuse else tokenizer(prefix + example.prompt).input_ids
-        past = copy.deepcopy(cache) if cache is not None else None
-        results.append(_choices_after_prompt(model, prompt_ids, choices, past, prefix_length, tokenizer.pad_token_id, device))
+        return gather_in_order(results, len(examples))
+    questions = [(tokenizer(e.prompt, add_special_tokens=False).input_ids if reuse else tokenizer(prefix + e.prompt).input_ids,
+                  [tokenizer(c, add_special_tokens=False).input_ids for c in e.choices]) for e in share]
+    if any(not choice for _, choices in questions for choice in choices):
+        raise ValueError("every choice needs at least one token")
+
+    def prefix_copy():
+        return copy.deepcopy(cache) if cache is not None else None
+
+    def unpacked(question: Question) -> list[float]:
+        return _choices_after_prompt(model, question[0], question[1], prefix_copy(), prefix_length, tokenizer.pad_token_id, device)
+
+    probe = PACKING_PROBE_QUESTIONS if pack_tokens > 0 and len(questions) > PACKING_PROBE_QUESTIONS else 0
+    results = [unpacked(question) for question in questions[:probe]]
+    packs = probe > 0 and (_packing_limit(model) or float("inf")) >= max(
+        prefix_length + len(prompt) + max(map(len, choices)) for prompt, choices in questions)
+    if packs and not _packing_reproduces(model, questions[:probe], results, prefix_copy(), prefix_length, device):
+        warnings.warn(f"{type(model).__name__}: scoring choices packed in one sequence (custom attention mask and position "
+                      "ids) did not reproduce the unpacked scores; scoring each question on its own (slower)", stacklevel=2)
+        packs = False
+    bar = tqdm(total=len(questions), initial=len(results), desc="scoring choices", disable=not show, dynamic_ncols=True)
+    if packs:
+        for group in pack_questions(questions[probe:], pack_tokens):
+            results += score_packed(model, [questions[probe + i] for i in group], prefix_copy(), prefix_length, device)
+            bar.update(len(group))
+    else:
+        for question in questions[len(results):]:
+            results.append(unpacked(question))
+            bar.update()
+    bar.close()
     return gather_in_order(results, len(examples))

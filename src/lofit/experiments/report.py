@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -190,6 +190,14 @@ def curve(rows: list[dict], folder: Path, x: str) -> str:
     return f"Figure: `{x}.png` (mean ± std over seeds of each task's main metric).\n"
 
 
+def _hardware(records: list[dict]) -> str:
+    """Where the runs and trials ran (timings compare only within one kind of hardware)."""
+    counts = Counter(r.get("hardware", "not recorded") for r in records if r.get("phase") in ("test", "tune"))
+    if not counts:
+        return ""
+    return "\n".join(["", "## Hardware", "", *(f"- {name}: {n} runs and trials" for name, n in sorted(counts.items()))])
+
+
 def write_report(folder: Path) -> Path:
     """Write report.md, report.csv and the figures of ``folder`` from its results.jsonl; return report.md's path."""
     records = read_results(folder)
@@ -210,6 +218,7 @@ def write_report(folder: Path) -> Path:
     elif kind == "curve":
         parts.append(curve(rows, folder, spec["x"]))
     parts.append(_tuning(records))
+    parts.append(_hardware(records))
     write_text(folder / "report.csv", table_csv)
     write_text(folder / "report.md", "\n".join(parts))
     return folder / "report.md"

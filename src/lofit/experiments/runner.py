@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..comparison import METRIC_SUFFIXES
-from ..compute import ComputeConfig
+from ..compute import ComputeConfig, hardware, resolve_device
 from ..datafiles import resolve_data_dir
 from ..distributed import is_main_process
 from ..pipeline import load_fresh, run_cell, run_select
@@ -137,9 +137,12 @@ class Runner:
 
     def estimate(self, cell: Cell) -> float:
         """Seconds a cell should take: the mean of finished cells of its method, task and
-        phase, else a rough rate for the default model on 2 CPU cores."""
+        phase on this hardware (or of unrecorded hardware), else a rough rate for the
+        default model on 2 CPU cores."""
+        here = self._hardware(cell)
         similar = [r["seconds"] for r in self.done.values()
-                   if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase]
+                   if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase
+                   and r.get("hardware", here) == here]
         if similar:
             return sum(similar) / len(similar)
         options = cell.config
@@ -200,6 +203,9 @@ class Runner:
     def _compute(self, cell: Cell) -> ComputeConfig:
         return cell_config(cell, total_heads=1).compute
 
+    def _hardware(self, cell: Cell) -> str:
+        return hardware(resolve_device(self._compute(cell).device))
+
     def _cell_config(self, cell: Cell, output_dir: Path):
         config = cell_config(cell, self.pool.total_heads(cell.config["model"], self._compute(cell)))
         resume = (output_dir / "checkpoints").is_dir() and (output_dir / "config.yaml").is_file()
@@ -217,7 +223,8 @@ class Runner:
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return {"key": key, "phase": "ranking", "label": cell.label, "task": task, "seed": cell.seed, "method": "lofit",
                 "selector": config.lofit.heads, "options": ranking_cell.config, "top_k": config.lofit.num_heads_to_tune(len(ranking.order)),
-                "scores": ranking.scores.tolist(), "seconds": time.perf_counter() - start, "run_folder": str(folder)}
+                "scores": ranking.scores.tolist(), "seconds": time.perf_counter() - start, "hardware": self._hardware(cell),
+                "run_folder": str(folder)}
 
     def _shared_ranking(self, key: str) -> dict | None:
         """A ranking with ``key`` recorded by another experiment in a sibling folder (the
@@ -273,5 +280,6 @@ class Runner:
                 "metrics": metrics, "per_example": example_scores(run_folder, metric) if metric else [],
                 "trained_parameters": summary.get("trained_parameters"), "selected_heads": summary.get("selected_heads"),
                 "seconds": seconds, "fit_seconds": summary.get("fit_seconds"), "eval_seconds": summary.get("eval_seconds"),
+                "hardware": self._hardware(cell),
                 "ranking_key": ranking.get("key"), "ranking_seconds": ranking.get("seconds"),
                 "warnings": summary.get("warnings", []), "run_folder": str(run_folder)}
