@@ -11,14 +11,14 @@ import torch
 import yaml
 
 from lofit.cli import main
-from lofit.compute import hardware
+from lofit.compute import hardware, resolve_device
+from lofit.config import LofitConfig
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.grid import check_tuning, expand
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
-from lofit.config import LofitConfig
 from lofit.methods import METHODS
 from lofit.pipeline import CellConfig, RunConfig, load_fresh, run_cell
 
@@ -119,7 +119,7 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
     assert [len(r["selected_heads"]) for r in lofit] == [2, 4]
     assert all(len(r["per_example"]) == 12 and r["score"] == sum(r["per_example"]) / 12 for r in resumed)
     assert not any((folder / "cells").glob("*/checkpoints"))
-    assert all(r["hardware"] == hardware(torch.device("cpu")) for r in [records[0], *resumed])
+    assert all(r["hardware"] == hardware(resolve_device("auto")) for r in [records[0], *resumed])
     assert torch.equal(base(probe).logits, before)
 
     report = write_report(folder)
@@ -240,7 +240,7 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     grid = load_grid(str(grid_file(setting, tmp_path)))
     runner = Runner(grid, tmp_path / "out", log=lambda _: None)
     cell = runner.test_cells()[0]
-    here = hardware(torch.device("cpu"))
+    here = hardware(resolve_device("auto"))
     runner.done = {"a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": here},
                    "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"}}
     assert runner.estimate(cell) == 100.0

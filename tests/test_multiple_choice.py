@@ -8,15 +8,16 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lofit import get_lofit_model
-from lofit import multiple_choice
+from lofit import get_lofit_model, multiple_choice
 from lofit.architectures import text_config
 from lofit.choice_packing import pack_questions, question_length
 from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 
-from .conftest import WORDS, randomize_adapter, tiny_model, word_tokenizer
+from .conftest import COMMON, WORDS, randomize_adapter, tiny_model, word_tokenizer
+
 
 class BigramModel(nn.Module):
     """p(next | current) from a fixed table: every log-probability is known in advance."""
@@ -134,7 +135,9 @@ def test_packed_scoring_equals_scoring_each_question(model_type, monkeypatch):
         for a, b in zip(packed, alone):
             assert a == pytest.approx(b, abs=1e-4)
         assert any("did not reproduce" in str(w.message) for w in caught) == (model_type in ALIBI_FAMILIES)
-        if model_type not in ALIBI_FAMILIES and sliding_window >= 16:
+        longest = max(len(tokenizer(prefix + e.prompt).input_ids) + max(len(tokenizer(c).input_ids) for c in e.choices)
+                      for e in PACKING_EXAMPLES)
+        if model_type not in ALIBI_FAMILIES and sliding_window >= longest:
             assert rows[0] == 2 and sum(rows[1:]) == 2, rows  # the probe's row, then the other two questions packed
 
 
@@ -144,3 +147,32 @@ def test_pack_questions_keeps_order_and_budget():
     assert pack_questions(questions, 16) == [[0, 1], [2], [3], [4]]  # 22 > 16: a row of its own
     assert pack_questions(questions, 30) == [[0, 1, 2], [3, 4]]
     assert pack_questions(questions, 100) == [[0, 1, 2, 3, 4]]
+
+
+def test_bad_packing_inputs_are_refused():
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
+    with pytest.raises(ValueError, match="pack_tokens must be 0"):
+        choice_logprobs(model, tokenizer, PACKING_EXAMPLES, progress=False, pack_tokens=-1)
+    empty_prompt = MultipleChoiceExample("", (" yes", " no"), (1, 0), best=0)  # no BOS: nothing to predict from
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        choice_logprobs(model, tokenizer, [*PACKING_EXAMPLES, empty_prompt], progress=False)
+
+
+def test_questions_longer_than_a_sliding_window_are_not_packed(monkeypatch):
+    """A custom mask replaces the sliding window, so a question whose context exceeds the
+    window is scored unpacked, as the window demands."""
+    rows = []
+    score_packed = multiple_choice.score_packed
+    monkeypatch.setattr(multiple_choice, "score_packed", lambda model, questions, *rest: rows.append(len(questions))
+                        or score_packed(model, questions, *rest))
+    tokenizer = word_tokenizer()
+    for window, packed in ((3, False), (64, True)):
+        rows.clear()
+        torch.manual_seed(0)
+        model = get_lofit_model(AutoModelForCausalLM.from_config(MistralConfig(**COMMON, sliding_window=window)).eval())
+        randomize_adapter(model)
+        scores = choice_logprobs(model, tokenizer, PACKING_EXAMPLES, progress=False, pack_tokens=16)
+        assert bool(rows) == packed
+        alone = choice_logprobs(model, tokenizer, PACKING_EXAMPLES, progress=False, pack_tokens=0)
+        for a, b in zip(scores, alone):
+            assert a == pytest.approx(b, abs=1e-4)

@@ -13,17 +13,17 @@ its own unpadded sequence ``prefix + prompt + choice``:
 
 log p(c^i_1 | prompt) is read at the prompt's last token (one logit row for all n choices)
 and log p(c^i_j | ..., c^i_<j) at the trie node of c^i_<j; a choice's score sums its path.
-A question costs L + (trie nodes) positions of the model, against n * max_i m_i padded
+A question costs L + (trie nodes) positions of the model, against L + n * max_i m_i padded
 positions when its choices run as a batch after the prompt. Whether a model honours a
 custom mask and position ids is an empirical matter (ALiBi families build their bias from a
-2-D mask, for instance): :func:`lofit.multiple_choice.choice_logprobs` checks one question
-against the unpacked computation before using this path.
+2-D mask, for instance): :func:`lofit.multiple_choice.choice_logprobs` checks the first two
+questions against the unpacked computation before using this path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -127,11 +127,20 @@ def packed_row(questions: Sequence[Question], past_length: int) -> PackedRow:
                      torch.tensor([(pair, token_index[t]) for pair, t in paths]), pairs)
 
 
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a 4-D mask as given (flash kernels take none, flex
+attention a block mask)."""
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def attention_mask(visible: torch.Tensor, past_length: int, model: nn.Module, device: torch.device) -> torch.Tensor:
     """The (1, 1, T, past + T) mask in the form the model's attention expects: boolean (True
-    attends) for SDPA and the fused kernels, additive (0 or the dtype's minimum) for eager."""
+    attends) for SDPA, additive (0 or the dtype's minimum) for eager."""
     allowed = torch.cat([torch.ones((visible.shape[0], past_length), dtype=torch.bool), visible], dim=1)[None, None].to(device)
-    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+    if attention_implementation(model) != "eager":
         return allowed
     dtype = model.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -145,6 +154,10 @@ def score_packed(model: nn.Module, questions: Sequence[Question], past, past_len
     out = model(input_ids=row.input_ids.to(device), position_ids=row.positions.to(device),
                 attention_mask=attention_mask(row.visible, past_length, model, device), past_key_values=past,
                 use_cache=past is not None, logits_to_keep=row.score_mask.to(device))
+    scored = int(row.score_mask.sum())
+    if out.logits.ndim != 2 or out.logits.shape[0] != scored:
+        raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a boolean "
+                         f"logits_to_keep mask of {scored} positions; expected ({scored}, vocabulary)")
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (scored positions, V)
     token_logprobs = logprobs[row.logit_rows.to(device), row.targets.to(device)]
     pair, token = row.paths.to(device).unbind(1)

@@ -30,7 +30,13 @@ from transformers import PreTrainedTokenizerBase
 
 from .architectures import text_config
 from .batching import TokenizedPair, collate, tokenize_pair
-from .choice_packing import Question, pack_questions, score_packed
+from .choice_packing import (
+    PACKABLE_ATTENTION,
+    Question,
+    attention_implementation,
+    pack_questions,
+    score_packed,
+)
 from .distributed import gather_in_order, is_main_process, my_share
 
 
@@ -124,6 +130,8 @@ def _packing_reproduces(model: nn.Module, questions: list[Question], reference: 
     bias from a 2-D one, for instance) fails its forward pass here, which answers no as well."""
     try:
         packed = score_packed(model, questions, past, past_length, device)
+    except torch.OutOfMemoryError:
+        raise
     except (ValueError, RuntimeError, TypeError, IndexError):
         return False
     weights = model.get_input_embeddings().weight
@@ -150,11 +158,14 @@ def choice_logprobs(
     together and unpacked (each prompt once, its choices as a batch on the prompt's KV cache:
     :func:`_choices_after_prompt`) with the same result; a model whose attention ignores a
     custom mask or position ids keeps the unpacked path for every question (``pack_tokens``
-    0 forces it). A model that edits prompt positions (LoReFT) must see whole prompts: each
+    0 forces it), as do models on flash or flex attention and questions longer than a
+    sliding window. A model that edits prompt positions (LoReFT) must see whole prompts: each
     of its rows carries the full text.
     """
     from .scoring import sequence_logprobs
 
+    if pack_tokens < 0:
+        raise ValueError(f"pack_tokens must be 0 (no packing) or a positive number of tokens, got {pack_tokens}")
     device = model.get_input_embeddings().weight.device
     model.eval()
     whole_rows = getattr(model, "edits_prompt_positions", False)
@@ -173,6 +184,8 @@ def choice_logprobs(
                   [tokenizer(c, add_special_tokens=False).input_ids for c in e.choices]) for e in share]
     if any(not choice for _, choices in questions for choice in choices):
         raise ValueError("every choice needs at least one token")
+    if any(not prompt for prompt, _ in questions):
+        raise ValueError("every prompt needs at least one token (a choice's first token is predicted from the prompt's last)")
 
     def prefix_copy():
         return copy.deepcopy(cache) if cache is not None else None
@@ -182,8 +195,9 @@ def choice_logprobs(
 
     probe = PACKING_PROBE_QUESTIONS if pack_tokens > 0 and len(questions) > PACKING_PROBE_QUESTIONS else 0
     results = [unpacked(question) for question in questions[:probe]]
-    packs = probe > 0 and (_packing_limit(model) or float("inf")) >= max(
-        prefix_length + len(prompt) + max(map(len, choices)) for prompt, choices in questions)
+    longest = max((prefix_length + len(prompt) + max(map(len, choices)) for prompt, choices in questions), default=0)
+    packs = (probe > 0 and attention_implementation(model) in PACKABLE_ATTENTION
+             and longest <= (_packing_limit(model) or float("inf")))
     if packs and not _packing_reproduces(model, questions[:probe], results, prefix_copy(), prefix_length, device):
         warnings.warn(f"{type(model).__name__}: scoring choices packed in one sequence (custom attention mask and position "
                       "ids) did not reproduce the unpacked scores; scoring each question on its own (slower)", stacklevel=2)
