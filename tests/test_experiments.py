@@ -14,6 +14,7 @@ from lofit.cli import main
 from lofit.compute import hardware, resolve_device
 from lofit.config import LofitConfig
 from lofit.experiments import ModelPool, Runner, load_grid
+from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.grid import check_tuning, expand
@@ -194,10 +195,18 @@ def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     assert (tmp_path / "cross_task.png").stat().st_size > 0
     assert "**100.0 (1 seed)**" in report and "4 test runs" in report
     assert "- not recorded: 4 runs and trials" in report  # where they ran: not in these records
+    assert "| 1.0 |" in report  # minutes per run
+
     (tmp_path / "report.md").unlink()
     assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == report
     append_result(tmp_path, {"key": "after-the-torn-line", "phase": "other"})
     assert [r["key"] for r in read_results(tmp_path)] == ["a", "b", "c", "d", "after-the-torn-line"]
+
+
+def test_minutes_per_run_are_not_averaged_across_hardware():
+    runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
+    assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"
+    assert report_module._minutes(runs[:1] * 2) == "1.0"
 
 
 def test_layers_report_counts_heads_per_layer_and_overlap(tmp_path):

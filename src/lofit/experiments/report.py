@@ -33,6 +33,17 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _minutes(members: list[dict]) -> str:
+    """Mean minutes per run, per hardware when the runs of one row ran on different hardware
+    (a GPU's minutes and a CPU's do not average)."""
+    by_hardware: dict[str, list[float]] = defaultdict(list)
+    for record in members:
+        by_hardware[record.get("hardware", "")].append(record["seconds"] / 60)
+    if len(by_hardware) == 1:
+        return f"{statistics.fmean(next(iter(by_hardware.values()))):.1f}"
+    return "; ".join(f"{statistics.fmean(minutes):.1f} on {name or 'unrecorded hardware'}" for name, minutes in sorted(by_hardware.items()))
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (task, label, sweep point) of the test records, in order of first appearance."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -45,7 +56,7 @@ def summarize(records: list[dict]) -> list[dict]:
         row = {"task": task, "label": label, "point": _point(members[0]), "point_values": members[0].get("point", {}),
                "method": members[0]["method"], "metric": members[0]["metric"], "seeds": sorted(r["seed"] for r in members),
                "trained_parameters": members[0].get("trained_parameters"),
-               "minutes": statistics.fmean(r["seconds"] for r in members) / 60,
+               "minutes": _minutes(members),
                "examples": members[0]["metrics"].get("num_examples"), "trial": members[0].get("trial", {})}
         for name in metric_names:
             row[name] = _stats([r["metrics"][name] for r in members])
@@ -75,10 +86,10 @@ def _table(rows: list[dict]) -> tuple[str, str]:
         setting = "; ".join(filter(None, [row["point"], ", ".join(f"{k}={v}" for k, v in row["trial"].items())]))
         parameters = f"{row['trained_parameters']:,}" if row["trained_parameters"] is not None else ""
         lines.append("| " + " | ".join([row["task"], row["label"], setting, *cells, ",".join(map(str, row["seeds"])),
-                                        parameters, f"{row['minutes']:.1f}"]) + " |")
+                                        parameters, row["minutes"]]) + " |")
         writer.writerow([row["task"], row["label"], row["method"], row["point"], json.dumps(row["trial"]),
                          *[f"{row[m][i]:.6f}" if m in row else "" for m in metrics for i in (0, 1)],
-                         " ".join(map(str, row["seeds"])), row["trained_parameters"], f"{row['minutes']:.2f}", row["examples"]])
+                         " ".join(map(str, row["seeds"])), row["trained_parameters"], row["minutes"], row["examples"]])
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
