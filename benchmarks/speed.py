@@ -89,10 +89,10 @@ def main() -> None:
     model, tokenizer = lofit.load_model("default")
     model.requires_grad_(False)  # every step below is a frozen model's: no weight gradients
     data = resolve_data_dir(None)
+    accelerator = make_accelerator(compute.mixed_precision, torch.device("cpu"))
+    autocast = accelerator.autocast
     if args.only_truthfulqa:
-        autocast = make_accelerator(compute.mixed_precision, torch.device("cpu")).autocast
-        rows = [truthfulqa_row(model, tokenizer, data, autocast)]
-        return print_table(rows, compute)
+        return print_table([truthfulqa_row(model, tokenizer, data, autocast)], accelerator.mixed_precision)
     task = get_task("clutrr")
 
     # G: the whole fit of `lofit run --task clutrr` (defaults) against 228 plain steps.
@@ -114,7 +114,6 @@ def main() -> None:
     lengths = [len(p.prompt_ids) + len(p.completion_ids) for p in tokenized[: args.batches * 8]]
     grouped = [collate([tokenized[i] for i in batch], tokenizer.pad_token_id)
                for batch in epoch_batches(len(lengths), lengths, 8, 1, seed=0)[0]]
-    autocast = make_accelerator(compute.mixed_precision, torch.device("cpu")).autocast
     lofit_model = lofit.get_lofit_model(model)
     lofit_model.set_active_heads(heads)
     lofit_model.train_only("bias")
@@ -171,11 +170,11 @@ def main() -> None:
     if not args.skip_truthfulqa:
         rows.append(truthfulqa_row(model, tokenizer, data, autocast))
 
-    print_table(rows, compute)
+    print_table(rows, accelerator.mixed_precision)
 
 
-def print_table(rows: list[tuple[str, str, str]], compute: ComputeConfig) -> None:
-    print(f"\nprecision: {make_accelerator(compute.mixed_precision, torch.device('cpu')).mixed_precision} "
+def print_table(rows: list[tuple[str, str, str]], mixed_precision: str) -> None:
+    print(f"\nprecision: {mixed_precision} "
           f"(the default); plain/frozen steps in float32\n")
     print("| measure | measured in this run | goal |\n|---|---|---|")
     for measure, value, goal in sorted(rows):

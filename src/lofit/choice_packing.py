@@ -90,7 +90,7 @@ def packed_row(questions: Sequence[Question], past_length: int) -> PackedRow:
     parents: list[int] = []  # the token each token follows: its trie parent, else the prompt's last token
     ancestors: list[list[int]] = []  # what each token sees in the row, itself included
     choice_tokens: list[int] = []  # row position of each choice token, in the order of ``targets``
-    paths: list[tuple[int, int]] = []
+    paths: list[tuple[int, int]] = []  # (pair, index into choice_tokens)
     pairs: list[tuple[int, int]] = []
     for g, (prompt, choices) in enumerate(questions):
         base = len(ids)
@@ -99,21 +99,21 @@ def packed_row(questions: Sequence[Question], past_length: int) -> PackedRow:
             positions.append(past_length + offset)
             parents.append(-1)
             ancestors.append(list(range(base, base + offset + 1)))
-        nodes: dict[tuple[int, ...], int] = {}
+        nodes: dict[tuple[int, ...], int] = {}  # a choice beginning -> its index into choice_tokens
         for i, choice in enumerate(choices):
             pairs.append((g, i))
             parent = base + len(prompt) - 1
             for depth in range(len(choice)):
                 key = tuple(choice[: depth + 1])
                 if key not in nodes:
-                    nodes[key] = len(ids)
+                    nodes[key] = len(choice_tokens)
+                    choice_tokens.append(len(ids))
                     ids.append(choice[depth])
                     positions.append(past_length + len(prompt) + depth)
                     parents.append(parent)
                     ancestors.append(ancestors[parent] + [len(ids) - 1])
-                    choice_tokens.append(len(ids) - 1)
-                parent = nodes[key]
-                paths.append((len(pairs) - 1, parent))
+                paths.append((len(pairs) - 1, nodes[key]))
+                parent = choice_tokens[nodes[key]]
     visible = torch.zeros((len(ids), len(ids)), dtype=torch.bool)
     rows = torch.tensor([t for t, seen in enumerate(ancestors) for _ in seen])
     visible[rows, torch.tensor([s for seen in ancestors for s in seen])] = True
@@ -121,10 +121,8 @@ def packed_row(questions: Sequence[Question], past_length: int) -> PackedRow:
     score_mask = torch.zeros((1, len(ids)), dtype=torch.bool)
     score_mask[0, predicted_from] = True
     logit_row = torch.cumsum(score_mask[0], 0) - 1  # row of a scored position among the computed logits
-    token_index = {t: k for k, t in enumerate(choice_tokens)}
     return PackedRow(torch.tensor([ids]), torch.tensor([positions]), visible, score_mask, logit_row[predicted_from],
-                     torch.tensor([ids[t] for t in choice_tokens]),
-                     torch.tensor([(pair, token_index[t]) for pair, t in paths]), pairs)
+                     torch.tensor([ids[t] for t in choice_tokens]), torch.tensor(paths), pairs)
 
 
 PACKABLE_ATTENTION = ("sdpa", "eager")

@@ -17,6 +17,7 @@ loads a model (``--device``, ``--dtype``, ``--device-map``, ``--mixed-precision`
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ def resolve_dtype(spec: str | torch.dtype, device: torch.device | None) -> torch
     return DTYPES[spec]
 
 
+@functools.cache
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:

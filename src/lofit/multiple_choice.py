@@ -208,7 +208,7 @@ def choice_logprobs(
             results += score_packed(model, [questions[probe + i] for i in group], prefix_copy(), prefix_length, device)
             bar.update(len(group))
     else:
-        for question in questions[len(results):]:
+        for question in questions[probe:]:
             results.append(unpacked(question))
             bar.update()
     bar.close()

@@ -33,15 +33,19 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+UNRECORDED_HARDWARE = "not recorded"
+"""What reports say for records written before results named their hardware."""
+
+
 def _minutes(members: list[dict]) -> str:
     """Mean minutes per run, per hardware when the runs of one row ran on different hardware
     (a GPU's minutes and a CPU's do not average)."""
     by_hardware: dict[str, list[float]] = defaultdict(list)
     for record in members:
-        by_hardware[record.get("hardware", "")].append(record["seconds"] / 60)
+        by_hardware[record.get("hardware", UNRECORDED_HARDWARE)].append(record["seconds"] / 60)
     if len(by_hardware) == 1:
         return f"{statistics.fmean(next(iter(by_hardware.values()))):.1f}"
-    return "; ".join(f"{statistics.fmean(minutes):.1f} on {name or 'unrecorded hardware'}" for name, minutes in sorted(by_hardware.items()))
+    return "; ".join(f"{statistics.fmean(minutes):.1f} on {name}" for name, minutes in sorted(by_hardware.items()))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -203,7 +207,7 @@ def curve(rows: list[dict], folder: Path, x: str) -> str:
 
 def _hardware(records: list[dict]) -> str:
     """Where the runs and trials ran (timings compare only within one kind of hardware)."""
-    counts = Counter(r.get("hardware", "not recorded") for r in records if r.get("phase") in ("test", "tune"))
+    counts = Counter(r.get("hardware", UNRECORDED_HARDWARE) for r in records if r.get("phase") in ("test", "tune"))
     if not counts:
         return ""
     return "\n".join(["", "## Hardware", "", *(f"- {name}: {n} runs and trials" for name, n in sorted(counts.items()))])
