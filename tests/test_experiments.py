@@ -203,6 +203,16 @@ def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     assert [r["key"] for r in read_results(tmp_path)] == ["a", "b", "c", "d", "after-the-torn-line"]
 
 
+def test_a_cross_task_report_without_test_runs_lists_its_trials(tmp_path):
+    append_result(tmp_path, {"key": "t", "phase": "tune", "label": "LoFiT", "task": "x", "seed": 1, "method": "lofit",
+                             "point": {"heads_task": "y"}, "trial": {"bias_lr": 0.01}, "metric": "exact_match", "score": 0.5,
+                             "metrics": {"num_examples": 4}, "seconds": 1.0, "experiment": "cross-task",
+                             "report": {"kind": "cross-task"}})
+    report = write_report(tmp_path).read_text()
+    assert "| x | LoFiT | heads_task=y | bias_lr=0.01 | 50.0 | 4 |" in report and "Cross-task" not in report
+    assert not (tmp_path / "cross_task.png").exists()
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"

@@ -114,6 +114,8 @@ def cross_task(records: list[dict], folder: Path) -> str:
     off-diagonal cell with the paired bootstrap test against its diagonal, per example
     (and seed: the seeds the two cells share, concatenated)."""
     tests = [r for r in records if r.get("phase") == "test"]
+    if not tests:  # only tuning trials so far: no matrix yet
+        return ""
     by_cell: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in tests:
         by_cell[(r["point"].get("heads_task") or r["task"], r["task"])][r["seed"]] = r
