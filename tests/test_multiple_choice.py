@@ -34,13 +34,13 @@ class BigramModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def forward(self, input_ids, attention_mask=None, logits_to_keep=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None, cache=None, use_cache=False):
         logits = self.log_table[input_ids]
         if isinstance(logits_to_keep, int):
             logits = logits[:, -logits_to_keep:]
         elif logits_to_keep is not None:
             logits = logits[logits_to_keep]
-        return CausalLMOutputWithPast(logits=logits, past_key_values=NoContext() if use_cache else None)
+        return CausalLMOutputWithPast(logits=logits, cache=NoContext() if use_cache else None)
 
 
 class NoContext:

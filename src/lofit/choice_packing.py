@@ -150,7 +150,7 @@ def score_packed(model: nn.Module, questions: Sequence[Question], past, past_len
     packed row after the cached prefix ``past`` (which the pass extends: give a copy)."""
     row = packed_row(questions, past_length)
     out = model(input_ids=row.input_ids.to(device), position_ids=row.positions.to(device),
-                attention_mask=attention_mask(row.visible, past_length, model, device), past_key_values=past,
+                attention_mask=attention_mask(row.visible, past_length, model, device), cache=past,
                 use_cache=past is not None, logits_to_keep=row.score_mask.to(device))
     scored = int(row.score_mask.sum())
     if out.logits.ndim != 2 or out.logits.shape[0] != scored:

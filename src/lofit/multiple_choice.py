@@ -72,7 +72,7 @@ def mc_scores(scores: Sequence[float], example: MultipleChoiceExample) -> dict[s
 
 def _prefix_cache(model: nn.Module, prefix_ids: list[int], device: torch.device):
     with torch.no_grad():
-        return model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
+        return model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).cache
 
 
 def _split_is_exact(tokenizer: PreTrainedTokenizerBase, prefix: str, prompt: str) -> bool:
@@ -91,17 +91,17 @@ def _choices_after_prompt(model: nn.Module, prompt_ids: list[int], choices: list
     from .scoring import sequence_logprobs
 
     attention = torch.ones((1, past_length + len(prompt_ids)), dtype=torch.long, device=device)
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), attention_mask=attention, past_key_values=past,
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), attention_mask=attention, cache=past,
                 use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
     scores = [float(first[choice[0]]) for choice in choices]
     longer = [index for index, choice in enumerate(choices) if len(choice) > 1]
     if longer:
         batch = collate([TokenizedPair(choices[i][:1], choices[i][1:]) for i in longer], pad_id).to(device)
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_repeat_interleave(len(longer))
         batch.attention_mask = torch.cat([attention.expand(len(longer), -1), batch.attention_mask], dim=1)
-        for index, rest in zip(longer, sequence_logprobs(model, batch, past_key_values=cache).tolist()):
+        for index, rest in zip(longer, sequence_logprobs(model, batch, cache=cache).tolist()):
             scores[index] += rest
     return scores
 

@@ -17,13 +17,13 @@ from torch import nn
 from .batching import Batch
 
 
-def completion_token_logprobs(model: nn.Module, batch: Batch, past_key_values: Any = None) -> torch.Tensor:
+def completion_token_logprobs(model: nn.Module, batch: Batch, cache: Any = None) -> torch.Tensor:
     """log p(target_i | prefix) for every completion token of the batch, shape (N,).
 
-    With ``past_key_values`` (a cached shared prefix), ``batch.attention_mask`` must cover
+    With ``cache`` (the KV cache of a shared prefix), ``batch.attention_mask`` must cover
     the prefix and the batch's own tokens.
     """
-    cached = {"past_key_values": past_key_values, "use_cache": True} if past_key_values is not None else {"use_cache": False}
+    cached = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
     outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.score_mask, **cached)
     logits = outputs.logits.float()  # (N, V): one row per scored position
     return -nn.functional.cross_entropy(logits, batch.targets, reduction="none")
@@ -34,8 +34,8 @@ def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return -completion_token_logprobs(model, batch).mean()
 
 
-def sequence_logprobs(model: nn.Module, batch: Batch, past_key_values: Any = None) -> torch.Tensor:
+def sequence_logprobs(model: nn.Module, batch: Batch, cache: Any = None) -> torch.Tensor:
     """Summed log-probability of each sequence's completion, shape (B,)."""
-    token_logprobs = completion_token_logprobs(model, batch, past_key_values)
+    token_logprobs = completion_token_logprobs(model, batch, cache)
     totals = torch.zeros(batch.input_ids.shape[0], dtype=token_logprobs.dtype, device=token_logprobs.device)
     return totals.index_add(0, batch.rows, token_logprobs)
