@@ -226,8 +226,10 @@ def test_layers_report_counts_heads_per_layer_and_overlap(tmp_path):
 
     append_result(tmp_path, ranking("a", "x", [[3.0, 2.0], [0.0, 1.0]]))  # top 2: (0,0), (0,1)
     append_result(tmp_path, ranking("b", "y", [[3.0, 0.0], [2.0, 1.0]]))  # top 2: (0,0), (1,0)
+    append_result(tmp_path, ranking("c", "x", [[0.0, 2.0], [3.0, 1.0]]) | {"seed": 2})  # top 2: (1,0), (0,1)
     report = write_report(tmp_path).read_text()
-    assert "| x | 2 | 2 0 | 0.0 |" in report and "| y | 2 | 1 1 | 0.5 |" in report
+    assert "| x | 2 | 2 0 | 0.0 |" in report and "| y | 2 | 1 1 | 0.5 |" in report  # seed 1's ranking
+    assert "| x | 1, 2 | 1 / 0.33 |" in report and "| y | 1, 2 |" not in report
     assert "| x | 2 / 1.00 | 1 / 0.33 |" in report and (tmp_path / "layers.png").is_file()
     assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
 

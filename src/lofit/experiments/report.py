@@ -160,23 +160,29 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+def _top_heads(ranking: dict) -> set:
+    return set(HeadRanking.from_scores(torch.tensor(ranking["scores"])).top(ranking["top_k"]))
+
+
 def layers(records: list[dict], folder: Path) -> str:
-    """Per task, the layers of its top-K step-1 heads (first seed), and the pairwise overlap
-    of the tasks' head sets: the number of shared heads and the Jaccard index."""
-    rankings = {}
+    """Per task, the layers of its top-K step-1 heads (lowest seed), the pairwise overlap
+    of the tasks' head sets (the number of shared heads and the Jaccard index), and, where a
+    task has rankings of several seeds, the overlap of each other seed's top K with the
+    lowest seed's."""
+    by_task: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in records:
-        if r.get("phase") == "ranking" and r["task"] not in rankings:
-            rankings[r["task"]] = r
-    if not rankings:
+        if r.get("phase") == "ranking":
+            by_task[r["task"]].setdefault(r["seed"], r)
+    if not by_task:
         return ""
-    heads, counts = {}, {}
-    for task, r in rankings.items():
-        scores = torch.tensor(r["scores"])
-        heads[task] = set(HeadRanking.from_scores(scores).top(r["top_k"]))
-        counts[task] = [sum(1 for layer, _ in heads[task] if layer == i) for i in range(scores.shape[0])]
+    rankings = {task: seeds[min(seeds)] for task, seeds in by_task.items()}
+    heads = {task: _top_heads(r) for task, r in rankings.items()}
+    counts = {task: [sum(1 for layer, _ in heads[task] if layer == i) for i in range(len(r["scores"]))]
+              for task, r in rankings.items()}
     layer_histograms(counts, folder / "layers.png", "top-K step-1 heads per layer")
     tasks = list(heads)
-    lines = ["## Where the selected heads sit", "", "| task | K | heads per layer (layer 0 first) | mean layer |", "|---|---|---|---|"]
+    lines = ["## Where the selected heads sit", "", "Seeds: " + ", ".join(f"{task} {r['seed']}" for task, r in rankings.items()) + ".", "",
+             "| task | K | heads per layer (layer 0 first) | mean layer |", "|---|---|---|---|"]
     for task in tasks:
         mean_layer = statistics.fmean(layer for layer, _ in heads[task])
         lines.append(f"| {task} | {len(heads[task])} | {' '.join(map(str, counts[task]))} | {mean_layer:.1f} |")
@@ -184,6 +190,13 @@ def layers(records: list[dict], folder: Path) -> str:
               "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for a in tasks:
         lines.append(f"| {a} | " + " | ".join(f"{len(heads[a] & heads[b])} / {jaccard(heads[a], heads[b]):.2f}" for b in tasks) + " |")
+    stability = [(task, seed, _top_heads(r)) for task, seeds in by_task.items() for seed, r in sorted(seeds.items())
+                 if seed != rankings[task]["seed"]]
+    if stability:
+        lines += ["", "Across seeds (step 1 rerun with another seed, which draws its own training sample, data order and initialisation of A):", "",
+                  "| task | seeds | shared heads / Jaccard |", "|---|---|---|"]
+        lines += [f"| {task} | {rankings[task]['seed']}, {seed} | {len(heads[task] & top)} / {jaccard(heads[task], top):.2f} |"
+                  for task, seed, top in stability]
     return "\n".join(lines) + "\n\nFigure: `layers.png`.\n"
 
 
