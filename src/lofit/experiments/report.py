@@ -193,7 +193,7 @@ def layers(records: list[dict], folder: Path) -> str:
     stability = [(task, seed, _top_heads(r)) for task, seeds in by_task.items() for seed, r in sorted(seeds.items())
                  if seed != rankings[task]["seed"]]
     if stability:
-        lines += ["", "Across seeds (step 1 rerun with another seed, which draws its own training sample, data order and initialisation of A):", "",
+        lines += ["", "Across seeds (step 1 rerun with another seed: its data order, initialisation of A and, where the task samples its training set, the sample):", "",
                   "| task | seeds | shared heads / Jaccard |", "|---|---|---|"]
         lines += [f"| {task} | {rankings[task]['seed']}, {seed} | {len(heads[task] & top)} / {jaccard(heads[task], top):.2f} |"
                   for task, seed, top in stability]
