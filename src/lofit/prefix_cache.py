@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import decoder_layers
-from .wrapper import hidden_states_of, replace_hidden_states
+from .wrapper import hidden_states_of, kv_cache_of, replace_hidden_states
 
 
 class PrefixCache:
@@ -56,7 +56,7 @@ class PrefixCache:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None or kwargs.get("cache", kwargs.get("past_key_values")) is not None or not torch.is_grad_enabled():
+        if input_ids is None or kv_cache_of(kwargs) is not None or not torch.is_grad_enabled():
             self._keys, self._skip = None, False
             return
         self._keys = self._rows(input_ids, kwargs.get("attention_mask"))

@@ -163,5 +163,10 @@ def hidden_states_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def kv_cache_of(forward_kwargs: dict) -> Any:
+    """The KV cache a model's forward was given, or None (transformers 5.24 renamed `past_key_values` to `cache`)."""
+    return forward_kwargs.get("cache", forward_kwargs.get("past_key_values"))
+
+
 def replace_hidden_states(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 from ..adapter_io import AdapterError, options_from_json
 from ..architectures import decoder_layers
 from ..atomic import staged_folder
-from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
+from ..wrapper import InterventionModel, hidden_states_of, kv_cache_of, replace_hidden_states
 from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, seeded, train_adapter, write_method_file
 
 WEIGHTS = "reft.safetensors"
@@ -127,7 +127,7 @@ class ReftModel(InterventionModel):
 
     def _locate(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Before each forward of the base model: the positions its layers will edit, or None."""
-        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renames it to "cache"
+        past = kv_cache_of(kwargs)
         if past is not None and past.get_seq_length() > 0:
             self._positions = None
             return
