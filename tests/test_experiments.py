@@ -147,6 +147,7 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
     assert len(selects) == 1  # step 1 ran for the first experiment only
     ranking = [r for r in read_results(tmp_path / "experiments" / "second") if r["phase"] == "ranking"]
     assert len(ranking) == 1 and ranking[0]["reused_from"].endswith("first") and ranking[0]["experiment"] == "second"
+    assert ranking[0]["top_k"] == 3  # this experiment's K, not the first's
     assert records[0]["ranking_key"] == ranking[0]["key"] and len(records[0]["selected_heads"]) == 3
     assert (tmp_path / "experiments" / "second" / "rankings" / ranking[0]["key"] / "head_ranking.json").is_file()
     layers = load_grid(str(grid_file(setting, tmp_path, name="layers", sweep={}, report={"kind": "layers"},
@@ -226,7 +227,8 @@ def test_layers_report_counts_heads_per_layer_and_overlap(tmp_path):
 
     append_result(tmp_path, ranking("a", "x", [[3.0, 2.0], [0.0, 1.0]]))  # top 2: (0,0), (0,1)
     append_result(tmp_path, ranking("b", "y", [[3.0, 0.0], [2.0, 1.0]]))  # top 2: (0,0), (1,0)
-    append_result(tmp_path, ranking("c", "x", [[0.0, 2.0], [3.0, 1.0]]) | {"seed": 2})  # top 2: (1,0), (0,1)
+    # Seed 2's record was made for another K (a sibling experiment's): compared at seed 1's K of 2.
+    append_result(tmp_path, ranking("c", "x", [[0.0, 2.0], [3.0, 1.0]]) | {"seed": 2, "top_k": 1})  # top 2: (1,0), (0,1)
     report = write_report(tmp_path).read_text()
     assert "| x | 2 | 2 0 | 0.0 |" in report and "| y | 2 | 1 1 | 0.5 |" in report  # seed 1's ranking
     assert "| x | 1, 2 | 1 / 0.33 |" in report and "| y | 1, 2 |" not in report

@@ -160,8 +160,9 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def _top_heads(ranking: dict) -> set:
-    return set(HeadRanking.from_scores(torch.tensor(ranking["scores"])).top(ranking["top_k"]))
+def _top_heads(ranking: dict, k: int | None = None) -> set:
+    """The ``k`` best heads of a step-1 record (default: its own top_k)."""
+    return set(HeadRanking.from_scores(torch.tensor(ranking["scores"])).top(k or ranking["top_k"]))
 
 
 def layers(records: list[dict], folder: Path) -> str:
@@ -190,8 +191,8 @@ def layers(records: list[dict], folder: Path) -> str:
               "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for a in tasks:
         lines.append(f"| {a} | " + " | ".join(f"{len(heads[a] & heads[b])} / {jaccard(heads[a], heads[b]):.2f}" for b in tasks) + " |")
-    stability = [(task, seed, _top_heads(r)) for task, seeds in by_task.items() for seed, r in sorted(seeds.items())
-                 if seed != rankings[task]["seed"]]
+    stability = [(task, seed, _top_heads(r, len(heads[task]))) for task, seeds in by_task.items()  # the same K for every seed
+                 for seed, r in sorted(seeds.items()) if seed != rankings[task]["seed"]]
     if stability:
         lines += ["", "Across seeds (step 1 rerun with another seed: its data order, initialisation of A and, where the task samples its training set, the sample):", "",
                   "| task | seeds | shared heads / Jaccard |", "|---|---|---|"]

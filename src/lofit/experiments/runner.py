@@ -239,12 +239,14 @@ class Runner:
         return None
 
     def _ranking_record(self, cell: Cell) -> dict:
-        """The step-1 record of ``cell``: a sibling experiment's when one has it, else computed now."""
+        """The step-1 record of ``cell``: a sibling experiment's when one has it (with this
+        experiment's K as its top_k: step 1 does not depend on K), else computed now."""
         shared = self._shared_ranking(ranking_key(cell.config))
         if shared is None:
             return self._ranking(cell)
         self.log(f"  reused from {shared['reused_from']}")
-        return shared | {"label": cell.label}
+        total_heads = torch.tensor(shared["scores"]).numel()
+        return shared | {"label": cell.label, "top_k": cell_config(cell, total_heads).lofit.num_heads_to_tune(total_heads)}
 
     def _ranking_file(self, cell: Cell) -> tuple[Path, dict]:
         """The cached ranking a LoFiT cell uses: this experiment's, a sibling experiment's, or
