@@ -90,6 +90,11 @@ def example_scores(run_folder: Path, metric: str) -> list[float]:
     return scores
 
 
+def _top_k(cell: Cell, total_heads: int) -> int:
+    """K, the heads ``cell`` tunes out of the model's ``total_heads``: the top_k of its step-1 record."""
+    return cell_config(cell, total_heads).lofit.num_heads_to_tune(total_heads)
+
+
 class Runner:
     """Runs (or lists) the cells of one grid into one experiment folder."""
 
@@ -222,7 +227,7 @@ class Runner:
         ranking = run_select(config.run, config.lofit, config.compute, self.pool)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return {"key": key, "phase": "ranking", "label": cell.label, "task": task, "seed": cell.seed, "method": "lofit",
-                "selector": config.lofit.heads, "options": ranking_cell.config, "top_k": config.lofit.num_heads_to_tune(len(ranking.order)),
+                "selector": config.lofit.heads, "options": ranking_cell.config, "top_k": _top_k(cell, len(ranking.order)),
                 "scores": ranking.scores.tolist(), "seconds": time.perf_counter() - start, "hardware": self._hardware(cell),
                 "run_folder": str(folder)}
 
@@ -245,8 +250,7 @@ class Runner:
         if shared is None:
             return self._ranking(cell)
         self.log(f"  reused from {shared['reused_from']}")
-        total_heads = torch.tensor(shared["scores"]).numel()
-        return shared | {"label": cell.label, "top_k": cell_config(cell, total_heads).lofit.num_heads_to_tune(total_heads)}
+        return shared | {"label": cell.label, "top_k": _top_k(cell, torch.tensor(shared["scores"]).numel())}
 
     def _ranking_file(self, cell: Cell) -> tuple[Path, dict]:
         """The cached ranking a LoFiT cell uses: this experiment's, a sibling experiment's, or
