@@ -214,6 +214,16 @@ def test_a_cross_task_report_without_test_runs_lists_its_trials(tmp_path):
     assert not (tmp_path / "cross_task.png").exists()
 
 
+def test_summary_keeps_each_tasks_rows_together():
+    def record(task, heads):
+        return {"phase": "test", "task": task, "label": "LoFiT", "method": "lofit", "point": {"heads": heads}, "seed": 1,
+                "metric": "exact_match", "metrics": {"exact_match": 0.5, "num_examples": 4}, "seconds": 1.0}
+
+    records = [record("x", "a"), record("y", "a"), record("x", "b"), record("y", "b")]  # x's "b" finished after y's "a"
+    assert [(row["task"], row["point_values"]["heads"]) for row in report_module.summarize(records)] == [
+        ("x", "a"), ("x", "b"), ("y", "a"), ("y", "b")]
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"

@@ -49,7 +49,8 @@ def _minutes(members: list[dict]) -> str:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, label, sweep point) of the test records, in order of first appearance."""
+    """One row per (task, label, sweep point) of the test records, in order of first appearance,
+    the rows of one task together (cells of a resumed experiment finish out of task order)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record.get("phase") == "test":
@@ -65,7 +66,8 @@ def summarize(records: list[dict]) -> list[dict]:
         for name in metric_names:
             row[name] = _stats([r["metrics"][name] for r in members])
         rows.append(row)
-    return rows
+    task_order = {task: index for index, task in enumerate(dict.fromkeys(row["task"] for row in rows))}
+    return sorted(rows, key=lambda row: task_order[row["task"]])
 
 
 def _table(rows: list[dict]) -> tuple[str, str]:
