@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from lofit import plots
 from lofit.cli import main
 from lofit.compute import hardware, resolve_device
 from lofit.config import LofitConfig
@@ -228,6 +229,16 @@ def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"
     assert report_module._minutes(runs[:1] * 2) == "1.0"
+
+
+def test_log_scale_curves_are_ticked_at_the_measured_values(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: saved.append(figure))
+    plots.curves({"task": {"LoFiT": [(30, 50.0, 1.0), (10, 40.0, 2.0)], "RED": [(300, 60.0, 0.5)]}},
+                 tmp_path / "n.png", "train size", "score (%)", log_x=True)
+    (ax,) = saved[0].axes
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["10", "30", "300"]
+    assert ax.xaxis.get_minorticklocs().size == 0
 
 
 def test_layers_report_counts_heads_per_layer_and_overlap(tmp_path):

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
 
 from .atomic import replacing  # noqa: E402
@@ -71,14 +72,19 @@ def layer_histograms(counts: dict[str, Sequence[int]], path: str | Path, title: 
 def curves(panels: dict[str, dict[str, list[tuple[float, float, float]]]], path: str | Path, x_label: str, y_label: str,
            log_x: bool = False) -> None:
     """Write a PNG with one panel per entry of ``panels`` (name -> line label -> points
-    (x, mean, std)), each line with standard-deviation error bars."""
+    (x, mean, std)), each line with standard-deviation error bars; with ``log_x`` the x axis
+    is logarithmic and ticked at the measured x values."""
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (name, lines) in zip(axes[0], panels.items()):
         for label, points in lines.items():
             xs, means, stds = zip(*sorted(points))
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
         if log_x:
+            # Label the measured x values themselves (10, 30, 100; 1, 3, 5 %), not powers of ten.
             ax.set_xscale("log")
+            ticks = sorted({x for points in lines.values() for x, _, _ in points})
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_title(name)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
