@@ -225,6 +225,17 @@ def test_summary_keeps_each_tasks_rows_together():
         ("x", "a"), ("x", "b"), ("y", "a"), ("y", "b")]
 
 
+def test_summary_groups_arms_and_orders_numeric_points():
+    def record(label, size):
+        return {"phase": "test", "task": "x", "label": label, "method": "lofit", "point": {"train_size": size}, "seed": 1,
+                "metric": "exact_match", "metrics": {"exact_match": 0.5, "num_examples": 4}, "seconds": 1.0}
+
+    records = [record("LoFiT", 10), record("RED", 10), record("RED", 300), record("LoFiT", 300), record("LoFiT", 100),
+               record("RED", "all")]
+    assert [(row["label"], row["point_values"]["train_size"]) for row in report_module.summarize(records)] == [
+        ("LoFiT", 10), ("LoFiT", 100), ("LoFiT", 300), ("RED", 10), ("RED", 300), ("RED", "all")]
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"

@@ -49,8 +49,10 @@ def _minutes(members: list[dict]) -> str:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, label, sweep point) of the test records, in order of first appearance,
-    the rows of one task together (cells of a resumed experiment finish out of task order)."""
+    """One row per (task, label, sweep point) of the test records. Cells of a resumed experiment
+    finish out of grid order, so rows are grouped by task, then by arm (each in order of first
+    appearance), then ordered by numeric sweep point (train size 10 before 100); other points
+    (head selectors, source tasks, "all") keep their order of first appearance, after the numbers."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record.get("phase") == "test":
@@ -67,7 +69,14 @@ def summarize(records: list[dict]) -> list[dict]:
             row[name] = _stats([r["metrics"][name] for r in members])
         rows.append(row)
     task_order = {task: index for index, task in enumerate(dict.fromkeys(row["task"] for row in rows))}
-    return sorted(rows, key=lambda row: task_order[row["task"]])
+    label_order = {label: index for index, label in enumerate(dict.fromkeys(row["label"] for row in rows))}
+
+    def point_order(row: dict) -> tuple:
+        values = list(row["point_values"].values())
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return (0, values) if numeric else (1, [])
+
+    return sorted(rows, key=lambda row: (task_order[row["task"]], label_order[row["label"]], point_order(row)))
 
 
 def _table(rows: list[dict]) -> tuple[str, str]:
