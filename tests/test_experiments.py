@@ -215,10 +215,14 @@ def test_a_cross_task_report_without_test_runs_lists_its_trials(tmp_path):
     assert not (tmp_path / "cross_task.png").exists()
 
 
+def _test_record(task: str, label: str, point: dict) -> dict:
+    return {"phase": "test", "task": task, "label": label, "method": "lofit", "point": point, "seed": 1,
+            "metric": "exact_match", "metrics": {"exact_match": 0.5, "num_examples": 4}, "seconds": 1.0}
+
+
 def test_summary_keeps_each_tasks_rows_together():
     def record(task, heads):
-        return {"phase": "test", "task": task, "label": "LoFiT", "method": "lofit", "point": {"heads": heads}, "seed": 1,
-                "metric": "exact_match", "metrics": {"exact_match": 0.5, "num_examples": 4}, "seconds": 1.0}
+        return _test_record(task, "LoFiT", {"heads": heads})
 
     records = [record("x", "a"), record("y", "a"), record("x", "b"), record("y", "b")]  # x's "b" finished after y's "a"
     assert [(row["task"], row["point_values"]["heads"]) for row in report_module.summarize(records)] == [
@@ -227,8 +231,7 @@ def test_summary_keeps_each_tasks_rows_together():
 
 def test_summary_groups_arms_and_orders_numeric_points():
     def record(label, size):
-        return {"phase": "test", "task": "x", "label": label, "method": "lofit", "point": {"train_size": size}, "seed": 1,
-                "metric": "exact_match", "metrics": {"exact_match": 0.5, "num_examples": 4}, "seconds": 1.0}
+        return _test_record("x", label, {"train_size": size})
 
     records = [record("LoFiT", 10), record("RED", 10), record("RED", 300), record("LoFiT", 300), record("LoFiT", 100),
                record("RED", "all")]

@@ -51,8 +51,8 @@ def _minutes(members: list[dict]) -> str:
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (task, label, sweep point) of the test records. Cells of a resumed experiment
     finish out of grid order, so rows are grouped by task, then by arm (each in order of first
-    appearance), then ordered by numeric sweep point (train size 10 before 100); other points
-    (head selectors, source tasks, "all") keep their order of first appearance, after the numbers."""
+    appearance), then ordered by numeric sweep point as on the curves (train size 10 before 100);
+    other points (head selectors, source tasks) keep their order of first appearance, after the numbers."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record.get("phase") == "test":
@@ -68,14 +68,16 @@ def summarize(records: list[dict]) -> list[dict]:
         for name in metric_names:
             row[name] = _stats([r["metrics"][name] for r in members])
         rows.append(row)
-    task_order = {task: index for index, task in enumerate(dict.fromkeys(row["task"] for row in rows))}
-    label_order = {label: index for index, label in enumerate(dict.fromkeys(row["label"] for row in rows))}
+    def first_appearance(field: str) -> dict:
+        return {value: index for index, value in enumerate(dict.fromkeys(row[field] for row in rows))}
 
     def point_order(row: dict) -> tuple:
-        values = list(row["point_values"].values())
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        return (0, values) if numeric else (1, [])
+        try:  # the curves' x values: train sizes, % of heads ("all" = 100)
+            return (0, [_x_value(value, name) for name, value in row["point_values"].items()])
+        except ValueError:  # head selectors, source tasks
+            return (1, [])
 
+    task_order, label_order = first_appearance("task"), first_appearance("label")
     return sorted(rows, key=lambda row: (task_order[row["task"]], label_order[row["label"]], point_order(row)))
 
 
