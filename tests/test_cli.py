@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import huggingface_hub
 import pytest
 import torch
+import transformers
 import yaml
 
 from lofit.cli import OptionsError, _configs, build_parser, main
@@ -60,6 +62,20 @@ def test_heads_command_prints_the_ranking_and_writes_the_heatmap(tmp_path, capsy
 def test_missing_files_exit_with_a_message(tmp_path, capsys):
     assert main(["heads", str(tmp_path / "nothing.json")]) == 2
     assert "no head ranking" in capsys.readouterr().err
+
+
+@pytest.fixture
+def library_progress_bars():
+    """Re-enables the libraries' progress bars, which are process-wide, after the test."""
+    yield
+    huggingface_hub.utils.enable_progress_bars()
+    transformers.utils.logging.enable_progress_bar()
+
+
+def test_no_progress_also_silences_the_libraries_bars(tmp_path, library_progress_bars):
+    assert main(["eval", "--adapter", str(tmp_path / "none"), "--no-progress"]) == 2
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert huggingface_hub.utils.are_progress_bars_disabled()
 
 
 def test_yaml_values_are_converted_to_the_field_types(tmp_path):

@@ -13,6 +13,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+import huggingface_hub
+import transformers
 import yaml
 
 from .comparison import METRIC_SUFFIXES, comparison_table, run_compare
@@ -214,8 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_library_progress_bars() -> None:
+    """``--no-progress`` also covers the bars of the libraries lofit calls (transformers'
+    GGUF conversion and weight loading, huggingface_hub's downloads)."""
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "progress", True) is False:
+        _silence_library_progress_bars()
     try:
         if args.command == "heads":
             path = Path(args.ranking)
