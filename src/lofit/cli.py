@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _silence_library_progress_bars() -> None:
-    """``--no-progress`` also covers the bars of the libraries lofit calls (transformers'
-    GGUF conversion and weight loading, huggingface_hub's downloads)."""
+    """``--no-progress`` also covers the bars of the libraries lofit calls: transformers'
+    weight loading and huggingface_hub's downloads. Not transformers' GGUF conversion,
+    which calls tqdm unconditionally (one line per model load)."""
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
