@@ -239,6 +239,18 @@ def test_summary_groups_arms_and_orders_numeric_points():
         ("LoFiT", 10), ("LoFiT", 100), ("LoFiT", 300), ("RED", 10), ("RED", 300), ("RED", "all")]
 
 
+def test_tuning_trials_are_listed_with_their_arm_when_one_finished_late():
+    def trial(task, label, lr):
+        return _test_record(task, label, {}) | {"phase": "tune", "trial": {"lr": lr}, "score": 0.5}
+
+    # a resumed run finished x's RED trial at 0.03 after every trial of task y
+    records = [trial("x", "LoFiT", 0.01), trial("x", "RED", 0.01), trial("y", "LoFiT", 0.01), trial("x", "RED", 0.03)]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report_module._tuning(records).splitlines()
+            if line.startswith(("| x", "| y"))]
+    assert [(task, arm, trial) for task, arm, _, trial, *_ in rows] == [
+        ("x", "LoFiT", "lr=0.01"), ("x", "RED", "lr=0.01"), ("x", "RED", "lr=0.03"), ("y", "LoFiT", "lr=0.01")]
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"

@@ -15,6 +15,7 @@ import json
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,10 +50,7 @@ def _minutes(members: list[dict]) -> str:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, label, sweep point) of the test records. Cells of a resumed experiment
-    finish out of grid order, so rows are grouped by task, then by arm (each in order of first
-    appearance), then ordered by numeric sweep point as on the curves (train size 10 before 100);
-    other points (head selectors, source tasks) keep their order of first appearance, after the numbers."""
+    """One row per (task, label, sweep point) of the test records, in :func:`_grid_order`."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record.get("phase") == "test":
@@ -68,17 +66,30 @@ def summarize(records: list[dict]) -> list[dict]:
         for name in metric_names:
             row[name] = _stats([r["metrics"][name] for r in members])
         rows.append(row)
-    def first_appearance(field: str) -> dict:
-        return {value: index for index, value in enumerate(dict.fromkeys(row[field] for row in rows))}
+    return sorted(rows, key=_grid_order(rows, "point_values"))
 
-    def point_order(row: dict) -> tuple:
+
+def _grid_order(items: list[dict], point_field: str) -> Callable[[dict], tuple]:
+    """A sort key for report rows or records (``point_field`` holds the sweep point's dict).
+    Cells of a resumed experiment finish out of grid order, so items are grouped by task, then
+    by arm (each in order of first appearance), then ordered by numeric sweep point as on the
+    curves (train size 10 before 100); other points (head selectors, source tasks) follow the
+    numbers in their order of first appearance. Sorting is stable: ties keep their order."""
+    def first_appearance(values) -> dict:
+        return {value: index for index, value in enumerate(dict.fromkeys(values))}
+
+    task_order, label_order = first_appearance(x["task"] for x in items), first_appearance(x["label"] for x in items)
+    other_points = first_appearance(json.dumps(x.get(point_field, {}), sort_keys=True) for x in items)
+
+    def key(item: dict) -> tuple:
+        point = item.get(point_field, {})
         try:  # the curves' x values: train sizes, % of heads ("all" = 100)
-            return (0, [_x_value(value, name) for name, value in row["point_values"].items()])
+            point_order = (0, [_x_value(value, name) for name, value in point.items()])
         except ValueError:  # head selectors, source tasks
-            return (1, [])
+            point_order = (1, [other_points[json.dumps(point, sort_keys=True)]])
+        return task_order[item["task"]], label_order[item["label"]], point_order
 
-    task_order, label_order = first_appearance("task"), first_appearance("label")
-    return sorted(rows, key=lambda row: (task_order[row["task"]], label_order[row["label"]], point_order(row)))
+    return key
 
 
 def _table(rows: list[dict]) -> tuple[str, str]:
@@ -114,6 +125,7 @@ def _tuning(records: list[dict]) -> str:
     trials = [r for r in records if r.get("phase") == "tune"]
     if not trials:
         return ""
+    trials.sort(key=_grid_order(trials, "point"))
     lines = ["## Tuning trials (validation split)", "", "| task | arm | setting | trial | score (%) | examples |", "|---|---|---|---|---|---|"]
     for r in trials:
         trial = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
