@@ -126,11 +126,11 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
     assert torch.isfinite(lofit_model.lofit_bias).all()
 
 
-class Rising(Objective):
-    """A stand-in objective whose loss is 1 during the first epoch and 3 afterwards."""
+class ScriptedLoss(Objective):
+    """A stand-in objective whose n-th loss (from 1) is ``loss(n)``."""
 
-    def __init__(self, parameter: nn.Parameter):
-        self.items, self.pad_id, self.parameter, self.calls = list(range(8)), PAD, parameter, 0
+    def __init__(self, parameter: nn.Parameter, loss, items: int = 8):
+        self.items, self.pad_id, self.parameter, self.loss_of_call, self.calls = list(range(items)), PAD, parameter, loss, 0
 
     def collate(self, items):
         class Batch:
@@ -142,15 +142,35 @@ class Rising(Objective):
 
     def loss_sum(self, model, batch):
         self.calls += 1
-        return self.parameter.sum() * 0 + (1.0 if self.calls <= 2 else 3.0)
+        return self.parameter.sum() * 0 + self.loss_of_call(self.calls)
 
 
 def test_a_climbing_loss_is_reported_as_divergence_naming_the_learning_rate():
     parameter = nn.Parameter(torch.zeros(2))
     run = TrainingRun([parameter], 0.5, epochs=2, batch_size=4, seed=0, progress=False, lr_name="--bias-lr")
-    with pytest.warns(UserWarning, match="diverging: epoch 2 mean 3.000 against 1.000.*--bias-lr 0.5"):
-        log = train(tiny_model("llama"), Rising(parameter), run)
+    rising = ScriptedLoss(parameter, lambda call: 1.0 if call <= 2 else 3.0)  # 1 in the first epoch, 3 after
+    with pytest.warns(UserWarning, match="diverging: epoch 2 mean 3.000 against 1.000 over the first 2 steps.*--bias-lr 0.5"):
+        log = train(tiny_model("llama"), rising, run)
     assert len(log.warnings) == 1
+
+
+def test_a_loss_that_explodes_within_the_first_steps_is_reported_against_the_first_step():
+    # 8 steps per epoch: the first steps' mean (8.9) is inflated by the explosion itself
+    parameter = nn.Parameter(torch.zeros(2))
+    run = TrainingRun([parameter], 0.05, epochs=1, batch_size=4, seed=0, progress=False, lr_name="--bias-lr")
+    exploding = ScriptedLoss(parameter, lambda call: 1.0 if call == 1 else 10.0, items=32)
+    with pytest.warns(UserWarning, match="diverging: epoch 1 mean 8.875 against 1.000 at the first step.*--bias-lr 0.05"):
+        log = train(tiny_model("llama"), exploding, run)
+    assert len(log.warnings) == 1
+
+
+def test_a_noisy_falling_loss_is_not_reported_as_divergence():
+    parameter = nn.Parameter(torch.zeros(2))
+    run = TrainingRun([parameter], 0.05, epochs=2, batch_size=4, seed=0, progress=False)
+    # the first batch is the easy kind: batches alternate between 0.6 and 1.6 times a falling loss
+    noisy = ScriptedLoss(parameter, lambda call: 1.0 / call ** 0.5 * (0.6 if call % 2 else 1.6), items=32)
+    log = train(tiny_model("llama"), noisy, run)
+    assert log.warnings == []
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

@@ -30,7 +30,9 @@ resumed stage ends with the same tensors as an uninterrupted one.
 
 **Guards.** A loss that is NaN or infinite stops training before the optimiser applies
 it (:class:`NonFiniteLossError`, naming the step). An epoch whose mean loss exceeds
-:data:`DIVERGENCE_FACTOR` times the loss of the first steps is reported as divergence,
+:data:`DIVERGENCE_FACTOR` times the mean loss of the first steps, or
+:data:`EXPLOSION_FACTOR` times the first step's loss (the loss before any update: a loss
+that explodes within the first steps inflates their mean too), is reported as divergence,
 naming the learning rate.
 """
 
@@ -60,6 +62,9 @@ DIVERGENCE_FACTOR = 1.25
 """An epoch mean above this multiple of the first steps' mean loss is reported as divergence."""
 START_STEPS = 8
 """How many first steps define "where the loss started"."""
+EXPLOSION_FACTOR = 2.0
+"""An epoch mean above this multiple of the first step's loss is reported as divergence (a
+margin wide enough for one batch's noise)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -328,14 +333,19 @@ def _step(model: nn.Module, objective: Objective, local_ids: list[int], run: Tra
 
 
 def _check_divergence(state: TrainerState, steps_per_epoch: int, run: TrainingRun, log: TrainingLog) -> None:
-    """Warn when this epoch's mean loss is far above the loss of the first steps."""
+    """Warn when this epoch's mean loss is far above where the loss started: the first
+    steps' mean, or the first step's loss alone (see the module docstring)."""
     start = state.step_losses[: min(START_STEPS, steps_per_epoch)]
     epoch = state.step_losses[-steps_per_epoch:]
-    start_mean, epoch_mean = sum(start) / len(start), sum(epoch) / len(epoch)
+    start_mean, epoch_mean, first = sum(start) / len(start), sum(epoch) / len(epoch), state.step_losses[0]
     if epoch_mean > DIVERGENCE_FACTOR * start_mean and epoch_mean - start_mean > 1e-3:
-        message = (f"{run.description}: the loss is diverging: epoch {state.step // steps_per_epoch} mean {epoch_mean:.3f} "
-                   f"against {start_mean:.3f} over the first {len(start)} steps. The learning rate ({run.lr_name} "
-                   f"{run.lr:g}) is likely too high for this setup; lower it.")
-        log.warnings.append(message)
-        if process_index() == 0:
-            warnings.warn(message, stacklevel=2)
+        reference = f"{start_mean:.3f} over the first {len(start)} steps"
+    elif epoch_mean > EXPLOSION_FACTOR * first:
+        reference = f"{first:.3f} at the first step"
+    else:
+        return
+    message = (f"{run.description}: the loss is diverging: epoch {state.step // steps_per_epoch} mean {epoch_mean:.3f} "
+               f"against {reference}. The learning rate ({run.lr_name} {run.lr:g}) is likely too high for this setup; lower it.")
+    log.warnings.append(message)
+    if process_index() == 0:
+        warnings.warn(message, stacklevel=2)
