@@ -300,6 +300,7 @@ def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
                  "--seeds", "1,2", "--tune"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("  tune ") == 8 and printed.count("  test ") == 8 and "16 cells, 0 done, 0 step-1 rankings" in printed
+    assert "0 of 16 missing cells timed by finished cells" in printed
     assert not out.exists()
     assert main(["experiment", "table3", "--grid", "x.yaml", "--dry-run"]) == 2
     assert main(["experiment", "no-such-experiment", "--dry-run"]) == 2
@@ -316,6 +317,9 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     assert runner.estimate(cell) == 100.0
     runner.done["c"] = {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 50.0}  # hardware unrecorded
     assert runner.estimate(cell) == 75.0
+    cells = runner.test_cells()
+    alike = sum((c.method, c.task, c.phase) == (cell.method, cell.task, cell.phase) for c in cells)
+    assert 0 < alike < len(cells) and f"{alike} of {len(cells)} missing cells timed by finished cells" in runner.listing()
 
 
 @pytest.mark.parametrize("method", ["lora", "reft"])

@@ -144,10 +144,7 @@ class Runner:
         """Seconds a cell should take: the mean of finished cells of its method, task and
         phase on this hardware (or of unrecorded hardware), else a rough rate for the
         default model on 2 CPU cores."""
-        here = self._hardware(cell)
-        similar = [r["seconds"] for r in self.done.values()
-                   if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase
-                   and r.get("hardware", here) == here]
+        similar = self._timings(cell)
         if similar:
             return sum(similar) / len(similar)
         options = cell.config
@@ -163,21 +160,32 @@ class Runner:
         evaluated = len(task.eval_examples(data_dir, options["eval_split"])[: options["limit"]])
         return train * epochs * rate + evaluated * EVAL_SECONDS.get(options["task"], 0.15)
 
+    def _timings(self, cell: Cell) -> list[float]:
+        """Seconds of the finished cells of the cell's method, task and phase on this hardware
+        (or of unrecorded hardware)."""
+        here = self._hardware(cell)
+        return [r["seconds"] for r in self.done.values()
+                if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase
+                and r.get("hardware", here) == here]
+
     def listing(self) -> str:
         """Every cell with its key, state and estimated time, and the total still to run."""
-        lines, remaining = [], 0.0
+        lines, remaining, timed, pending = [], 0.0, 0, 0
         cells = self.trials + self.test_cells()
         for cell in cells:
             finished = cell.key in self.done
             seconds = 0.0 if finished else self.estimate(cell)
             remaining += seconds
+            pending += not finished
+            timed += not finished and bool(self._timings(cell))
             state = "done" if finished else f"~{seconds / 60:.0f} min"
             lines.append(f"{cell.key}  {state:>9}  {cell.describe()}")
         if self.tune and self.pending_tuning():
             lines.append("(test cells use the best trial once tuning has finished; until then, the untuned setting is listed)")
         rankings = sum(r.get("phase") == "ranking" for r in self.done.values())
         lines.append(f"{len(cells)} cells, {sum(c.key in self.done for c in cells)} done, {rankings} step-1 rankings recorded; "
-                     f"about {remaining / 3600:.1f} h to go (rough: default model, 2 CPU cores)")
+                     f"about {remaining / 3600:.1f} h to go ({timed} of {pending} missing cells timed by finished cells "
+                     f"on this hardware, the others at a rough rate for the default model on 2 CPU cores)")
         return "\n".join(lines)
 
     # --- running -----------------------------------------------------------------------
