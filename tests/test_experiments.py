@@ -123,6 +123,7 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
     assert not any((folder / "cells").glob("*/checkpoints"))
     assert all(r["hardware"] == hardware(resolve_device("auto")) for r in [records[0], *resumed])
     assert torch.equal(base(probe).logits, before)
+    assert Runner(grid, folder, pool=pool, log=lambda _: None).listing().endswith("4 cells, 4 done, 1 step-1 rankings recorded; nothing to run")
 
     report = write_report(folder)
     assert "| LoFiT |" in report.read_text() and (folder / "report.csv").read_text().count("\n") == 1 + 4

@@ -47,7 +47,9 @@ def matrix_plot(values: Sequence[Sequence[float | None]], rows: Sequence[str], c
     for i, row in enumerate(values):
         for j, value in enumerate(row):
             if value is not None:
-                axes.text(j, i, f"{value:+.1f}{unit}", ha="center", va="center", fontsize=10)
+                dark = abs(value) > 0.6 * limit  # the colour map's ends are dark: white text there
+                axes.text(j, i, f"{value:+.1f}{unit}", ha="center", va="center", fontsize=10,
+                          color="white" if dark else "black")
     axes.set_xticks(range(len(columns)), columns)
     axes.set_yticks(range(len(rows)), rows)
     axes.set_xlabel(column_label)

@@ -183,9 +183,13 @@ class Runner:
         if self.tune and self.pending_tuning():
             lines.append("(test cells use the best trial once tuning has finished; until then, the untuned setting is listed)")
         rankings = sum(r.get("phase") == "ranking" for r in self.done.values())
-        lines.append(f"{len(cells)} cells, {sum(c.key in self.done for c in cells)} done, {rankings} step-1 rankings recorded; "
-                     f"about {remaining / 3600:.1f} h to go ({timed} of {pending} missing cells timed by finished cells "
-                     f"on this hardware, the others at a rough rate for the default model on 2 CPU cores)")
+        summary = f"{len(cells)} cells, {len(cells) - pending} done, {rankings} step-1 rankings recorded; "
+        if pending:
+            summary += (f"about {remaining / 3600:.1f} h to go ({timed} of {pending} missing cells timed by finished cells "
+                        f"on this hardware, the others at a rough rate for the default model on 2 CPU cores)")
+        else:
+            summary += "nothing to run"
+        lines.append(summary)
         return "\n".join(lines)
 
     # --- running -----------------------------------------------------------------------
