@@ -315,9 +315,9 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     here = hardware(resolve_device("auto"))
     runner.done = {"a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": here},
                    "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"}}
-    assert runner.estimate(cell) == 100.0
+    assert runner.estimate(cell) == (100.0, True)
     runner.done["c"] = {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 50.0}  # hardware unrecorded
-    assert runner.estimate(cell) == 75.0
+    assert runner.estimate(cell) == (75.0, True)
     cells = runner.test_cells()
     alike = sum((c.method, c.task, c.phase) == (cell.method, cell.task, cell.phase) for c in cells)
     assert 0 < alike < len(cells) and f"{alike} of {len(cells)} missing cells timed by finished cells" in runner.listing()

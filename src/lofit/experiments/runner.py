@@ -140,13 +140,16 @@ class Runner:
 
     # --- listing -----------------------------------------------------------------------
 
-    def estimate(self, cell: Cell) -> float:
-        """Seconds a cell should take: the mean of finished cells of its method, task and
-        phase on this hardware (or of unrecorded hardware), else a rough rate for the
-        default model on 2 CPU cores."""
-        similar = self._timings(cell)
+    def estimate(self, cell: Cell) -> tuple[float, bool]:
+        """Seconds a cell should take, and whether they were measured: the mean of finished
+        cells of its method, task and phase on this hardware (or of unrecorded hardware),
+        else a rough rate for the default model on 2 CPU cores."""
+        here = self._hardware(cell)
+        similar = [r["seconds"] for r in self.done.values()
+                   if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase
+                   and r.get("hardware", here) == here]
         if similar:
-            return sum(similar) / len(similar)
+            return sum(similar) / len(similar), True
         options = cell.config
         task = get_task(options["task"], fold=int(options["fold"]), eval_file=options["eval_file"], match=options["match"])
         data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
@@ -154,19 +157,11 @@ class Runner:
         train = len(task.sample_train(data_dir, size, options["seed"]))
         rate = TRAIN_SECONDS.get(options["task"], 0.27)
         if cell.phase == "ranking":
-            return train * options["select_epochs"] * rate
+            return train * options["select_epochs"] * rate, False
         epochs = options.get(f"{cell.method}_epochs") or options["select_epochs"] + options["tune_epochs"]
         epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(cell.method, epochs)
         evaluated = len(task.eval_examples(data_dir, options["eval_split"])[: options["limit"]])
-        return train * epochs * rate + evaluated * EVAL_SECONDS.get(options["task"], 0.15)
-
-    def _timings(self, cell: Cell) -> list[float]:
-        """Seconds of the finished cells of the cell's method, task and phase on this hardware
-        (or of unrecorded hardware)."""
-        here = self._hardware(cell)
-        return [r["seconds"] for r in self.done.values()
-                if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase
-                and r.get("hardware", here) == here]
+        return train * epochs * rate + evaluated * EVAL_SECONDS.get(options["task"], 0.15), False
 
     def listing(self) -> str:
         """Every cell with its key, state and estimated time, and the total still to run."""
@@ -174,10 +169,10 @@ class Runner:
         cells = self.trials + self.test_cells()
         for cell in cells:
             finished = cell.key in self.done
-            seconds = 0.0 if finished else self.estimate(cell)
+            seconds, measured = (0.0, False) if finished else self.estimate(cell)
             remaining += seconds
             pending += not finished
-            timed += not finished and bool(self._timings(cell))
+            timed += measured
             state = "done" if finished else f"~{seconds / 60:.0f} min"
             lines.append(f"{cell.key}  {state:>9}  {cell.describe()}")
         if self.tune and self.pending_tuning():
