@@ -1,6 +1,7 @@
 """The ``lofit`` command line. Options come from the same dataclasses as the Python API.
 
-Precedence: dataclass defaults < ``--config file.yaml`` < command-line flags. The YAML
+Precedence: dataclass defaults < ``--recipe`` (e.g. ``paper``) < ``--config file.yaml`` <
+command-line flags. The YAML
 file may be flat (``bias_lr: 0.02``) or sectioned like a run's config.yaml
 (``run: {...}``, ``lofit: {...}``, ``method_options: {...}``).
 """
@@ -27,6 +28,7 @@ from .experiments.report import write_report
 from .options import build_config, field_type
 from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
 from .plots import head_heatmap
+from .recipes import with_recipe
 from .steps import HeadRanking
 from .tasks import TASKS
 from .training import NonFiniteLossError
@@ -85,6 +87,10 @@ def _values(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
     known = {f.name for cls in (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS) for f in fields(cls)}
     problems = [f"unknown option {name!r} in {args.config}" for name in sorted(set(values) - known)]
     values.update({k: v for k, v in vars(args).items() if k in known})
+    try:
+        values = with_recipe(values, RunConfig.task)
+    except ValueError as error:
+        problems.append(str(error))
     for name in sorted(values):
         owner = OPTION_OWNERS.get(name)
         if owner is not None and owner not in methods:
@@ -152,9 +158,12 @@ def _print_summary(summary: dict) -> None:
 
 
 def _print_ranking(ranking: HeadRanking, top: int) -> None:
+    """The top heads with their scores, then the localization figures of a top-``top`` selection."""
     print("rank  layer  head  score")
     for rank, (layer, head) in enumerate(ranking.order[:top]):
         print(f"{rank:4d}  {layer:5d}  {head:4d}  {float(ranking.scores[layer, head]):.5f}")
+    figures = ranking.localization(top)
+    print(f"{'localized' if figures.localized else 'NOT localized'}: {figures.summary()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="the experiment folder")
     heads = commands.add_parser("heads", help="Print a saved head ranking and write its layers x heads heatmap.")
     heads.add_argument("ranking", help="head_ranking.json, or a run folder holding one")
-    heads.add_argument("--top", type=int, default=20, help="how many heads to print and outline (default: 20)")
+    heads.add_argument("--top", type=int, help="how many heads to print, outline and judge the localization of "
+                       "(default: the K of the run that saved the ranking, else 20)")
     heads.add_argument("--output", help="PNG path (default: heads.png beside the ranking)")
     return parser
 
@@ -233,9 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = Path(args.ranking)
             path = path / "head_ranking.json" if path.is_dir() else path
             ranking = HeadRanking.load(path)
-            _print_ranking(ranking, args.top)
+            top = min(args.top or ranking.selected or 20, len(ranking.order))
+            _print_ranking(ranking, top)
             output = Path(args.output) if args.output else path.parent / "heads.png"
-            head_heatmap(ranking.scores, ranking.top(min(args.top, len(ranking.order))), output)
+            head_heatmap(ranking.scores, ranking.top(top), output)
             print(f"heatmap: {output}")
         elif args.command == "experiment":
             run_experiment_command(args)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 SELECTORS = ("lofit", "random", "probe-layers", "bias-based", "iti", "file")
 """Head selectors for step 2 (see :mod:`lofit.head_selection`)."""
+SELECTION_OBJECTIVES = ("l1", "group")
+"""Step-1 objectives (see :mod:`lofit.steps`): the paper's L1 penalty, or a proximal head-level group penalty."""
 
 
 def check_head_amount(amount: float) -> None:
@@ -42,8 +45,18 @@ class LofitConfig:
     heads_file: str | None = field(
         default=None, metadata={"help": "with --heads file: a head_ranking.json from an earlier run, of any task"}
     )
+    selection: str = field(
+        default="l1",
+        metadata={"help": "step-1 objective: l1 (the paper's: task loss + lambda * sum|A|) or group (a proximal "
+                          "head-level penalty that sets whole heads exactly to zero; see docs/method.md)"},
+    )
     l1_lambda: float = field(
-        default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection"}
+        default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)"}
+    )
+    group_lambda: float = field(
+        default=0.5,
+        metadata={"help": "strength of the head-level penalty of --selection group, in units of Adam's largest step: "
+                          "after each step every head's A shrinks by lr * group_lambda * sqrt(head_dim) in norm"},
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
     bias_lr: float = field(default=5e-2, metadata={"help": "learning rate of the biases v (step 2)"})
@@ -53,6 +66,19 @@ class LofitConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warm-up before the linear decay"})
     init_std: float = field(default=1e-3, metadata={"help": "std of the N(0, std) initialisation of A in step 1"})
+    bias_init_std: float = field(
+        default=0.0, metadata={"help": "std of the N(0, std) initialisation of v in step 2 (the paper's code: 1e-3; "
+                                       "0: v starts at zero, the adapter starts as the identity)"}
+    )
+    tune_scales: bool = field(
+        default=False, metadata={"help": "step 2 trains A as well as v on the K heads (the capacity test; the paper "
+                                         "trains v only)"}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the gradient's global norm to this value before each optimiser step, "
+                                       "for every trained method (0: no clipping; 1.0 as the Hugging Face Trainer of the "
+                                       "paper's code)"}
+    )
     seed: int = field(default=42, metadata={"help": "seed of initialisation, data order and sampling"})
 
     def __post_init__(self) -> None:
@@ -65,12 +91,17 @@ class LofitConfig:
         if self.heads not in SELECTORS:
             hint = " (the number of heads to tune is --num-heads)" if self.heads.replace(".", "", 1).isdigit() else ""
             problems.append(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}{hint}")
+        if self.selection not in SELECTION_OBJECTIVES:
+            problems.append(f"unknown step-1 objective {self.selection!r}; choose one of: {', '.join(SELECTION_OBJECTIVES)}")
         if (self.heads == "file") != (self.heads_file is not None):
             problems.append("--heads file and --heads-file PATH go together: the file is the head_ranking.json to use")
         problems += [f"{name} must be positive; got {getattr(self, name)}"
                      for name in ("scale_lr", "bias_lr", "batch_size", "init_std") if getattr(self, name) <= 0]
         problems += [f"{name} must be >= 0; got {getattr(self, name)}"
-                     for name in ("l1_lambda", "select_epochs", "tune_epochs", "weight_decay", "warmup_ratio") if getattr(self, name) < 0]
+                     for name in ("l1_lambda", "group_lambda", "select_epochs", "tune_epochs", "weight_decay", "warmup_ratio",
+                                  "bias_init_std", "max_grad_norm") if getattr(self, name) < 0]
+        problems += [f"{f.name} must be a finite number; got {getattr(self, f.name)}" for f in fields(self)
+                     if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
         if problems:
             raise ValueError("\n".join(problems))
 

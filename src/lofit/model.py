@@ -125,11 +125,11 @@ class LofitModel(InterventionModel):
         return per_tensor * used
 
     def train_only(self, tensor: str) -> None:
-        """Make only ``"scale"`` (A), ``"bias"`` (v) or ``"none"`` trainable."""
-        if tensor not in ("scale", "bias", "none"):
-            raise ValueError(f"train_only takes 'scale', 'bias' or 'none', not {tensor!r}")
-        self.lofit_scale.requires_grad_(tensor == "scale")
-        self.lofit_bias.requires_grad_(tensor == "bias")
+        """Make only ``"scale"`` (A), ``"bias"`` (v), ``"both"`` or ``"none"`` trainable."""
+        if tensor not in ("scale", "bias", "both", "none"):
+            raise ValueError(f"train_only takes 'scale', 'bias', 'both' or 'none', not {tensor!r}")
+        self.lofit_scale.requires_grad_(tensor in ("scale", "both"))
+        self.lofit_bias.requires_grad_(tensor in ("bias", "both"))
 
     # -- saving, loading, merging -----------------------------------------------------------
     def save_pretrained(self, directory: str | Path, metrics: dict | None = None) -> None:

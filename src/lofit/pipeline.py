@@ -42,6 +42,7 @@ from .loading import load_model
 from .merge import save_merged
 from .model import LofitModel, get_lofit_model
 from .plots import head_heatmap
+from .recipes import RECIPES
 from .objectives import Objective, build_objective
 from .steps import HeadRanking
 from .training import CheckpointPolicy, TrainingSetup, make_accelerator
@@ -57,6 +58,9 @@ class RunConfig:
     eval_file: str | None = field(default=None, metadata={"help": "with your own data: the file or dataset to evaluate on (default: the training data)"})
     match: str = field(default="exact", metadata={"help": "with a file task of prompt/completion rows: 'exact' or 'contains' (default: exact)"})
     method: str = field(default="lofit", metadata={"help": "lofit, zero-shot, iti, repe, lora, red or reft (default: lofit)"})
+    recipe: str | None = field(default=None, metadata={"help": "start from a preset of option values: 'paper' (the "
+                                                                "original code's settings for the task; see docs/method.md); "
+                                                                "options given explicitly override it"})
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M), 'gemma3-270m', a folder, a .gguf file or a hub id"})
     data_dir: str | None = field(default=None, metadata={"help": "data folder (default: $LOFIT_DATA)"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (default: runs/<task>-<model>)"})
@@ -74,6 +78,8 @@ class RunConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"save_steps must be >= 1; got {self.save_steps}")
         self.folds()
@@ -193,7 +199,7 @@ class Job:
     def save_ranking(self, ranking: HeadRanking, k: int) -> None:
         if is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            ranking.save(self.output_dir / "head_ranking.json")
+            ranking.save(self.output_dir / "head_ranking.json", k)
             head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
 
     def context(self, examples: list, setup: TrainingSetup) -> FitContext:
@@ -204,6 +210,10 @@ class Job:
         ranking, log, seconds = select_step(lofit_model, self.context(examples, setup), objective)
         self.timings["select_seconds"] = seconds
         self.timings["select_losses"] = log.epoch_losses
+        if log.localization is not None:
+            self.timings["localization"] = log.localization
+        if log.warnings:
+            self.timings["warnings"] = log.warnings
         self.save_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 

@@ -13,12 +13,17 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
 
 from .atomic import replacing  # noqa: E402
+from .localization import Localization  # noqa: E402
 
 
 def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path: str | Path, title: str = "") -> None:
-    """Write a PNG of ``scores`` (num_layers x num_heads) with ``selected`` heads outlined."""
+    """Write a PNG of ``scores`` (num_layers x num_heads) with ``selected`` heads outlined, and beside it
+    the sorted scores with the selection's cut, its share of the total and the effective number of heads
+    (:class:`lofit.localization.Localization`): a localized step 1 drops steeply after its top heads."""
     num_layers, num_heads = scores.shape
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * num_heads + 2), max(3.0, 0.25 * num_layers + 1.5)))
+    width = max(4.0, 0.45 * num_heads + 2)
+    figure, (axes, curve) = plt.subplots(1, 2, figsize=(width + 4.5, max(3.0, 0.25 * num_layers + 1.5)),
+                                         gridspec_kw={"width_ratios": [width, 4.5]})
     image = axes.imshow(scores.numpy(), aspect="auto", cmap="viridis", origin="lower")
     for layer, head in selected:
         axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
@@ -27,6 +32,18 @@ def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path
     axes.set_xticks(range(num_heads))
     axes.set_title(title or f"head importance ||A||_2 (red: {len(selected)} selected)")
     figure.colorbar(image, ax=axes, label="score")
+
+    ordered = scores.flatten().abs().sort(descending=True).values
+    curve.plot(range(1, len(ordered) + 1), ordered.numpy(), color="black", linewidth=1.2)
+    if selected:
+        figures = Localization.of(scores, len(selected))
+        curve.axvline(len(selected), color="red", linestyle="--", linewidth=1)
+        curve.set_title(f"top {len(selected)}: {100 * figures.top_share:.0f}% of the score "
+                        f"(uniform {100 * figures.uniform_share:.0f}%)\neffective heads {figures.effective_heads:.0f} "
+                        f"of {figures.total}; {'localized' if figures.localized else 'NOT localized'}", fontsize=9)
+    curve.set_xlabel("heads, by rank")
+    curve.set_ylabel("score")
+    curve.set_ylim(bottom=0)
     _save(figure, path)
 
 

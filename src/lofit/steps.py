@@ -1,18 +1,33 @@
 """The two steps of LoFiT: head selection by sparse scaling, then bias tuning on the top heads.
 
 Step 1 (``select_heads``): with v = 0, train only the scales A of *all* heads, from
-A ~ N(0, init_std), on  task_loss + lambda * sum |A|.  The L1 term keeps A at zero for
-heads the task does not need, so a head's importance is its scale's norm
-score[l, h] = || A[l, h] ||_2, and the ranking sorts heads by it.
+A ~ N(0, init_std), and rank heads by score[l, h] = || A[l, h] ||_2. Two objectives:
+
+- ``selection="l1"`` (the paper's): minimise  task_loss + lambda * sum |A|  with AdamW.
+  The L1 term is meant to keep A near zero for heads the task does not need; under Adam
+  its subgradient rarely makes a weight exactly zero, and :class:`Localization` says
+  whether the scores ended up concentrated on few heads.
+- ``selection="group"``: minimise the task loss with AdamW and, after every optimiser
+  step of learning rate eta, apply the proximal operator of the group-lasso penalty
+  mu * sum_h ||A_h||_2 with mu = group_lambda * sqrt(head_dim) (:func:`shrink_heads`)::
+
+      A_h <- A_h * max(0, 1 - eta * mu / ||A_h||_2)
+
+  A head whose Adam updates do not keep pushing it in one direction by more than
+  group_lambda of Adam's largest step (eta per coordinate, eta * sqrt(head_dim) per head)
+  returns to exactly zero, so the ranking separates the heads that moved from those that
+  did not (proximal gradient with Adam's step: Yun, Lozano and Yang, NeurIPS 2021).
 
 Step 2 (``tune_biases``): reset A to 0, activate the top K heads only, and train their
-biases v (from 0) on the task loss. The adapter is then K x head_dim numbers.
+biases v (from N(0, bias_init_std); 0 by default) on the task loss; with ``tune_scales``
+A is trained too. The adapter is then K x head_dim numbers (2x with ``tune_scales``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +36,8 @@ import torch
 
 from .atomic import write_json
 from .datafiles import finite_number
+from .distributed import process_index
+from .localization import Localization
 from .model import LofitModel
 from .objectives import Objective, Regularized
 from .training import TrainingLog, TrainingRun, TrainingSetup, train
@@ -37,6 +54,8 @@ class HeadRanking:
 
     scores: torch.Tensor
     order: list[tuple[int, int]]
+    selected: int | None = None
+    """K, the heads the run that saved this ranking selected, when known (a saved ``localization``)."""
 
     @classmethod
     def from_scores(cls, scores: torch.Tensor) -> "HeadRanking":
@@ -46,13 +65,18 @@ class HeadRanking:
         ranked = torch.sort(-flat, stable=True).indices.tolist()
         return cls(scores.detach().cpu().float(), [(i // num_heads, i % num_heads) for i in ranked])
 
+    def localization(self, k: int) -> "Localization":
+        """How concentrated the scores are, judged for a selection of the top ``k`` heads."""
+        return Localization.of(self.scores, k)
+
     def top(self, k: int) -> list[tuple[int, int]]:
         if not 1 <= k <= len(self.order):
             raise ValueError(f"cannot take the top {k} heads: there are {len(self.order)} heads")
         return self.order[:k]
 
-    def to_json(self) -> dict:
-        return {
+    def to_json(self, k: int | None = None) -> dict:
+        """Every head with its score, best first; with ``k``, the localization figures of a top-``k`` selection."""
+        record = {
             "num_layers": self.scores.shape[0],
             "num_heads": self.scores.shape[1],
             "ranking": [
@@ -60,10 +84,13 @@ class HeadRanking:
                 for rank, (layer, head) in enumerate(self.order)
             ],
         }
+        if k is not None:
+            record["localization"] = self.localization(k).to_json()
+        return record
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, k: int | None = None) -> None:
         """Write :meth:`to_json` to ``path`` atomically."""
-        write_json(path, self.to_json(), indent=1)
+        write_json(path, self.to_json(k), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadRanking":
@@ -78,7 +105,12 @@ class HeadRanking:
             data = json.loads(path.read_bytes().decode("utf-8-sig"))
         except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise ValueError(f"{path} is not a lofit head ranking: not valid JSON ({error})") from None
-        return cls.from_scores(cls._scores_from_json(data, path))
+        ranking = cls.from_scores(cls._scores_from_json(data, path))
+        saved = data.get("localization")
+        k = saved.get("k") if isinstance(saved, dict) else None
+        if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= len(ranking.order):
+            ranking.selected = k
+        return ranking
 
     @staticmethod
     def _scores_from_json(data: object, path: Path) -> torch.Tensor:
@@ -112,9 +144,19 @@ class HeadRanking:
         return scores
 
 
+def shrink_heads(scale: torch.Tensor, threshold: float) -> None:
+    """In place, the proximal operator of threshold * sum_h ||A_h||_2 over the heads of
+    ``scale`` (..., head_dim): A_h <- A_h * max(0, 1 - threshold / ||A_h||_2)."""
+    with torch.no_grad():
+        norms = scale.norm(dim=-1, keepdim=True)
+        scale.mul_((1 - threshold / norms.clamp_min(torch.finfo(scale.dtype).tiny)).clamp_min(0))
+
+
 def select_heads(model: LofitModel, objective: Objective, progress: bool = True,
                  setup: TrainingSetup | None = None) -> tuple[HeadRanking, TrainingLog]:
-    """Step 1: train A on all heads with the task loss + L1 and rank heads by ||A||_2."""
+    """Step 1: train A on all heads with the configured sparsity (see the module docstring) and
+    rank heads by ||A||_2. The log's ``localization`` holds :class:`Localization`'s figures for
+    the configured K, and a warning says so when the result is not localized."""
     config = model.lofit_config
     generator = torch.Generator().manual_seed(config.seed)
     model.set_active_heads(None)
@@ -123,31 +165,55 @@ def select_heads(model: LofitModel, objective: Objective, progress: bool = True,
         model.lofit_scale.copy_(torch.randn(model.lofit_scale.shape, generator=generator) * config.init_std)
     model.train_only("scale")
 
+    objective_to_train: Objective = objective
+    after_step = None
+    if config.selection == "l1":
+        objective_to_train = Regularized(objective, model.l1_penalty)
+    else:
+        strength = config.group_lambda * math.sqrt(model.layout.head_dim)
+
+        def after_step(lr: float) -> None:
+            shrink_heads(model.lofit_scale, lr * strength)
+
     run = TrainingRun(
-        [model.lofit_scale], config.scale_lr, config.select_epochs, config.batch_size, config.seed,
-        config.weight_decay, config.warmup_ratio, "step 1: selecting heads", progress, "select", "--scale-lr",
-        setup or TrainingSetup(),
+        parameters=[model.lofit_scale], lr=config.scale_lr, epochs=config.select_epochs, batch_size=config.batch_size,
+        seed=config.seed, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
+        description="step 1: selecting heads", progress=progress, stage="select", lr_name="--scale-lr",
+        setup=setup or TrainingSetup(), max_grad_norm=config.max_grad_norm, after_step=after_step,
     )
-    log = train(model, Regularized(objective, model.l1_penalty), run)
+    log = train(model, objective_to_train, run)
     model.train_only("none")
     ranking = HeadRanking.from_scores(model.lofit_scale.detach().norm(dim=-1))
     model.head_ranking = ranking.order
+    localization = ranking.localization(config.num_heads_to_tune(len(ranking.order)))
+    log.localization = localization.to_json()
+    if not localization.localized:
+        message = localization.verdict(config.selection)
+        log.warnings.append(message)
+        if process_index() == 0:
+            warnings.warn(message, stacklevel=2)
     return ranking, log
 
 
 def _train_biases(model: LofitModel, objective: Objective, heads: list[tuple[int, int]] | None, epochs: int,
-                  description: str, stage: str, progress: bool, setup: TrainingSetup | None) -> TrainingLog:
-    """Reset A and v to 0 and train only v on ``heads`` (all heads when None)."""
+                  description: str, stage: str, progress: bool, setup: TrainingSetup | None,
+                  with_scales: bool = False) -> TrainingLog:
+    """Reset A to 0 and v to N(0, bias_init_std), then train v (and A with ``with_scales``) on
+    ``heads`` (all heads when None)."""
     config = model.lofit_config
     model.set_active_heads(heads)
+    generator = torch.Generator().manual_seed(config.seed + 1)
     with torch.no_grad():
         model.lofit_scale.zero_()
-        model.lofit_bias.zero_()
-    model.train_only("bias")
+        model.lofit_bias.copy_(torch.randn(model.lofit_bias.shape, generator=generator) * config.bias_init_std)
+        model.lofit_bias.mul_(model.active_heads[..., None])  # heads outside the selection keep v = 0
+    model.train_only("both" if with_scales else "bias")
     run = TrainingRun(
-        [model.lofit_bias], config.bias_lr, epochs, config.batch_size, config.seed,
-        config.weight_decay, config.warmup_ratio, description, progress, stage, "--bias-lr", setup or TrainingSetup(),
-        first_trained_layer=min(layer for layer, _ in heads) if heads else 0,
+        parameters=[model.lofit_bias, model.lofit_scale] if with_scales else [model.lofit_bias], lr=config.bias_lr,
+        epochs=epochs, batch_size=config.batch_size, seed=config.seed, weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio, description=description, progress=progress, stage=stage, lr_name="--bias-lr",
+        setup=setup or TrainingSetup(), first_trained_layer=min(layer for layer, _ in heads) if heads else 0,
+        max_grad_norm=config.max_grad_norm,
     )
     log = train(model, objective, run)
     model.train_only("none")
@@ -168,8 +234,10 @@ def select_heads_by_bias(model: LofitModel, objective: Objective, progress: bool
 
 def tune_biases(model: LofitModel, objective: Objective, heads: Sequence[tuple[int, int]], progress: bool = True,
                 setup: TrainingSetup | None = None) -> TrainingLog:
-    """Step 2: reset A to 0 and train only the biases v of ``heads``."""
+    """Step 2: reset A to 0 and train the biases v of ``heads`` (and their A with ``tune_scales``)."""
     heads = [(int(layer), int(head)) for layer, head in heads]
-    log = _train_biases(model, objective, heads, model.lofit_config.tune_epochs, "step 2: tuning biases", "tune", progress, setup)
+    config = model.lofit_config
+    log = _train_biases(model, objective, heads, config.tune_epochs, "step 2: tuning biases", "tune", progress, setup,
+                        with_scales=config.tune_scales)
     model.head_ranking = heads
     return log

@@ -28,6 +28,14 @@ the end of every epoch and every ``save_steps`` steps (see :mod:`lofit.checkpoin
 ``resume`` restores the newest one and skips the steps it covers, so an interrupted and
 resumed stage ends with the same tensors as an uninterrupted one.
 
+**Gradient clipping.** With ``max_grad_norm`` > 0 the gradient g of all trained tensors
+together is rescaled to g * min(1, max_grad_norm / ||g||_2) before each optimiser step, as
+the Hugging Face Trainer does (its default, 1.0, is what the paper's code trained with).
+
+**Proximal steps.** ``after_step(lr)``, when given, runs after every optimiser step with
+the learning rate that step used: LoFiT's group-sparse step 1 applies its proximal
+shrinkage there (:func:`lofit.steps.shrink_heads`).
+
 **Guards.** A loss that is NaN or infinite stops training before the optimiser applies
 it (:class:`NonFiniteLossError`, naming the step). An epoch whose mean loss exceeds
 :data:`DIVERGENCE_FACTOR` times the mean loss of the first steps, or
@@ -45,7 +53,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -112,16 +120,22 @@ class TrainingRun:
     lr_name: str = "lr"
     setup: TrainingSetup = field(default_factory=TrainingSetup)
     first_trained_layer: int = 0
+    max_grad_norm: float = 0.0
+    """Clip the global gradient norm to this before each step (0: no clipping)."""
+    after_step: Callable[[float], None] | None = None
+    """Called after every optimiser step with that step's learning rate (a proximal update)."""
 
 
 @dataclass
 class TrainingLog:
-    """Mean loss of each epoch, optimiser steps, the step a resume started from, warnings."""
+    """Mean loss of each epoch, optimiser steps, the step a resume started from, warnings, and
+    (step 1) the localization figures of the ranking it produced."""
 
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     resumed_from_step: int = 0
     warnings: list[str] = field(default_factory=list)
+    localization: dict | None = None
 
 
 def cpu_has_bf16() -> bool:
@@ -245,7 +259,8 @@ def _prefix_cache(model: nn.Module, run: TrainingRun) -> contextlib.AbstractCont
 
 def _fingerprint(run: TrainingRun, count: int) -> dict:
     return {"stage": run.stage, "shapes": [list(p.shape) for p in run.parameters], "lr": run.lr, "epochs": run.epochs,
-            "batch_size": run.batch_size, "seed": run.seed, "items": count, "group_by_length": run.setup.compute.group_by_length}
+            "batch_size": run.batch_size, "seed": run.seed, "items": count, "group_by_length": run.setup.compute.group_by_length,
+            "max_grad_norm": run.max_grad_norm}
 
 
 def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingLog:
@@ -293,9 +308,14 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
                     f"training stopped before applying it. Last good checkpoint: {kept or 'none saved'}. "
                     f"Try a lower learning rate ({run.lr_name} {run.lr:g})."
                 )
+            if run.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.parameters, run.max_grad_norm)
+            step_lr = schedule.get_last_lr()[0]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if run.after_step is not None:
+                run.after_step(step_lr)
             state.step += 1
             state.step_losses.append(loss)
             bar.update(1)

@@ -185,13 +185,16 @@ def seeded(seed: int) -> Iterator[None]:
 def train_adapter(model: nn.Module, parameters: list[nn.Parameter], lr: float, epochs: int | None, context: FitContext,
                   description: str, method: str, first_trained_layer: int = 0) -> FitResult:
     """Train ``parameters`` of ``model`` on the context's objective with lofit's loop (AdamW,
-    linear decay, the shared batch size and seed) for ``epochs`` (None: the equal budget);
+    linear decay, the shared batch size, seed and gradient clipping) for ``epochs`` (None: the equal budget);
     ``method`` names the checkpoint stage and the learning-rate option (``--<method>-lr``);
     nothing trained acts below ``first_trained_layer`` (see :class:`~lofit.training.TrainingRun`)."""
     start = time.perf_counter()
-    run = TrainingRun(parameters, lr, epochs if epochs is not None else context.budget_epochs, context.lofit.batch_size,
-                      context.lofit.seed, context.lofit.weight_decay, context.lofit.warmup_ratio, description, context.progress,
-                      method, f"--{method}-lr", context.setup, first_trained_layer)
+    shared = context.lofit
+    run = TrainingRun(parameters=parameters, lr=lr, epochs=epochs if epochs is not None else context.budget_epochs,
+                      batch_size=shared.batch_size, seed=shared.seed, weight_decay=shared.weight_decay,
+                      warmup_ratio=shared.warmup_ratio, description=description, progress=context.progress, stage=method,
+                      lr_name=f"--{method}-lr", setup=context.setup, first_trained_layer=first_trained_layer,
+                      max_grad_norm=shared.max_grad_norm)
     log: TrainingLog = train(model, context.objective(model), run)
     return FitResult(model, sum(p.numel() for p in parameters),
                      {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses} | training_warnings(log))

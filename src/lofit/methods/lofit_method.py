@@ -62,4 +62,5 @@ class Lofit(HeadAdapterMethod):
         return FitResult(model, model.num_adapter_parameters(), {
             "select_seconds": select_seconds, "tune_seconds": tune_seconds,
             "select_losses": select_log.epoch_losses, "tune_losses": tune_log.epoch_losses,
-        } | training_warnings(select_log, tune_log), ranking)
+        } | ({"localization": select_log.localization} if select_log.localization else {})
+          | training_warnings(select_log, tune_log), ranking)

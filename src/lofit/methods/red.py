@@ -4,7 +4,9 @@ For the output f of layer l's feed-forward block, RED trains s[l] and b[l] (size
 
     f' = (1 + s[l]) * f + b[l]        (s = b = 0 at the start: the identity)
 
-on all layers, everything else frozen: 2 x num_layers x hidden trained numbers.
+on all layers, everything else frozen: 2 x num_layers x hidden trained numbers. With
+``red_train_scale: false`` s stays 0 and only b trains (one bias vector per layer,
+num_layers x hidden numbers): the capacity test that sets RED's budget beside LoFiT's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ WEIGHTS = "red.safetensors"
 class RedConfig:
     red_lr: float = field(default=1e-2, metadata={"help": "RED: learning rate"})
     red_epochs: int | None = field(default=None, metadata={"help": "RED: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+    red_train_scale: bool = field(default=True, metadata={"help": "RED: train the scale s as well as the bias b "
+                                                                 "(false: bias only, one vector per layer)"})
 
     def __post_init__(self) -> None:
         check_training_options("red", self.red_lr, self.red_epochs)
@@ -60,7 +64,9 @@ class Red(Method):
 
     def fit(self, context: FitContext) -> FitResult:
         model = RedModel(context.model)  # s = b = 0: nothing random
-        return train_adapter(model, model.trainable_parameters(), self.config.red_lr, self.config.red_epochs, context,
+        parameters = [model.red_scale, model.red_bias] if self.config.red_train_scale else [model.red_bias]
+        model.red_scale.requires_grad_(self.config.red_train_scale)
+        return train_adapter(model, parameters, self.config.red_lr, self.config.red_epochs, context,
                              "RED: training edits", "red")
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:

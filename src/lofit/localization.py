@@ -1,0 +1,84 @@
+"""How localized a head ranking is: whether a few heads hold most of the importance score.
+
+LoFiT's step 1 is meant to choose: its sparsity term should leave most heads near zero, so
+that the top K heads are a real selection. These figures say whether it did, for any
+ranking (step 1, bias norms, probes, random scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+NEAR_ZERO = 0.05
+"""A head "near zero" scores below this fraction of the largest score."""
+CONCENTRATION = 2.0
+"""A selection of K of N heads is localized when the top K hold at least this multiple of K / N of the
+total score (capped halfway between K / N and 1), i.e. clearly more than if every head scored the same."""
+
+
+@dataclass(frozen=True)
+class Localization:
+    """How localized a step-1 result is, for a selection of the top ``k`` of ``total`` heads.
+
+    With scores s_1 >= ... >= s_N >= 0 and S = sum s:
+
+    - ``top_share`` = (s_1 + ... + s_k) / S, against ``uniform_share`` = k / N, what it
+      would be if every head scored the same;
+    - ``near_zero`` = #{h : s_h < NEAR_ZERO * s_1}, and ``exact_zero`` = #{h : s_h = 0};
+    - ``effective_heads`` = S^2 / sum s^2 (N when all scores are equal, 1 when one head holds
+      everything).
+
+    ``localized`` holds when ``top_share`` >= min(CONCENTRATION * k / N, (1 + k / N) / 2).
+    """
+
+    k: int
+    total: int
+    top_share: float
+    uniform_share: float
+    near_zero: int
+    exact_zero: int
+    effective_heads: float
+    max_score: float
+    median_score: float
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, k: int) -> "Localization":
+        flat = scores.detach().flatten().double().abs().sort(descending=True).values
+        total, count = flat.sum().item(), flat.numel()
+        if not 1 <= k <= count:
+            raise ValueError(f"cannot judge a selection of {k} heads: there are {count} heads")
+        squares = (flat**2).sum().item()
+        return cls(k=k, total=count, top_share=flat[:k].sum().item() / total if total > 0 else 0.0,
+                   uniform_share=k / count, near_zero=int((flat < NEAR_ZERO * flat[0]).sum()),
+                   exact_zero=int((flat == 0).sum()), effective_heads=total**2 / squares if squares > 0 else 0.0,
+                   max_score=flat[0].item(), median_score=flat.median().item())
+
+    @property
+    def threshold(self) -> float:
+        """The top share at which a selection counts as localized."""
+        return min(CONCENTRATION * self.uniform_share, (1 + self.uniform_share) / 2)
+
+    @property
+    def localized(self) -> bool:
+        return self.max_score > 0 and self.top_share >= self.threshold
+
+    def summary(self) -> str:
+        """One line of figures."""
+        return (f"top {self.k} of {self.total} heads hold {100 * self.top_share:.1f}% of the total score "
+                f"({100 * self.uniform_share:.1f}% if all scored the same; localized from {100 * self.threshold:.1f}%), "
+                f"effective heads {self.effective_heads:.0f} of {self.total}, {self.near_zero} heads below "
+                f"{NEAR_ZERO:.0%} of the largest score ({self.exact_zero} exactly 0)")
+
+    def verdict(self, selection: str | None = None) -> str:
+        """The summary, preceded by whether the selection is localized and, when not, what to change."""
+        if self.localized:
+            return f"step 1 localized: {self.summary()}"
+        advice = {"l1": "raise --l1-lambda, or use --selection group (a head-level proximal penalty that sets heads "
+                        "exactly to zero)",
+                  "group": "raise --group-lambda"}.get(selection or "", "this ranking barely prefers its top heads")
+        return f"step 1 did not localize: {self.summary()}; {advice}"
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"threshold": self.threshold, "localized": self.localized, "near_zero_fraction": NEAR_ZERO}
