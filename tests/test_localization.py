@@ -1,0 +1,206 @@
+"""Step 1's localization figures, the group-sparse objective, the paper's recipe, gradient
+clipping, v's initialisation, step 2 with scales, and RED with its bias alone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from typing import Iterator
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from lofit import LofitConfig, get_lofit_model
+from lofit.cli import OptionsError, _configs, build_parser, main
+from lofit.localization import Localization
+from lofit.methods import get_method
+from lofit.methods.base import FitContext
+from lofit.methods.red import RedConfig
+from lofit.objectives import SFT
+from lofit.recipes import RECIPES
+from lofit.steps import HeadRanking, select_heads, shrink_heads, tune_biases
+from lofit.training import TrainingLog
+
+from .conftest import PAD, synthetic_pairs, tiny_model, word_tokenizer
+from .tiny_run import tiny_model_folder, write_task
+
+CONFIG = LofitConfig(num_heads=3, select_epochs=3, tune_epochs=2, batch_size=4, scale_lr=2e-2, bias_lr=5e-2)
+
+
+def test_equal_scores_are_not_localized_and_one_head_is():
+    uniform = Localization.of(torch.ones(4, 5), k=2)
+    assert uniform.top_share == pytest.approx(0.1) and uniform.uniform_share == pytest.approx(0.1)
+    assert uniform.effective_heads == pytest.approx(20) and uniform.near_zero == 0
+    assert not uniform.localized and "did not localize" in uniform.verdict("l1") and "--selection group" in uniform.verdict("l1")
+    single = torch.zeros(4, 5)
+    single[2, 3] = 0.7
+    one = Localization.of(single, k=2)
+    assert one.top_share == 1.0 and one.effective_heads == pytest.approx(1.0)
+    assert (one.near_zero, one.exact_zero) == (19, 19) and one.localized and one.verdict().startswith("step 1 localized")
+    assert not Localization.of(torch.zeros(2, 2), k=1).localized  # nothing moved: no choice at all
+
+
+def test_localized_threshold_is_twice_the_uniform_share_capped_halfway_to_one():
+    scores = torch.tensor([[1.0] * 2 + [0.1] * 18])  # top 2 of 20 hold 2 / 3.8 = 52.6%
+    assert Localization.of(scores, 2).threshold == pytest.approx(0.2) and Localization.of(scores, 2).localized
+    assert Localization.of(scores, 15).threshold == pytest.approx((1 + 0.75) / 2)
+    assert not Localization.of(scores, 15).localized  # 2.3 / 3.8 = 60.5% < 87.5%
+    with pytest.raises(ValueError, match="cannot judge a selection of 21 heads"):
+        Localization.of(scores, 21)
+
+
+def test_shrink_heads_is_the_group_lasso_proximal_operator():
+    scale = torch.tensor([[[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]])  # head norms 5, 0.5, 0
+    shrink_heads(scale, 1.0)
+    assert torch.allclose(scale[0, 0], torch.tensor([3.0, 4.0]) * (1 - 1 / 5))
+    assert torch.equal(scale[0, 1], torch.zeros(2)) and torch.equal(scale[0, 2], torch.zeros(2))
+    assert torch.isfinite(scale).all()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without the "did not localize" warnings of tiny models."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def rank(config: LofitConfig) -> tuple[HeadRanking, TrainingLog]:
+    lofit_model = get_lofit_model(tiny_model("llama"), config)
+    with _quiet():
+        return select_heads(lofit_model, SFT(synthetic_pairs(16), PAD), progress=False)
+
+
+def test_group_selection_sets_heads_exactly_to_zero_where_l1_does_not():
+    l1_ranking, l1_log = rank(CONFIG)
+    group_ranking, group_log = rank(LofitConfig(**CONFIG.to_dict() | {"selection": "group", "group_lambda": 0.6}))
+    assert (l1_ranking.scores == 0).sum() == 0
+    zeros = int((group_ranking.scores == 0).sum())
+    assert 0 < zeros < group_ranking.scores.numel()
+    assert group_log.localization["exact_zero"] == zeros
+    assert group_log.localization["effective_heads"] < l1_log.localization["effective_heads"]
+    # no penalty at all: nothing is shrunk to zero
+    free, _ = rank(LofitConfig(**CONFIG.to_dict() | {"selection": "group", "group_lambda": 0.0}))
+    assert (free.scores == 0).sum() == 0
+
+
+def test_a_step_1_that_does_not_localize_says_so_once_with_the_fix():
+    with pytest.warns(UserWarning, match=r"step 1 did not localize: top 3 of 12 heads .* raise --l1-lambda"):
+        _, log = select_heads(get_lofit_model(tiny_model("llama"), CONFIG), SFT(synthetic_pairs(16), PAD), progress=False)
+    assert log.localization["k"] == 3 and log.localization["localized"] is False
+    assert [m for m in log.warnings if "did not localize" in m] and len(log.warnings) == 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_every_step_clips_the_gradient_norm(monkeypatch, max_grad_norm):
+    norms_after: list[float] = []
+    original = Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        total = original(self, parameters, max_norm, norm_type)
+        norms_after.append(float(torch.cat([p.grad.flatten() for p in parameters]).norm()))
+        return total
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    config = LofitConfig(**CONFIG.to_dict() | {"max_grad_norm": max_grad_norm})
+    lofit_model = get_lofit_model(tiny_model("llama"), config)
+    tune_biases(lofit_model, SFT(synthetic_pairs(16), PAD), [(0, 1), (2, 3)], progress=False)
+    if max_grad_norm == 0:
+        assert norms_after == []
+    else:
+        assert len(norms_after) == 2 * 4  # 16 examples / batch 4, 2 epochs
+        assert max(norms_after) <= max_grad_norm * (1 + 1e-4)
+
+
+def test_baselines_clip_too(monkeypatch):
+    calls: list[float] = []
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, norm_type=2: calls.append(max_norm))
+    context = FitContext(tiny_model("llama"), word_tokenizer(), [], LofitConfig(batch_size=4, max_grad_norm=0.5),
+                         progress=False)
+    context.objective = lambda model: SFT(synthetic_pairs(8), PAD)
+    get_method("red", RedConfig(red_epochs=1)).fit(context)
+    assert calls == [0.5, 0.5]  # 8 examples, batch 4, 1 epoch
+
+
+def test_bias_initialisation_and_step_2_with_scales():
+    heads = [(0, 1), (2, 3)]
+    config = LofitConfig(**CONFIG.to_dict() | {"bias_init_std": 1e-3, "bias_lr": 1e-9, "tune_epochs": 1})
+    lofit_model = get_lofit_model(tiny_model("llama"), config)
+    tune_biases(lofit_model, SFT(synthetic_pairs(8), PAD), heads, progress=False)
+    bias = lofit_model.lofit_bias.detach()
+    assert 2e-4 < float(bias[0, 1].std()) < 5e-3  # drawn from N(0, 1e-3), barely trained
+    inactive = ~lofit_model.active_heads
+    assert bias[inactive].abs().max() == 0 and lofit_model.lofit_scale.detach().abs().max() == 0
+
+    both = get_lofit_model(tiny_model("llama"), LofitConfig(**CONFIG.to_dict() | {"tune_scales": True}))
+    tune_biases(both, SFT(synthetic_pairs(8), PAD), heads, progress=False)
+    scale = both.lofit_scale.detach()
+    assert scale[0, 1].abs().max() > 0 and scale[2, 3].abs().max() > 0
+    assert scale[~both.active_heads].abs().max() == 0
+    assert both.num_adapter_parameters() == 2 * len(heads) * both.layout.head_dim
+
+
+def test_red_with_its_bias_alone_trains_one_vector_per_layer():
+    context = FitContext(tiny_model("llama"), word_tokenizer(), [], LofitConfig(batch_size=4), progress=False)
+    context.objective = lambda model: SFT(synthetic_pairs(8), PAD)
+    result = get_method("red", RedConfig(red_epochs=1, red_train_scale=False)).fit(context)
+    layers, hidden = result.model.red_bias.shape
+    assert result.trained_parameters == layers * hidden
+    assert result.model.red_scale.detach().abs().max() == 0 and result.model.red_bias.detach().abs().max() > 0
+
+
+def parse(argv):
+    return _configs(build_parser().parse_args(argv))
+
+
+def test_paper_recipe_fills_the_scripts_values_below_explicit_options(tmp_path):
+    run, lofit, _, _ = parse(["run", "--task", "clutrr", "--recipe", "paper"])
+    assert (lofit.scale_lr, lofit.l1_lambda, lofit.bias_lr, lofit.select_epochs, lofit.tune_epochs) == (5e-4, 5e-3, 1e-2, 5, 5)
+    assert (lofit.bias_init_std, lofit.init_std, lofit.max_grad_norm, run.train_size) == (1e-3, 1e-3, 1.0, 300)
+    assert lofit.num_heads_to_tune(270) == 8 and lofit.num_heads_to_tune(1024) == 32
+    _, mquake, _, _ = parse(["run", "--task", "mquake", "--recipe", "paper", "--bias-lr", "0.03"])
+    assert (mquake.scale_lr, mquake.l1_lambda, mquake.bias_lr) == (5e-3, 1e-3, 0.03)
+    config = tmp_path / "c.yaml"
+    config.write_text("recipe: paper\ntask: truthfulqa\nl1_lambda: 0.01\n")
+    run, tqa, _, _ = parse(["run", "--config", str(config)])
+    assert (run.recipe, run.beta, tqa.l1_lambda, tqa.scale_lr) == ("paper", 0.5, 0.01, 5e-3)
+    assert set(RECIPES["paper"]) == {"clutrr", "mquake", "truthfulqa"}
+
+
+def test_bad_recipes_and_values_are_refused_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(OptionsError, match="unknown recipe 'papr'; choose one of: paper"):
+        parse(["run", "--recipe", "papr"])
+    with pytest.raises(OptionsError, match="recipe 'paper' covers the tasks clutrr, mquake, truthfulqa"):
+        parse(["run", "--recipe", "paper", "--task", str(tmp_path / "mine.jsonl")])
+    with pytest.raises(OptionsError, match="bias_lr must be a finite number"):
+        parse(["run", "--bias-lr", "nan"])
+    with pytest.raises(OptionsError, match="unknown step-1 objective 'lasso'"):
+        parse(["run", "--selection", "lasso"])
+    with pytest.raises(OptionsError, match="max_grad_norm must be >= 0"):
+        parse(["run", "--max-grad-norm", "-1"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_run_reports_its_localization_everywhere(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "tiny")
+    data = write_task(tmp_path / "sft.jsonl")
+    out = tmp_path / "run"
+    with _quiet():
+        assert main(["run", "--task", str(data), "--model", str(model), "--device", "cpu", "--batch-size", "4",
+                     "--select-epochs", "2", "--tune-epochs", "1", "--num-heads", "3", "--scale-lr", "0.02",
+                     "--selection", "group", "--group-lambda", "0.9", "--no-progress", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ranking = json.loads((out / "head_ranking.json").read_text())
+    assert metrics["localization"] == ranking["localization"]
+    assert ranking["localization"]["k"] == 3 and ranking["localization"]["exact_zero"] > 0
+    assert math.isclose(sum(r["score"] for r in ranking["ranking"][:3]) / sum(r["score"] for r in ranking["ranking"]),
+                        ranking["localization"]["top_share"], rel_tol=1e-5)
+    capsys.readouterr()
+    assert main(["heads", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(printed.splitlines()) == 1 + 3 + 2  # header, the run's K = 3 heads, the figures, the heatmap path
+    assert "localized" in printed and "effective heads" in printed
