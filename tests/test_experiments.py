@@ -1,9 +1,11 @@
 """The experiment runner on tiny models: grids, keys, results per cell, resume, ranking
-reuse, tuning, reports rebuilt from results.jsonl alone, the bootstrap test, --dry-run."""
+reuse, tuning (log grids, edge extension, equal budgets), reports rebuilt from results.jsonl
+alone, the bootstrap test, --dry-run."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -18,7 +20,7 @@ from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
-from lofit.experiments.grid import check_tuning, expand
+from lofit.experiments.grid import check_tuning, expand, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
@@ -27,6 +29,8 @@ from lofit.pipeline import CellConfig, RunConfig, load_fresh, run_cell
 from .tiny_run import tiny_model_folder, write_task
 
 FAST = {"select_epochs": 1, "tune_epochs": 1, "red_epochs": 1, "batch_size": 8, "progress": False}
+LOFIT_TUNED = {"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2], "l1_lambda": [1e-3, 5e-3]}}
+RED_TUNED = {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 2e-2], "red_epochs": [1, 2]}}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +43,9 @@ def setting(tmp_path_factory):
 def grid_file(setting, tmp_path, **changes):
     grid = {"name": "tiny", "description": "a tiny grid", "tasks": [setting["task"]], "seeds": [1],
             "options": {"model": setting["model"]} | FAST, "sweep": {"num_heads": [2, 4]},
-            "arms": [{"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2]}},
-                     {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 3e-2]}}]} | changes
+            "arms": [LOFIT_TUNED, RED_TUNED]} | changes
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
 
 
@@ -66,7 +69,8 @@ def test_grid_expands_to_keyed_cells(setting, tmp_path):
     assert [c.key for c in expand(grid, "test", {"progress": True, "output_dir": "elsewhere"})] == [c.key for c in cells]
     assert [c.key for c in expand(grid, "test", {"bias_lr": 0.3})][0] != cells[0].key
     trials = expand(grid, "tune", {})
-    assert len(trials) == 2 * 2 * 2 and {c.config["eval_split"] for c in trials} == {"val"}
+    assert len(trials) == 2 * 2 * 4 and {c.config["eval_split"] for c in trials} == {"val"}
+    assert {c.config["limit"] for c in trials} == {300}  # tune_limit's default
     assert "red_epochs" not in cells[0].config and cells[2].config["red_epochs"] == 1  # another method's option: left out
     with pytest.raises(ValueError, match="not options of method red"):
         expand(load_grid(str(grid_file(setting, tmp_path, arms=[{"label": "RED", "method": "red", "options": {"lora_rank": 4}}]))), "test", {})
@@ -74,11 +78,38 @@ def test_grid_expands_to_keyed_cells(setting, tmp_path):
         expand(grid, "test", {"no_such_option": 1})
 
 
-def test_tuning_needs_the_same_number_of_trials_per_arm(setting, tmp_path):
-    arms = [{"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2]}},
-            {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2]}}]
+def test_tuned_numbers_are_log_grids(setting, tmp_path):
+    def tuned(**tune):
+        arms = [{"label": "arm", "method": "lora", "tune": tune}]
+        return load_grid(str(grid_file(setting, tmp_path, arms=arms))).arms[0].tune
+
+    compact = tuned(lora_lr={"low": 1e-3, "high": 1e-1, "points": 5})
+    assert compact == {"lora_lr": [1e-3, 3.162e-3, 1e-2, 3.162e-2, 1e-1]}
+    assert tuned(lora_rank={"low": 2, "high": 32, "points": 5}) == {"lora_rank": [2, 4, 8, 16, 32]}
+    assert tuned(lora_lr=[1e-2, 1e-3, 3.16e-3], lora_rank=[4, 16], lora_targets=["q_proj", "v_proj"])["lora_lr"] == [
+        1e-2, 1e-3, 3.16e-3]  # any order, 3 significant digits; categorical values as a list
+    assert tuned(lora_rank=[4, 7, 12])["lora_rank"] == [4, 7, 12]  # integers: log-spaced within rounding
+    refusals = {"not log-spaced": dict(lora_lr=[3e-4, 1e-3, 3e-3]), "not log-spaced ": dict(lora_rank=[4, 9, 16]),
+                "whole number >= 1": dict(lora_rank=[0.5, 2]), "> 0": dict(lora_lr=[0.0, 1e-3]),
+                "repeat": dict(lora_rank={"low": 1, "high": 4, "points": 5}), "as text": dict(lora_lr=["1e-3", "1e-2"]),
+                "compact grid": dict(lora_lr={"low": 1e-2, "high": 1e-3, "points": 3})}
+    for message, tune in refusals.items():
+        with pytest.raises(ValueError, match=rf"grid tiny, arm arm, option {next(iter(tune))}: .*({message})"):
+            tuned(**tune)
+    assert step_beyond("bias_lr", 0.05, 2.5, True) == 0.125 and step_beyond("lora_rank", 2, 4.0, False) == 1
+    assert step_beyond("lora_rank", 1, 4.0, False) is None and step_beyond("lora_rank", 3, 1.4, True) == 4
+
+
+def test_tuning_needs_two_hyper_parameters_and_equal_base_grids(setting, tmp_path):
+    arms = [{"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2], "l1_lambda": [1e-3, 5e-3]}},
+            {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 3e-2], "red_epochs": [2]}}]
     with pytest.raises(ValueError, match="same size"):
         check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms))))
+    arms[1]["tune"] = {"red_lr": [1e-2, 3e-2, 9e-2, 2.7e-1], "red_epochs": [2]}  # 4 trials, one searched option
+    with pytest.raises(ValueError, match="at least two hyper-parameters.*RED tunes red_lr$"):
+        check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms))))
+    arms[1]["tune"] = {"red_lr": [1e-2, 3e-2], "red_epochs": [1, 2]}
+    check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms))))
 
 
 def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting, tmp_path, monkeypatch):
@@ -159,25 +190,69 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
     assert record["scores"] == ranking[0]["scores"]
 
 
-def test_tuning_picks_the_best_trial_per_arm_and_keeps_all_trials(setting, tmp_path, monkeypatch):
-    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[
-        {"label": "RED", "method": "red", "tune": {"red_lr": [1e-3, 3e-1]}},
-        {"label": "zero", "method": "zero-shot"}])))
-    scores = iter([0.25, 0.75, 0.5])  # trials 1e-3 and 0.3, then zero-shot's test cell
-
+def fake_fit(monkeypatch, score, calls: list):
+    """run_cell replaced by ``score(red_lr, red_epochs)`` on validation (0.5 on test); each call's options kept."""
     def fake_cell(config, models):
+        calls.append((config.method.red_lr, config.method.red_epochs) if config.method else None)
+        if len(calls) == fake_cell.stop_at:
+            raise KeyboardInterrupt
         folder = runner_module.Path(config.run.output_dir)
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "predictions.jsonl").write_text(json.dumps({"correct": True}) + "\n")
-        return {"test_exact_match" if config.run.eval_split == "test" else "val_exact_match": next(scores, 1.0),
-                "trained_parameters": 0, "lr": getattr(config.method, "red_lr", None)}
+        value = score(*calls[-1]) if config.run.eval_split == "val" else 0.5
+        split = config.run.eval_split
+        return {f"{split}_exact_match": value, f"{split}_num_examples": 12, "trained_parameters": 0}
 
+    fake_cell.stop_at = None
     monkeypatch.setattr(runner_module, "run_cell", fake_cell)
     monkeypatch.setattr(ModelPool, "total_heads", lambda self, name, compute: 8)
-    records = Runner(grid, tmp_path / "tuned", tune=True, pool=ModelPool(), log=lambda _: None).run()
-    assert [r["phase"] for r in records] == ["tune", "tune", "test", "test"]
-    assert records[2]["label"] == "RED" and records[2]["options"]["red_lr"] == 0.3
-    assert records[0]["options"]["eval_split"] == "val" and records[0]["options"]["limit"] == 100
+    return fake_cell
+
+
+def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setting, tmp_path, monkeypatch):
+    arms = [RED_TUNED, {"label": "zero", "method": "zero-shot"}]
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
+    calls = []  # the best lr is 0.04, two log steps above the base grid; fewer epochs score higher
+    fake = fake_fit(monkeypatch, lambda lr, epochs: 0.5 - 0.1 * abs(math.log2(lr / 0.04)) - 0.01 * epochs, calls)
+    folder = tmp_path / "tuned"
+    fake.stop_at = 6  # stopped during the second extension trial
+    with pytest.raises(KeyboardInterrupt):
+        Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
+    first = read_results(folder)
+    assert [r["trial"] for r in first] == [{"red_lr": 0.01, "red_epochs": 1}, {"red_lr": 0.01, "red_epochs": 2},
+                                           {"red_lr": 0.02, "red_epochs": 1}, {"red_lr": 0.02, "red_epochs": 2},
+                                           {"red_lr": 0.04, "red_epochs": 1}]  # one step beyond lr's top edge
+    assert [r["extends"] for r in first] == [None] * 4 + ["red_lr"] and first[4]["tune_grid"] == RED_TUNED["tune"]
+    assert first[0]["options"]["eval_split"] == "val" and first[0]["options"]["limit"] == 300
+    listing = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).listing()
+    assert "(red_lr=0.08, red_epochs=1; extends red_lr)" in listing and "may be added" in listing
+    assert listing.count("  tune ") == 6
+    red_test = [line for line in listing.splitlines() if "  test " in line and " RED " in line]
+    assert red_test[0].endswith("seed 1")  # the untuned setting until tuning has settled
+
+    calls.clear()
+    fake.stop_at = None
+    records = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
+    assert calls == [(0.08, 1), (0.04, 1), None]  # the recorded extension was not recomputed; then the tests
+    assert [r["phase"] for r in records] == ["tune"] * 6 + ["test", "test"]
+    assert records[6]["label"] == "RED" and records[6]["trial"] == {"red_lr": 0.04, "red_epochs": 1}
+    settled = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None)
+    assert "may be added" not in settled.listing() and settled.run() == records and len(calls) == 3
+
+    report = write_report(folder).read_text()
+    assert "| red_lr=0.04 (inside after extension), red_epochs=1 (edge (bound)) | 49.0 | 4 + 2 | 12 |" in report
+    assert "Trials per arm (base + extension, over every task and setting): RED 4 + 2." in report
+    assert "RED: 1 (tuned); zero: none" in report  # the budgets as run
+
+
+def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeypatch):
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=1, arms=[RED_TUNED])))
+    fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])  # higher is better for both
+    Runner(grid, tmp_path / "capped", tune=True, pool=ModelPool(), log=lambda _: None).run()
+    assert calls == [(0.01, 1), (0.01, 2), (0.02, 1), (0.02, 2), (0.04, 2), (0.02, 4), (0.04, 2)]  # trials, the test
+    report = write_report(tmp_path / "capped").read_text()
+    assert "| red_lr=0.04 (**edge (cap)**), red_epochs=2 (inside after extension) |" in report
+    assert "| 4 + 2 | 12 |" in report  # trials and validation examples
 
 
 def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
@@ -246,7 +321,8 @@ def test_tuning_trials_are_listed_with_their_arm_when_one_finished_late():
 
     # a resumed run finished x's RED trial at 0.03 after every trial of task y
     records = [trial("x", "LoFiT", 0.01), trial("x", "RED", 0.01), trial("y", "LoFiT", 0.01), trial("x", "RED", 0.03)]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report_module._tuning(records).splitlines()
+    listing = report_module._tuning(records).split("## Tuning trials")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in listing.splitlines()
             if line.startswith(("| x", "| y"))]
     assert [(task, arm, trial) for task, arm, _, trial, *_ in rows] == [
         ("x", "LoFiT", "lr=0.01"), ("x", "RED", "lr=0.01"), ("x", "RED", "lr=0.03"), ("y", "LoFiT", "lr=0.01")]
@@ -300,8 +376,9 @@ def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
     assert main(["experiment", "--grid", str(grid_file(setting, tmp_path)), "--output-dir", str(out), "--dry-run",
                  "--seeds", "1,2", "--tune"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("  tune ") == 8 and printed.count("  test ") == 8 and "16 cells, 0 done, 0 step-1 rankings" in printed
-    assert "0 of 16 missing cells timed by finished cells" in printed
+    assert printed.count("  tune ") == 16 and printed.count("  test ") == 8
+    assert "24 cells, 0 done, 0 step-1 rankings" in printed
+    assert "0 of 24 missing cells timed by finished cells" in printed and "extension trials may be added" in printed
     assert not out.exists()
     assert main(["experiment", "table3", "--grid", "x.yaml", "--dry-run"]) == 2
     assert main(["experiment", "no-such-experiment", "--dry-run"]) == 2

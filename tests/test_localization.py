@@ -43,11 +43,14 @@ def test_equal_scores_are_not_localized_and_one_head_is():
     assert not Localization.of(torch.zeros(2, 2), k=1).localized  # nothing moved: no choice at all
 
 
-def test_localized_threshold_is_twice_the_uniform_share_capped_halfway_to_one():
+def test_localized_means_half_the_score_or_twice_the_uniform_share_capped_halfway_to_one():
     scores = torch.tensor([[1.0] * 2 + [0.1] * 18])  # top 2 of 20 hold 2 / 3.8 = 52.6%
-    assert Localization.of(scores, 2).threshold == pytest.approx(0.2) and Localization.of(scores, 2).localized
+    assert Localization.of(scores, 2).threshold == pytest.approx(0.5) and Localization.of(scores, 2).localized
+    assert Localization.of(scores, 6).threshold == pytest.approx(0.6)  # 2 x 6 / 20
     assert Localization.of(scores, 15).threshold == pytest.approx((1 + 0.75) / 2)
     assert not Localization.of(scores, 15).localized  # 2.3 / 3.8 = 60.5% < 87.5%
+    noise = torch.rand(270, generator=torch.Generator().manual_seed(0))
+    assert not Localization.of(noise, 27).localized  # random scores: the top 10% hold about 19%
     with pytest.raises(ValueError, match="cannot judge a selection of 21 heads"):
         Localization.of(scores, 21)
 

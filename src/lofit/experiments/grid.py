@@ -4,7 +4,10 @@ A grid names the tasks, seeds and *arms* (a label, a method, the arm's options) 
 experiment, options shared by every cell, and a *sweep* (option -> values) crossed with
 the arms. Every (task, arm, sweep point, seed) is one cell. With ``--tune`` an arm's
 ``tune`` grid (option -> values) is tried on the validation split first; every tuned arm
-must have the same number of trials, so no method gets more tuning than another.
+must have the same number of base trials and tune at least two options, so no method gets
+more tuning than another. A numeric tuned option is a log grid (a list with a constant
+ratio between consecutive sorted values, or ``{low, high, points}``); where the best trial
+sits at an edge of the range explored, :func:`search` adds trials one log step beyond it.
 
 A cell's options are flat names of :class:`~lofit.pipeline.RunConfig`,
 :class:`~lofit.config.LofitConfig`, :class:`~lofit.compute.ComputeConfig` and the
@@ -27,7 +30,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -36,6 +39,7 @@ from ..config import LofitConfig
 from ..methods import METHODS
 from ..options import build_config
 from ..pipeline import CellConfig, RunConfig
+from ..recipes import recipe_options
 
 RUNNER_OPTIONS = {"heads_task": None, "select_only": False}
 """The runner's own cell options and their defaults."""
@@ -44,12 +48,95 @@ UNHASHED = ("output_dir", "data_dir", "progress", "resume", "save_steps", "eval_
 ALL_HEADS = "all"
 OWNERS = {f.name: name for name, method in METHODS.items() if method.config_class for f in fields(method.config_class)}
 """Each method-specific option and its method."""
+CONFIG_CLASSES = (RunConfig, LofitConfig, ComputeConfig, *(m.config_class for m in METHODS.values() if m.config_class))
+INTEGER_OPTIONS = frozenset(f.name for cls in CONFIG_CLASSES for f in fields(cls)
+                            if str(getattr(f.type, "__name__", f.type)).split("|")[0].strip() == "int")
+"""Options whose values are integers (ranks, epochs): tuned values are rounded and stay >= 1."""
+LOG_TOLERANCE = 0.01
+"""How far (relative) a tuned float value may sit from the exact log grid through the smallest and largest value."""
 
 
 def shipped_grids() -> dict[str, Path]:
     """The grids shipped with lofit, by name (``table1``, ``num-heads``, ...)."""
     folder = resources.files(__package__)
     return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def is_numeric(values: list) -> bool:
+    """Whether every value is a number (not a bool): a log-spaced option, else a categorical one."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def log_ratio(values: list) -> float:
+    """The log step of a numeric tuned option: (largest / smallest) ** (1 / (n - 1)); 1.0 for one value."""
+    if len(values) < 2:
+        return 1.0
+    return (max(values) / min(values)) ** (1 / (len(values) - 1))
+
+
+def log_grid(low: float, high: float, points: int, integer: bool) -> list:
+    """``points`` log-spaced values from ``low`` to ``high``: integers rounded, floats to 4 significant digits."""
+    exact = [low * (high / low) ** (i / (points - 1)) for i in range(points)]
+    return [round(v) for v in exact] if integer else [float(f"{v:.4g}") for v in exact]
+
+
+def _off_grid(values: list, integer: bool) -> list:
+    """The values that are not on the log grid through the smallest and the largest (integers: not within rounding)."""
+    ordered, ratio = sorted(values), log_ratio(values)
+    exact = [ordered[0] * ratio**i for i in range(len(ordered))]
+    return [v for v, e in zip(ordered, exact) if (abs(v - e) > 0.5 if integer else abs(v / e - 1) > LOG_TOLERANCE)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def tune_values(where: str, option: str, spec: Any) -> list:
+    """The values of one tuned option: a list, or ``{low, high, points}`` expanded by :func:`log_grid`.
+    A numeric list must be log-spaced, positive and distinct (integer options: whole numbers >= 1);
+    a ValueError names ``where`` (grid and arm) and the option otherwise."""
+    integer = option in INTEGER_OPTIONS
+    if isinstance(spec, dict):
+        if set(spec) != {"low", "high", "points"} or not is_numeric([spec["low"], spec["high"]]) \
+                or not isinstance(spec["points"], int) or spec["points"] < 2 or not 0 < spec["low"] < spec["high"]:
+            raise ValueError(f"{where}, option {option}: a compact grid is {{low: L, high: H, points: N}} with "
+                             f"0 < L < H and N >= 2; got {spec}")
+        spec = log_grid(spec["low"], spec["high"], spec["points"], integer)
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"{where}, option {option}: give a list of values or {{low, high, points}}; got {spec!r}")
+    if len({json.dumps(v, default=str) for v in spec}) != len(spec):
+        raise ValueError(f"{where}, option {option}: the values {spec} repeat (integers after rounding)")
+    numbers_as_text = [v for v in spec if isinstance(v, str) and _is_number(v)]
+    if numbers_as_text:
+        raise ValueError(f"{where}, option {option}: YAML reads {numbers_as_text} as text; write numbers with a dot "
+                         "(1.0e-3, not 1e-3)")
+    if not is_numeric(spec):
+        return spec  # categorical
+    if min(spec) <= 0 or (integer and any(v != int(v) or v < 1 for v in spec)):
+        kind = "a whole number >= 1" if integer else "> 0"
+        raise ValueError(f"{where}, option {option}: a tuned number must be {kind} (on a log grid); got {spec}")
+    spec = [int(v) for v in spec] if integer else spec
+    off = _off_grid(spec, integer)
+    if off:
+        suggestion = log_grid(min(spec), max(spec), len(spec), integer)
+        raise ValueError(f"{where}, option {option}: {spec} is not log-spaced ({off} off the constant ratio "
+                         f"{log_ratio(spec):.4g}); use e.g. {suggestion} or {{low: {min(spec)}, high: {max(spec)}, "
+                         f"points: {len(spec)}}}")
+    return spec
+
+
+def step_beyond(option: str, value: float, ratio: float, up: bool) -> float | None:
+    """One log step beyond ``value``: times ``ratio`` (``up``) or divided by it, floats to 6 significant
+    digits; an integer option's value is rounded and at least 1, None when that leaves ``value`` itself."""
+    new = value * ratio if up else value / ratio
+    if option not in INTEGER_OPTIONS:
+        return float(f"{new:.6g}")
+    new = max(1, round(new))
+    return None if new == value else new
 
 
 @dataclass
@@ -60,11 +147,15 @@ class Arm:
     tune: dict[str, list] = field(default_factory=dict)
 
     def trials(self) -> list[dict[str, Any]]:
-        """The tuning trials: every combination of the tune grid's values, in file order (none without a grid)."""
+        """The base tuning trials: every combination of the tune grid's values, in file order (none without a grid)."""
         if not self.tune:
             return []
         names = list(self.tune)
         return [dict(zip(names, values)) for values in itertools.product(*(self.tune[n] for n in names))]
+
+    def searched(self) -> list[str]:
+        """The tuned options with more than one value: the hyper-parameters this arm searches."""
+        return [option for option, values in self.tune.items() if len(values) > 1]
 
 
 @dataclass
@@ -77,8 +168,20 @@ class Grid:
     options: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, list] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=lambda: {"kind": "table"})
-    tune_limit: int = 100
-    """Validation examples each tuning trial is scored on."""
+    tune_limit: int = 300
+    """Validation examples each tuning trial is scored on (the first ones; all when the split is smaller)."""
+    tune_extend: int = 3
+    """Extension trials per side per numeric tuned option, at most (0: the base grid only)."""
+
+    def __post_init__(self) -> None:
+        """Each arm's tune grid expanded and checked by :func:`tune_values`."""
+        if not isinstance(self.tune_extend, int) or self.tune_extend < 0:
+            raise ValueError(f"grid {self.name}: tune_extend must be an integer >= 0; got {self.tune_extend!r}")
+        for arm in self.arms:
+            if not isinstance(arm.tune, dict):
+                raise ValueError(f"grid {self.name}, arm {arm.label}: tune maps options to values; got {arm.tune!r}")
+            arm.tune = {option: tune_values(f"grid {self.name}, arm {arm.label}", option, spec)
+                        for option, spec in arm.tune.items()}
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.sweep)
@@ -101,7 +204,7 @@ def load_grid(name_or_path: str) -> Grid:
     try:
         arms = [Arm(**arm) for arm in data.pop("arms")]
         grid = Grid(**{"name": path.stem, "description": ""} | data, arms=arms)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a valid grid: {error}") from None
     if not grid.arms or len({arm.label for arm in grid.arms}) != len(grid.arms):
         raise ValueError(f"{path}: a grid needs arms with distinct labels")
@@ -124,6 +227,8 @@ class Cell:
     trial: tuple = ()
     """The tuned options of this cell, as (option, value) pairs."""
     options: tuple = ()
+    extends: str | None = None
+    """For an extension trial, the option it steps beyond the explored range."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -135,6 +240,7 @@ class Cell:
 
     def describe(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.point + self.trial)
+        extra += f"; extends {self.extends}" if self.extends else ""
         return f"{self.phase} {self.task} {self.label} seed {self.seed}" + (f" ({extra})" if extra else "")
 
 
@@ -163,8 +269,12 @@ def config_key(method: str, options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-STEP2_ONLY = ("num_heads", "tune_epochs", "eval_split", "limit", "eval_file", "match", "heads_file", "method")
-"""Options step 1 does not read: cells differing only in these share one head ranking."""
+STEP2_ONLY = ("num_heads", "tune_epochs", "bias_init_std", "tune_scales", "eval_split", "limit", "eval_file", "match",
+              "heads_file", "method", "recipe")
+"""Options step 1 does not read: cells differing only in these share one head ranking (a recipe's
+values are in the options themselves)."""
+UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
+"""The sparsity strength each step-1 objective (``selection``) does not read."""
 
 
 def ranking_key(options: dict[str, Any]) -> str:
@@ -176,6 +286,7 @@ def ranking_key(options: dict[str, Any]) -> str:
     kept["task"] = options.get("heads_task") or options["task"]
     if kept.get("heads") != "bias-based":
         kept.pop("bias_lr", None)
+    kept.pop(UNUSED_BY_OBJECTIVE.get(kept.get("selection", "l1"), ""), None)
     return config_key("ranking", kept)
 
 
@@ -191,34 +302,120 @@ def cell_config(cell: Cell, total_heads: int | None = None) -> CellConfig:
     return CellConfig(built[0], built[1], built[2], built[3] if len(built) > 3 else None)
 
 
+def admissible(method: str, options: dict[str, Any]) -> bool:
+    """Whether the configs of ``method`` accept ``options`` (a cell's resolved options, one value changed)."""
+    try:
+        resolved = resolve(method, {k: v for k, v in options.items() if k != "method"})
+        cell_config(Cell("", "tune", "", "", 0, method, options=tuple(sorted(resolved.items()))), total_heads=1_000_000)
+    except ValueError:
+        return False
+    return True
+
+
 def make_cell(grid: Grid, phase: str, arm: Arm, task: str, seed: int, point: dict, trial: dict,
-              overrides: dict[str, Any]) -> Cell:
-    """The cell of ``arm`` on ``task`` with ``seed``: grid options < arm < sweep point < trial <
-    overrides; a grid option or override of another method's config is left out of this arm's cells."""
+              overrides: dict[str, Any], extends: str | None = None) -> Cell:
+    """The cell of ``arm`` on ``task`` with ``seed``: recipe < grid options < arm < sweep point <
+    trial < overrides; a grid option or override of another method's config is left out of this arm's cells."""
     shared = {k: v for k, v in (grid.options | overrides).items() if OWNERS.get(k, arm.method) == arm.method}
     options = shared | arm.options | point | trial | {"task": task, "seed": seed}
     options |= {k: v for k, v in overrides.items() if k in shared}
     if phase == "tune":
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
+    options = recipe_options(options.get("recipe"), task) | options  # a recipe's values lie below every given option
     options["method"] = arm.method
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
     cell = Cell(grid.name, "ranking" if resolved["select_only"] else phase, arm.label, task, seed, arm.method,
-                tuple(point.items()), tuple(trial.items()), tuple(sorted(resolved.items())))
+                tuple(point.items()), tuple(trial.items()), tuple(sorted(resolved.items())), extends)
     cell_config(cell, total_heads=1_000_000)  # every value checked now, before anything runs
     return cell
 
 
 def check_tuning(grid: Grid) -> None:
-    """Every arm that has options to tune has a tune grid with the same number of trials."""
+    """Every arm that has options to tune has a tune grid searching at least two options, and
+    every tune grid has the same number of base trials (extension trials come on top)."""
     sizes = {arm.label: len(arm.trials()) for arm in grid.arms if arm.tune}
     untuned = [arm.label for arm in grid.arms if not arm.tune and (arm.method == "lofit" or METHODS[arm.method].config_class)]
     if untuned or len(set(sizes.values())) > 1:
         raise ValueError(f"grid {grid.name}: with --tune every tunable arm needs a tune grid of the same size "
                          f"(trials per arm: {sizes or 'none'}; without a grid: {', '.join(untuned) or 'none'})")
+    narrow = {arm.label: arm.searched() for arm in grid.arms if arm.tune and len(arm.searched()) < 2}
+    if narrow:
+        raise ValueError(f"grid {grid.name}: with --tune every tunable arm must tune at least two hyper-parameters "
+                         "(options with two or more values); " + "; ".join(
+                             f"{label} tunes {', '.join(options) or 'none'}" for label, options in narrow.items()))
+
+
+INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND = (
+    "inside", "inside after extension", "edge (pending)", "edge (cap)", "edge (bound)")
+"""Where a chosen value sits in the range explored (:func:`edge_step`)."""
+
+
+def edge_step(option: str, base: list, explored: list, value: Any, cap: int,
+              accepts: Callable[[Any], bool]) -> tuple[str | None, Any]:
+    """Where ``value``, the best trial's, sits among the ``explored`` values of a tuned option whose
+    base grid is ``base``, and the value one log step beyond it when an extension trial is due:
+    (None, None) for an option not searched on a log grid (categorical, or one value);
+    (:data:`INSIDE`, None) strictly inside the base grid's range; (:data:`EXTENDED_INSIDE`, None)
+    inside the explored range only; at an explored edge, (:data:`EDGE_CAP`, None) when ``cap``
+    extension trials beyond the base grid on that side were made, (:data:`EDGE_BOUND`, None)
+    when the option takes no value one step further (``accepts`` says which it takes), else
+    (:data:`EDGE_PENDING`, the next value)."""
+    if len(base) < 2 or not is_numeric(base):
+        return None, None
+    if min(explored) < value < max(explored):
+        return (INSIDE if min(base) < value < max(base) else EXTENDED_INSIDE), None
+    up = value == max(explored)
+    steps = sum(v > max(base) for v in explored) if up else sum(v < min(base) for v in explored)
+    if steps >= cap:
+        return EDGE_CAP, None
+    new = step_beyond(option, value, log_ratio(base), up)
+    if new is None or not accepts(new):
+        return EDGE_BOUND, None
+    return EDGE_PENDING, new
+
+
+@dataclass
+class Search:
+    """The tuning of one (task, arm, sweep point): its trials so far (the base grid, then the
+    extension trials in the order they were added), whether it has settled (every trial
+    finished and no extension due), and its best finished trial once settled."""
+
+    cells: list[Cell]
+    settled: bool
+    best: Cell | None = None
+
+
+def search(grid: Grid, arm: Arm, task: str, point: dict, overrides: dict[str, Any],
+           score: Callable[[Cell], float | None]) -> Search:
+    """Replay the tuning of ``arm`` on ``task`` at ``point`` from the ``score`` of each finished trial
+    (None: not finished). Once every trial so far has a score, the best (highest score, the earlier
+    trial on a tie) is looked at: for each numeric tuned option at an edge of its explored values
+    with an extension due (:func:`edge_step`), one trial with that option one log step beyond and
+    the other options at the best trial's values is added; this repeats until none is due."""
+    seed = grid.seeds[0]
+    cells = [make_cell(grid, "tune", arm, task, seed, point, trial, overrides) for trial in arm.trials()]
+    while True:
+        scores = [score(cell) for cell in cells]
+        if any(s is None for s in scores):
+            return Search(cells, False)
+        if not cells:
+            return Search(cells, True)
+        best = cells[scores.index(max(scores))]
+        added = []
+        for option in arm.searched():
+            chosen = dict(best.trial)
+            explored = [dict(cell.trial)[option] for cell in cells]
+            _, new = edge_step(option, arm.tune[option], explored, chosen[option], grid.tune_extend,
+                               lambda value: admissible(arm.method, best.config | {option: value}))
+            if new is not None:
+                added.append(make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option))
+        if not added:
+            return Search(cells, True, best)
+        cells += added
 
 
 def expand(grid: Grid, phase: str, overrides: dict[str, Any], chosen: dict[tuple, dict] | None = None) -> list[Cell]:
-    """The grid's cells of ``phase``: for ``tune``, every trial of every arm with the first
+    """The grid's cells of ``phase``: for ``tune``, every base trial of every arm with the first
     seed; for ``test``, every seed (with the trial ``chosen`` per (task, label, point), if any).
     Ordered seed first, so that a stopped experiment has whole seeds."""
     cells = []

@@ -2,8 +2,11 @@
 
 ``report.md`` has one row per (task, arm, sweep point): the mean and the standard
 deviation (sample, n - 1; 0 for one seed) over seeds of every metric, in %, the best mean
-of each task in bold, the trained parameters and the mean wall time; then the tuning
-trials, and the experiment's own section (cross-task matrix, layer histograms, curves).
+of each task in bold, the trained parameters and the mean wall time, under a header that
+states each arm's training budget; then the experiment's own section (cross-task matrix,
+layer histograms, curves), and the tuning: per (task, arm, sweep point) the chosen values,
+where each sits in the range explored (an unexplored edge marked), the trials used (base +
+extension) and the validation examples per trial, then every trial.
 ``report.csv`` holds the same rows; each figure is one PNG.
 """
 
@@ -21,8 +24,10 @@ import torch
 
 from ..atomic import write_text
 from ..plots import curves, layer_histograms, matrix_plot
+from ..localization import NEAR_ZERO, Localization
 from ..steps import HeadRanking
 from .bootstrap import paired_bootstrap
+from .grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step
 from .results import read_results
 
 
@@ -121,16 +126,110 @@ def _table(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
+def _group_key(record: dict) -> tuple:
+    return record["task"], record["label"], json.dumps(record.get("point", {}), sort_keys=True)
+
+
+def _best(trials: list[dict]) -> dict:
+    """The chosen trial of one group: the highest score, the earlier trial on a tie (base trials
+    in the order they ran, then extension trials in the order they were added)."""
+    ordered = sorted(trials, key=lambda r: r.get("extends") is not None)
+    scores = [float("-inf") if r.get("score") is None else r["score"] for r in ordered]
+    return ordered[scores.index(max(scores))]
+
+
+UNEXPLORED = (EDGE_CAP, EDGE_PENDING)
+"""Positions at an edge beyond which a value could have been tried but was not: marked in bold."""
+
+
+def _positions(trials: list[dict], best: dict) -> list[str]:
+    """Each tuned value of ``best`` with where it sits in its group's explored range
+    (:func:`~lofit.experiments.grid.edge_step`); trials recorded before edge extension (no
+    ``tune_grid``) count their explored values as the base grid and a cap of 0."""
+    texts = []
+    for option, value in best.get("trial", {}).items():
+        explored = [r["trial"][option] for r in trials if option in r.get("trial", {})]
+        base = best.get("tune_grid", {}).get(option, sorted(set(explored), key=explored.index))
+        position, _ = edge_step(option, base, explored, value, best.get("tune_extend", 0),
+                                lambda new: admissible(best["method"], best.get("options", {}) | {option: new}))
+        mark = f" (**{position}**)" if position in UNEXPLORED else f" ({position})" if position else ""
+        texts.append(f"{option}={value}{mark}")
+    return texts
+
+
+def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
+    """One row per (task, arm, point): the chosen values and their positions, the trials used, the examples."""
+    lines = ["## Tuning (validation split)", "",
+             "Per (task, arm, setting): the chosen trial (the highest validation score, the earlier trial on a tie) "
+             "and where each tuned value sits in the range explored: *inside* the base grid; *inside after extension* "
+             "(it sat at an edge, trials one log step beyond were added, and it ended up inside); "
+             f"**{EDGE_CAP}**: at an edge left unexplored because the extension cap (`tune_extend`) was reached; "
+             f"*{EDGE_BOUND}*: at an edge beyond which the option takes no value (an integer below 1, a fraction of "
+             f"heads of 1 or more); **{EDGE_PENDING}**: an extension trial is due but has not run."
+             + (" Trials recorded before edge extension existed (no tune grid in their records) were never extended: "
+                f"their edges count as {EDGE_CAP}." if any("tune_grid" not in t[0] for t in groups.values()) else ""),
+             "",
+             "| task | arm | setting | chosen (position in the explored range) | score (%) | trials (base + extension) "
+             "| validation examples |", "|---|---|---|---|---|---|---|"]
+    per_arm: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for trials in groups.values():
+        best, extensions = _best(trials), sum(r.get("extends") is not None for r in trials)
+        per_arm[best["label"]][0] += len(trials) - extensions
+        per_arm[best["label"]][1] += extensions
+        score = "" if best.get("score") is None else f"{100 * best['score']:.1f}"
+        lines.append(f"| {best['task']} | {best['label']} | {_point(best)} | {', '.join(_positions(trials, best))} | "
+                     f"{score} | {len(trials) - extensions} + {extensions} | {best['metrics'].get('num_examples')} |")
+    lines += ["", "Trials per arm (base + extension, over every task and setting): "
+              + "; ".join(f"{label} {base} + {extra}" for label, (base, extra) in per_arm.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def _tuning(records: list[dict]) -> str:
+    """The tuning summary, then every trial (extension trials name the option they extend)."""
     trials = [r for r in records if r.get("phase") == "tune"]
     if not trials:
         return ""
     trials.sort(key=_grid_order(trials, "point"))
-    lines = ["## Tuning trials (validation split)", "", "| task | arm | setting | trial | score (%) | examples |", "|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in trials:
+        groups[_group_key(r)].append(r)
+    lines = ["## Tuning trials (validation split)", "",
+             "| task | arm | setting | trial | score (%) | examples | extends |", "|---|---|---|---|---|---|---|"]
     for r in trials:
         trial = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
-        lines.append(f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {100 * r['score']:.1f} | {r['metrics'].get('num_examples')} |")
-    return "\n".join(lines) + "\n"
+        score = "" if r.get("score") is None else f"{100 * r['score']:.1f}"
+        lines.append(f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {score} | "
+                     f"{r['metrics'].get('num_examples')} | {r.get('extends') or ''} |")
+    return _tuning_summary(groups) + "\n" + "\n".join(lines) + "\n"
+
+
+def _epochs(record: dict) -> str:
+    """The training epochs of one run, in words."""
+    options, method = record.get("options", {}), record["method"]
+    if record.get("phase") == "ranking":
+        return f"{options.get('select_epochs')} (step 1 alone)"
+    if method == "lofit":
+        return (f"{options['tune_epochs']} (step 2, the biases) + {options['select_epochs']} of step 1 "
+                "spent choosing the heads")
+    if f"{method}_epochs" in options:
+        return str(options[f"{method}_epochs"] or options["select_epochs"] + options["tune_epochs"])
+    return "none (fitted to the training data)" if method in ("iti", "repe") else "none"
+
+
+def _budgets(records: list[dict]) -> str:
+    """Each arm's training epochs as run (its test runs, else its trials, else its step-1 rankings),
+    "(tuned)" where the epochs were a tuned option."""
+    phases = ("test", "tune", "ranking")
+    by_label: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(records, key=lambda r: phases.index(r["phase"]) if r.get("phase") in phases else len(phases)):
+        if r.get("phase") in phases and "options" in r and "label" in r:
+            by_label[r["label"]][r["phase"]].append(r)
+    texts = []
+    for label, runs_of in by_label.items():
+        runs = next(runs_of[phase] for phase in phases if runs_of[phase])
+        tuned = any(k.endswith("_epochs") for r in runs for k in r.get("trial", {}))
+        texts.append(f"{label}: {' or '.join(dict.fromkeys(map(_epochs, runs)))}{' (tuned)' if tuned else ''}")
+    return "Training budgets (epochs over the training set): " + "; ".join(texts) + "." if texts else ""
 
 
 def cross_task(records: list[dict], folder: Path) -> str:
@@ -226,6 +325,49 @@ def layers(records: list[dict], folder: Path) -> str:
     return "\n".join(lines) + "\n\nFigure: `layers.png`.\n"
 
 
+def _objective(options: dict) -> str:
+    """The step-1 objective of a ranking's options, with its strength, learning rate and epochs."""
+    if options.get("heads") == "bias-based":
+        return f"bias-based, bias lr {options.get('bias_lr')}, {options.get('select_epochs')} epochs"
+    if options.get("heads", "lofit") != "lofit":
+        return options.get("heads", "?")
+    strength = (f"group {options.get('group_lambda')}" if options.get("selection") == "group"
+                else f"L1 {options.get('l1_lambda')}")
+    return f"{strength}, scale lr {options.get('scale_lr')}, {options.get('select_epochs')} epochs"
+
+
+def localization(records: list[dict]) -> str:
+    """Every step-1 ranking's localization figures (:class:`~lofit.localization.Localization`) for
+    its K, with the mean score of the tuning trials and of the test runs that tuned the heads it chose."""
+    rankings = [r for r in records if r.get("phase") == "ranking"]
+    if not rankings:
+        return ""
+    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("ranking_key") and r.get("score") is not None:
+            scores[(r["ranking_key"], r["phase"])].append(r["score"])
+
+    def mean(key: str, phase: str) -> str:
+        found = scores.get((key, phase), [])
+        return f"{100 * statistics.fmean(found):.1f}% ({len(found)})" if found else ""
+
+    lines = ["## Step-1 localization", "",
+             "For each ranking and its K: the top K heads' share of the total score (and K / N, the share if every "
+             "head scored the same), the effective number of heads (sum s)^2 / sum s^2, the heads below "
+             f"{NEAR_ZERO:.0%} of the largest score (exactly 0), and whether the selection counts as localized "
+             "(top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2)); then the mean score (and count) of the tuning "
+             "trials and of the test runs that tuned the heads it chose.", "",
+             "| task | seed | step 1 | K | top-K share (uniform) | effective heads | near 0 (exactly 0) | localized "
+             "| trials | test runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rankings, key=lambda r: (r["task"], r["seed"], _objective(r.get("options", {})))):
+        figures = Localization.of(torch.tensor(r["scores"]), r["top_k"])
+        lines.append(f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {figures.k} of {figures.total} "
+                     f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
+                     f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
+                     f"| {'yes' if figures.localized else '**no**'} | {mean(r['key'], 'tune')} | {mean(r['key'], 'test')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _x_value(value: object, name: str) -> float:
     """A sweep value as a number on the curve's x axis (``num_heads``: % of the heads)."""
     if name == "num_heads":
@@ -265,7 +407,7 @@ def write_report(folder: Path) -> Path:
     parts = [f"# {name}", "", records[-1].get("description", ""), "",
              f"{sum(r.get('phase') == 'test' for r in records)} test runs, {sum(r.get('phase') == 'tune' for r in records)} "
              f"tuning trials, {sum(r.get('phase') == 'ranking' for r in records)} step-1 rankings. Mean ± standard deviation "
-             "over seeds (a single seed has none); best mean per task in bold.", "", table]
+             "over seeds (a single seed has none); best mean per task in bold.", "", _budgets(records), "", table]
     kind = spec.get("kind")
     if kind == "cross-task":
         parts.append(cross_task(records, folder))
@@ -273,6 +415,7 @@ def write_report(folder: Path) -> Path:
         parts.append(layers(records, folder))
     elif kind == "curve":
         parts.append(curve(rows, folder, spec["x"]))
+    parts.append(localization(records))
     parts.append(_tuning(records))
     parts.append(_hardware(records))
     write_text(folder / "report.csv", table_csv)

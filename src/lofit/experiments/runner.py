@@ -11,7 +11,10 @@
 - The model is loaded once per process (:class:`ModelPool`) and lent to each cell; each
   cell takes its adapter off again, which the pool checks before lending it out.
 - With ``tune``, every arm's trials run first on the validation split with the first
-  seed; the best trial of each (task, arm, sweep point) is then run on test with every seed.
+  seed; where the best trial of a (task, arm, sweep point) sits at an edge of a numeric
+  option's explored range, trials one log step beyond are added (:func:`~.grid.search`,
+  recomputed from the recorded scores on a rerun). Once every group has settled, each
+  group's best trial runs on test with every seed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ..distributed import is_main_process
 from ..pipeline import load_fresh, run_cell, run_select
 from ..steps import HeadRanking
 from ..tasks import get_task
-from .grid import Cell, Grid, cell_config, check_tuning, expand, ranking_key
+from .grid import Cell, Grid, Search, cell_config, check_tuning, expand, ranking_key, search
 from .results import RESULTS, append_result, read_results
 
 TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
@@ -106,25 +109,38 @@ class Runner:
         self.done = {record["key"]: record for record in read_results(self.folder)}
         if tune:
             check_tuning(grid)
-        self.trials = expand(grid, "tune", self.overrides) if tune else []
-        for cell in self.trials + self.test_cells():
+        for cell in self.trials() + self.test_cells():
             self._check_data(cell)
+
+    def searches(self) -> dict[tuple, Search]:
+        """The tuning of every (task, label, point) so far, replayed from the recorded trials (none without tune)."""
+        if not self.tune:
+            return {}
+        return {(task, arm.label, tuple(point.items())):
+                search(self.grid, arm, task, point, self.overrides, self._score)
+                for task in self.grid.tasks for arm in self.grid.arms for point in self.grid.points()}
+
+    def _score(self, cell: Cell) -> float | None:
+        """A recorded trial's score (-inf when it has no main metric), None when it has not run."""
+        record = self.done.get(cell.key)
+        if record is None:
+            return None
+        return float("-inf") if record["score"] is None else record["score"]
+
+    def trials(self) -> list[Cell]:
+        """Every tuning trial known so far: each group's base grid and the extension trials due."""
+        return [cell for group in self.searches().values() for cell in group.cells]
 
     def test_cells(self) -> list[Cell]:
         return expand(self.grid, "test", self.overrides, self.chosen())
 
     def chosen(self) -> dict[tuple, dict]:
-        """The best finished trial per (task, label, point): highest score, the earlier trial on a tie."""
-        best: dict[tuple, tuple[float, dict]] = {}
-        for cell in self.trials:
-            record = self.done.get(cell.key)
-            group = (cell.task, cell.label, cell.point)
-            if record is not None and (group not in best or record["score"] > best[group][0]):
-                best[group] = (record["score"], dict(cell.trial))
-        return {group: trial for group, (_, trial) in best.items()}
+        """The best trial per (task, label, point) whose tuning has settled."""
+        return {group: dict(s.best.trial) for group, s in self.searches().items() if s.settled and s.best is not None}
 
-    def pending_tuning(self) -> bool:
-        return any(cell.key not in self.done for cell in self.trials)
+    def pending_tuning(self) -> int:
+        """How many (task, label, point) groups have not settled their tuning."""
+        return sum(not s.settled for s in self.searches().values())
 
     def _check_data(self, cell: Cell) -> None:
         """The cell's training and evaluation rows, read and validated before any model loads."""
@@ -166,7 +182,7 @@ class Runner:
     def listing(self) -> str:
         """Every cell with its key, state and estimated time, and the total still to run."""
         lines, remaining, timed, pending = [], 0.0, 0, 0
-        cells = self.trials + self.test_cells()
+        cells = self.trials() + self.test_cells()
         for cell in cells:
             finished = cell.key in self.done
             seconds, measured = (0.0, False) if finished else self.estimate(cell)
@@ -175,8 +191,11 @@ class Runner:
             timed += measured
             state = "done" if finished else f"~{seconds / 60:.0f} min"
             lines.append(f"{cell.key}  {state:>9}  {cell.describe()}")
-        if self.tune and self.pending_tuning():
-            lines.append("(test cells use the best trial once tuning has finished; until then, the untuned setting is listed)")
+        unsettled = self.pending_tuning()
+        if unsettled:
+            lines.append(f"(tuning of {unsettled} (task, arm, setting) groups has not settled: extension trials may be "
+                         "added beyond those listed once their trials have run; test cells use the best trial once "
+                         "tuning has settled, until then the untuned setting is listed)")
         rankings = sum(r.get("phase") == "ranking" for r in self.done.values())
         summary = f"{len(cells)} cells, {len(cells) - pending} done, {rankings} step-1 rankings recorded; "
         if pending:
@@ -190,13 +209,15 @@ class Runner:
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> list[dict]:
-        """Run every cell not yet in results.jsonl; return all of this grid's records."""
-        for cell in self.trials:
+        """Run every cell not yet in results.jsonl: the tuning trials, extension trials included,
+        until every group has settled, then the test cells; return all of this grid's records."""
+        while todo := [cell for cell in self.trials() if cell.key not in self.done]:
+            for cell in todo:
+                self._run(cell)
+        tests = self.test_cells()
+        for cell in tests:
             self._run(cell)
-        for cell in self.test_cells():
-            self._run(cell)
-        keys = [c.key for c in self.trials + self.test_cells()]
-        return [self.done[k] for k in keys if k in self.done]
+        return [self.done[c.key] for c in self.trials() + tests if c.key in self.done]
 
     def _run(self, cell: Cell) -> None:
         if cell.key in self.done:
@@ -272,6 +293,14 @@ class Runner:
             HeadRanking.from_scores(torch.tensor(record["scores"])).save(path)
         return path, record
 
+    def _tuning_fields(self, cell: Cell) -> dict:
+        """What the report needs of a tuning trial: the option it extends (None for a base
+        trial), its arm's base tune grid and the grid's extension cap."""
+        if cell.phase != "tune":
+            return {}
+        arm = next(arm for arm in self.grid.arms if arm.label == cell.label)
+        return {"extends": cell.extends, "tune_grid": arm.tune, "tune_extend": self.grid.tune_extend}
+
     def _fit(self, cell: Cell) -> dict:
         options, key = cell.config, cell.key
         ranking: dict = {}
@@ -286,7 +315,7 @@ class Runner:
         split = options["eval_split"]
         metric = primary_metric(summary, split)
         metrics = {k.removeprefix(f"{split}_"): v for k, v in summary.items() if k.startswith(f"{split}_")}
-        return {"key": key, "phase": cell.phase,
+        return {"key": key, "phase": cell.phase, **self._tuning_fields(cell),
                 "label": cell.label, "task": cell.task, "seed": cell.seed, "method": cell.method,
                 "point": dict(cell.point), "trial": dict(cell.trial), "options": options,
                 "metric": metric.removeprefix(f"{split}_") if metric else None, "score": summary.get(metric),
