@@ -54,9 +54,9 @@ class LofitConfig:
         default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)"}
     )
     group_lambda: float = field(
-        default=0.5,
-        metadata={"help": "strength of the head-level penalty of --selection group, in units of Adam's largest step: "
-                          "after each step every head's A shrinks by lr * group_lambda * sqrt(head_dim) in norm"},
+        default=0.1,
+        metadata={"help": "mu of the head-level penalty mu * sum_h ||A_h||_2 of --selection group: a head keeps a "
+                          "non-zero scale only while its averaged task gradient exceeds mu in norm"},
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
     bias_lr: float = field(default=5e-2, metadata={"help": "learning rate of the biases v (step 2)"})
