@@ -208,3 +208,21 @@ def test_a_run_reports_its_localization_everywhere(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert len(printed.splitlines()) == 1 + 3 + 2  # header, the run's K = 3 heads, the figures, the heatmap path
     assert "localized" in printed and "effective heads" in printed
+
+
+def test_grid_cells_take_a_recipe_below_their_own_options_and_share_rankings_where_step_1_is_the_same(tmp_path):
+    from lofit.experiments.grid import expand, load_grid, ranking_key
+
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(
+        "name: r\ntasks: [clutrr]\nseeds: [1]\noptions: {recipe: paper}\narms:\n"
+        "  - {label: paper, method: lofit}\n"
+        "  - {label: own lr, method: lofit, options: {bias_lr: 0.3}}\n"
+        "  - {label: with scales, method: lofit, options: {tune_scales: true, bias_init_std: 0.0}}\n"
+        "  - {label: group, method: lofit, options: {selection: group, l1_lambda: 0.5}}\n"
+        "  - {label: group too, method: lofit, options: {selection: group, l1_lambda: 0.7}}\n")
+    paper, own, scales, group, group_too = (cell.config for cell in expand(load_grid(str(grid_path)), "test", {}))
+    assert (paper["scale_lr"], paper["l1_lambda"], paper["bias_lr"], paper["select_epochs"]) == (5e-4, 5e-3, 1e-2, 5)
+    assert own["bias_lr"] == 0.3 and own["scale_lr"] == 5e-4
+    assert ranking_key(paper) == ranking_key(own) == ranking_key(scales)  # step 2's options do not change step 1
+    assert ranking_key(group) == ranking_key(group_too) != ranking_key(paper)  # the group objective ignores l1_lambda
