@@ -1,11 +1,12 @@
 # `make demo`: set up and run LoFiT on CLUTRR with the embedded SmolLM2-135M model.
 # `make test`: set up and run the test suite. `make bench`: the speed table.
+# `make gpu-check`: lofit on a real GPU where there is one (benchmarks/gpu_check.py); says so and stops where not.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export LOFIT_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 install: $(VENV)/.installed
 
@@ -31,5 +32,10 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/speed.py
 
+# `make gpu-check`: its own environment, .venv-gpu, with a CUDA build of torch beside the CPU pin of .venv;
+# then the tests marked cuda, CLUTRR runs on the GPU and a Llama-2-7B-shaped training benchmark (~8 min).
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-gpu runs

@@ -32,6 +32,16 @@ from lofit.methods import METHODS
 
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip the tests marked ``cuda`` where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def one_thread_for_tiny_models(request):
     """The models here are tiny: one thread per op is faster than handing each small matmul to

@@ -54,8 +54,9 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, kind):
     two = tmp_path / "two"
     env = os.environ | {"PYTHONPATH": str(tmp_path / "site"), "LOFIT_TEST_WATCH": str(two), "LOFIT_TEST_AUDIT": str(tmp_path / "audit"),
                         "OMP_NUM_THREADS": "1"}
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "lofit"), *options,
-               "--output-dir", str(two), "--gradient-accumulation-steps", "2"]
+    # torch.distributed.run is torchrun, also in a virtual environment that borrows the system's torch
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(BIN / "lofit"), *options, "--output-dir", str(two), "--gradient-accumulation-steps", "2"]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
 

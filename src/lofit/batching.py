@@ -28,10 +28,15 @@ class Batch:
     """Right-padded sequences and the positions whose next token is scored.
 
     Attributes:
-        input_ids, attention_mask: (B, T).
+        input_ids, attention_mask: (B, T), the model's inputs.
         score_mask: bool (B, T); True at t when token t + 1 is a completion token.
         targets: the completion tokens, in the row-major order of ``score_mask``'s Trues.
         rows: for each target, the index of its sequence in the batch.
+
+    :meth:`to` moves the model's inputs only; ``score_mask``, ``targets`` and ``rows`` stay on
+    the CPU. The model selects the scored positions of its final hidden states with
+    ``score_mask``, and those sit on the last device of a model spread over several: PyTorch
+    accepts a CPU index for a tensor on any device, but not one on another accelerator.
     """
 
     input_ids: torch.Tensor
@@ -46,7 +51,9 @@ class Batch:
         return int(self.targets.numel())
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.score_mask, self.targets, self.rows)))
+        """This batch with its model inputs on ``device`` (the index tensors stay where they are)."""
+        inputs = (self.input_ids.to(device), self.attention_mask.to(device))
+        return Batch(*inputs, self.score_mask, self.targets, self.rows)
 
 
 def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, add_eos: bool = True) -> TokenizedPair:

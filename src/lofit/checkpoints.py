@@ -6,11 +6,14 @@ what an exact resume needs:
 - ``tensors.safetensors``: the trained tensors (``param.<i>``), AdamW's moments and step
   counts (``optimizer.<i>.<name>``) and the RNG states (``rng.torch``, ``rng.cuda.<d>``);
 - ``state.json``: the step, every step's loss so far, a fingerprint of the setup (tensor
-  shapes, learning rate, epochs, batch size, seed, number of items), AdamW's
-  hyper-parameters, the learning-rate schedule's state and, for fp16, the loss scaler's.
+  shapes, learning rate, epochs, batch size, seed, number of items, the model's dtype and
+  the mixed precision), AdamW's hyper-parameters, the learning-rate schedule's state and,
+  for fp16, the loss scaler's.
 
 A checkpoint is written into ``step-<N>.tmp`` and renamed when complete, so a folder
-named ``step-<N>`` is always whole; the newest :data:`KEEP` are kept.
+named ``step-<N>`` is always whole; the newest :data:`KEEP` are kept. Only the main
+process writes them; on resume the main process picks the checkpoint and every process
+loads that one (:func:`latest_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .distributed import broadcast_from_main, process_index
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -50,8 +55,18 @@ def checkpoint_folders(stage_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a stage as the main process sees it, the same in every
+    process (each process must call this). A process that cannot see that folder (checkpoints
+    written to a disk the machines do not share) raises a :class:`CheckpointError`."""
     folders = checkpoint_folders(stage_dir)
-    return folders[-1] if folders else None
+    chosen = broadcast_from_main(folders[-1].name if folders else None)
+    if chosen is None:
+        return None
+    folder = stage_dir / chosen
+    if not folder.is_dir():
+        raise CheckpointError(f"the main process resumes from {folder}, which process {process_index()} cannot see: "
+                              "put --output-dir on a disk that every machine shares")
+    return folder
 
 
 def save_checkpoint(stage_dir: Path, state: TrainerState, fingerprint: dict, parameters: list[torch.nn.Parameter],
@@ -87,6 +102,12 @@ def save_checkpoint(stage_dir: Path, state: TrainerState, fingerprint: dict, par
     return final
 
 
+def cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The saved ``rng.cuda.<d>`` states in device order (numeric: device 10 after device 9)."""
+    keys = [key for key in tensors if key.startswith("rng.cuda.")]
+    return [tensors[key] for key in sorted(keys, key=lambda key: int(key.removeprefix("rng.cuda.")))]
+
+
 def load_checkpoint(folder: Path, fingerprint: dict, parameters: list[torch.nn.Parameter],
                     optimizer: torch.optim.Optimizer, schedule: Any, scaler: Any = None) -> TrainerState:
     """Restore a checkpoint into the trained tensors, the optimizer, the schedule, the scaler and the RNGs."""
@@ -113,7 +134,7 @@ def load_checkpoint(folder: Path, fingerprint: dict, parameters: list[torch.nn.P
     if scaler is not None and record.get("scaler"):
         scaler.load_state_dict(record["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    cuda_states = cuda_rng_states(tensors)
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return TrainerState(record["step"], list(record["step_losses"]))

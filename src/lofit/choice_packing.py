@@ -59,7 +59,7 @@ class PackedRow:
 
     Attributes:
         visible: bool (T, T); token t may attend to token s of the row (prefix keys come on top).
-        score_mask: bool (1, T); the positions whose logits are computed.
+        score_mask: bool (1, T), on the CPU; the positions whose logits are computed.
         logit_rows: for every choice token of the row, its row among the computed logits.
         targets: that token's id.
         paths: (pair, token) index pairs: the pair's choice contains the token (a token shared
@@ -147,19 +147,26 @@ def attention_mask(visible: torch.Tensor, past_length: int, model: nn.Module, de
 def score_packed(model: nn.Module, questions: Sequence[Question], past, past_length: int,
                  device: torch.device) -> list[list[float]]:
     """Summed log-probability of every choice of ``questions``, in one forward pass of one
-    packed row after the cached prefix ``past`` (which the pass extends: give a copy)."""
+    packed row after the cached prefix ``past`` (which the pass extends: give a copy).
+
+    The inputs go to ``device`` (the embedding's); the mask of scored positions stays on the
+    CPU, so that it indexes the final hidden states on whichever device they end (the last
+    GPU of a device map), and the scores are read on the logits' device.
+    """
     row = packed_row(questions, past_length)
     out = model(input_ids=row.input_ids.to(device), position_ids=row.positions.to(device),
                 attention_mask=attention_mask(row.visible, past_length, model, device), cache=past,
-                use_cache=past is not None, logits_to_keep=row.score_mask.to(device))
+                use_cache=past is not None, logits_to_keep=row.score_mask)
     scored = int(row.score_mask.sum())
     if out.logits.ndim != 2 or out.logits.shape[0] != scored:
         raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a boolean "
                          f"logits_to_keep mask of {scored} positions; expected ({scored}, vocabulary)")
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (scored positions, V)
-    token_logprobs = logprobs[row.logit_rows.to(device), row.targets.to(device)]
-    pair, token = row.paths.to(device).unbind(1)
-    totals = torch.zeros(len(row.pairs), dtype=token_logprobs.dtype, device=device).index_add(0, pair, token_logprobs[token])
+    at = logprobs.device
+    token_logprobs = logprobs[row.logit_rows.to(at), row.targets.to(at)]
+    pair, token = row.paths.to(at).unbind(1)
+    totals = torch.zeros(len(row.pairs), dtype=token_logprobs.dtype, device=at)
+    totals = totals.index_add(0, pair, token_logprobs[token])
     scores: list[list[float]] = [[] for _ in questions]
     for (g, _), total in zip(row.pairs, totals.tolist()):
         scores[g].append(total)

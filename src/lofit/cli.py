@@ -19,8 +19,9 @@ import transformers
 import yaml
 
 from .comparison import METRIC_SUFFIXES, comparison_table, run_compare
-from .compute import ComputeConfig
+from .compute import ComputeConfig, run_device
 from .config import LofitConfig
+from .distributed import is_main_process
 from .methods import METHOD_CONFIGS, METHODS, get_method
 from .experiments import shipped_grids
 from .experiments.command import run_experiment_command
@@ -31,7 +32,7 @@ from .plots import head_heatmap
 from .recipes import with_recipe
 from .steps import HeadRanking
 from .tasks import TASKS
-from .training import NonFiniteLossError
+from .training import NonFiniteLossError, resolve_mixed_precision
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -135,8 +136,17 @@ def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig, ComputeC
     return (*built, method_configs)
 
 
-def _print_summary(summary: dict) -> None:
-    """A few readable lines; everything is in the run folder's metrics.json."""
+def _precision_line(compute: ComputeConfig) -> str:
+    """The mixed precision the run computed under, and whether ``--mixed-precision auto`` chose it."""
+    chosen = resolve_mixed_precision(compute.mixed_precision, run_device(compute))
+    chooser = " (chosen by --mixed-precision auto)" if compute.mixed_precision == "auto" else ""
+    return f"mixed precision: {chosen}{chooser}"
+
+
+def _print_summary(summary: dict, compute: ComputeConfig) -> None:
+    """A few readable lines, from the main process only; everything is in the run folder's metrics.json."""
+    if not is_main_process():
+        return
     print(f"\ntask {summary['task']}, model {summary['model']}, method {summary['method']}")
     if "trained_parameters" in summary:
         print(f"trained parameters: {summary['trained_parameters']:,}")
@@ -154,6 +164,7 @@ def _print_summary(summary: dict) -> None:
     for key, value in summary.items():
         if key.endswith("num_examples"):
             print(f"evaluated on {value} examples")
+    print(_precision_line(compute))
     print(f"run folder: {summary['run_folder']}")
 
 
@@ -260,23 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             run, lofit, compute, method_configs = _configs(args)
             if args.command == "select":
                 ranking = run_select(run, lofit, compute)
-                _print_ranking(ranking, lofit.num_heads_to_tune(len(ranking.order)))
-                print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
+                if is_main_process():
+                    _print_ranking(ranking, lofit.num_heads_to_tune(len(ranking.order)))
+                    print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
             elif args.command == "tune":
-                _print_summary(run_tune(run, lofit, Path(args.ranking), compute))
+                _print_summary(run_tune(run, lofit, Path(args.ranking), compute), compute)
             elif args.command == "run":
-                _print_summary(run_all(run, lofit, method_configs[run.method], compute))
+                _print_summary(run_all(run, lofit, method_configs[run.method], compute), compute)
             elif args.command == "compare":
                 summaries, folder = run_compare(run, lofit, list(method_configs), method_configs, compute)
-                print(comparison_table(summaries))
-                print(f"comparison folder: {folder}")
+                if is_main_process():
+                    print(comparison_table(summaries))
+                    print(f"comparison folder: {folder}")
             elif args.command == "eval" and args.harness_tasks:
                 from .harness import harness_command  # lm-eval is optional: imported only when asked for
 
                 harness_command(args.harness_tasks, run.model, args.adapter, args.harness_include, compute,
                                 run.eval_batch_size, run.limit, run.chat_template, run.output_dir)
             elif args.command == "eval":
-                _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None, compute))
+                _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None, compute), compute)
     except (FileNotFoundError, ValueError) as error:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"lofit: error: {line}", file=sys.stderr)

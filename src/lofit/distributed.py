@@ -5,12 +5,14 @@ With N processes, process r takes the items ``r, r + N, r + 2N, ...`` of any lis
 :func:`gather_in_order` returns every process's results as one list in the original
 order, each item once. With one process both are the identity, so every caller has one
 code path. Topology comes from ``accelerate``'s ``PartialState``, which reads what
-torchrun or accelerate launch set and starts the process group (gloo on CPUs, NCCL on
-GPUs).
+torchrun or accelerate launch set and starts the process group. The group follows the
+device the run asks for (:func:`process_device`): gloo for CPU processes, also on a machine
+with GPUs, NCCL between GPUs, where process r of a machine uses ``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -23,12 +25,54 @@ T = TypeVar("T")
 def process_state():
     """accelerate's ``PartialState``: this process's rank, the number of processes, its device.
 
-    On a machine without CUDA the processes are CPU processes joined by gloo; accelerate
-    only starts that group when told that the CPU is the device.
+    The first call starts the process group: :func:`process_device` makes that call for the
+    device a run asks for; any other first call joins the processes for the best device
+    (GPUs where CUDA is available, else CPU processes joined by gloo, which accelerate only
+    starts when told that the CPU is the device).
     """
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def local_rank() -> int:
+    """This process's index among the processes of its machine (torchrun's LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(spec: str, rank: int) -> torch.device:
+    """The device of the process of local rank ``rank`` among several, for ``--device spec``:
+    the CPU for ``cpu`` (and ``auto`` without CUDA), else ``cuda:rank``; an explicit
+    ``cuda:N`` must name that GPU."""
+    if spec == "mps":
+        raise ValueError("several processes cannot share the one MPS device; run one process with --device mps")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} was asked for, but this torch has no CUDA device "
+                         f"(torch {torch.__version__})")
+    if spec.startswith("cuda:") and int(spec.removeprefix("cuda:")) != rank:
+        raise ValueError(f"--device {spec} contradicts this process's local rank {rank}: under torchrun or "
+                         "accelerate launch process r of a machine uses cuda:r (LOCAL_RANK). Give --device cuda or "
+                         "auto, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if rank >= torch.cuda.device_count():
+        raise ValueError(f"the process of local rank {rank} has no GPU of its own: {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible; start at most one process per GPU")
+    return torch.device("cuda", rank)
+
+
+def process_device(spec: str) -> torch.device:
+    """This process's device among several for ``--device spec`` (:func:`rank_device`), with
+    the process group started for it: gloo for CPU processes, NCCL between GPUs. A group
+    already started for the other kind of device is refused."""
+    from accelerate import PartialState
+
+    device = rank_device(spec, local_rank())
+    state = PartialState(cpu=device.type == "cpu")
+    if (state.device.type == "cpu") != (device.type == "cpu"):
+        raise ValueError(f"--device {spec}: these processes were already joined for {state.device.type} "
+                         f"({state.backend}); one run cannot mix CPU and GPU processes")
+    return device
 
 
 def num_processes() -> int:

