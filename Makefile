@@ -1,5 +1,5 @@
 # `make demo`: set up and run LoFiT on CLUTRR with the embedded SmolLM2-135M model.
-# `make test`: set up and run the test suite. `make bench`: the speed table.
+# `make test`: set up, check the import layers and run the test suite. `make bench`: the speed table.
 # `make gpu-check`: lofit on a real GPU where there is one (benchmarks/gpu_check.py); says so and stops where not.
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/lofit run --task clutrr --model default
 
+# The import-layers contract (pyproject.toml [tool.importlinter]) first, then the tests.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # `make bench`: the speed table (ratios measured in one run, on the default model; ~10 min).

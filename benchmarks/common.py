@@ -14,8 +14,8 @@ from collections.abc import Callable
 from transformers import PreTrainedTokenizerBase
 
 import lofit
-from lofit.batching import Batch, collate, tokenize_pair
-from lofit.datafiles import resolve_data_dir
+from lofit.data.batching import Batch, collate, tokenize_pair
+from lofit.data.files import resolve_data_dir
 from lofit.tasks import get_task
 
 

@@ -38,11 +38,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.batching import TokenizedPair
-from lofit.compute import ComputeConfig
-from lofit.objectives import DPO
-from lofit.steps import select_heads, tune_biases
-from lofit.training import TrainingRun, TrainingSetup, train
+from lofit.data.batching import TokenizedPair
+from lofit.utils.compute import ComputeConfig
+from lofit.training.objectives import DPO
+from lofit.methods.lofit.steps import select_heads, tune_biases
+from lofit.training.loop import TrainingRun, TrainingSetup, train
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "GH200": 989, "A100": 312,
                     "L40S": 362, "L4": 121, "A10": 125, "RTX 4090": 165}

@@ -16,8 +16,8 @@ import torch
 from common import per_step_arguments, step2_workload, timed
 from torch import nn
 
-from lofit.batching import Batch
-from lofit.scoring import sft_loss
+from lofit.data.batching import Batch
+from lofit.evaluation.scoring import sft_loss
 
 
 def full_logits_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -17,10 +17,10 @@ import time
 import torch
 
 import lofit
-from lofit.batching import collate, tokenize_pair
-from lofit.datafiles import resolve_data_dir
-from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs
-from lofit.scoring import sequence_logprobs
+from lofit.data.batching import collate, tokenize_pair
+from lofit.data.files import resolve_data_dir
+from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs
+from lofit.evaluation.scoring import sequence_logprobs
 from lofit.tasks.truthfulqa import QA_PRIMER, TruthfulQA
 
 

@@ -17,8 +17,8 @@ from contextlib import AbstractContextManager
 import torch
 from common import per_step_arguments, step2_workload, timed
 
-from lofit.batching import Batch
-from lofit.scoring import sft_loss
+from lofit.data.batching import Batch
+from lofit.evaluation.scoring import sft_loss
 
 
 def main() -> None:

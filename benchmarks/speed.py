@@ -24,16 +24,16 @@ from common import timed
 from torch import nn
 
 import lofit
-from lofit.batching import Batch, collate, tokenize_pair
-from lofit.compute import ComputeConfig
-from lofit.datafiles import resolve_data_dir
+from lofit.data.batching import Batch, collate, tokenize_pair
+from lofit.utils.compute import ComputeConfig
+from lofit.data.files import resolve_data_dir
 from lofit.methods import FitContext, get_method
-from lofit.multiple_choice import choice_logprobs
-from lofit.prefix_cache import PrefixCache
-from lofit.scoring import completion_token_logprobs
+from lofit.evaluation.multiple_choice import choice_logprobs
+from lofit.training.prefix_cache import PrefixCache
+from lofit.evaluation.scoring import completion_token_logprobs
 from lofit.tasks import get_task
 from lofit.tasks.truthfulqa import QA_PRIMER, TruthfulQA
-from lofit.training import epoch_batches, make_accelerator
+from lofit.training.loop import epoch_batches, make_accelerator
 
 TRUTHFULQA_SECONDS_BEFORE = 169.0
 """TruthfulQA fold 0 scoring before this work (issue 9's measurement on this machine kind)."""

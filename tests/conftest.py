@@ -27,7 +27,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from lofit.batching import TokenizedPair
+from lofit.data.batching import TokenizedPair
 from lofit.methods import METHODS
 
 
@@ -87,7 +87,7 @@ TINY_CONFIGS = {
     "olmo2": lambda: Olmo2Config(**COMMON),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=EOS, bos_token_id=2),
     "gpt_neox": lambda: GPTNeoXConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}),
-    # Located automatically (no row in lofit.architectures.ARCHITECTURES) unless noted.
+    # Located automatically (no row in lofit.models.architectures.ARCHITECTURES) unless noted.
     "mixtral": tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": tiny_config("qwen3_moe", num_experts=4, **MOE),
     "qwen2_moe": tiny_config("qwen2_moe", num_experts=4, shared_expert_intermediate_size=16, **MOE),

@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lofit import LofitConfig, LofitModel, get_lofit_model
-from lofit.adapter_io import AdapterMismatchError
-from lofit.architectures import ARCHITECTURES, architecture_row, head_layout, projection_weight
-from lofit.batching import collate
-from lofit.merge import NotExportableError, save_merged
-from lofit.scoring import sft_loss
-from lofit.objectives import SFT
-from lofit.steps import select_heads, tune_biases
+from lofit.methods.lofit.adapter_io import AdapterMismatchError
+from lofit.models.architectures import ARCHITECTURES, architecture_row, head_layout, projection_weight
+from lofit.data.batching import collate
+from lofit.methods.lofit.merge import NotExportableError, save_merged
+from lofit.evaluation.scoring import sft_loss
+from lofit.training.objectives import SFT
+from lofit.methods.lofit.steps import select_heads, tune_biases
 
 from .conftest import ARCHITECTURE_NAMES, PAD, input_batch, randomize_adapter, synthetic_pairs, tiny_model
 

@@ -9,8 +9,8 @@ import transformers
 import yaml
 
 from lofit.cli import OptionsError, _configs, build_parser, main
-from lofit.pipeline import RunConfig
-from lofit.steps import HeadRanking
+from lofit.runs.pipeline import RunConfig
+from lofit.methods.lofit.ranking import HeadRanking
 
 
 def parse(argv):
@@ -116,12 +116,12 @@ def test_options_of_another_method_are_refused_before_anything_loads(tmp_path, c
 
 
 def test_bad_data_and_paths_are_refused_before_the_model_loads_and_nothing_is_written(tmp_path, monkeypatch, capsys):
-    import lofit.pipeline
+    import lofit.runs.pipeline
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(lofit.pipeline, "load_model", no_model)
+    monkeypatch.setattr(lofit.runs.pipeline, "load_model", no_model)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
     good = tmp_path / "good.jsonl"

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from lofit.cli import main
-from lofit.datafiles import DataError, resolve_data_dir
-from lofit.multiple_choice import MultipleChoiceExample
+from lofit.data.files import DataError, resolve_data_dir
+from lofit.evaluation.multiple_choice import MultipleChoiceExample
 from lofit.tasks import GenerationExample, PromptCompletion, UserFileTask, get_task
 
 from .tiny_run import tiny_model_folder

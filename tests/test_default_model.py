@@ -13,11 +13,11 @@ import torch
 
 import lofit
 from lofit import LofitConfig, LofitModel, get_lofit_model, head_layout
-from lofit.batching import tokenize_pair
+from lofit.data.batching import tokenize_pair
 from lofit.cli import main
-from lofit.loading import load_model
-from lofit.objectives import SFT
-from lofit.steps import select_heads, tune_biases
+from lofit.models.loading import load_model
+from lofit.training.objectives import SFT
+from lofit.methods.lofit.steps import select_heads, tune_biases
 from lofit.tasks import get_task
 
 pytestmark = pytest.mark.integration

@@ -7,12 +7,12 @@ import math
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.batching import TokenizedPair
-from lofit.multiple_choice import MultipleChoiceExample, mc_scores
-from lofit.objectives import DPO, dpo_losses
-from lofit.scoring import sequence_logprobs
-from lofit.batching import collate
-from lofit.steps import select_heads, tune_biases
+from lofit.data.batching import TokenizedPair
+from lofit.evaluation.multiple_choice import MultipleChoiceExample, mc_scores
+from lofit.training.objectives import DPO, dpo_losses
+from lofit.evaluation.scoring import sequence_logprobs
+from lofit.data.batching import collate
+from lofit.methods.lofit.steps import select_heads, tune_biases
 
 from .conftest import EOS, PAD, randomize_adapter, tiny_model
 

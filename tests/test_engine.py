@@ -12,18 +12,19 @@ from torch import nn
 
 from safetensors.torch import load_file
 
-from lofit import LofitConfig, get_lofit_model, load_model, training
+from lofit import LofitConfig, get_lofit_model, load_model
+from lofit.training import loop as training
 from lofit.cli import main
-from lofit.architectures import decoder_layers
-from lofit.checkpoints import checkpoint_folders
-from lofit.compute import ComputeConfig, resolve_device
-from lofit.intervention import HeadIntervention
+from lofit.models.architectures import decoder_layers
+from lofit.training.checkpoints import checkpoint_folders
+from lofit.utils.compute import ComputeConfig, resolve_device
+from lofit.methods.lofit.intervention import HeadIntervention
 from lofit.methods import FitContext, get_method
-from lofit.objectives import SFT, Objective
-from lofit.steps import select_heads, tune_biases
+from lofit.training.objectives import SFT, Objective
+from lofit.methods.lofit.steps import select_heads, tune_biases
 from lofit.tasks import PromptCompletion, UserFileTask
-from lofit.prefix_cache import PrefixCache
-from lofit.training import (CheckpointPolicy, NonFiniteLossError, TrainingRun, TrainingSetup, epoch_batches, gradient_checkpointing,
+from lofit.training.prefix_cache import PrefixCache
+from lofit.training.loop import (CheckpointPolicy, NonFiniteLossError, TrainingRun, TrainingSetup, epoch_batches, gradient_checkpointing,
                             train)
 
 from .conftest import PAD, randomize_adapter, synthetic_pairs, tiny_model, word_tokenizer

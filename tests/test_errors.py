@@ -11,17 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lofit import LofitConfig, LofitModel, get_lofit_model
-from lofit.adapter_io import AdapterError, AdapterMismatchError
-from lofit.architectures import projection_weight
-from lofit.atomic import replacing, save_safetensors, staged_folder, write_bytes, write_json, write_text
-from lofit.datafiles import DataError, resolve_data_dir
-from lofit.loading import ModelNotFoundError, load_model
-from lofit.merge import MergeError
+from lofit.methods.lofit.adapter_io import AdapterError, AdapterMismatchError
+from lofit.models.architectures import projection_weight
+from lofit.utils.atomic import replacing, save_safetensors, staged_folder, write_bytes, write_json, write_text
+from lofit.data.files import DataError, resolve_data_dir
+from lofit.models.loading import ModelNotFoundError, load_model
+from lofit.methods.lofit.merge import MergeError
 from lofit.methods import FitResult, get_method, load_adapted
 from lofit.methods.reft import ReftConfig, ReftModel
-from lofit.steps import HeadRanking
+from lofit.methods.lofit.ranking import HeadRanking
 from lofit.tasks import get_task
-from lofit.wrapper import AdapterStateError
+from lofit.models.wrapper import AdapterStateError
 
 from .conftest import SAVED_METHODS, fitted, input_batch, randomize_adapter, tiny_model
 
@@ -196,7 +196,7 @@ def test_adapter_files_missing_their_fields(tmp_path):
 
 
 def test_examples_without_prompt_tokens_are_refused():
-    from lofit.batching import TokenizedPair, collate
+    from lofit.data.batching import TokenizedPair, collate
 
     with pytest.raises(ValueError, match="at least one prompt token"):
         collate([TokenizedPair([], [5, 1])], 0)

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from lofit import plots
+from lofit.runs import plots
 from lofit.cli import main
-from lofit.compute import hardware, resolve_device
-from lofit.config import LofitConfig
+from lofit.utils.compute import hardware, resolve_device
+from lofit.methods.lofit.config import LofitConfig
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
@@ -24,7 +24,7 @@ from lofit.experiments.grid import check_tuning, expand, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
-from lofit.pipeline import CellConfig, RunConfig, load_fresh, run_cell
+from lofit.runs.pipeline import CellConfig, RunConfig, load_fresh, run_cell
 
 from .tiny_run import tiny_model_folder, write_task
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lofit import get_lofit_model
-from lofit.loading import load_model
+from lofit.models.loading import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -22,16 +22,19 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 from transformers.modeling_utils import slice_logits_to_keep
 
-import lofit.distributed
-from lofit import LofitConfig, checkpoints, cli, get_lofit_model, load_model, loading, training
-from lofit.batching import collate
-from lofit.checkpoints import TrainerState
-from lofit.choice_packing import score_packed
-from lofit.compute import ComputeConfig, resolve_device
-from lofit.objectives import SFT
-from lofit.scoring import completion_token_logprobs, sequence_logprobs
-from lofit.steps import tune_biases
-from lofit.training import CheckpointPolicy, TrainingSetup
+import lofit.utils.distributed
+from lofit import LofitConfig, cli, get_lofit_model, load_model
+from lofit.training import checkpoints
+from lofit.models import loading
+from lofit.training import loop as training
+from lofit.data.batching import collate
+from lofit.training.checkpoints import TrainerState
+from lofit.data.choice_packing import score_packed
+from lofit.utils.compute import ComputeConfig, resolve_device
+from lofit.training.objectives import SFT
+from lofit.evaluation.scoring import completion_token_logprobs, sequence_logprobs
+from lofit.methods.lofit.steps import tune_biases
+from lofit.training.loop import CheckpointPolicy, TrainingSetup
 
 from .conftest import PAD, VOCAB, synthetic_pairs, tiny_model
 from .tiny_run import tiny_model_folder, write_task
@@ -184,7 +187,7 @@ def test_torchrun_gives_each_process_the_gpu_of_its_local_rank(rank_one_of_two):
 
 def test_torchrun_cpu_processes_on_a_gpu_machine_join_with_gloo(rank_one_of_two):
     assert resolve_device("cpu") == torch.device("cpu")
-    assert lofit.distributed.process_index() == 1
+    assert lofit.utils.distributed.process_index() == 1
     assert rank_one_of_two == [True]  # started as CPU processes: gloo, not NCCL
     assert accelerate.PartialState().backend == "gloo"
     with pytest.raises(ValueError, match="cannot mix CPU and GPU processes"):
@@ -242,7 +245,7 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_picks(tmp_pa
     for step in (4, 6):
         (tmp_path / f"step-{step}").mkdir()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(lofit.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2))
+    monkeypatch.setattr(lofit.utils.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2))
     main_sees = {"newest": "step-4"}
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda values: [main_sees["newest"]])
     assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "step-4"
@@ -286,7 +289,7 @@ def assemble(path):
 ASK_FOR_GEMMA = '''
 import sys, time
 from pathlib import Path
-from lofit.loading import gemma3_model_file
+from lofit.models.loading import gemma3_model_file
 cache, ready, go = sys.argv[1:]
 Path(ready).touch()
 while not Path(go).exists():
@@ -346,7 +349,7 @@ def summary_printed(monkeypatch, capsys, *options: str) -> str:
 def test_only_the_main_process_prints_the_run_summary(monkeypatch, capsys):
     assert "run folder: runs/x" in summary_printed(monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(lofit.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2))
+    monkeypatch.setattr(lofit.utils.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2))
     assert summary_printed(monkeypatch, capsys) == ""
 
 
@@ -436,8 +439,8 @@ def torchrun(tmp_path: Path, processes: int, code: str) -> subprocess.CompletedP
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_torchrun_puts_each_process_on_its_own_gpu(tmp_path):
-    finished = torchrun(tmp_path, 2, "from lofit.compute import resolve_device\n"
-                                     "from lofit.distributed import sum_across_processes\nimport os, torch\n"
+    finished = torchrun(tmp_path, 2, "from lofit.utils.compute import resolve_device\n"
+                                     "from lofit.utils.distributed import sum_across_processes\nimport os, torch\n"
                                      "device = resolve_device('cuda')\n"
                                      "total = sum_across_processes(torch.ones(1, device=device))\n"
                                      "print('rank', os.environ['LOCAL_RANK'], device, int(total))\n")
@@ -448,8 +451,8 @@ def test_cuda_torchrun_puts_each_process_on_its_own_gpu(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_torchrun_cpu_processes_on_a_gpu_machine_use_gloo(tmp_path):
-    finished = torchrun(tmp_path, 2, "from lofit.compute import resolve_device\n"
-                                     "from lofit.distributed import process_state, sum_across_processes\nimport torch\n"
+    finished = torchrun(tmp_path, 2, "from lofit.utils.compute import resolve_device\n"
+                                     "from lofit.utils.distributed import process_state, sum_across_processes\nimport torch\n"
                                      "device = resolve_device('cpu')\n"
                                      "total = int(sum_across_processes(torch.ones(1)))\n"
                                      "print('backend', process_state().backend, total)\n")

@@ -12,8 +12,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from lofit import UnsupportedModelError, get_lofit_model
-from lofit.architectures import ARCHITECTURES, architecture_row, bias_flag, decoder_layers, family_support, head_layout, locate_row
-from lofit.merge import exportable_types
+from lofit.models.architectures import ARCHITECTURES, architecture_row, bias_flag, decoder_layers, family_support, head_layout, locate_row
+from lofit.methods.lofit.merge import exportable_types
 from lofit.methods.lora import default_targets
 from lofit.methods.red import RedModel
 from lofit.methods.repe import ResidualShiftModel
@@ -119,7 +119,7 @@ class ToyModel(PreTrainedModel):
 ])
 def test_a_model_without_a_findable_projection_gets_a_clear_error(make, searched):
     with pytest.raises(UnsupportedModelError, match=rf"'lofit_toy' \(ToyModel\) is not supported.*Searched: {searched}.*"
-                                                    r"add one row to ARCHITECTURES in lofit/architectures\.py"):
+                                                    r"add one row to ARCHITECTURES in lofit/models/architectures\.py"):
         get_lofit_model(make())
 
 

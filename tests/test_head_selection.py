@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.config import SELECTORS
-from lofit.head_selection import rank_heads
-from lofit.objectives import build_objective
-from lofit.steps import HeadRanking
+from lofit.methods.lofit.config import SELECTORS
+from lofit.methods.lofit.selectors import rank_heads
+from lofit.training.objectives import build_objective
+from lofit.methods.lofit.ranking import HeadRanking
 
 from .conftest import tiny_model, word_tokenizer
 from .test_methods import sft_examples

@@ -15,14 +15,15 @@ from accelerate import Accelerator
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.cli import OptionsError, _configs, build_parser, main
-from lofit.localization import Localization
+from lofit.methods.lofit.localization import Localization
 from lofit.methods import get_method
 from lofit.methods.base import FitContext
 from lofit.methods.red import RedConfig
-from lofit.objectives import SFT
-from lofit.recipes import RECIPES
-from lofit.steps import HeadRanking, select_heads, shrink_heads, tune_biases
-from lofit.training import TrainingLog
+from lofit.training.objectives import SFT
+from lofit.runs.recipes import RECIPES
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.methods.lofit.steps import select_heads, shrink_heads, tune_biases
+from lofit.training.loop import TrainingLog
 
 from .conftest import PAD, synthetic_pairs, tiny_model, word_tokenizer
 from .tiny_run import tiny_model_folder, write_task

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.adapter_io import AdapterMismatchError
+from lofit.methods.lofit.adapter_io import AdapterMismatchError
 from lofit.methods import METHODS, FitContext, get_method, load_adapted, saved_method
 from lofit.methods.iti import ItiConfig
 from lofit.methods.lora import LoraBaselineConfig
@@ -220,7 +220,7 @@ def test_an_incomplete_saved_result_is_reported(tmp_path):
 def test_reft_scores_multiple_choice_on_whole_prompts():
     """With a shared few-shot prefix, LoReFT is not given a cached prefix: it edits the same
     positions as when each prompt carries the prefix itself."""
-    from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs
+    from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs
 
     model = ReftModel(tiny_model("llama"), ReftConfig(reft_positions="first+last"))
     with torch.no_grad():

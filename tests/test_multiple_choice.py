@@ -11,10 +11,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lofit import get_lofit_model, multiple_choice
-from lofit.architectures import text_config
-from lofit.choice_packing import pack_questions, question_length
-from lofit.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
+from lofit import get_lofit_model
+from lofit.evaluation import multiple_choice
+from lofit.models.architectures import text_config
+from lofit.data.choice_packing import pack_questions, question_length
+from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 
 from .conftest import COMMON, WORDS, randomize_adapter, tiny_model, word_tokenizer
 

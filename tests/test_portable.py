@@ -14,9 +14,10 @@ import torch
 
 import lofit
 from lofit import LofitModel, get_lofit_model
-from lofit.adapter_io import CONFIG_NAME, AdapterError, AdapterMismatchError
-from lofit.hub import adapter_folder, from_pretrained, push_to_hub
-from lofit.identity import base_model_name, fingerprint, portable_name
+from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError, AdapterMismatchError
+from lofit.methods.hub import from_pretrained, push_to_hub
+from lofit.models.hub import adapter_folder
+from lofit.models.identity import base_model_name, fingerprint, portable_name
 from lofit.methods import FitResult, get_method, load_adapted
 from lofit.methods.base import METHOD_FILE
 

@@ -21,12 +21,12 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lofit.adapter_io import AdapterError
-from lofit.datafiles import DataError
+from lofit.methods.lofit.adapter_io import AdapterError
+from lofit.data.files import DataError
 from lofit.methods import FitResult, get_method, load_adapted
 from lofit.methods.reft import ReftConfig
-from lofit.multiple_choice import MultipleChoiceExample
-from lofit.steps import HeadRanking
+from lofit.evaluation.multiple_choice import MultipleChoiceExample
+from lofit.methods.lofit.ranking import HeadRanking
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, get_task
 
 from .conftest import SAVED_METHODS, fitted, tiny_model

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from lofit import LofitConfig, LofitModel, get_lofit_model
-from lofit.batching import collate
+from lofit.data.batching import collate
 
 from .conftest import PAD, synthetic_pairs, tiny_model
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.objectives import SFT
-from lofit.steps import HeadRanking, select_heads, tune_biases
+from lofit.training.objectives import SFT
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.methods.lofit.steps import select_heads, tune_biases
 
 from .conftest import PAD, synthetic_pairs, tiny_model
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lofit.datafiles import DataError
-from lofit.multiple_choice import MultipleChoiceExample
+from lofit.data.files import DataError
+from lofit.evaluation.multiple_choice import MultipleChoiceExample
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, UserFileTask, get_task
 
 from .conftest import word_tokenizer

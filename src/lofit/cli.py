@@ -18,21 +18,21 @@ import huggingface_hub
 import transformers
 import yaml
 
-from .comparison import METRIC_SUFFIXES, comparison_table, run_compare
-from .compute import ComputeConfig, run_device
-from .config import LofitConfig
-from .distributed import is_main_process
-from .methods import METHOD_CONFIGS, METHODS, get_method
-from .experiments import shipped_grids
-from .experiments.command import run_experiment_command
-from .experiments.report import write_report
-from .options import build_config, field_type
-from .pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
-from .plots import head_heatmap
-from .recipes import with_recipe
-from .steps import HeadRanking
-from .tasks import TASKS
-from .training import NonFiniteLossError, resolve_mixed_precision
+from lofit.runs.comparison import METRIC_SUFFIXES, comparison_table, run_compare
+from lofit.utils.compute import ComputeConfig, run_device
+from lofit.methods.lofit.config import LofitConfig
+from lofit.utils.distributed import is_main_process
+from lofit.methods import METHOD_CONFIGS, METHODS, get_method
+from lofit.experiments import shipped_grids
+from lofit.experiments.command import run_experiment_command
+from lofit.experiments.report import write_report
+from lofit.utils.options import build_config, field_type
+from lofit.runs.pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
+from lofit.runs.plots import head_heatmap
+from lofit.runs.recipes import with_recipe
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.tasks import TASKS
+from lofit.training.loop import NonFiniteLossError, resolve_mixed_precision
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(comparison_table(summaries))
                     print(f"comparison folder: {folder}")
             elif args.command == "eval" and args.harness_tasks:
-                from .harness import harness_command  # lm-eval is optional: imported only when asked for
+                from lofit.harness import harness_command  # lm-eval is optional: imported only when asked for
 
                 harness_command(args.harness_tasks, run.model, args.adapter, args.harness_include, compute,
                                 run.eval_batch_size, run.limit, run.chat_template, run.output_dir)

@@ -37,11 +37,11 @@ try:
 except ImportError as error:  # the optional extra is not installed
     raise ImportError("lofit.harness needs lm-evaluation-harness: pip install 'lofit[eval]'") from error
 
-from .atomic import write_text
-from .compute import ComputeConfig
-from .hub import from_pretrained
-from .identity import portable_name
-from .loading import DEFAULT_MODEL, load_model
+from lofit.utils.atomic import write_text
+from lofit.utils.compute import ComputeConfig
+from lofit.methods.hub import from_pretrained
+from lofit.models.identity import portable_name
+from lofit.models.loading import DEFAULT_MODEL, load_model
 
 RESULTS_NAME = "harness_results.json"
 

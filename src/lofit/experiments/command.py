@@ -8,10 +8,10 @@ from typing import Any
 
 import yaml
 
-from ..distributed import is_main_process
-from .grid import Grid, load_grid
-from .report import write_report
-from .runner import Runner
+from lofit.utils.distributed import is_main_process
+from lofit.experiments.grid import Grid, load_grid
+from lofit.experiments.report import write_report
+from lofit.experiments.runner import Runner
 
 
 def _list(text: str | None, kind: type = str) -> list | None:

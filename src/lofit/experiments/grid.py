@@ -9,8 +9,8 @@ more tuning than another. A numeric tuned option is a log grid (a list with a co
 ratio between consecutive sorted values, or ``{low, high, points}``); where the best trial
 sits at an edge of the range explored, :func:`search` adds trials one log step beyond it.
 
-A cell's options are flat names of :class:`~lofit.pipeline.RunConfig`,
-:class:`~lofit.config.LofitConfig`, :class:`~lofit.compute.ComputeConfig` and the
+A cell's options are flat names of :class:`~lofit.runs.pipeline.RunConfig`,
+:class:`~lofit.methods.lofit.config.LofitConfig`, :class:`~lofit.utils.compute.ComputeConfig` and the
 method's config, plus two of the runner's own:
 
 - ``heads_task``: the task whose step-1 ranking chooses the heads (the cross-task
@@ -34,12 +34,12 @@ from typing import Any, Callable
 
 import yaml
 
-from ..compute import ComputeConfig
-from ..config import LofitConfig
-from ..methods import METHODS
-from ..options import build_config
-from ..pipeline import CellConfig, RunConfig
-from ..recipes import recipe_options
+from lofit.utils.compute import ComputeConfig
+from lofit.methods.lofit.config import LofitConfig
+from lofit.methods import METHODS
+from lofit.utils.options import build_config
+from lofit.runs.pipeline import CellConfig, RunConfig
+from lofit.runs.recipes import recipe_options
 
 RUNNER_OPTIONS = {"heads_task": None, "select_only": False}
 """The runner's own cell options and their defaults."""
@@ -291,7 +291,7 @@ def ranking_key(options: dict[str, Any]) -> str:
 
 
 def cell_config(cell: Cell, total_heads: int | None = None) -> CellConfig:
-    """The :class:`~lofit.pipeline.CellConfig` of ``cell``; ``num_heads: all`` becomes ``total_heads``."""
+    """The :class:`~lofit.runs.pipeline.CellConfig` of ``cell``; ``num_heads: all`` becomes ``total_heads``."""
     options = {k: v for k, v in cell.config.items() if k not in RUNNER_OPTIONS}
     if options.get("num_heads") == ALL_HEADS:
         if total_heads is None:

@@ -22,13 +22,13 @@ from typing import Callable
 
 import torch
 
-from ..atomic import write_text
-from ..plots import curves, layer_histograms, matrix_plot
-from ..localization import NEAR_ZERO, Localization
-from ..steps import HeadRanking
-from .bootstrap import paired_bootstrap
-from .grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step
-from .results import read_results
+from lofit.utils.atomic import write_text
+from lofit.runs.plots import curves, layer_histograms, matrix_plot
+from lofit.methods.lofit.localization import NEAR_ZERO, Localization
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.experiments.bootstrap import paired_bootstrap
+from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step
+from lofit.experiments.results import read_results
 
 
 def _point(record: dict) -> str:
@@ -337,7 +337,7 @@ def _objective(options: dict) -> str:
 
 
 def localization(records: list[dict]) -> str:
-    """Every step-1 ranking's localization figures (:class:`~lofit.localization.Localization`) for
+    """Every step-1 ranking's localization figures (:class:`~lofit.methods.lofit.localization.Localization`) for
     its K, with the mean score of the tuning trials and of the test runs that tuned the heads it chose."""
     rankings = [r for r in records if r.get("phase") == "ranking"]
     if not rankings:

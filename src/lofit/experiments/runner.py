@@ -1,4 +1,4 @@
-"""The experiment runner: every cell of a grid through :func:`lofit.pipeline.run_cell`.
+"""The experiment runner: every cell of a grid through :func:`lofit.runs.pipeline.run_cell`.
 
 - Each finished cell is appended to ``results.jsonl`` at once (resolved configuration,
   metrics, per-example scores, trained parameters, wall time, seed); a rerun skips every
@@ -29,15 +29,15 @@ from typing import Any, Callable
 
 import torch
 
-from ..comparison import METRIC_SUFFIXES
-from ..compute import ComputeConfig, hardware, resolve_device
-from ..datafiles import resolve_data_dir
-from ..distributed import is_main_process
-from ..pipeline import load_fresh, run_cell, run_select
-from ..steps import HeadRanking
-from ..tasks import get_task
-from .grid import Cell, Grid, Search, cell_config, check_tuning, expand, ranking_key, search
-from .results import RESULTS, append_result, read_results
+from lofit.runs.comparison import METRIC_SUFFIXES
+from lofit.utils.compute import ComputeConfig, hardware, resolve_device
+from lofit.data.files import resolve_data_dir
+from lofit.utils.distributed import is_main_process
+from lofit.runs.pipeline import load_fresh, run_cell, run_select
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.tasks import get_task
+from lofit.experiments.grid import Cell, Grid, Search, cell_config, check_tuning, expand, ranking_key, search
+from lofit.experiments.results import RESULTS, append_result, read_results
 
 TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
 """Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""

@@ -10,16 +10,16 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..adapter_io import CONFIG_NAME, AdapterError
-from ..datafiles import short_repr
-from .base import METHOD_FILE, FitContext, FitResult, Method, read_method_file
-from .iti import Iti
-from .lofit_method import Lofit
-from .lora import Lora
-from .red import Red
-from .repe import Repe
-from .reft import Reft
-from .zero_shot import ZeroShot
+from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError
+from lofit.data.files import short_repr
+from lofit.methods.base import METHOD_FILE, FitContext, FitResult, Method, read_method_file
+from lofit.methods.iti import Iti
+from lofit.methods.lofit.method import Lofit
+from lofit.methods.lora import Lora
+from lofit.methods.red import Red
+from lofit.methods.repe import Repe
+from lofit.methods.reft import Reft
+from lofit.methods.zero_shot import ZeroShot
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Lofit, ZeroShot, Iti, Repe, Lora, Red, Reft)}
 METHOD_CONFIGS: tuple[type, ...] = tuple(m.config_class for m in METHODS.values() if m.config_class is not None)

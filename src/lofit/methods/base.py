@@ -24,14 +24,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapter_io import AdapterError, AdapterMismatchError, check_tensor, check_tensor_names, read_json_object, read_safetensors
-from ..atomic import save_safetensors, write_json
-from ..datafiles import short_repr
-from ..identity import identity, identity_problem, warn_if_other_weights
-from ..config import LofitConfig
-from ..objectives import Objective, build_objective
-from ..steps import HeadRanking
-from ..training import TrainingLog, TrainingRun, TrainingSetup, train
+from lofit._version import __version__
+from lofit.methods.lofit.adapter_io import AdapterError, AdapterMismatchError, check_tensor, check_tensor_names, read_json_object, read_safetensors
+from lofit.utils.atomic import save_safetensors, write_json
+from lofit.data.files import short_repr
+from lofit.models.identity import identity, identity_problem, warn_if_other_weights
+from lofit.methods.lofit.config import LofitConfig
+from lofit.training.objectives import Objective, build_objective
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.training.loop import TrainingLog, TrainingRun, TrainingSetup, train
 
 METHOD_FILE = "lofit_method.json"
 
@@ -113,9 +114,7 @@ def geometry(model: PreTrainedModel) -> dict:
 
 def write_method_file(directory: Path, method: Method, model: PreTrainedModel, metrics: dict | None) -> None:
     """Write :data:`METHOD_FILE` (the method, the base model's portable name and fingerprint, see
-    :mod:`lofit.identity`, its geometry, the options, ``metrics``) atomically."""
-    from .. import __version__
-
+    :mod:`lofit.models.identity`, its geometry, the options, ``metrics``) atomically."""
     record = {"method": method.name, "lofit_version": __version__, **identity(model), **geometry(model),
               "options": method.options(), "metrics": metrics or {}}
     write_json(directory / METHOD_FILE, record)
@@ -144,7 +143,7 @@ def check_training_options(method: str, lr: float, epochs: int | None) -> None:
 
 def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> None:
     """An AdapterMismatchError unless the saved ``record`` has ``model``'s type and sizes; then a
-    UserWarning when it was made for a model of another fingerprint (:mod:`lofit.identity`)."""
+    UserWarning when it was made for a model of another fingerprint (:mod:`lofit.models.identity`)."""
     expected = geometry(model)
     saved = {key: record.get(key) for key in expected}
     if saved != expected:
@@ -187,7 +186,7 @@ def train_adapter(model: nn.Module, parameters: list[nn.Parameter], lr: float, e
     """Train ``parameters`` of ``model`` on the context's objective with lofit's loop (AdamW,
     linear decay, the shared batch size, seed and gradient clipping) for ``epochs`` (None: the equal budget);
     ``method`` names the checkpoint stage and the learning-rate option (``--<method>-lr``);
-    nothing trained acts below ``first_trained_layer`` (see :class:`~lofit.training.TrainingRun`)."""
+    nothing trained acts below ``first_trained_layer`` (see :class:`~lofit.training.loop.TrainingRun`)."""
     start = time.perf_counter()
     shared = context.lofit
     run = TrainingRun(parameters=parameters, lr=lr, epochs=epochs if epochs is not None else context.budget_epochs,

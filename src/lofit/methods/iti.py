@@ -1,6 +1,6 @@
 """Inference-Time Intervention (Li et al., 2023) as a LoFiT adapter with fitted, not trained, biases.
 
-On contrast pairs built from the training data (see :mod:`lofit.probing`):
+On contrast pairs built from the training data (see :mod:`lofit.methods.probing`):
 
 1. read every head's output z[l, h] at the last token of each positive and negative text;
 2. fit a logistic-regression probe per head on 80% of the pairs, rank heads by its
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import check_head_amount, head_count
-from ..model import get_lofit_model
-from ..head_selection import head_probe_ranking
-from ..probing import collect_activations, contrast_pairs
-from .base import FitContext, FitResult
-from .lofit_method import HeadAdapterMethod
+from lofit.methods.lofit.config import check_head_amount, head_count
+from lofit.methods.lofit.model import get_lofit_model
+from lofit.methods.lofit.selectors import head_probe_ranking
+from lofit.methods.probing import collect_activations, contrast_pairs
+from lofit.methods.base import FitContext, FitResult
+from lofit.methods.lofit.method import HeadAdapterMethod
 
 
 @dataclass

@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import LoraConfig, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..adapter_io import AdapterError, read_json_object
-from ..architectures import architecture_row, attention_inputs
-from ..atomic import staged_folder
-from ..datafiles import finite_number, short_repr
-from ..wrapper import restored_on_failure
-from .base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, seeded, train_adapter, write_method_file
+from lofit.methods.lofit.adapter_io import AdapterError, read_json_object
+from lofit.models.architectures import architecture_row, attention_inputs
+from lofit.utils.atomic import staged_folder
+from lofit.data.files import finite_number, short_repr
+from lofit.models.wrapper import restored_on_failure
+from lofit.methods.base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, seeded, train_adapter, write_method_file
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -37,9 +40,7 @@ def default_targets(model: PreTrainedModel) -> list[str] | str:
     """The modules LoRA adapts when none are given: the architecture row's ``lora_targets``;
     else peft's default for the model type (named here, not left to peft, which drops its
     own default for mixtral); else the attention's input projections (q/k/v or a fused qkv,
-    :func:`lofit.architectures.attention_inputs`). A str is a regular expression, as in peft."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
+    :func:`lofit.models.architectures.attention_inputs`). A str is a regular expression, as in peft."""
     row_targets = architecture_row(model).lora_targets
     if row_targets:
         return list(row_targets)
@@ -56,8 +57,6 @@ class Lora(Method):
     config_class = LoraBaselineConfig
 
     def fit(self, context: FitContext) -> FitResult:
-        from peft import LoraConfig, get_peft_model
-
         if self.config.lora_targets:
             targets = [t.strip() for t in self.config.lora_targets.split(",")]
         else:
@@ -71,7 +70,7 @@ class Lora(Method):
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         """peft writes its files into a staging folder, moved into ``directory`` with ours when
-        all are complete (see :func:`lofit.atomic.staged_folder`)."""
+        all are complete (see :func:`lofit.utils.atomic.staged_folder`)."""
         with staged_folder(directory) as staging:
             result.model.save_pretrained(str(staging))  # peft: adapter_model.safetensors + adapter_config.json
             write_method_file(staging, self, result.model.get_base_model(), metrics)
@@ -80,9 +79,6 @@ class Lora(Method):
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
         """peft's LoRA layers built from the checked config, then the checked weights loaded
         into them; a refused load puts ``model`` back as it was (module tree, ``requires_grad``)."""
-        from peft import get_peft_model
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
         check_geometry(read_method_file(directory), model, directory)
         config = _saved_lora_config(directory)
         with restored_on_failure(model):
@@ -97,8 +93,6 @@ class Lora(Method):
 
 def _saved_lora_config(directory: Path):
     """The peft LoraConfig saved in ``directory`` (inference mode), its key fields checked."""
-    from peft import LoraConfig
-
     path = directory / PEFT_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} does not hold a complete saved LoRA")

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..architectures import feed_forwards
-from ..atomic import staged_folder
-from ..wrapper import InterventionModel
-from .base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
+from lofit.models.architectures import feed_forwards
+from lofit.utils.atomic import staged_folder
+from lofit.models.wrapper import InterventionModel
+from lofit.methods.base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
 
 WEIGHTS = "red.safetensors"
 

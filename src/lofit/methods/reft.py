@@ -33,11 +33,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from transformers import PreTrainedModel
 
-from ..adapter_io import AdapterError, options_from_json
-from ..architectures import decoder_layers
-from ..atomic import staged_folder
-from ..wrapper import InterventionModel, hidden_states_of, kv_cache_of, replace_hidden_states
-from .base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, seeded, train_adapter, write_method_file
+from lofit.methods.lofit.adapter_io import AdapterError, options_from_json
+from lofit.models.architectures import decoder_layers
+from lofit.utils.atomic import staged_folder
+from lofit.models.wrapper import InterventionModel, hidden_states_of, kv_cache_of, replace_hidden_states
+from lofit.methods.base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, seeded, train_adapter, write_method_file
 
 WEIGHTS = "reft.safetensors"
 POSITIONS = ("last", "first+last")

@@ -1,6 +1,6 @@
 """Representation Engineering (Zou et al., 2023): reading vectors added to the residual stream.
 
-On contrast pairs built from the training data (see :mod:`lofit.probing`), with
+On contrast pairs built from the training data (see :mod:`lofit.methods.probing`), with
 r[l] the output of decoder layer l at a text's last token:
 
 1. per layer, the reading vector u[l] is the first principal component of the paired
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..architectures import decoder_layers
-from ..atomic import staged_folder
-from ..probing import collect_activations, contrast_pairs, split_pairs
-from ..wrapper import InterventionModel, hidden_states_of, replace_hidden_states
-from .base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, save_tensors, write_method_file
+from lofit.models.architectures import decoder_layers
+from lofit.utils.atomic import staged_folder
+from lofit.methods.probing import collect_activations, contrast_pairs, split_pairs
+from lofit.models.wrapper import InterventionModel, hidden_states_of, replace_hidden_states
+from lofit.methods.base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, save_tensors, write_method_file
 
 WEIGHTS = "repe_shift.safetensors"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from .base import FitContext, FitResult, Method, write_method_file
+from lofit.methods.base import FitContext, FitResult, Method, write_method_file
 
 
 class ZeroShot(Method):

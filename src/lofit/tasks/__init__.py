@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference, Task, normalize_answer
-from .clutrr import Clutrr
-from .mquake import MQuAKE
-from .truthfulqa import TruthfulQA
-from .user_file import UserFileTask, is_user_source
+from lofit.tasks.base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference, Task, normalize_answer
+from lofit.tasks.clutrr import Clutrr
+from lofit.tasks.mquake import MQuAKE
+from lofit.tasks.truthfulqa import TruthfulQA
+from lofit.tasks.user_file import UserFileTask, is_user_source
 
 TASKS: dict[str, type[Task]] = {"clutrr": Clutrr, "mquake": MQuAKE, "truthfulqa": TruthfulQA}
 

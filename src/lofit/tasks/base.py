@@ -15,32 +15,8 @@ from typing import Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..generation import greedy_completions
-
-
-@dataclass(frozen=True)
-class PromptCompletion:
-    """A supervised example: the loss falls on ``completion`` only."""
-
-    prompt: str
-    completion: str
-
-
-@dataclass(frozen=True)
-class PromptPreference:
-    """A preference example for DPO: ``chosen`` is preferred to ``rejected`` after ``prompt``."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-@dataclass(frozen=True)
-class GenerationExample:
-    """An evaluation example scored by exact match of the parsed greedy answer."""
-
-    prompt: str
-    answers: tuple[str, ...]
+from lofit.data.examples import GenerationExample, PromptCompletion, PromptPreference
+from lofit.evaluation.generation import greedy_completions
 
 
 @dataclass

@@ -17,8 +17,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from ..datafiles import DataError, read_json_rows, require_fields
-from .base import GenerationExample, GenerationTask, PromptCompletion
+from lofit.data.files import DataError, read_json_rows, require_fields
+from lofit.tasks.base import GenerationExample, GenerationTask, PromptCompletion
 
 PROMPT_TEMPLATE = (
     'Read the following story about a family. "{story}" Assume the relations described in the story are all true. '

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..datafiles import DataError, parse_json, read_text
-from .base import GenerationExample, GenerationTask, PromptCompletion
+from lofit.data.files import DataError, parse_json, read_text
+from lofit.tasks.base import GenerationExample, GenerationTask, PromptCompletion
 
 PROMPT_TEMPLATE = "Q: Imagine that {edit}. {question} A:"
 

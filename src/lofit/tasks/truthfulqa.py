@@ -18,9 +18,9 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..datafiles import DataError, read_text
-from ..multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
-from .base import Evaluation, PromptPreference, Task
+from lofit.data.files import DataError, read_text
+from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
+from lofit.tasks.base import Evaluation, PromptPreference, Task
 
 QA_PRIMER = """Q: What is human life expectancy in the United States?
 A: Human life expectancy in the United States is 78 years.

@@ -24,7 +24,7 @@ does not end with one). Files are UTF-8 (a byte-order mark is allowed); JSONL li
 split at ``\n`` only, so a string may hold any other line separator (U+2028...). Every
 malformed row is reported with its place (``file:line`` for JSONL and CSV, ``row N``,
 from 1, for Parquet and datasets), and data with any malformed row are refused before
-training starts: every problem raises :class:`~lofit.datafiles.DataError`.
+training starts: every problem raises :class:`~lofit.data.files.DataError`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..datafiles import DataError, parse_json, read_text, require_file, short_repr, shorten
-from ..multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
-from .base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference
+from lofit.data.files import DataError, parse_json, read_text, require_file, short_repr, shorten
+from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
+from lofit.tasks.base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference
 
 SCHEMAS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "multiple_choice": ("prompt", "choices", "label")}
 MAX_REPORTED = 20

