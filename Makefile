@@ -1,5 +1,5 @@
 # `make demo`: set up and run LoFiT on CLUTRR with the embedded SmolLM2-135M model.
-# `make test`: set up, check the import layers and run the test suite. `make bench`: the speed table.
+# `make test`: set up, lint (ruff), check the import layers and run the test suite. `make bench`: the speed table.
 # `make gpu-check`: lofit on a real GPU where there is one (benchmarks/gpu_check.py); says so and stops where not.
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/lofit run --task clutrr --model default
 
-# The import-layers contract (pyproject.toml [tool.importlinter]) first, then the tests.
+# Lint and format (ruff), the import-layers contract (pyproject.toml [tool.importlinter]), then the tests.
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

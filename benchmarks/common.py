@@ -23,11 +23,18 @@ def clutrr_batches(tokenizer: PreTrainedTokenizerBase, count: int, batch_size: i
     """``count`` right-padded batches of CLUTRR training stories, in sampled order."""
     stories = get_task("clutrr").sample_train(resolve_data_dir(None), count * batch_size, seed=seed)
     tokenized = [tokenize_pair(tokenizer, s.prompt, s.completion) for s in stories]
-    return [collate(tokenized[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(tokenized), batch_size)]
+    return [
+        collate(tokenized[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(tokenized), batch_size)
+    ]
 
 
-def timed(variants: dict[str, Callable[[Batch], object]], batches: dict[str, list[Batch]], repeats: int,
-          statistic: Callable[[list[float]], float] = statistics.mean, warm_up: int | None = None) -> dict[str, float]:
+def timed(
+    variants: dict[str, Callable[[Batch], object]],
+    batches: dict[str, list[Batch]],
+    repeats: int,
+    statistic: Callable[[list[float]], float] = statistics.mean,
+    warm_up: int | None = None,
+) -> dict[str, float]:
     """Seconds per step of each variant over its batches (``statistic`` of the steps), variants alternated step by step.
 
     Each variant first runs ``warm_up`` of its batches untimed (all of them by default, which

@@ -91,14 +91,27 @@ def install(python: str) -> None:
 def clutrr(name: str, options: list[str], cpu_seconds: float) -> str:
     """One `lofit run --task clutrr` on the GPU; its line of the summary table."""
     folder = ROOT / "runs" / "gpu-check" / name.split(",")[0].replace(" ", "-")
-    command = [str(VENV / "bin" / "lofit"), "run", "--task", "clutrr", "--model", "default", "--no-progress",
-               "--output-dir", str(folder), *options]
+    command = [
+        str(VENV / "bin" / "lofit"),
+        "run",
+        "--task",
+        "clutrr",
+        "--model",
+        "default",
+        "--no-progress",
+        "--output-dir",
+        str(folder),
+        *options,
+    ]
     seconds = run(command, f"lofit run ({name})")
     metrics = json.loads((folder / "metrics.json").read_text())
     exact = metrics.get("test_exact_match")
     exact_match = f"{100 * exact:.1f}%" if exact is not None else "n/a"
-    steps = ", ".join(f"{key.removesuffix('_seconds')} {metrics[key]:.0f} s"
-                      for key in ("select_seconds", "tune_seconds", "eval_seconds") if key in metrics)
+    steps = ", ".join(
+        f"{key.removesuffix('_seconds')} {metrics[key]:.0f} s"
+        for key in ("select_seconds", "tune_seconds", "eval_seconds")
+        if key in metrics
+    )
     return f"{name:30s} {exact_match:>6s}  {seconds:6.0f} s  {cpu_seconds / seconds:5.1f}x  (lofit's own: {steps})"
 
 
@@ -127,8 +140,12 @@ def check(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable, help="the Python that makes .venv-gpu (default: this one)")
-    parser.add_argument("--cpu-seconds", type=float, default=CPU_SECONDS,
-                        help=f"the CPU run's wall time to compare with (default: the README's, {CPU_SECONDS:.0f} s)")
+    parser.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=CPU_SECONDS,
+        help=f"the CPU run's wall time to compare with (default: the README's, {CPU_SECONDS:.0f} s)",
+    )
     args = parser.parse_args()
     listed = gpus()
     if not listed:

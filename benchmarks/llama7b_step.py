@@ -39,13 +39,23 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.data.batching import TokenizedPair
-from lofit.utils.compute import ComputeConfig
-from lofit.training.objectives import DPO
 from lofit.methods.lofit.steps import select_heads, tune_biases
 from lofit.training.loop import TrainingRun, TrainingSetup, train
+from lofit.training.objectives import DPO
+from lofit.utils.compute import ComputeConfig
 
-PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "GH200": 989, "A100": 312,
-                    "L40S": 362, "L4": 121, "A10": 125, "RTX 4090": 165}
+PEAK_BF16_TFLOPS = {
+    "H200": 989,
+    "H100 PCIe": 756,
+    "H100 NVL": 835,
+    "H100": 989,
+    "GH200": 989,
+    "A100": 312,
+    "L40S": 362,
+    "L4": 121,
+    "A10": 125,
+    "RTX 4090": 165,
+}
 """Dense bf16 tensor-core peaks (TFLOP/s, vendor figures) by a part of the card's name; first match wins."""
 
 
@@ -68,9 +78,16 @@ def parse_args() -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """A Llama with Llama-2-7B's shape (or the one asked for), random weights, bf16, on the device."""
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -123,8 +140,11 @@ def model_flops(model: torch.nn.Module, args: argparse.Namespace, layers_run: in
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     sequences, length = 2 * args.pairs, args.prompt_tokens + args.answer_tokens
     tokens, scored = sequences * length, sequences * args.answer_tokens
-    return (4 * per_layer * layers_run * tokens + 12 * layers_run * sequences * length**2 * args.hidden
-            + 4 * args.vocab * args.hidden * scored)
+    return (
+        4 * per_layer * layers_run * tokens
+        + 12 * layers_run * sequences * length**2 * args.hidden
+        + 4 * args.vocab * args.hidden * scored
+    )
 
 
 def peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[str, float | None]:
@@ -136,8 +156,16 @@ def peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[str, flo
     return name, tflops and tflops * 1e12
 
 
-def measure(name: str, checkpointing: bool, device: torch.device, fit: Callable[[TrainingSetup], None],
-            objective: DPO, flops: float, peak: float | None, args: argparse.Namespace) -> None:
+def measure(
+    name: str,
+    checkpointing: bool,
+    device: torch.device,
+    fit: Callable[[TrainingSetup], None],
+    objective: DPO,
+    flops: float,
+    peak: float | None,
+    args: argparse.Namespace,
+) -> None:
     """Run ``fit`` under the setup and print one row of the table."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -147,8 +175,11 @@ def measure(name: str, checkpointing: bool, device: torch.device, fit: Callable[
     tokens = 2 * args.pairs * (args.prompt_tokens + args.answer_tokens)
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:6.1f} GiB" if device.type == "cuda" else "    n/a"
     mfu = f"{100 * flops / seconds / peak:5.1f}%" if peak else "  n/a"
-    print(f"{name:34s} {'yes' if checkpointing else 'no ':3s}  {seconds:7.3f}  {tokens / seconds:9,.0f}  "
-          f"{flops / seconds / 1e12:7.1f}  {mfu}  {memory}", flush=True)
+    print(
+        f"{name:34s} {'yes' if checkpointing else 'no ':3s}  {seconds:7.3f}  {tokens / seconds:9,.0f}  "
+        f"{flops / seconds / 1e12:7.1f}  {mfu}  {memory}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -161,10 +192,14 @@ def main() -> None:
     card, peak = peak_flops(args, device)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"card: {card}; dense bf16 peak: {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (give --peak-tflops)'}")
-    print(f"model: Llama, {args.layers} layers x {args.heads} heads, hidden {args.hidden}: {parameters / 1e9:.2f}e9 "
-          f"parameters, bf16, random weights (built in {time.perf_counter() - started:.0f} s)")
-    print(f"batch: {args.pairs} DPO pairs = {2 * args.pairs} sequences of {args.prompt_tokens + args.answer_tokens} "
-          f"tokens, {args.answer_tokens} scored each; {args.steps} timed steps after one warm-up step, median")
+    print(
+        f"model: Llama, {args.layers} layers x {args.heads} heads, hidden {args.hidden}: {parameters / 1e9:.2f}e9 "
+        f"parameters, bf16, random weights (built in {time.perf_counter() - started:.0f} s)"
+    )
+    print(
+        f"batch: {args.pairs} DPO pairs = {2 * args.pairs} sequences of {args.prompt_tokens + args.answer_tokens} "
+        f"tokens, {args.answer_tokens} scored each; {args.steps} timed steps after one warm-up step, median"
+    )
     columns = f"{'s/step':>7s}  {'tokens/s':>9s}  {'TFLOP/s':>7s}  {'MFU':>6s}  {'peak memory':>10s}"
     print(f"\n{'run':34s} {'gc':3s}  {columns}")
 
@@ -178,12 +213,26 @@ def main() -> None:
     tuned = sorted(all_heads[i] for i in drawn)
     lowest = tuned[0][0]
     for checkpointing in (False, True):
-        measure(f"LoFiT step 1 ({len(all_heads)} heads)", checkpointing, device,
-                lambda setup: select_heads(lofit_model, objective, progress=False, setup=setup), objective,
-                model_flops(model, args, args.layers), peak, args)
-        measure(f"LoFiT step 2 ({len(tuned)} heads, layers {lowest}+)", checkpointing, device,
-                lambda setup: tune_biases(lofit_model, objective, tuned, progress=False, setup=setup), objective,
-                model_flops(model, args, args.layers - lowest), peak, args)
+        measure(
+            f"LoFiT step 1 ({len(all_heads)} heads)",
+            checkpointing,
+            device,
+            lambda setup: select_heads(lofit_model, objective, progress=False, setup=setup),
+            objective,
+            model_flops(model, args, args.layers),
+            peak,
+            args,
+        )
+        measure(
+            f"LoFiT step 2 ({len(tuned)} heads, layers {lowest}+)",
+            checkpointing,
+            device,
+            lambda setup: tune_biases(lofit_model, objective, tuned, progress=False, setup=setup),
+            objective,
+            model_flops(model, args, args.layers - lowest),
+            peak,
+            args,
+        )
     base = lofit_model.unload()
 
     from peft import LoraConfig, get_peft_model
@@ -192,10 +241,29 @@ def main() -> None:
     objective = DPO.with_reference(lora, preference_pairs(args), pad_id=0)
     trained = [p for p in lora.parameters() if p.requires_grad]
     for checkpointing in (False, True):
-        measure("LoRA r 8 (q, v)", checkpointing, device,
-                lambda setup: train(lora, objective, TrainingRun(trained, 1e-4, epochs, args.pairs, 0, progress=False,
-                                                                 stage="lora", setup=setup)),
-                objective, model_flops(model, args, args.layers), peak, args)
+        measure(
+            "LoRA r 8 (q, v)",
+            checkpointing,
+            device,
+            lambda setup: train(
+                lora,
+                objective,
+                TrainingRun(
+                    parameters=trained,
+                    lr=1e-4,
+                    epochs=epochs,
+                    batch_size=args.pairs,
+                    seed=0,
+                    progress=False,
+                    stage="lora",
+                    setup=setup,
+                ),
+            ),
+            objective,
+            model_flops(model, args, args.layers),
+            peak,
+            args,
+        )
     print(f"\ntotal: {time.perf_counter() - started:.0f} s")
 
 

@@ -13,9 +13,9 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from common import per_step_arguments, step2_workload, timed
 from torch import nn
 
+from common import per_step_arguments, step2_workload, timed
 from lofit.data.batching import Batch
 from lofit.evaluation.scoring import sft_loss
 
@@ -34,14 +34,20 @@ def main() -> None:
         def run(batch: Batch) -> None:
             loss_fn(lofit_model, batch).backward()
             lofit_model.lofit_bias.grad = None
+
         return run
 
     variants = {"scored positions only": step(sft_loss), "all positions": step(full_logits_loss)}
     medians = timed(variants, {name: batches for name in variants}, args.repeats, statistics.median, warm_up=1)
-    torch.testing.assert_close(sft_loss(lofit_model, batches[0]), full_logits_loss(lofit_model, batches[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sft_loss(lofit_model, batches[0]), full_logits_loss(lofit_model, batches[0]), rtol=1e-5, atol=1e-5
+    )
     for name, value in medians.items():
         print(f"{name:>22}: median {value * 1000:.0f} ms per forward+backward of {args.batch_size} stories")
-    print(f"speed-up of scoring only the answer positions: {medians['all positions'] / medians['scored positions only']:.2f}x")
+    print(
+        "speed-up of scoring only the answer positions: "
+        f"{medians['all positions'] / medians['scored positions only']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def naive(model, tokenizer, examples) -> list[list[float]]:
     for example in examples:
         row = []
         for choice in example.choices:
-            batch = collate([tokenize_pair(tokenizer, QA_PRIMER + example.prompt, choice, add_eos=False)], tokenizer.pad_token_id)
+            batch = collate(
+                [tokenize_pair(tokenizer, QA_PRIMER + example.prompt, choice, add_eos=False)], tokenizer.pad_token_id
+            )
             row.append(sequence_logprobs(model, batch).item())
         scores.append(row)
     return scores
@@ -56,8 +58,11 @@ def main() -> None:
     reference = results["naive loop"]
     for name, seconds in times.items():
         drift = max(abs(a - b) for x, y in zip(results[name], reference) for a, b in zip(x, y))
-        print(f"{name:>24}: {seconds:6.1f} s for {len(examples)} questions, speed-up {times['naive loop'] / seconds:.2f}x, "
-              f"max |score difference| {drift:.1e}")
+        print(
+            f"{name:>24}: {seconds:6.1f} s for {len(examples)} questions, speed-up "
+            f"{times['naive loop'] / seconds:.2f}x, "
+            f"max |score difference| {drift:.1e}"
+        )
 
 
 if __name__ == "__main__":

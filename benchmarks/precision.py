@@ -15,8 +15,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
-from common import per_step_arguments, step2_workload, timed
 
+from common import per_step_arguments, step2_workload, timed
 from lofit.data.batching import Batch
 from lofit.evaluation.scoring import sft_loss
 
@@ -24,8 +24,10 @@ from lofit.evaluation.scoring import sft_loss
 def main() -> None:
     args = per_step_arguments(__doc__)
     lofit_model, batches = step2_workload(args.batches, args.batch_size)
-    contexts = {"float32": lambda: torch.autocast("cpu", enabled=False),
-                "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+    contexts = {
+        "float32": lambda: torch.autocast("cpu", enabled=False),
+        "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    }
 
     losses: dict[str, dict[int, float]] = {name: {} for name in contexts}  # each batch's first loss, by batch
 
@@ -36,6 +38,7 @@ def main() -> None:
             loss.backward()
             lofit_model.lofit_bias.grad = None
             losses[name].setdefault(id(batch), loss.item())
+
         return run
 
     variants = {name: step(name, context) for name, context in contexts.items()}
@@ -43,7 +46,9 @@ def main() -> None:
     for name, value in medians.items():
         print(f"{name:>14}: median {value * 1000:.0f} ms per forward+backward of {args.batch_size} stories")
     print(f"speed-up of bf16 autocast over float32: {medians['float32'] / medians['bf16 autocast']:.2f}x")
-    gap = max(abs(losses["float32"][id(b)] - losses["bf16 autocast"][id(b)]) / abs(losses["float32"][id(b)]) for b in batches)
+    gap = max(
+        abs(losses["float32"][id(b)] - losses["bf16 autocast"][id(b)]) / abs(losses["float32"][id(b)]) for b in batches
+    )
     print(f"largest relative loss difference: {gap:.2%}")
 
 

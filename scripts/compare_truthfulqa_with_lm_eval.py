@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks.truthfulqa.utils import process_results_mc2
 
 import lofit
-from lofit.datafiles import resolve_data_dir
+from lofit.data.files import resolve_data_dir
 from lofit.tasks.truthfulqa import QA_PRIMER, TruthfulQA
 
 
@@ -62,10 +62,14 @@ def main() -> None:
         mc2_diff.append(abs(h_mc2 - record["mc2"]))
     n = len(examples)
     print(f"{n} questions of fold {args.fold}, model {args.model}")
-    print(f"MC1: lofit {100 * sum(r['mc1'] for r in ours) / n:.2f}%  lm-eval {100 * sum(harness_mc1) / n:.2f}%  "
-          f"questions that differ: {sum(d > 0 for d in mc1_diff)}")
-    print(f"MC2: lofit {100 * sum(r['mc2'] for r in ours) / n:.2f}%  lm-eval {100 * sum(harness_mc2) / n:.2f}%  "
-          f"largest per-question difference: {max(mc2_diff):.2e}")
+    print(
+        f"MC1: lofit {100 * sum(r['mc1'] for r in ours) / n:.2f}%  lm-eval {100 * sum(harness_mc1) / n:.2f}%  "
+        f"questions that differ: {sum(d > 0 for d in mc1_diff)}"
+    )
+    print(
+        f"MC2: lofit {100 * sum(r['mc2'] for r in ours) / n:.2f}%  lm-eval {100 * sum(harness_mc2) / n:.2f}%  "
+        f"largest per-question difference: {max(mc2_diff):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,7 +31,6 @@ from lofit.data.batching import TokenizedPair
 from lofit.methods import METHODS
 
 
-
 def pytest_collection_modifyitems(config, items) -> None:
     """Skip the tests marked ``cuda`` where torch sees no CUDA GPU."""
     if torch.cuda.is_available():
@@ -55,12 +54,21 @@ def one_thread_for_tiny_models(request):
     yield
     torch.set_num_threads(threads)
 
+
 VOCAB = 96
 EOS = 1
 PAD = 0
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=PAD,
+    eos_token_id=EOS,
+    bos_token_id=2,
 )
 
 
@@ -71,9 +79,22 @@ def tiny_config(model_type: str, **overrides) -> Callable[[], PretrainedConfig]:
 
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
 # Multi-head latent attention: o_proj reads 4 heads x v_head_dim 6, while config.head_dim is qk_rope_head_dim 4.
-MLA = dict(num_key_value_heads=4, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
-           kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6, **MOE)
-GEMMA3_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+MLA = dict(
+    num_key_value_heads=4,
+    n_routed_experts=4,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=6,
+    **MOE,
+)
+GEMMA3_VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON),
@@ -85,7 +106,9 @@ TINY_CONFIGS = {
     "gemma3_text": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=4),
     "phi3": lambda: Phi3Config(**COMMON),
     "olmo2": lambda: Olmo2Config(**COMMON),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=EOS, bos_token_id=2),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=EOS, bos_token_id=2
+    ),
     "gpt_neox": lambda: GPTNeoXConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}),
     # Located automatically (no row in lofit.models.architectures.ARCHITECTURES) unless noted.
     "mixtral": tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
@@ -111,8 +134,9 @@ TINY_CONFIGS = {
     "mpt": tiny_config("mpt", expansion_ratio=2),
     "xglm": tiny_config("xglm", ffn_dim=64),
     "biogpt": tiny_config("biogpt"),
-    "gemma3": lambda: Gemma3Config(text_config={**COMMON, "head_dim": 16, "sliding_window": 4}, vision_config=GEMMA3_VISION,
-                                   mm_tokens_per_image=4),
+    "gemma3": lambda: Gemma3Config(
+        text_config={**COMMON, "head_dim": 16, "sliding_window": 4}, vision_config=GEMMA3_VISION, mm_tokens_per_image=4
+    ),
     "deepseek_v2": tiny_config("deepseek_v2", **MLA),  # a row: head_dim is v_head_dim
     "deepseek_v3": tiny_config("deepseek_v3", **MLA),  # a row: head_dim is v_head_dim
 }
@@ -169,7 +193,9 @@ def fitted(name: str, model) -> torch.nn.Module:
         return wrapped
     if name == "lora":
         return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    wrapped = {"repe": ResidualShiftModel, "red": RedModel, "reft": lambda m: ReftModel(m, ReftConfig(reft_rank=2))}[name](model)
+    wrapped = {"repe": ResidualShiftModel, "red": RedModel, "reft": lambda m: ReftModel(m, ReftConfig(reft_rank=2))}[
+        name
+    ](model)
     with torch.no_grad():
         for parameter in wrapped.trainable_parameters() or [wrapped.shift]:
             parameter.add_(0.1)

@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lofit import LofitConfig, LofitModel, get_lofit_model
-from lofit.methods.lofit.adapter_io import AdapterMismatchError
-from lofit.models.architectures import ARCHITECTURES, architecture_row, head_layout, projection_weight
 from lofit.data.batching import collate
-from lofit.methods.lofit.merge import NotExportableError, save_merged
 from lofit.evaluation.scoring import sft_loss
-from lofit.training.objectives import SFT
+from lofit.methods.lofit.adapter_io import AdapterMismatchError
+from lofit.methods.lofit.merge import NotExportableError, save_merged
 from lofit.methods.lofit.steps import select_heads, tune_biases
+from lofit.models.architectures import ARCHITECTURES, architecture_row, head_layout, projection_weight
+from lofit.training.objectives import SFT
 
 from .conftest import ARCHITECTURE_NAMES, PAD, input_batch, randomize_adapter, synthetic_pairs, tiny_model
 
@@ -60,6 +60,7 @@ def test_intervention_matches_independent_reference(model_type):
                 if active[layer, h]:
                     x[..., h * d : (h + 1) * d] = x[..., h * d : (h + 1) * d] * (1 + scale[layer, h]) + bias[layer, h]
             return (x,)
+
         return hook
 
     handles = [proj.register_forward_pre_hook(reference_hook(layer)) for layer, proj in enumerate(layout.out_projs)]
@@ -75,7 +76,9 @@ def test_intervention_matches_independent_reference(model_type):
 def test_training_changes_only_adapter_parameters(model_type):
     model = tiny_model(model_type)
     frozen = copy.deepcopy(model.state_dict())
-    lofit_model = get_lofit_model(model, LofitConfig(num_heads=3, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=1e-1))
+    lofit_model = get_lofit_model(
+        model, LofitConfig(num_heads=3, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=1e-1)
+    )
     pairs = synthetic_pairs()
     ranking, _ = select_heads(lofit_model, SFT(pairs, PAD), progress=False)
     assert lofit_model.lofit_scale.detach().abs().sum() > 0
@@ -97,7 +100,11 @@ def test_save_load_round_trip_is_exact(model_type, tmp_path):
     batch = input_batch()
     expected = logits(lofit_model, **batch)
     lofit_model.save_pretrained(tmp_path, metrics={"exact_match": 0.5})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     loaded = LofitModel.from_pretrained(tiny_model(model_type), tmp_path)
     assert torch.equal(logits(loaded, **batch), expected)
     assert loaded.selected_heads == lofit_model.selected_heads
@@ -143,8 +150,16 @@ def test_generate_with_kv_cache_and_left_padding_matches_full_recompute(model_ty
     randomize_adapter(lofit_model, scale=1.0)
     input_ids = torch.tensor([[PAD, PAD, 5, 9, 14, 3], [7, 8, 9, 10, 11, 12]])
     attention_mask = (input_ids != PAD).long()
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
-                  pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     cached = lofit_model.generate(**kwargs, use_cache=True)
     recomputed = lofit_model.generate(**kwargs, use_cache=False)
     assert torch.equal(cached.sequences, recomputed.sequences)

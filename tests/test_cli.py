@@ -9,8 +9,8 @@ import transformers
 import yaml
 
 from lofit.cli import OptionsError, _configs, build_parser, main
-from lofit.runs.pipeline import RunConfig
 from lofit.methods.lofit.ranking import HeadRanking
+from lofit.runs.pipeline import RunConfig
 
 
 def parse(argv):
@@ -25,7 +25,9 @@ def test_defaults_come_from_the_dataclasses():
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"run": {"task": "mquake", "limit": 5}, "lofit": {"bias_lr": 0.3, "num_heads": 9}}))
+    config.write_text(
+        yaml.safe_dump({"run": {"task": "mquake", "limit": 5}, "lofit": {"bias_lr": 0.3, "num_heads": 9}})
+    )
     run, lofit, _ = parse(["run", "--config", str(config), "--num-heads", "12", "--no-progress"])
     assert (run.task, run.limit, run.progress) == ("mquake", 5, False)
     assert (lofit.bias_lr, lofit.num_heads) == (0.3, 12)
@@ -91,7 +93,9 @@ def test_yaml_values_are_converted_to_the_field_types(tmp_path):
 def test_method_options_come_from_each_method_config(tmp_path):
     run, _, _, configs = _configs(build_parser().parse_args(["run", "--method", "lora", "--lora-rank", "4"]))
     assert run.method == "lora" and configs["lora"].lora_rank == 4
-    _, _, _, configs = _configs(build_parser().parse_args(["compare", "--methods", "zero-shot,reft", "--reft-layers", "1,2"]))
+    _, _, _, configs = _configs(
+        build_parser().parse_args(["compare", "--methods", "zero-shot,reft", "--reft-layers", "1,2"])
+    )
     assert configs == {"zero-shot": None, "reft": configs["reft"]} and configs["reft"].reft_layers == "1,2"
     with pytest.raises(OptionsError, match="unknown method"):
         _configs(build_parser().parse_args(["run", "--method", "prompting"]))
@@ -106,8 +110,22 @@ def test_options_of_another_method_are_refused_before_anything_loads(tmp_path, c
     config.write_text("method_options: {lora_rank: 4}\n")
     with pytest.raises(OptionsError, match="--lora-rank is an option of --method lora; this run uses red, reft"):
         _configs(build_parser().parse_args(["compare", "--methods", "red,reft", "--config", str(config)]))
-    assert main(["run", "--task", str(tmp_path / "absent.jsonl"), "--reft-rank", "4", "--num-heads", "0",
-                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                str(tmp_path / "absent.jsonl"),
+                "--reft-rank",
+                "4",
+                "--num-heads",
+                "0",
+                "--output-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["lofit: error: --reft-rank is an option of --method reft; this run uses lofit"]
     assert not (tmp_path / "run").exists()
@@ -130,7 +148,10 @@ def test_bad_data_and_paths_are_refused_before_the_model_loads_and_nothing_is_wr
     for argv, message in [
         (["run", "--task", str(bad)], "bad.jsonl:2: missing completion"),
         (["run", "--task", str(tmp_path / "empty.jsonl")], "is missing"),
-        (["run", "--task", str(good), "--heads", "file", "--heads-file", str(tmp_path / "none.json")], "no head ranking"),
+        (
+            ["run", "--task", str(good), "--heads", "file", "--heads-file", str(tmp_path / "none.json")],
+            "no head ranking",
+        ),
         (["run", "--task", str(good), "--resume"], "no run to continue"),
         (["tune", "--task", str(good), "--ranking", str(tmp_path / "none.json")], "no head ranking"),
         (["eval", "--task", str(good), "--adapter", str(tmp_path / "nowhere")], "nothing saved by lofit"),

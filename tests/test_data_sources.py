@@ -30,12 +30,18 @@ def write_parquet(path, rows):
 
 def test_missing_built_in_data_say_where_to_get_them(tmp_path, monkeypatch):
     monkeypatch.delenv("LOFIT_DATA", raising=False)
-    for make in (lambda: resolve_data_dir(None), lambda: resolve_data_dir(tmp_path / "absent"),
-                 lambda: get_task("clutrr").train_examples(tmp_path), lambda: get_task("mquake").train_examples(tmp_path),
-                 lambda: get_task("truthfulqa").eval_examples(tmp_path, "test")):
+    for make in (
+        lambda: resolve_data_dir(None),
+        lambda: resolve_data_dir(tmp_path / "absent"),
+        lambda: get_task("clutrr").train_examples(tmp_path),
+        lambda: get_task("mquake").train_examples(tmp_path),
+        lambda: get_task("truthfulqa").eval_examples(tmp_path, "test"),
+    ):
         with pytest.raises(DataError, match=r"github.com/fc2869/lo-fit.* --data-dir or the LOFIT_DATA"):
             make()
-    with pytest.raises(DataError, match=r"absent.jsonl is missing$"):  # the user's own file: no hint about the paper's data
+    with pytest.raises(
+        DataError, match=r"absent.jsonl is missing$"
+    ):  # the user's own file: no hint about the paper's data
         UserFileTask(tmp_path / "absent.jsonl").train_examples()
 
 
@@ -44,8 +50,11 @@ def test_parquet_files_are_read_and_validated_like_jsonl(tmp_path):
     assert get_task(str(path)).train_examples() == [PromptCompletion(r["prompt"], r["completion"]) for r in SFT]
     choices = write_parquet(tmp_path / "mc.parquet", [{"prompt": "Sky?", "choices": [" blue", " red"], "label": 0}])
     assert get_task(str(path), eval_file=str(choices)).eval_examples() == [
-        MultipleChoiceExample("Sky?", (" blue", " red"), (1, 0), 0)]
-    bad = write_parquet(tmp_path / "bad.parquet", SFT + [{"prompt": "Q:", "completion": None}, {"prompt": "", "completion": "x"}])
+        MultipleChoiceExample("Sky?", (" blue", " red"), (1, 0), 0)
+    ]
+    bad = write_parquet(
+        tmp_path / "bad.parquet", SFT + [{"prompt": "Q:", "completion": None}, {"prompt": "", "completion": "x"}]
+    )
     with pytest.raises(DataError) as error:
         get_task(str(bad)).train_examples()
     assert f"{bad} row 3: missing completion" in str(error.value) and f"{bad} row 4: missing prompt" in str(error.value)
@@ -58,7 +67,9 @@ def test_parquet_files_are_read_and_validated_like_jsonl(tmp_path):
 
 def test_a_dataset_saved_to_disk_gives_its_splits(tmp_path):
     folder = tmp_path / "saved"
-    datasets.DatasetDict(train=datasets.Dataset.from_list(SFT), test=datasets.Dataset.from_list(TEST)).save_to_disk(folder)
+    datasets.DatasetDict(train=datasets.Dataset.from_list(SFT), test=datasets.Dataset.from_list(TEST)).save_to_disk(
+        folder
+    )
     task = get_task(str(folder))
     assert task.train_examples() == [PromptCompletion(r["prompt"], r["completion"]) for r in SFT]
     assert task.eval_examples(None, "test") == [GenerationExample("Q: blue A:", (" no",))]
@@ -72,7 +83,9 @@ def test_a_dataset_saved_to_disk_gives_its_splits(tmp_path):
 def test_a_local_dataset_folder_loads_with_the_json_builder_and_bad_rows_are_listed(tmp_path):
     folder = tmp_path / "local"
     folder.mkdir()
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SFT + [{"prompt": "Q: x A:", "completion": ""}]))
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in SFT + [{"prompt": "Q: x A:", "completion": ""}])
+    )
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEST))
     assert get_task(str(folder)).eval_examples(None, "test") == [GenerationExample("Q: blue A:", (" no",))]
     with pytest.raises(DataError, match=r"local, split train, row 3: missing completion"):
@@ -88,8 +101,23 @@ def test_unknown_names_are_refused_with_every_kind_of_source_named():
 
 def test_lofit_eval_on_a_dataset_folder(tmp_path, capsys):
     folder = tmp_path / "saved"
-    datasets.DatasetDict(train=datasets.Dataset.from_list(SFT), test=datasets.Dataset.from_list(TEST)).save_to_disk(folder)
+    datasets.DatasetDict(train=datasets.Dataset.from_list(SFT), test=datasets.Dataset.from_list(TEST)).save_to_disk(
+        folder
+    )
     model = tiny_model_folder(tmp_path / "tiny")
-    assert main(["eval", "--task", str(folder), "--model", str(model), "--output-dir", str(tmp_path / "run"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                str(folder),
+                "--model",
+                str(model),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "evaluated on 1 examples" in capsys.readouterr().out

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 # Installed as sitecustomize in every process torchrun starts: a process other than rank 0
 # records each file it opens for writing, creates, renames or removes under the watched folder.
-AUDIT = '''
+AUDIT = """
 import atexit, json, os, sys
 if os.environ.get("RANK", "0") != "0":
     watched, touched = os.environ["LOFIT_TEST_WATCH"], []
@@ -33,30 +33,69 @@ if os.environ.get("RANK", "0") != "0":
             if writing and os.path.abspath(path).startswith(watched):
                 touched.append(path)
         elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove", "shutil.rmtree"):
-            if isinstance(args[0], (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(args[0])).startswith(watched):
-                touched.append(f"{event} {os.fsdecode(args[0])}")
+            target = args[0]
+            if isinstance(target, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(target)).startswith(
+                watched
+            ):
+                touched.append(f"{event} {os.fsdecode(target)}")
     sys.addaudithook(_audit)
-    atexit.register(lambda: open(os.environ["LOFIT_TEST_AUDIT"] + "." + os.environ["RANK"], "w").write(json.dumps(touched)))
-'''
+    audit_file = os.environ["LOFIT_TEST_AUDIT"] + "." + os.environ["RANK"]
+    atexit.register(lambda: open(audit_file, "w").write(json.dumps(touched)))
+"""
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_two_processes_train_and_evaluate_like_one(tmp_path, kind):
     model_dir = tiny_model_folder(tmp_path / "tiny")
     data = write_task(tmp_path / f"{kind}.jsonl", kind)
-    options = ["run", "--task", str(data), "--model", str(model_dir), "--device", "cpu", "--batch-size", "4",
-               "--select-epochs", "1", "--tune-epochs", "2", "--num-heads", "3", "--scale-lr", "0.02", "--bias-lr", "0.05",
-               "--no-progress"]
+    options = [
+        "run",
+        "--task",
+        str(data),
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--select-epochs",
+        "1",
+        "--tune-epochs",
+        "2",
+        "--num-heads",
+        "3",
+        "--scale-lr",
+        "0.02",
+        "--bias-lr",
+        "0.05",
+        "--no-progress",
+    ]
     assert main(options + ["--output-dir", str(tmp_path / "one")]) == 0
 
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(AUDIT)
     two = tmp_path / "two"
-    env = os.environ | {"PYTHONPATH": str(tmp_path / "site"), "LOFIT_TEST_WATCH": str(two), "LOFIT_TEST_AUDIT": str(tmp_path / "audit"),
-                        "OMP_NUM_THREADS": "1"}
+    env = os.environ | {
+        "PYTHONPATH": str(tmp_path / "site"),
+        "LOFIT_TEST_WATCH": str(two),
+        "LOFIT_TEST_AUDIT": str(tmp_path / "audit"),
+        "OMP_NUM_THREADS": "1",
+    }
     # torch.distributed.run is torchrun, also in a virtual environment that borrows the system's torch
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(BIN / "lofit"), *options, "--output-dir", str(two), "--gradient-accumulation-steps", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(BIN / "lofit"),
+        *options,
+        "--output-dir",
+        str(two),
+        "--gradient-accumulation-steps",
+        "2",
+    ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
@@ -70,10 +109,13 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, kind):
     assert torch.equal(adapter_one["heads"], adapter_two["heads"])
     assert torch.allclose(adapter_one["lofit_bias"], adapter_two["lofit_bias"], atol=1e-5)
     assert adapter_one["lofit_bias"].abs().max() > 1e-3  # it trained
-    predictions_one, predictions_two = ([json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
-                                        for d in (one, two))
+    predictions_one, predictions_two = (
+        [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()] for d in (one, two)
+    )
     assert len(predictions_two) == 16
-    assert [p["prompt"] for p in predictions_one] == [p["prompt"] for p in predictions_two]  # every example once, in order
+    assert [p["prompt"] for p in predictions_one] == [
+        p["prompt"] for p in predictions_two
+    ]  # every example once, in order
     if kind == "sft":
         assert [p["output"] for p in predictions_one] == [p["output"] for p in predictions_two]
     else:

@@ -7,12 +7,11 @@ import math
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.data.batching import TokenizedPair
+from lofit.data.batching import TokenizedPair, collate
 from lofit.evaluation.multiple_choice import MultipleChoiceExample, mc_scores
-from lofit.training.objectives import DPO, dpo_losses
 from lofit.evaluation.scoring import sequence_logprobs
-from lofit.data.batching import collate
 from lofit.methods.lofit.steps import select_heads, tune_biases
+from lofit.training.objectives import DPO, dpo_losses
 
 from .conftest import EOS, PAD, randomize_adapter, tiny_model
 
@@ -54,8 +53,10 @@ def test_reference_is_the_model_with_its_adapter_disabled_and_first_loss_is_log_
 
 def test_dpo_training_moves_mc1_the_right_way():
     """After both LoFiT steps on DPO, the chosen answer outscores the rejected one on held-out prompts."""
-    lofit_model = get_lofit_model(tiny_model("llama"), LofitConfig(num_heads=4, select_epochs=2, tune_epochs=4, batch_size=4,
-                                                                   scale_lr=5e-2, bias_lr=1e-1))
+    lofit_model = get_lofit_model(
+        tiny_model("llama"),
+        LofitConfig(num_heads=4, select_epochs=2, tune_epochs=4, batch_size=4, scale_lr=5e-2, bias_lr=1e-1),
+    )
     train, held_out = preference_pairs(16)[:12], preference_pairs(16)[12:]
 
     def mc1() -> float:

@@ -8,29 +8,37 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from safetensors.torch import load_file
-
 from lofit import LofitConfig, get_lofit_model, load_model
-from lofit.training import loop as training
 from lofit.cli import main
-from lofit.models.architectures import decoder_layers
-from lofit.training.checkpoints import checkpoint_folders
-from lofit.utils.compute import ComputeConfig, resolve_device
-from lofit.methods.lofit.intervention import HeadIntervention
 from lofit.methods import FitContext, get_method
-from lofit.training.objectives import SFT, Objective
+from lofit.methods.lofit.intervention import HeadIntervention
 from lofit.methods.lofit.steps import select_heads, tune_biases
+from lofit.models.architectures import decoder_layers
 from lofit.tasks import PromptCompletion, UserFileTask
+from lofit.training import loop as training
+from lofit.training.checkpoints import checkpoint_folders
+from lofit.training.loop import (
+    CheckpointPolicy,
+    NonFiniteLossError,
+    TrainingRun,
+    TrainingSetup,
+    epoch_batches,
+    gradient_checkpointing,
+    train,
+)
+from lofit.training.objectives import SFT, Objective
 from lofit.training.prefix_cache import PrefixCache
-from lofit.training.loop import (CheckpointPolicy, NonFiniteLossError, TrainingRun, TrainingSetup, epoch_batches, gradient_checkpointing,
-                            train)
+from lofit.utils.compute import ComputeConfig, resolve_device
 
 from .conftest import PAD, randomize_adapter, synthetic_pairs, tiny_model, word_tokenizer
 from .tiny_run import tiny_model_folder, write_task
 
-CONFIG = LofitConfig(num_heads=4, select_epochs=2, tune_epochs=3, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3)
+CONFIG = LofitConfig(
+    num_heads=4, select_epochs=2, tune_epochs=3, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3
+)
 HEADS = [(0, 1), (1, 2), (2, 0), (2, 3)]
 
 
@@ -88,8 +96,12 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch):
 def test_bf16_mixed_precision_follows_float32():
     def losses(precision: str):
         lofit_model = get_lofit_model(tiny_model("llama"), CONFIG)
-        _, log = select_heads(lofit_model, SFT(synthetic_pairs(16), PAD), progress=False,
-                              setup=TrainingSetup(ComputeConfig(mixed_precision=precision)))
+        _, log = select_heads(
+            lofit_model,
+            SFT(synthetic_pairs(16), PAD),
+            progress=False,
+            setup=TrainingSetup(ComputeConfig(mixed_precision=precision)),
+        )
         return log.epoch_losses, lofit_model.lofit_scale.dtype
 
     full, dtype_full = losses("no")
@@ -114,14 +126,21 @@ def test_resume_refuses_a_checkpoint_of_another_setup(tmp_path):
     tuned_bias(TrainingSetup(checkpoints=CheckpointPolicy(tmp_path)))
     lofit_model = get_lofit_model(tiny_model("llama"), LofitConfig(**CONFIG.to_dict() | {"bias_lr": 0.1}))
     with pytest.raises(ValueError, match="belongs to another training setup.*lr 0.05 vs 0.1"):
-        tune_biases(lofit_model, SFT(synthetic_pairs(14), PAD), HEADS, progress=False,
-                    setup=TrainingSetup(checkpoints=CheckpointPolicy(tmp_path, resume=True)))
+        tune_biases(
+            lofit_model,
+            SFT(synthetic_pairs(14), PAD),
+            HEADS,
+            progress=False,
+            setup=TrainingSetup(checkpoints=CheckpointPolicy(tmp_path, resume=True)),
+        )
 
 
 def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     policy = CheckpointPolicy(tmp_path, save_steps=1)
     lofit_model = get_lofit_model(tiny_model("llama"), CONFIG)
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3 of 12 \(epoch 1\).*step-2.*--bias-lr 0.05"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss became nan at step 3 of 12 \(epoch 1\).*step-2.*--bias-lr 0.05"
+    ):
         tune_biases(lofit_model, NanAt(at=3), HEADS, progress=False, setup=TrainingSetup(checkpoints=policy))
     assert checkpoint_folders(tmp_path / "tune")[-1].name == "step-2"
     assert torch.isfinite(lofit_model.lofit_bias).all()
@@ -131,7 +150,13 @@ class ScriptedLoss(Objective):
     """A stand-in objective whose n-th loss (from 1) is ``loss(n)``."""
 
     def __init__(self, parameter: nn.Parameter, loss, items: int = 8):
-        self.items, self.pad_id, self.parameter, self.loss_of_call, self.calls = list(range(items)), PAD, parameter, loss, 0
+        self.items, self.pad_id, self.parameter, self.loss_of_call, self.calls = (
+            list(range(items)),
+            PAD,
+            parameter,
+            loss,
+            0,
+        )
 
     def collate(self, items):
         class Batch:
@@ -139,6 +164,7 @@ class ScriptedLoss(Objective):
 
             def to(self, device):
                 return self
+
         return Batch()
 
     def loss_sum(self, model, batch):
@@ -148,9 +174,13 @@ class ScriptedLoss(Objective):
 
 def test_a_climbing_loss_is_reported_as_divergence_naming_the_learning_rate():
     parameter = nn.Parameter(torch.zeros(2))
-    run = TrainingRun([parameter], 0.5, epochs=2, batch_size=4, seed=0, progress=False, lr_name="--bias-lr")
+    run = TrainingRun(
+        parameters=[parameter], lr=0.5, epochs=2, batch_size=4, seed=0, progress=False, lr_name="--bias-lr"
+    )
     rising = ScriptedLoss(parameter, lambda call: 1.0 if call <= 2 else 3.0)  # 1 in the first epoch, 3 after
-    with pytest.warns(UserWarning, match="diverging: epoch 2 mean 3.000 against 1.000 over the first 2 steps.*--bias-lr 0.5"):
+    with pytest.warns(
+        UserWarning, match="diverging: epoch 2 mean 3.000 against 1.000 over the first 2 steps.*--bias-lr 0.5"
+    ):
         log = train(tiny_model("llama"), rising, run)
     assert len(log.warnings) == 1
 
@@ -158,18 +188,22 @@ def test_a_climbing_loss_is_reported_as_divergence_naming_the_learning_rate():
 def test_a_loss_that_explodes_within_the_first_steps_is_reported_against_the_first_step():
     # 8 steps per epoch: the first steps' mean (8.9) is inflated by the explosion itself
     parameter = nn.Parameter(torch.zeros(2))
-    run = TrainingRun([parameter], 0.05, epochs=1, batch_size=4, seed=0, progress=False, lr_name="--bias-lr")
+    run = TrainingRun(
+        parameters=[parameter], lr=0.05, epochs=1, batch_size=4, seed=0, progress=False, lr_name="--bias-lr"
+    )
     exploding = ScriptedLoss(parameter, lambda call: 1.0 if call == 1 else 10.0, items=32)
-    with pytest.warns(UserWarning, match="diverging: epoch 1 mean 8.875 against 1.000 at the first step.*--bias-lr 0.05"):
+    with pytest.warns(
+        UserWarning, match="diverging: epoch 1 mean 8.875 against 1.000 at the first step.*--bias-lr 0.05"
+    ):
         log = train(tiny_model("llama"), exploding, run)
     assert len(log.warnings) == 1
 
 
 def test_a_noisy_falling_loss_is_not_reported_as_divergence():
     parameter = nn.Parameter(torch.zeros(2))
-    run = TrainingRun([parameter], 0.05, epochs=2, batch_size=4, seed=0, progress=False)
+    run = TrainingRun(parameters=[parameter], lr=0.05, epochs=2, batch_size=4, seed=0, progress=False)
     # the first batch is the easy kind: batches alternate between 0.6 and 1.6 times a falling loss
-    noisy = ScriptedLoss(parameter, lambda call: 1.0 / call ** 0.5 * (0.6 if call % 2 else 1.6), items=32)
+    noisy = ScriptedLoss(parameter, lambda call: 1.0 / call**0.5 * (0.6 if call % 2 else 1.6), items=32)
     log = train(tiny_model("llama"), noisy, run)
     assert log.warnings == []
 
@@ -212,7 +246,9 @@ def test_library_calls_leave_the_callers_random_state_alone():
     examples = [PromptCompletion("Q: sky A:", " blue"), PromptCompletion("Q: red A:", " no")] * 4
     setup_config = LofitConfig(num_heads=2, select_epochs=1, tune_epochs=1, batch_size=4)
     for method in ("lofit", "lora", "reft", "red"):
-        context = FitContext(tiny_model("llama"), word_tokenizer(), examples, setup_config, progress=False)
+        context = FitContext(
+            model=tiny_model("llama"), tokenizer=word_tokenizer(), examples=examples, lofit=setup_config, progress=False
+        )
         torch.manual_seed(123)
         before = torch.get_rng_state()
         get_method(method).fit(context)
@@ -242,8 +278,25 @@ def run_options(tmp_path, *extra: str) -> list[str]:
     if not model_dir.exists():
         tiny_model_folder(model_dir)
         write_task(tmp_path / "task.jsonl")
-    return ["run", "--task", str(tmp_path / "task.jsonl"), "--model", str(model_dir), "--device", "cpu", "--batch-size", "4",
-            "--select-epochs", "2", "--tune-epochs", "2", "--num-heads", "3", "--no-progress", *extra]
+    return [
+        "run",
+        "--task",
+        str(tmp_path / "task.jsonl"),
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--select-epochs",
+        "2",
+        "--tune-epochs",
+        "2",
+        "--num-heads",
+        "3",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def adapter_bias(folder) -> torch.Tensor:
@@ -321,8 +374,13 @@ def test_step_2_with_the_prefix_cache_trains_the_same_adapter():
 
     def tuned(budget_mb: int):
         lofit_model = get_lofit_model(tiny_model("llama"), CONFIG)
-        tune_biases(lofit_model, SFT(synthetic_pairs(14), PAD), heads, progress=False,
-                    setup=TrainingSetup(ComputeConfig(prefix_cache_mb=budget_mb)))
+        tune_biases(
+            lofit_model,
+            SFT(synthetic_pairs(14), PAD),
+            heads,
+            progress=False,
+            setup=TrainingSetup(ComputeConfig(prefix_cache_mb=budget_mb)),
+        )
         return lofit_model.lofit_bias.detach().clone()
 
     assert torch.allclose(tuned(0), tuned(64), atol=1e-5)
@@ -340,6 +398,10 @@ def test_length_grouped_batches_are_seeded_complete_and_less_padded():
     assert grouped[0] != grouped[1]  # batches change between epochs
 
     def padding(epochs):
-        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for epoch in epochs for batch in epoch)
+        return sum(
+            max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch)
+            for epoch in epochs
+            for batch in epoch
+        )
 
     assert padding(grouped) < 0.3 * padding(plain)

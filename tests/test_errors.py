@@ -11,17 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lofit import LofitConfig, LofitModel, get_lofit_model
-from lofit.methods.lofit.adapter_io import AdapterError, AdapterMismatchError
-from lofit.models.architectures import projection_weight
-from lofit.utils.atomic import replacing, save_safetensors, staged_folder, write_bytes, write_json, write_text
 from lofit.data.files import DataError, resolve_data_dir
-from lofit.models.loading import ModelNotFoundError, load_model
-from lofit.methods.lofit.merge import MergeError
 from lofit.methods import FitResult, get_method, load_adapted
-from lofit.methods.reft import ReftConfig, ReftModel
+from lofit.methods.lofit.adapter_io import AdapterError, AdapterMismatchError
+from lofit.methods.lofit.merge import MergeError
 from lofit.methods.lofit.ranking import HeadRanking
-from lofit.tasks import get_task
+from lofit.methods.reft import ReftConfig, ReftModel
+from lofit.models.architectures import projection_weight
+from lofit.models.loading import ModelNotFoundError, load_model
 from lofit.models.wrapper import AdapterStateError
+from lofit.tasks import get_task
+from lofit.utils.atomic import replacing, save_safetensors, staged_folder, write_bytes, write_json, write_text
 
 from .conftest import SAVED_METHODS, fitted, input_batch, randomize_adapter, tiny_model
 
@@ -40,8 +40,15 @@ def test_more_heads_than_the_model_has_is_refused():
         ranking.top(13)
 
 
-@pytest.mark.parametrize("heads,message", [([(3, 0)], "does not exist"), ([(0, 4)], "does not exist"),
-                                           ([(0, -1)], "does not exist"), ([(0, 1), (0, 1)], "duplicate")])
+@pytest.mark.parametrize(
+    "heads,message",
+    [
+        ([(3, 0)], "does not exist"),
+        ([(0, 4)], "does not exist"),
+        ([(0, -1)], "does not exist"),
+        ([(0, 1), (0, 1)], "duplicate"),
+    ],
+)
 def test_wrong_head_indices_are_refused(heads, message):
     lofit_model = get_lofit_model(tiny_model("llama"))
     before = lofit_model.active_heads.clone()
@@ -204,8 +211,14 @@ def test_examples_without_prompt_tokens_are_refused():
 
 # -- broken or foreign saved results: one clear error, the base model left as it was ---------------------
 
-WEIGHTS = {"lofit": "adapter_model.safetensors", "iti": "adapter_model.safetensors", "lora": "adapter_model.safetensors",
-           "repe": "repe_shift.safetensors", "red": "red.safetensors", "reft": "reft.safetensors"}
+WEIGHTS = {
+    "lofit": "adapter_model.safetensors",
+    "iti": "adapter_model.safetensors",
+    "lora": "adapter_model.safetensors",
+    "repe": "repe_shift.safetensors",
+    "red": "red.safetensors",
+    "reft": "reft.safetensors",
+}
 
 
 def save_result(name: str, directory) -> None:
@@ -251,24 +264,52 @@ def first_float(tensors: dict) -> str:
 
 
 BREAKAGES = {
-    "truncated weights": (lambda d, w: (d / w).write_bytes((d / w).read_bytes()[:-7]), "not a readable safetensors file"),
-    "weights not safetensors": (lambda d, w: (d / w).write_bytes(b"PK\x03\x04 a zip file"), "not a readable safetensors file"),
+    "truncated weights": (
+        lambda d, w: (d / w).write_bytes((d / w).read_bytes()[:-7]),
+        "not a readable safetensors file",
+    ),
+    "weights not safetensors": (
+        lambda d, w: (d / w).write_bytes(b"PK\x03\x04 a zip file"),
+        "not a readable safetensors file",
+    ),
     "empty weights": (lambda d, w: (d / w).write_bytes(b""), "not a readable safetensors file"),
-    "integer weights": (lambda d, w: rewrite_tensors(d / w, lambda t: t.update({(n := first_float(t)): t[n].long()})),
-                        "expected floating point"),
-    "wrong shape": (lambda d, w: rewrite_tensors(d / w, lambda t: t.update({(n := first_float(t)): torch.cat([t[n], t[n]])})),
-                    "has shape"),
-    "nan in weights": (lambda d, w: rewrite_tensors(d / w, lambda t: t[first_float(t)].view(-1).__setitem__(0, float("nan"))),
-                       "non-finite"),
+    "integer weights": (
+        lambda d, w: rewrite_tensors(d / w, lambda t: t.update({(n := first_float(t)): t[n].long()})),
+        "expected floating point",
+    ),
+    "wrong shape": (
+        lambda d, w: rewrite_tensors(d / w, lambda t: t.update({(n := first_float(t)): torch.cat([t[n], t[n]])})),
+        "has shape",
+    ),
+    "nan in weights": (
+        lambda d, w: rewrite_tensors(d / w, lambda t: t[first_float(t)].view(-1).__setitem__(0, float("nan"))),
+        "non-finite",
+    ),
     "missing tensor": (lambda d, w: rewrite_tensors(d / w, lambda t: t.pop(first_float(t))), "lacks the tensor"),
-    "extra tensor": (lambda d, w: rewrite_tensors(d / w, lambda t: t.update({"stowaway": torch.zeros(1)})), "unexpected tensor"),
-    "method file not JSON": (lambda d, w: (d / "lofit_method.json").write_text("{not json"), "lofit_method.json is not valid JSON"),
-    "method file not an object": (lambda d, w: (d / "lofit_method.json").write_text("[1, 2]"), "must hold a JSON object"),
-    "method file not UTF-8": (lambda d, w: (d / "lofit_method.json").write_bytes(b'{"method": "\xff"}'), "is not valid JSON"),
-    "unknown method": (lambda d, w: edit_json(d / "lofit_method.json", lambda r: r.update(method="sorcery")),
-                       "names an unknown method 'sorcery'"),
-    "method of another type": (lambda d, w: edit_json(d / "lofit_method.json", lambda r: r.update(method=["lofit"])),
-                               "names an unknown method"),
+    "extra tensor": (
+        lambda d, w: rewrite_tensors(d / w, lambda t: t.update({"stowaway": torch.zeros(1)})),
+        "unexpected tensor",
+    ),
+    "method file not JSON": (
+        lambda d, w: (d / "lofit_method.json").write_text("{not json"),
+        "lofit_method.json is not valid JSON",
+    ),
+    "method file not an object": (
+        lambda d, w: (d / "lofit_method.json").write_text("[1, 2]"),
+        "must hold a JSON object",
+    ),
+    "method file not UTF-8": (
+        lambda d, w: (d / "lofit_method.json").write_bytes(b'{"method": "\xff"}'),
+        "is not valid JSON",
+    ),
+    "unknown method": (
+        lambda d, w: edit_json(d / "lofit_method.json", lambda r: r.update(method="sorcery")),
+        "names an unknown method 'sorcery'",
+    ),
+    "method of another type": (
+        lambda d, w: edit_json(d / "lofit_method.json", lambda r: r.update(method=["lofit"])),
+        "names an unknown method",
+    ),
 }
 LOFIT_CONFIG_BREAKAGES = {
     "config missing a key": (lambda r: r.pop("head_dim"), "missing head_dim"),
@@ -276,9 +317,18 @@ LOFIT_CONFIG_BREAKAGES = {
     "size as a bool": (lambda r: r.update(num_layers=True), "num_layers must be an integer"),
     "lofit_config not an object": (lambda r: r.update(lofit_config=[1]), "lofit_config must be a JSON object"),
     "unknown option": (lambda r: r["lofit_config"].update(colour="red"), "unknown LofitConfig fields: colour"),
-    "option of another type": (lambda r: r["lofit_config"].update(seed="42"), "lofit_config is invalid: seed must be an integer, got '42'"),
-    "option not finite": (lambda r: r["lofit_config"].update(bias_lr=float("inf")), "invalid: bias_lr must be a finite number, got inf"),
-    "head selector of another type": (lambda r: r["lofit_config"].update(heads=["lofit"]), "invalid: heads must be a string"),
+    "option of another type": (
+        lambda r: r["lofit_config"].update(seed="42"),
+        "lofit_config is invalid: seed must be an integer, got '42'",
+    ),
+    "option not finite": (
+        lambda r: r["lofit_config"].update(bias_lr=float("inf")),
+        "invalid: bias_lr must be a finite number, got inf",
+    ),
+    "head selector of another type": (
+        lambda r: r["lofit_config"].update(heads=["lofit"]),
+        "invalid: heads must be a string",
+    ),
     "option out of range": (lambda r: r["lofit_config"].update(num_heads=-1), "invalid: a number of heads must be"),
 }
 
@@ -310,10 +360,15 @@ def test_a_broken_lofit_adapter_config_is_refused(breakage, tmp_path):
     assert_same_state(before, model_state(target))
 
 
-@pytest.mark.parametrize("heads,message", [(torch.tensor([[0, 1], [0, 1]]), "lists a head twice"),
-                                           (torch.tensor([[3, 0], [0, 1]]), r"head \(3, 0\) does not exist"),
-                                           (torch.tensor([0, 1]), r"expected \(K, 2\)"),
-                                           (torch.tensor([[0.0, 1.0], [2.0, 3.0]]), "expected integers")])
+@pytest.mark.parametrize(
+    "heads,message",
+    [
+        (torch.tensor([[0, 1], [0, 1]]), "lists a head twice"),
+        (torch.tensor([[3, 0], [0, 1]]), r"head \(3, 0\) does not exist"),
+        (torch.tensor([0, 1]), r"expected \(K, 2\)"),
+        (torch.tensor([[0.0, 1.0], [2.0, 3.0]]), "expected integers"),
+    ],
+)
 def test_bad_head_indices_in_an_adapter_are_refused(heads, message, tmp_path):
     save_result("lofit", tmp_path)
     rewrite_tensors(tmp_path / "adapter_model.safetensors", lambda t: t.update(heads=heads))
@@ -324,13 +379,16 @@ def test_bad_head_indices_in_an_adapter_are_refused(heads, message, tmp_path):
     assert_same_state(before, model_state(target))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda r: r.update(peft_type="PREFIX_TUNING"), "is not a LoRA config"),
-    (lambda r: r.update(r=0), "r must be an integer >= 1"),
-    (lambda r: r.update(target_modules=["input_layernorm", "q_proj"]), "this LoRA does not fit the model"),
-    (lambda r: r.update(target_modules=["no_such_module"]), "this LoRA does not fit the model"),
-    (lambda r: r.update(target_modules=["q_proj"]), "unexpected tensor"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r: r.update(peft_type="PREFIX_TUNING"), "is not a LoRA config"),
+        (lambda r: r.update(r=0), "r must be an integer >= 1"),
+        (lambda r: r.update(target_modules=["input_layernorm", "q_proj"]), "this LoRA does not fit the model"),
+        (lambda r: r.update(target_modules=["no_such_module"]), "this LoRA does not fit the model"),
+        (lambda r: r.update(target_modules=["q_proj"]), "unexpected tensor"),
+    ],
+)
 def test_a_foreign_lora_config_is_refused_and_the_model_left_as_it_was(change, message, tmp_path):
     save_result("lora", tmp_path)
     edit_json(tmp_path / "adapter_config.json", change)
@@ -345,9 +403,13 @@ def test_reft_options_that_do_not_fit_the_model_are_refused(tmp_path):
     save_result("reft", tmp_path)
     target = fresh_target()
     before = model_state(target)
-    for options, message in [({"reft_layers": "7"}, "do not fit this model"), ({"reft_rank": "2"}, "options is invalid: reft_rank must be an integer"),
-                             ({"reft_layers": 3}, "options is invalid: reft_layers must be a string"), ({"reft_rank": 99}, "exceeds the hidden size")]:
-        edit_json(tmp_path / "lofit_method.json", lambda r: r["options"].update(options))
+    for options, message in [
+        ({"reft_layers": "7"}, "do not fit this model"),
+        ({"reft_rank": "2"}, "options is invalid: reft_rank must be an integer"),
+        ({"reft_layers": 3}, "options is invalid: reft_layers must be a string"),
+        ({"reft_rank": 99}, "exceeds the hidden size"),
+    ]:
+        edit_json(tmp_path / "lofit_method.json", lambda r, options=options: r["options"].update(options))
         with pytest.raises(AdapterError, match=message):
             load_adapted(target, tmp_path)
         assert_same_state(before, model_state(target))
@@ -385,6 +447,7 @@ def test_nothing_saved_and_adapter_error_types(tmp_path):
 
 # -- merging ------------------------------------------------------------------------------------------------
 
+
 def merged_ready(model_type: str = "llama") -> LofitModel:
     lofit_model = get_lofit_model(tiny_model(model_type))
     randomize_adapter(lofit_model)
@@ -393,8 +456,10 @@ def merged_ready(model_type: str = "llama") -> LofitModel:
 
 
 def projection_state(lofit_model) -> list:
-    return [(projection_weight(p).detach().clone(), None if p.bias is None else p.bias.detach().clone())
-            for p in lofit_model.layout.out_projs]
+    return [
+        (projection_weight(p).detach().clone(), None if p.bias is None else p.bias.detach().clone())
+        for p in lofit_model.layout.out_projs
+    ]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -453,7 +518,9 @@ def test_disabling_a_merged_adapter_is_refused():
         merged_ready().unmerge()
 
 
-@pytest.mark.parametrize("value,dtype", [(float("inf"), torch.float32), (float("nan"), torch.float32), (1e6, torch.float16)])
+@pytest.mark.parametrize(
+    "value,dtype", [(float("inf"), torch.float32), (float("nan"), torch.float32), (1e6, torch.float16)]
+)
 def test_a_merge_that_would_not_be_finite_is_refused_and_nothing_changes(value, dtype):
     lofit_model = get_lofit_model(tiny_model("llama").to(dtype))
     lofit_model.set_active_heads([(0, 1), (1, 2), (2, 0)])
@@ -477,6 +544,7 @@ def test_unload_and_merge_and_unload_give_back_the_requires_grad_flags():
 
 
 # -- interrupted writes leave the old files whole ----------------------------------------------------------
+
 
 def folder_bytes(directory) -> dict:
     return {p.name: p.read_bytes() for p in sorted(directory.parent.rglob("*")) if p.is_file()}
@@ -540,21 +608,49 @@ def test_an_interrupted_save_leaves_the_previous_result_whole(name, tmp_path, mo
 
 # -- data files and head rankings: any bytes end in a DataError / ValueError naming the file ---------------
 
-@pytest.mark.parametrize("name,data,message", [
-    ("train.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n', r"train.jsonl:2: not UTF-8 text \(byte 0xff\)"),
-    ("train.csv", b"prompt,completion\nQ,\xe9t\xe9\n", r"train.csv:2: not UTF-8 text \(byte 0xe9\)"),
-    ("train.csv", b"\xef\xbb\xbfprompt,completion\nQ,\xe9t\xe9\n", r"train.csv:2: not UTF-8 text \(byte 0xe9\)"),
-    ("train.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", r"train.jsonl:1: not valid JSON \(nested too deeply\)"),
-    ("train.jsonl", b'{"prompt": ' + b"1" * 5000 + b"}\n", r"train.jsonl:1: not valid JSON \(Exceeds the limit"),
-    ("train.jsonl", b"3\n", r"train.jsonl:1: expected an object with named fields"),
-    ("train.csv", b"prompt,completion\nQ,A,surplus\n", r"train.csv:2: more cells than the header has columns"),
-    ("train.csv", b"question,answer\nQ,A,surplus\n", r"fields \['answer', 'question'\] match no schema"),
-    ("train.csv", b"prompt,completion\nQ,\"" + b"x" * 200_000 + b"\"\n", r"train.csv:2: not valid CSV \(field larger than field limit"),
-    ("mc.jsonl", b'{"prompt": "a", "choices": ["x", "y"], "label": 1.5}\n', r"mc.jsonl:1: label must be an integer, got 1.5"),
-    ("mc.jsonl", b'{"prompt": "a", "choices": ["x", "y"], "label": true}\n', r"label must be an integer, got True"),
-    ("mc.jsonl", b'{"prompt": "a", "choices": ["x", "y"], "label": Infinity}\n', r"label must be an integer, got inf"),
-    ("mc.csv", b'prompt,choices,label\na,"[[[[1]]]]",0\n', r"mc.csv:2: choices must be a list of at least two non-empty strings"),
-])
+
+@pytest.mark.parametrize(
+    "name,data,message",
+    [
+        (
+            "train.jsonl",
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n',
+            r"train.jsonl:2: not UTF-8 text \(byte 0xff\)",
+        ),
+        ("train.csv", b"prompt,completion\nQ,\xe9t\xe9\n", r"train.csv:2: not UTF-8 text \(byte 0xe9\)"),
+        ("train.csv", b"\xef\xbb\xbfprompt,completion\nQ,\xe9t\xe9\n", r"train.csv:2: not UTF-8 text \(byte 0xe9\)"),
+        (
+            "train.jsonl",
+            b"[" * 100_000 + b"]" * 100_000 + b"\n",
+            r"train.jsonl:1: not valid JSON \(nested too deeply\)",
+        ),
+        ("train.jsonl", b'{"prompt": ' + b"1" * 5000 + b"}\n", r"train.jsonl:1: not valid JSON \(Exceeds the limit"),
+        ("train.jsonl", b"3\n", r"train.jsonl:1: expected an object with named fields"),
+        ("train.csv", b"prompt,completion\nQ,A,surplus\n", r"train.csv:2: more cells than the header has columns"),
+        ("train.csv", b"question,answer\nQ,A,surplus\n", r"fields \['answer', 'question'\] match no schema"),
+        (
+            "train.csv",
+            b'prompt,completion\nQ,"' + b"x" * 200_000 + b'"\n',
+            r"train.csv:2: not valid CSV \(field larger than field limit",
+        ),
+        (
+            "mc.jsonl",
+            b'{"prompt": "a", "choices": ["x", "y"], "label": 1.5}\n',
+            r"mc.jsonl:1: label must be an integer, got 1.5",
+        ),
+        ("mc.jsonl", b'{"prompt": "a", "choices": ["x", "y"], "label": true}\n', r"label must be an integer, got True"),
+        (
+            "mc.jsonl",
+            b'{"prompt": "a", "choices": ["x", "y"], "label": Infinity}\n',
+            r"label must be an integer, got inf",
+        ),
+        (
+            "mc.csv",
+            b'prompt,choices,label\na,"[[[[1]]]]",0\n',
+            r"mc.csv:2: choices must be a list of at least two non-empty strings",
+        ),
+    ],
+)
 def test_unreadable_user_files_name_the_file_and_line(name, data, message, tmp_path):
     (tmp_path / name).write_bytes(data)
     with pytest.raises(DataError, match=message):
@@ -582,19 +678,35 @@ def ranking_with(change) -> dict:
     return data
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"\xff\xfe", "not valid JSON"),
-    (b"[1, 2]", "expected a JSON object, found list"),
-    (ranking_with(lambda d: d.update(num_layers=-1)), "num_layers and num_heads must be integers >= 1"),
-    (ranking_with(lambda d: d.update(num_heads=10**12)), r"'ranking' must list each of the 2 x 1000000000000 heads once"),
-    (ranking_with(lambda d: d["ranking"].pop()), r"'ranking' must list each of the 2 x 3 heads once"),
-    (ranking_with(lambda d: d["ranking"][0].update(layer=-1)), "ranking entry 0 needs an integer layer below 2 and head below 3"),
-    (ranking_with(lambda d: d["ranking"][1].update(head=1.0)), "ranking entry 1 needs an integer layer"),
-    (ranking_with(lambda d: d["ranking"][2].update(score=float("nan"))), "ranking entry 2 needs a finite number score"),
-    (ranking_with(lambda d: d["ranking"][3].update(score=10**400)), "ranking entry 3 needs a finite number score"),
-    (ranking_with(lambda d: d["ranking"][4].update(layer=d["ranking"][5]["layer"], head=d["ranking"][5]["head"])),
-     r"ranking entry 5 repeats head"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, found list"),
+        (ranking_with(lambda d: d.update(num_layers=-1)), "num_layers and num_heads must be integers >= 1"),
+        (
+            ranking_with(lambda d: d.update(num_heads=10**12)),
+            r"'ranking' must list each of the 2 x 1000000000000 heads once",
+        ),
+        (ranking_with(lambda d: d["ranking"].pop()), r"'ranking' must list each of the 2 x 3 heads once"),
+        (
+            ranking_with(lambda d: d["ranking"][0].update(layer=-1)),
+            "ranking entry 0 needs an integer layer below 2 and head below 3",
+        ),
+        (ranking_with(lambda d: d["ranking"][1].update(head=1.0)), "ranking entry 1 needs an integer layer"),
+        (
+            ranking_with(lambda d: d["ranking"][2].update(score=float("nan"))),
+            "ranking entry 2 needs a finite number score",
+        ),
+        (ranking_with(lambda d: d["ranking"][3].update(score=10**400)), "ranking entry 3 needs a finite number score"),
+        (
+            ranking_with(
+                lambda d: d["ranking"][4].update(layer=d["ranking"][5]["layer"], head=d["ranking"][5]["head"])
+            ),
+            r"ranking entry 5 repeats head",
+        ),
+    ],
+)
 def test_a_bad_head_ranking_is_refused_naming_the_file(data, message, tmp_path):
     path = tmp_path / "head_ranking.json"
     path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())

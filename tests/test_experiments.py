@@ -12,10 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lofit.runs import plots
 from lofit.cli import main
-from lofit.utils.compute import hardware, resolve_device
-from lofit.methods.lofit.config import LofitConfig
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
@@ -24,7 +21,10 @@ from lofit.experiments.grid import check_tuning, expand, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
+from lofit.methods.lofit.config import LofitConfig
+from lofit.runs import plots
 from lofit.runs.pipeline import CellConfig, RunConfig, load_fresh, run_cell
+from lofit.utils.compute import hardware, resolve_device
 
 from .tiny_run import tiny_model_folder, write_task
 
@@ -41,9 +41,15 @@ def setting(tmp_path_factory):
 
 
 def grid_file(setting, tmp_path, **changes):
-    grid = {"name": "tiny", "description": "a tiny grid", "tasks": [setting["task"]], "seeds": [1],
-            "options": {"model": setting["model"]} | FAST, "sweep": {"num_heads": [2, 4]},
-            "arms": [LOFIT_TUNED, RED_TUNED]} | changes
+    grid = {
+        "name": "tiny",
+        "description": "a tiny grid",
+        "tasks": [setting["task"]],
+        "seeds": [1],
+        "options": {"model": setting["model"]} | FAST,
+        "sweep": {"num_heads": [2, 4]},
+        "arms": [LOFIT_TUNED, RED_TUNED],
+    } | changes
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
@@ -66,14 +72,24 @@ def test_grid_expands_to_keyed_cells(setting, tmp_path):
     assert len(cells) == 2 * 2 * 2  # arms x sweep points x seeds
     assert [c.seed for c in cells] == [1] * 4 + [2] * 4  # seed first: a stopped run has whole seeds
     assert len({c.key for c in cells}) == len(cells)
-    assert [c.key for c in expand(grid, "test", {"progress": True, "output_dir": "elsewhere"})] == [c.key for c in cells]
+    assert [c.key for c in expand(grid, "test", {"progress": True, "output_dir": "elsewhere"})] == [
+        c.key for c in cells
+    ]
     assert [c.key for c in expand(grid, "test", {"bias_lr": 0.3})][0] != cells[0].key
     trials = expand(grid, "tune", {})
     assert len(trials) == 2 * 2 * 4 and {c.config["eval_split"] for c in trials} == {"val"}
     assert {c.config["limit"] for c in trials} == {300}  # tune_limit's default
-    assert "red_epochs" not in cells[0].config and cells[2].config["red_epochs"] == 1  # another method's option: left out
+    assert (
+        "red_epochs" not in cells[0].config and cells[2].config["red_epochs"] == 1
+    )  # another method's option: left out
     with pytest.raises(ValueError, match="not options of method red"):
-        expand(load_grid(str(grid_file(setting, tmp_path, arms=[{"label": "RED", "method": "red", "options": {"lora_rank": 4}}]))), "test", {})
+        expand(
+            load_grid(
+                str(grid_file(setting, tmp_path, arms=[{"label": "RED", "method": "red", "options": {"lora_rank": 4}}]))
+            ),
+            "test",
+            {},
+        )
     with pytest.raises(ValueError, match="no_such_option"):
         expand(grid, "test", {"no_such_option": 1})
 
@@ -87,12 +103,20 @@ def test_tuned_numbers_are_log_grids(setting, tmp_path):
     assert compact == {"lora_lr": [1e-3, 3.162e-3, 1e-2, 3.162e-2, 1e-1]}
     assert tuned(lora_rank={"low": 2, "high": 32, "points": 5}) == {"lora_rank": [2, 4, 8, 16, 32]}
     assert tuned(lora_lr=[1e-2, 1e-3, 3.16e-3], lora_rank=[4, 16], lora_targets=["q_proj", "v_proj"])["lora_lr"] == [
-        1e-2, 1e-3, 3.16e-3]  # any order, 3 significant digits; categorical values as a list
+        1e-2,
+        1e-3,
+        3.16e-3,
+    ]  # any order, 3 significant digits; categorical values as a list
     assert tuned(lora_rank=[4, 7, 12])["lora_rank"] == [4, 7, 12]  # integers: log-spaced within rounding
-    refusals = {"not log-spaced": dict(lora_lr=[3e-4, 1e-3, 3e-3]), "not log-spaced ": dict(lora_rank=[4, 9, 16]),
-                "whole number >= 1": dict(lora_rank=[0.5, 2]), "> 0": dict(lora_lr=[0.0, 1e-3]),
-                "repeat": dict(lora_rank={"low": 1, "high": 4, "points": 5}), "as text": dict(lora_lr=["1e-3", "1e-2"]),
-                "compact grid": dict(lora_lr={"low": 1e-2, "high": 1e-3, "points": 3})}
+    refusals = {
+        "not log-spaced": dict(lora_lr=[3e-4, 1e-3, 3e-3]),
+        "not log-spaced ": dict(lora_rank=[4, 9, 16]),
+        "whole number >= 1": dict(lora_rank=[0.5, 2]),
+        "> 0": dict(lora_lr=[0.0, 1e-3]),
+        "repeat": dict(lora_rank={"low": 1, "high": 4, "points": 5}),
+        "as text": dict(lora_lr=["1e-3", "1e-2"]),
+        "compact grid": dict(lora_lr={"low": 1e-2, "high": 1e-3, "points": 3}),
+    }
     for message, tune in refusals.items():
         with pytest.raises(ValueError, match=rf"grid tiny, arm arm, option {next(iter(tune))}: .*({message})"):
             tuned(**tune)
@@ -101,8 +125,10 @@ def test_tuned_numbers_are_log_grids(setting, tmp_path):
 
 
 def test_tuning_needs_two_hyper_parameters_and_equal_base_grids(setting, tmp_path):
-    arms = [{"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2], "l1_lambda": [1e-3, 5e-3]}},
-            {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 3e-2], "red_epochs": [2]}}]
+    arms = [
+        {"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2], "l1_lambda": [1e-3, 5e-3]}},
+        {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 3e-2], "red_epochs": [2]}},
+    ]
     with pytest.raises(ValueError, match="same size"):
         check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms))))
     arms[1]["tune"] = {"red_lr": [1e-2, 3e-2, 9e-2, 2.7e-1], "red_epochs": [2]}  # 4 trials, one searched option
@@ -154,7 +180,11 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
     assert not any((folder / "cells").glob("*/checkpoints"))
     assert all(r["hardware"] == hardware(resolve_device("auto")) for r in [records[0], *resumed])
     assert torch.equal(base(probe).logits, before)
-    assert Runner(grid, folder, pool=pool, log=lambda _: None).listing().endswith("4 cells, 4 done, 1 step-1 rankings recorded; nothing to run")
+    assert (
+        Runner(grid, folder, pool=pool, log=lambda _: None)
+        .listing()
+        .endswith("4 cells, 4 done, 1 step-1 rankings recorded; nothing to run")
+    )
 
     report = write_report(folder)
     assert "| LoFiT |" in report.read_text() and (folder / "report.csv").read_text().count("\n") == 1 + 4
@@ -183,8 +213,18 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
     assert ranking[0]["top_k"] == 3  # this experiment's K, not the first's
     assert records[0]["ranking_key"] == ranking[0]["key"] and len(records[0]["selected_heads"]) == 3
     assert (tmp_path / "experiments" / "second" / "rankings" / ranking[0]["key"] / "head_ranking.json").is_file()
-    layers = load_grid(str(grid_file(setting, tmp_path, name="layers", sweep={}, report={"kind": "layers"},
-                                     arms=[{"label": "step 1", "method": "lofit", "options": {"select_only": True}}])))
+    layers = load_grid(
+        str(
+            grid_file(
+                setting,
+                tmp_path,
+                name="layers",
+                sweep={},
+                report={"kind": "layers"},
+                arms=[{"label": "step 1", "method": "lofit", "options": {"select_only": True}}],
+            )
+        )
+    )
     [record] = Runner(layers, tmp_path / "experiments" / "layers", pool=pool, log=lambda _: None).run()
     assert len(selects) == 1 and record["phase"] == "ranking" and record["label"] == "step 1"
     assert record["scores"] == ranking[0]["scores"]
@@ -192,6 +232,7 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
 
 def fake_fit(monkeypatch, score, calls: list):
     """run_cell replaced by ``score(red_lr, red_epochs)`` on validation (0.5 on test); each call's options kept."""
+
     def fake_cell(config, models):
         calls.append((config.method.red_lr, config.method.red_epochs) if config.method else None)
         if len(calls) == fake_cell.stop_at:
@@ -201,7 +242,12 @@ def fake_fit(monkeypatch, score, calls: list):
         (folder / "predictions.jsonl").write_text(json.dumps({"correct": True}) + "\n")
         value = score(*calls[-1]) if config.run.eval_split == "val" else 0.5
         split = config.run.eval_split
-        return {f"{split}_exact_match": value, f"{split}_num_examples": 12, "trained_parameters": 0}
+        return {
+            f"{split}_exact_match": value,
+            f"{split}_num_examples": 12,
+            "metric_keys": [f"{split}_exact_match"],
+            "trained_parameters": 0,
+        }
 
     fake_cell.stop_at = None
     monkeypatch.setattr(runner_module, "run_cell", fake_cell)
@@ -219,9 +265,13 @@ def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setti
     with pytest.raises(KeyboardInterrupt):
         Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
     first = read_results(folder)
-    assert [r["trial"] for r in first] == [{"red_lr": 0.01, "red_epochs": 1}, {"red_lr": 0.01, "red_epochs": 2},
-                                           {"red_lr": 0.02, "red_epochs": 1}, {"red_lr": 0.02, "red_epochs": 2},
-                                           {"red_lr": 0.04, "red_epochs": 1}]  # one step beyond lr's top edge
+    assert [r["trial"] for r in first] == [
+        {"red_lr": 0.01, "red_epochs": 1},
+        {"red_lr": 0.01, "red_epochs": 2},
+        {"red_lr": 0.02, "red_epochs": 1},
+        {"red_lr": 0.02, "red_epochs": 2},
+        {"red_lr": 0.04, "red_epochs": 1},
+    ]  # one step beyond lr's top edge
     assert [r["extends"] for r in first] == [None] * 4 + ["red_lr"] and first[4]["tune_grid"] == RED_TUNED["tune"]
     assert first[0]["options"]["eval_split"] == "val" and first[0]["options"]["limit"] == 300
     listing = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).listing()
@@ -257,13 +307,31 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
 
 def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     def record(key, task, heads_task, seed, per_example):
-        return {"key": key, "phase": "test", "label": "LoFiT", "task": task, "seed": seed, "method": "lofit",
-                "point": {"heads_task": heads_task}, "trial": {}, "metric": "exact_match", "score": sum(per_example) / 4,
-                "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4}, "per_example": per_example,
-                "trained_parameters": 64, "seconds": 60.0, "experiment": "cross-task", "report": {"kind": "cross-task"}}
+        return {
+            "key": key,
+            "phase": "test",
+            "label": "LoFiT",
+            "task": task,
+            "seed": seed,
+            "method": "lofit",
+            "point": {"heads_task": heads_task},
+            "trial": {},
+            "metric": "exact_match",
+            "score": sum(per_example) / 4,
+            "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4},
+            "per_example": per_example,
+            "trained_parameters": 64,
+            "seconds": 60.0,
+            "experiment": "cross-task",
+            "report": {"kind": "cross-task"},
+        }
 
-    for line in [record("a", "x", "x", 1, [1, 1, 1, 1]), record("b", "x", "y", 1, [0, 0, 0, 0]),
-                 record("c", "y", "y", 1, [1, 0, 1, 0]), record("d", "y", "x", 1, [1, 0, 1, 0])]:
+    for line in [
+        record("a", "x", "x", 1, [1, 1, 1, 1]),
+        record("b", "x", "y", 1, [0, 0, 0, 0]),
+        record("c", "y", "y", 1, [1, 0, 1, 0]),
+        record("d", "y", "x", 1, [1, 0, 1, 0]),
+    ]:
         append_result(tmp_path, line)
     with open(tmp_path / RESULTS, "a") as file:
         file.write('{"key": "torn')  # an interrupted write
@@ -282,18 +350,42 @@ def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
 
 
 def test_a_cross_task_report_without_test_runs_lists_its_trials(tmp_path):
-    append_result(tmp_path, {"key": "t", "phase": "tune", "label": "LoFiT", "task": "x", "seed": 1, "method": "lofit",
-                             "point": {"heads_task": "y"}, "trial": {"bias_lr": 0.01}, "metric": "exact_match", "score": 0.5,
-                             "metrics": {"num_examples": 4}, "seconds": 1.0, "experiment": "cross-task",
-                             "report": {"kind": "cross-task"}})
+    append_result(
+        tmp_path,
+        {
+            "key": "t",
+            "phase": "tune",
+            "label": "LoFiT",
+            "task": "x",
+            "seed": 1,
+            "method": "lofit",
+            "point": {"heads_task": "y"},
+            "trial": {"bias_lr": 0.01},
+            "metric": "exact_match",
+            "score": 0.5,
+            "metrics": {"num_examples": 4},
+            "seconds": 1.0,
+            "experiment": "cross-task",
+            "report": {"kind": "cross-task"},
+        },
+    )
     report = write_report(tmp_path).read_text()
     assert "| x | LoFiT | heads_task=y | bias_lr=0.01 | 50.0 | 4 |" in report and "Cross-task" not in report
     assert not (tmp_path / "cross_task.png").exists()
 
 
 def _test_record(task: str, label: str, point: dict) -> dict:
-    return {"phase": "test", "task": task, "label": label, "method": "lofit", "point": point, "seed": 1,
-            "metric": "exact_match", "metrics": {"exact_match": 0.5, "num_examples": 4}, "seconds": 1.0}
+    return {
+        "phase": "test",
+        "task": task,
+        "label": label,
+        "method": "lofit",
+        "point": point,
+        "seed": 1,
+        "metric": "exact_match",
+        "metrics": {"exact_match": 0.5, "num_examples": 4},
+        "seconds": 1.0,
+    }
 
 
 def test_summary_keeps_each_tasks_rows_together():
@@ -302,17 +394,33 @@ def test_summary_keeps_each_tasks_rows_together():
 
     records = [record("x", "a"), record("y", "a"), record("x", "b"), record("y", "b")]  # x's "b" finished after y's "a"
     assert [(row["task"], row["point_values"]["heads"]) for row in report_module.summarize(records)] == [
-        ("x", "a"), ("x", "b"), ("y", "a"), ("y", "b")]
+        ("x", "a"),
+        ("x", "b"),
+        ("y", "a"),
+        ("y", "b"),
+    ]
 
 
 def test_summary_groups_arms_and_orders_numeric_points():
     def record(label, size):
         return _test_record("x", label, {"train_size": size})
 
-    records = [record("LoFiT", 10), record("RED", 10), record("RED", 300), record("LoFiT", 300), record("LoFiT", 100),
-               record("RED", "all")]
+    records = [
+        record("LoFiT", 10),
+        record("RED", 10),
+        record("RED", 300),
+        record("LoFiT", 300),
+        record("LoFiT", 100),
+        record("RED", "all"),
+    ]
     assert [(row["label"], row["point_values"]["train_size"]) for row in report_module.summarize(records)] == [
-        ("LoFiT", 10), ("LoFiT", 100), ("LoFiT", 300), ("RED", 10), ("RED", 300), ("RED", "all")]
+        ("LoFiT", 10),
+        ("LoFiT", 100),
+        ("LoFiT", 300),
+        ("RED", 10),
+        ("RED", 300),
+        ("RED", "all"),
+    ]
 
 
 def test_tuning_trials_are_listed_with_their_arm_when_one_finished_late():
@@ -322,10 +430,17 @@ def test_tuning_trials_are_listed_with_their_arm_when_one_finished_late():
     # a resumed run finished x's RED trial at 0.03 after every trial of task y
     records = [trial("x", "LoFiT", 0.01), trial("x", "RED", 0.01), trial("y", "LoFiT", 0.01), trial("x", "RED", 0.03)]
     listing = report_module._tuning(records).split("## Tuning trials")[1]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in listing.splitlines()
-            if line.startswith(("| x", "| y"))]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in listing.splitlines()
+        if line.startswith(("| x", "| y"))
+    ]
     assert [(task, arm, trial) for task, arm, _, trial, *_ in rows] == [
-        ("x", "LoFiT", "lr=0.01"), ("x", "RED", "lr=0.01"), ("x", "RED", "lr=0.03"), ("y", "LoFiT", "lr=0.01")]
+        ("x", "LoFiT", "lr=0.01"),
+        ("x", "RED", "lr=0.01"),
+        ("x", "RED", "lr=0.03"),
+        ("y", "LoFiT", "lr=0.01"),
+    ]
 
 
 def test_minutes_per_run_are_not_averaged_across_hardware():
@@ -337,8 +452,13 @@ def test_minutes_per_run_are_not_averaged_across_hardware():
 def test_log_scale_curves_are_ticked_at_the_measured_values(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(plots, "_save", lambda figure, path: saved.append(figure))
-    plots.curves({"task": {"LoFiT": [(30, 50.0, 1.0), (10, 40.0, 2.0)], "RED": [(300, 60.0, 0.5)]}},
-                 tmp_path / "n.png", "train size", "score (%)", log_x=True)
+    plots.curves(
+        {"task": {"LoFiT": [(30, 50.0, 1.0), (10, 40.0, 2.0)], "RED": [(300, 60.0, 0.5)]}},
+        tmp_path / "n.png",
+        "train size",
+        "score (%)",
+        log_x=True,
+    )
     (ax,) = saved[0].axes
     assert [label.get_text() for label in ax.get_xticklabels()] == ["10", "30", "300"]
     assert ax.xaxis.get_minorticklocs().size == 0
@@ -346,13 +466,24 @@ def test_log_scale_curves_are_ticked_at_the_measured_values(tmp_path, monkeypatc
 
 def test_layers_report_counts_heads_per_layer_and_overlap(tmp_path):
     def ranking(key, task, scores):
-        return {"key": key, "phase": "ranking", "task": task, "seed": 1, "top_k": 2, "scores": scores,
-                "seconds": 1.0, "experiment": "layers", "report": {"kind": "layers"}}
+        return {
+            "key": key,
+            "phase": "ranking",
+            "task": task,
+            "seed": 1,
+            "top_k": 2,
+            "scores": scores,
+            "seconds": 1.0,
+            "experiment": "layers",
+            "report": {"kind": "layers"},
+        }
 
     append_result(tmp_path, ranking("a", "x", [[3.0, 2.0], [0.0, 1.0]]))  # top 2: (0,0), (0,1)
     append_result(tmp_path, ranking("b", "y", [[3.0, 0.0], [2.0, 1.0]]))  # top 2: (0,0), (1,0)
     # Seed 2's record was made for another K (a sibling experiment's): compared at seed 1's K of 2.
-    append_result(tmp_path, ranking("c", "x", [[0.0, 2.0], [3.0, 1.0]]) | {"seed": 2, "top_k": 1})  # top 2: (1,0), (0,1)
+    append_result(
+        tmp_path, ranking("c", "x", [[0.0, 2.0], [3.0, 1.0]]) | {"seed": 2, "top_k": 1}
+    )  # top 2: (1,0), (0,1)
     report = write_report(tmp_path).read_text()
     assert "| x | 2 | 2 0 | 0.0 |" in report and "| y | 2 | 1 1 | 0.5 |" in report  # seed 1's ranking
     assert "| x | 1, 2 | 1 / 0.33 |" in report and "| y | 1, 2 |" not in report
@@ -364,7 +495,9 @@ def test_paired_bootstrap_known_answers():
     same = paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], resamples=500)
     assert same.difference == 0 and same.p_value == 1.0
     opposite = paired_bootstrap([1] * 30, [0] * 30, resamples=999)
-    assert opposite.difference == 1 and opposite.p_value == pytest.approx(1 / 1000) and opposite.low == opposite.high == 1
+    assert (
+        opposite.difference == 1 and opposite.p_value == pytest.approx(1 / 1000) and opposite.low == opposite.high == 1
+    )
     small = paired_bootstrap([1] + [0] * 99, [0] * 100, resamples=2000)  # one example of 100 differs: not significant
     assert small.difference == pytest.approx(0.01) and small.p_value > 0.3 and small.low == 0
     with pytest.raises(ValueError):
@@ -373,8 +506,22 @@ def test_paired_bootstrap_known_answers():
 
 def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
     out = tmp_path / "dry"
-    assert main(["experiment", "--grid", str(grid_file(setting, tmp_path)), "--output-dir", str(out), "--dry-run",
-                 "--seeds", "1,2", "--tune"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--grid",
+                str(grid_file(setting, tmp_path)),
+                "--output-dir",
+                str(out),
+                "--dry-run",
+                "--seeds",
+                "1,2",
+                "--tune",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.count("  tune ") == 16 and printed.count("  test ") == 8
     assert "24 cells, 0 done, 0 step-1 rankings" in printed
@@ -390,14 +537,23 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     runner = Runner(grid, tmp_path / "out", log=lambda _: None)
     cell = runner.test_cells()[0]
     here = hardware(resolve_device("auto"))
-    runner.done = {"a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": here},
-                   "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"}}
+    runner.done = {
+        "a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": here},
+        "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"},
+    }
     assert runner.estimate(cell) == (100.0, True)
-    runner.done["c"] = {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 50.0}  # hardware unrecorded
+    runner.done["c"] = {
+        "method": cell.method,
+        "task": cell.task,
+        "phase": cell.phase,
+        "seconds": 50.0,
+    }  # hardware unrecorded
     assert runner.estimate(cell) == (75.0, True)
     cells = runner.test_cells()
     alike = sum((c.method, c.task, c.phase) == (cell.method, cell.task, cell.phase) for c in cells)
-    assert 0 < alike < len(cells) and f"{alike} of {len(cells)} missing cells timed by finished cells" in runner.listing()
+    assert (
+        0 < alike < len(cells) and f"{alike} of {len(cells)} missing cells timed by finished cells" in runner.listing()
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "reft"])
@@ -409,8 +565,12 @@ def test_a_cell_gives_the_lent_model_back_clean(setting, tmp_path, method):
     probe = torch.tensor([[1, 2, 3, 4]])
     before = base(probe).logits
     method_config = METHODS[method].config_class(**{f"{method}_epochs": 1})
-    run = RunConfig(task=setting["task"], model=setting["model"], method=method, output_dir=str(tmp_path / method), progress=False)
-    summary = run_cell(CellConfig(run, LofitConfig(batch_size=8), compute, method_config), pool)
+    run = RunConfig(
+        task=setting["task"], model=setting["model"], method=method, output_dir=str(tmp_path / method), progress=False
+    )
+    summary = run_cell(
+        CellConfig(run=run, lofit=LofitConfig(batch_size=8), compute=compute, method=method_config), pool
+    )
     assert summary["trained_parameters"] > 0
     assert pool(setting["model"], compute)[0] is base  # lent again: no hooks left
     assert [name for name, _ in base.named_modules()] == names and torch.equal(base(probe).logits, before)

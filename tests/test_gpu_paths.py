@@ -24,17 +24,17 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 import lofit.utils.distributed
 from lofit import LofitConfig, cli, get_lofit_model, load_model
-from lofit.training import checkpoints
-from lofit.models import loading
-from lofit.training import loop as training
 from lofit.data.batching import collate
-from lofit.training.checkpoints import TrainerState
 from lofit.data.choice_packing import score_packed
-from lofit.utils.compute import ComputeConfig, resolve_device
-from lofit.training.objectives import SFT
 from lofit.evaluation.scoring import completion_token_logprobs, sequence_logprobs
 from lofit.methods.lofit.steps import tune_biases
+from lofit.models import loading
+from lofit.training import checkpoints
+from lofit.training import loop as training
+from lofit.training.checkpoints import TrainerState
 from lofit.training.loop import CheckpointPolicy, TrainingSetup
+from lofit.training.objectives import SFT
+from lofit.utils.compute import ComputeConfig, resolve_device
 
 from .conftest import PAD, VOCAB, synthetic_pairs, tiny_model
 from .tiny_run import tiny_model_folder, write_task
@@ -77,8 +77,12 @@ def split(model: nn.Module, first: str, last: str) -> nn.Module:
     and LM head on ``last``, each module moving its inputs to its device as a device map's hooks do."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    placement = [(model.model.embed_tokens, first), (model.model.rotary_emb, first), (model.model.norm, last),
-                 (model.lm_head, last)] + [(layer, first) for layer in model.model.layers]
+    placement = [
+        (model.model.embed_tokens, first),
+        (model.model.rotary_emb, first),
+        (model.model.norm, last),
+        (model.lm_head, last),
+    ] + [(layer, first) for layer in model.model.layers]
     for module, device in placement:
         module.to(device)
         add_hook_to_module(module, AlignDevicesHook(execution_device=device))
@@ -86,6 +90,7 @@ def split(model: nn.Module, first: str, last: str) -> nn.Module:
 
 
 # 1. A model spread over devices: the scored positions reach the final hidden states' device.
+
 
 @pytest.mark.parametrize("first", ["cpu", "meta"])
 def test_scored_positions_reach_the_final_hidden_states_wherever_they_are(first):
@@ -123,6 +128,7 @@ def test_packed_choices_are_scored_on_the_logits_device():
 
 # 2. A device map with --dtype auto loads the checkpoint's dtype on a GPU.
 
+
 class Loaded(Exception):
     """Raised by a stand-in ``from_pretrained`` once it has recorded its arguments."""
 
@@ -153,6 +159,7 @@ def test_a_device_map_loads_the_checkpoints_dtype_where_a_gpu_is_seen(tmp_path, 
 
 
 # 3-5. torchrun: each rank its own GPU, the process group follows the device, no device map.
+
 
 @pytest.fixture
 def rank_one_of_two(monkeypatch) -> list[bool]:
@@ -204,6 +211,7 @@ def test_a_device_map_under_several_processes_is_refused(monkeypatch):
 
 # 6. float16 weights train only with loss scaling.
 
+
 def test_float16_weights_train_only_under_fp16_loss_scaling():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     training.check_loss_scaling("fp16", torch.float16, cuda)
@@ -226,6 +234,7 @@ def test_training_through_float16_weights_on_the_cpu_is_refused():
 # 7. Resume: the checkpoint records precision, every process loads the main process's choice,
 #    and CUDA RNG states come back in device order.
 
+
 def tune(folder: Path, resume: bool, mixed_precision: str = "no", dtype: torch.dtype = torch.float32) -> None:
     lofit_model = get_lofit_model(tiny_model("llama").to(dtype), CONFIG)
     setup = TrainingSetup(ComputeConfig(mixed_precision=mixed_precision), CheckpointPolicy(folder, resume=resume))
@@ -245,7 +254,9 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_picks(tmp_pa
     for step in (4, 6):
         (tmp_path / f"step-{step}").mkdir()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(lofit.utils.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2))
+    monkeypatch.setattr(
+        lofit.utils.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2)
+    )
     main_sees = {"newest": "step-4"}
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda values: [main_sees["newest"]])
     assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "step-4"
@@ -271,7 +282,7 @@ def test_cuda_random_states_are_restored_in_device_order(tmp_path, monkeypatch):
 
 # 8. The Gemma GGUF is assembled by one process while the others wait.
 
-FAKE_GEMMA_PACKAGE = '''
+FAKE_GEMMA_PACKAGE = """
 import os, time
 MODEL_NAME = "model.gguf"
 
@@ -284,9 +295,9 @@ def assemble(path):
             out.flush()
             time.sleep(0.05)
     return path
-'''
+"""
 
-ASK_FOR_GEMMA = '''
+ASK_FOR_GEMMA = """
 import sys, time
 from pathlib import Path
 from lofit.models.loading import gemma3_model_file
@@ -295,7 +306,7 @@ Path(ready).touch()
 while not Path(go).exists():
     time.sleep(0.01)
 print(gemma3_model_file(Path(cache)).stat().st_size)
-'''
+"""
 
 
 def test_the_gemma_file_is_assembled_once_by_processes_asking_at_once(tmp_path):
@@ -304,10 +315,21 @@ def test_the_gemma_file_is_assembled_once_by_processes_asking_at_once(tmp_path):
     (package / "__init__.py").write_text(FAKE_GEMMA_PACKAGE)
     path = os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = os.environ | {"PYTHONPATH": path, "ASSEMBLE_LOG": str(tmp_path / "assembled")}
-    commands = [[sys.executable, "-c", ASK_FOR_GEMMA, str(tmp_path / "cache"), str(tmp_path / f"ready{rank}"),
-                 str(tmp_path / "go")] for rank in range(2)]
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command in commands]
+    commands = [
+        [
+            sys.executable,
+            "-c",
+            ASK_FOR_GEMMA,
+            str(tmp_path / "cache"),
+            str(tmp_path / f"ready{rank}"),
+            str(tmp_path / "go"),
+        ]
+        for rank in range(2)
+    ]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready{rank}").exists() for rank in range(2)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -320,8 +342,10 @@ def test_the_gemma_file_is_assembled_once_by_processes_asking_at_once(tmp_path):
 
 # 9. accelerate launch with DeepSpeed or FSDP is refused; a launch config's accumulation is not taken.
 
-@pytest.mark.parametrize(("flag", "engine"),
-                         [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+
+@pytest.mark.parametrize(
+    ("flag", "engine"), [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")]
+)
 def test_deepspeed_and_fsdp_launches_are_refused(monkeypatch, flag, engine):
     monkeypatch.setenv(flag, "true")
     with pytest.raises(ValueError, match=f"accelerate launch with {engine} is not supported"):
@@ -337,7 +361,14 @@ def test_a_launch_configs_gradient_accumulation_does_not_divide_the_loss(monkeyp
 
 # 10-11. The run summary: printed by the main process only, naming the mixed precision.
 
-SUMMARY = {"task": "clutrr", "model": "default", "method": "lofit", "run_folder": "runs/x", "test_exact_match": 0.5}
+SUMMARY = {
+    "task": "clutrr",
+    "model": "default",
+    "method": "lofit",
+    "run_folder": "runs/x",
+    "test_exact_match": 0.5,
+    "metric_keys": ["test_exact_match"],
+}
 
 
 def summary_printed(monkeypatch, capsys, *options: str) -> str:
@@ -349,12 +380,15 @@ def summary_printed(monkeypatch, capsys, *options: str) -> str:
 def test_only_the_main_process_prints_the_run_summary(monkeypatch, capsys):
     assert "run folder: runs/x" in summary_printed(monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(lofit.utils.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2))
+    monkeypatch.setattr(
+        lofit.utils.distributed, "process_state", lambda: SimpleNamespace(process_index=1, num_processes=2)
+    )
     assert summary_printed(monkeypatch, capsys) == ""
 
 
 def test_the_cpu_bf16_check_is_onednns_own(monkeypatch):
     """An AVX-512 CPU without AVX512-BF16 on which oneDNN runs bf16 has bf16; one oneDNN refuses has not."""
+
     def cpu(onednn: bool, avx512_bf16: bool) -> None:
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -370,13 +404,14 @@ def test_auto_mixed_precision_is_bf16_where_the_hardware_runs_it_faster(monkeypa
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert ComputeConfig(mixed_precision="auto").mixed_precision == "auto"
     for onednn, chosen in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(training, "cpu_has_bf16", lambda: onednn)
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda onednn=onednn: onednn)
         assert training.resolve_mixed_precision("auto", cpu) == chosen
         assert training.make_accelerator("auto", cpu).mixed_precision == chosen
         assert f"mixed precision: {chosen} (chosen by --mixed-precision auto)" in summary_printed(
-            monkeypatch, capsys, "--device", "cpu", "--mixed-precision", "auto")
+            monkeypatch, capsys, "--device", "cpu", "--mixed-precision", "auto"
+        )
     for capability, chosen in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "no")):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
         assert training.resolve_mixed_precision("auto", cuda) == chosen
     assert training.resolve_mixed_precision("auto", torch.device("mps")) == "no"
     assert training.resolve_mixed_precision(None, cpu) == "no"  # the default is unchanged
@@ -387,14 +422,17 @@ def test_auto_mixed_precision_is_bf16_where_the_hardware_runs_it_faster(monkeypa
 
 # `make gpu-check` on a machine without a GPU.
 
+
 def test_the_gpu_check_says_there_is_no_gpu_and_stops():
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                              env=os.environ | {"PATH": ""})  # no nvidia-smi to find
+    finished = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=os.environ | {"PATH": ""}
+    )  # no nvidia-smi to find
     assert finished.returncode == 0 and "no NVIDIA GPU here" in finished.stdout
 
 
 # The same on a real GPU (`make gpu-check`).
+
 
 def gpu_and_other_device() -> tuple[str, str]:
     """A GPU, and another device to put the end of a model on: a second GPU, else the CPU."""
@@ -430,8 +468,15 @@ def torchrun(tmp_path: Path, processes: int, code: str) -> subprocess.CompletedP
     """``code`` run by ``processes`` processes started by torchrun."""
     script = tmp_path / "script.py"
     script.write_text(code)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(script)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        str(script),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
@@ -439,23 +484,33 @@ def torchrun(tmp_path: Path, processes: int, code: str) -> subprocess.CompletedP
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_torchrun_puts_each_process_on_its_own_gpu(tmp_path):
-    finished = torchrun(tmp_path, 2, "from lofit.utils.compute import resolve_device\n"
-                                     "from lofit.utils.distributed import sum_across_processes\nimport os, torch\n"
-                                     "device = resolve_device('cuda')\n"
-                                     "total = sum_across_processes(torch.ones(1, device=device))\n"
-                                     "print('rank', os.environ['LOCAL_RANK'], device, int(total))\n")
+    finished = torchrun(
+        tmp_path,
+        2,
+        "from lofit.utils.compute import resolve_device\n"
+        "from lofit.utils.distributed import sum_across_processes\nimport os, torch\n"
+        "device = resolve_device('cuda')\n"
+        "total = sum_across_processes(torch.ones(1, device=device))\n"
+        "print('rank', os.environ['LOCAL_RANK'], device, int(total))\n",
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert sorted(line for line in finished.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0 cuda:0 2", "rank 1 cuda:1 2"]
+        "rank 0 cuda:0 2",
+        "rank 1 cuda:1 2",
+    ]
 
 
 @pytest.mark.cuda
 def test_cuda_torchrun_cpu_processes_on_a_gpu_machine_use_gloo(tmp_path):
-    finished = torchrun(tmp_path, 2, "from lofit.utils.compute import resolve_device\n"
-                                     "from lofit.utils.distributed import process_state, sum_across_processes\nimport torch\n"
-                                     "device = resolve_device('cpu')\n"
-                                     "total = int(sum_across_processes(torch.ones(1)))\n"
-                                     "print('backend', process_state().backend, total)\n")
+    finished = torchrun(
+        tmp_path,
+        2,
+        "from lofit.utils.compute import resolve_device\n"
+        "from lofit.utils.distributed import process_state, sum_across_processes\nimport torch\n"
+        "device = resolve_device('cpu')\n"
+        "total = int(sum_across_processes(torch.ones(1)))\n"
+        "print('backend', process_state().backend, total)\n",
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert [line for line in finished.stdout.splitlines() if line.startswith("backend")] == ["backend gloo 2"] * 2
 
@@ -463,9 +518,13 @@ def test_cuda_torchrun_cpu_processes_on_a_gpu_machine_use_gloo(tmp_path):
 @pytest.mark.cuda
 def test_cuda_torchrun_with_a_device_map_is_refused(tmp_path):
     model_dir, data = tiny_model_folder(tmp_path / "tiny"), write_task(tmp_path / "sft.jsonl")
-    finished = torchrun(tmp_path, 2, "import sys\nfrom lofit.cli import main\n"
-                                     f"sys.exit(main(['run', '--task', {str(data)!r}, '--model', {str(model_dir)!r}, "
-                                     "'--device-map', 'auto', '--no-progress']))\n")
+    finished = torchrun(
+        tmp_path,
+        2,
+        "import sys\nfrom lofit.cli import main\n"
+        f"sys.exit(main(['run', '--task', {str(data)!r}, '--model', {str(model_dir)!r}, "
+        "'--device-map', 'auto', '--no-progress']))\n",
+    )
     assert finished.returncode != 0 and "Run one process with --device-map" in finished.stderr
 
 

@@ -77,9 +77,14 @@ def setup(tmp_path_factory) -> dict:
 
 
 def evaluate(setup: dict, extra: str = "") -> dict:
-    return lm_eval.simple_evaluate(model="lofit", model_args=f"pretrained={setup['model']}{extra}",
-                                   tasks=["lofit_tiny_ll", "lofit_tiny_gen"], log_samples=True, bootstrap_iters=0,
-                                   task_manager=TaskManager(include_path=setup["tasks"], include_defaults=False))
+    return lm_eval.simple_evaluate(
+        model="lofit",
+        model_args=f"pretrained={setup['model']}{extra}",
+        tasks=["lofit_tiny_ll", "lofit_tiny_gen"],
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=setup["tasks"], include_defaults=False),
+    )
 
 
 def generations(results: dict) -> list:
@@ -90,8 +95,10 @@ def test_hooked_and_merged_adapters_score_alike_and_unlike_the_base_model(setup)
     base = evaluate(setup)
     hooked = evaluate(setup, f",adapter={setup['adapter']}")
     merged = evaluate(setup, f",adapter={setup['adapter']},merge=true")
-    perplexity = {name: run["results"]["lofit_tiny_ll"]["perplexity,none"] for name, run in
-                  (("base", base), ("hooked", hooked), ("merged", merged))}
+    perplexity = {
+        name: run["results"]["lofit_tiny_ll"]["perplexity,none"]
+        for name, run in (("base", base), ("hooked", hooked), ("merged", merged))
+    }
     assert perplexity["hooked"] == pytest.approx(perplexity["merged"], rel=1e-4)
     assert perplexity["hooked"] != pytest.approx(perplexity["base"], rel=1e-2)
     assert generations(hooked) == generations(merged)  # generation goes through the hooks too
@@ -106,8 +113,26 @@ def test_merge_without_a_foldable_adapter_is_refused(setup):
 def test_lofit_eval_harness_tasks_prints_and_writes_the_results(setup, tmp_path, capsys, monkeypatch):
     # Indexing lm-eval's thousands of built-in task files takes most of a run: this test needs only its own.
     monkeypatch.setattr(lofit.harness, "TaskManager", functools.partial(TaskManager, include_defaults=False))
-    assert main(["eval", "--harness-tasks", "lofit_tiny_ll", "--harness-include", setup["tasks"], "--model", setup["model"],
-                 "--adapter", setup["adapter"], "--output-dir", str(tmp_path), "--limit", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--harness-tasks",
+                "lofit_tiny_ll",
+                "--harness-include",
+                setup["tasks"],
+                "--model",
+                setup["model"],
+                "--adapter",
+                setup["adapter"],
+                "--output-dir",
+                str(tmp_path),
+                "--limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "lofit_tiny_ll" in out and "perplexity" in out
     saved = json.loads((tmp_path / "harness_results.json").read_text())

@@ -12,12 +12,20 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from lofit import UnsupportedModelError, get_lofit_model
-from lofit.models.architectures import ARCHITECTURES, architecture_row, bias_flag, decoder_layers, family_support, head_layout, locate_row
 from lofit.methods.lofit.merge import exportable_types
 from lofit.methods.lora import default_targets
 from lofit.methods.red import RedModel
-from lofit.methods.repe import ResidualShiftModel
 from lofit.methods.reft import ReftConfig, ReftModel
+from lofit.methods.repe import ResidualShiftModel
+from lofit.models.architectures import (
+    ARCHITECTURES,
+    architecture_row,
+    bias_flag,
+    decoder_layers,
+    family_support,
+    head_layout,
+    locate_row,
+)
 
 from .conftest import ARCHITECTURE_NAMES, TINY_CONFIGS, input_batch, tiny_model
 
@@ -25,9 +33,34 @@ EXPORT_DOC = Path(__file__).parents[1] / "docs" / "export.md"
 
 LLAMA_LIKE = ("model.layers.{layer}.self_attn.o_proj", "mlp")
 EXPECTED = {  # model_type -> (output projection, feed-forward block inside the layer)
-    **{t: LLAMA_LIKE for t in ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
-                               "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granite", "starcoder2", "cohere", "cohere2",
-                               "olmo", "stablelm", "smollm3", "exaone4", "deepseek_v2", "deepseek_v3"]},
+    **{
+        t: LLAMA_LIKE
+        for t in [
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo2",
+            "mixtral",
+            "qwen3_moe",
+            "qwen2_moe",
+            "olmoe",
+            "granite",
+            "starcoder2",
+            "cohere",
+            "cohere2",
+            "olmo",
+            "stablelm",
+            "smollm3",
+            "exaone4",
+            "deepseek_v2",
+            "deepseek_v3",
+        ]
+    },
     "granitemoe": ("model.layers.{layer}.self_attn.o_proj", "block_sparse_moe"),
     "gemma3": ("model.language_model.layers.{layer}.self_attn.o_proj", "mlp"),
     "phi": ("model.layers.{layer}.self_attn.dense", "mlp"),
@@ -55,7 +88,9 @@ def test_the_row_is_where_the_heads_are(model_type):
     assert (row.out_proj, row.mlp) == EXPECTED[model_type]
     layout = head_layout(model)
     assert layout.num_layers == 3 and layout.num_heads == 4
-    assert [id(p) for p in layout.out_projs] == [id(model.get_submodule(row.out_proj.format(layer=i))) for i in range(3)]
+    assert [id(p) for p in layout.out_projs] == [
+        id(model.get_submodule(row.out_proj.format(layer=i))) for i in range(3)
+    ]
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
@@ -81,7 +116,11 @@ class ToyConfig(PretrainedConfig):
     model_type = "lofit_toy"
 
     def __init__(self, hidden_size: int = 8, num_attention_heads: int = 2, num_hidden_layers: int = 2, **kwargs):
-        self.hidden_size, self.num_attention_heads, self.num_hidden_layers = hidden_size, num_attention_heads, num_hidden_layers
+        self.hidden_size, self.num_attention_heads, self.num_hidden_layers = (
+            hidden_size,
+            num_attention_heads,
+            num_hidden_layers,
+        )
         super().__init__(**kwargs)
 
 
@@ -110,16 +149,27 @@ class ToyModel(PreTrainedModel):
         self.layers = nn.ModuleList(ToyLayer(config.hidden_size, attention_name) for _ in range(count))
 
 
-@pytest.mark.parametrize("make,searched", [
-    (lambda: ToyModel(ToyConfig()), r"decoder layers 'layers', attention self_attn with linear layers \(in, out\) "
-                                    r"\[self_attn.qkv \(8, 24\)\], none mapping 2 heads x D to hidden_size 8"),
-    (lambda: ToyModel(ToyConfig(), attention_name="mixer"),
-     "decoder layers 'layers', no child of layer 0 named like attn or attention holding weights"),
-    (lambda: ToyModel(ToyConfig(), num_layers=3), "no nn.ModuleList of num_hidden_layers = 2 decoder layers"),
-])
+@pytest.mark.parametrize(
+    "make,searched",
+    [
+        (
+            lambda: ToyModel(ToyConfig()),
+            r"decoder layers 'layers', attention self_attn with linear layers \(in, out\) "
+            r"\[self_attn.qkv \(8, 24\)\], none mapping 2 heads x D to hidden_size 8",
+        ),
+        (
+            lambda: ToyModel(ToyConfig(), attention_name="mixer"),
+            "decoder layers 'layers', no child of layer 0 named like attn or attention holding weights",
+        ),
+        (lambda: ToyModel(ToyConfig(), num_layers=3), "no nn.ModuleList of num_hidden_layers = 2 decoder layers"),
+    ],
+)
 def test_a_model_without_a_findable_projection_gets_a_clear_error(make, searched):
-    with pytest.raises(UnsupportedModelError, match=rf"'lofit_toy' \(ToyModel\) is not supported.*Searched: {searched}.*"
-                                                    r"add one row to ARCHITECTURES in lofit/models/architectures\.py"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=rf"'lofit_toy' \(ToyModel\) is not supported.*Searched: {searched}.*"
+        r"add one row to ARCHITECTURES in lofit/models/architectures\.py",
+    ):
         get_lofit_model(make())
 
 
@@ -133,8 +183,11 @@ def test_red_repe_and_reft_hook_the_located_modules(model_type):
     """Untrained, each is the identity; a RepE shift on layer 0 moves that layer's output by
     exactly the shift; a RED bias on layer 0's feed-forward output changes the logits."""
     base = logits(tiny_model(model_type))
-    for model in (RedModel(tiny_model(model_type)), ResidualShiftModel(tiny_model(model_type)),
-                  ReftModel(tiny_model(model_type), ReftConfig(reft_positions="first+last"))):
+    for model in (
+        RedModel(tiny_model(model_type)),
+        ResidualShiftModel(tiny_model(model_type)),
+        ReftModel(tiny_model(model_type), ReftConfig(reft_positions="first+last")),
+    ):
         torch.testing.assert_close(logits(model), base, rtol=0, atol=1e-5)
 
     shifted = ResidualShiftModel(tiny_model(model_type))
@@ -164,9 +217,14 @@ def test_lora_default_targets_exist_in_every_model(model_type):
 
 def documented_families() -> dict[str, tuple[str, bool, str, str]]:
     """model_type -> (heads located, exportable, output projection, why) from docs/export.md's table."""
-    rows = re.findall(r"^\| `(\w+)` \| (row|automatic) \| (yes|no) \| `([^`]+)` \| (.+) \|$", EXPORT_DOC.read_text(),
-                      flags=re.MULTILINE)
-    return {model_type: (located, exportable == "yes", path, why) for model_type, located, exportable, path, why in rows}
+    rows = re.findall(
+        r"^\| `(\w+)` \| (row|automatic) \| (yes|no) \| `([^`]+)` \| (.+) \|$",
+        EXPORT_DOC.read_text(),
+        flags=re.MULTILINE,
+    )
+    return {
+        model_type: (located, exportable == "yes", path, why) for model_type, located, exportable, path, why in rows
+    }
 
 
 def test_docs_export_table_lists_every_tested_family_as_it_is():

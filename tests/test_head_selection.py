@@ -7,9 +7,9 @@ import torch
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.methods.lofit.config import SELECTORS
+from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.selectors import rank_heads
 from lofit.training.objectives import build_objective
-from lofit.methods.lofit.ranking import HeadRanking
 
 from .conftest import tiny_model, word_tokenizer
 from .test_methods import sft_examples
@@ -22,7 +22,7 @@ def top_heads(selector: str, seed: int, heads_file=None) -> list[tuple[int, int]
     tokenizer, examples = word_tokenizer(), sft_examples()
     objective = build_objective(model, tokenizer, examples)
     ranking, _ = rank_heads(selector, model, tokenizer, examples, objective, heads_file, progress=False)
-    assert sorted(ranking.order) == [(l, h) for l in range(3) for h in range(4)]  # every head ranked once
+    assert sorted(ranking.order) == [(layer, h) for layer in range(3) for h in range(4)]  # every head ranked once
     assert not model.lofit_scale.requires_grad and not model.lofit_bias.requires_grad
     return ranking.top(K)
 
@@ -30,7 +30,7 @@ def top_heads(selector: str, seed: int, heads_file=None) -> list[tuple[int, int]
 @pytest.mark.parametrize("selector", [s for s in SELECTORS if s != "file"])
 def test_selector_gives_k_distinct_valid_heads_deterministically(selector):
     heads = top_heads(selector, seed=1)
-    assert len(set(heads)) == K and all(0 <= l < 3 and 0 <= h < 4 for l, h in heads)
+    assert len(set(heads)) == K and all(0 <= layer < 3 and 0 <= h < 4 for layer, h in heads)
     assert top_heads(selector, seed=1) == heads
 
 
@@ -40,7 +40,7 @@ def test_random_selection_depends_on_the_seed():
 
 def test_probe_layers_takes_whole_layers_first():
     heads = top_heads("probe-layers", seed=0)
-    layers = [l for l, _ in heads]
+    layers = [layer for layer, _ in heads]
     assert layers[:4] == [layers[0]] * 4  # the best layer's 4 heads, then the next layer's
 
 

@@ -87,9 +87,15 @@ def test_compatibility_modules_only_re_export():
         for node in tree.body:
             is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
             is_all = isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"]
-            assert is_docstring or is_all or (isinstance(node, ast.ImportFrom) and node.module in new), (old, ast.dump(node))
+            assert is_docstring or is_all or (isinstance(node, ast.ImportFrom) and node.module in new), (
+                old,
+                ast.dump(node),
+            )
         for name in module.__all__:
-            assert any(getattr(importlib.import_module(m), name, None) is getattr(module, name) for m in new), (old, name)
+            assert any(getattr(importlib.import_module(m), name, None) is getattr(module, name) for m in new), (
+                old,
+                name,
+            )
 
 
 def test_few_modules_at_the_top_level():

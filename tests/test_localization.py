@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,15 +15,15 @@ from accelerate import Accelerator
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.cli import OptionsError, _configs, build_parser, main
-from lofit.methods.lofit.localization import Localization
 from lofit.methods import get_method
 from lofit.methods.base import FitContext
-from lofit.methods.red import RedConfig
-from lofit.training.objectives import SFT
-from lofit.runs.recipes import RECIPES
+from lofit.methods.lofit.localization import Localization
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.steps import select_heads, shrink_heads, tune_biases
+from lofit.methods.red import RedConfig
+from lofit.runs.recipes import RECIPES
 from lofit.training.loop import TrainingLog
+from lofit.training.objectives import SFT
 
 from .conftest import PAD, synthetic_pairs, tiny_model, word_tokenizer
 from .tiny_run import tiny_model_folder, write_task
@@ -35,12 +35,18 @@ def test_equal_scores_are_not_localized_and_one_head_is():
     uniform = Localization.of(torch.ones(4, 5), k=2)
     assert uniform.top_share == pytest.approx(0.1) and uniform.uniform_share == pytest.approx(0.1)
     assert uniform.effective_heads == pytest.approx(20) and uniform.near_zero == 0
-    assert not uniform.localized and "did not localize" in uniform.verdict("l1") and "--selection group" in uniform.verdict("l1")
+    assert (
+        not uniform.localized
+        and "did not localize" in uniform.verdict("l1")
+        and "--selection group" in uniform.verdict("l1")
+    )
     single = torch.zeros(4, 5)
     single[2, 3] = 0.7
     one = Localization.of(single, k=2)
     assert one.top_share == 1.0 and one.effective_heads == pytest.approx(1.0)
-    assert (one.near_zero, one.exact_zero) == (19, 19) and one.localized and one.verdict().startswith("step 1 localized")
+    assert (
+        (one.near_zero, one.exact_zero) == (19, 19) and one.localized and one.verdict().startswith("step 1 localized")
+    )
     assert not Localization.of(torch.zeros(2, 2), k=1).localized  # nothing moved: no choice at all
 
 
@@ -93,7 +99,9 @@ def test_group_selection_sets_heads_exactly_to_zero_where_l1_does_not():
 
 def test_a_step_1_that_does_not_localize_says_so_once_with_the_fix():
     with pytest.warns(UserWarning, match=r"step 1 did not localize: top 3 of 12 heads .* raise --l1-lambda"):
-        _, log = select_heads(get_lofit_model(tiny_model("llama"), CONFIG), SFT(synthetic_pairs(16), PAD), progress=False)
+        _, log = select_heads(
+            get_lofit_model(tiny_model("llama"), CONFIG), SFT(synthetic_pairs(16), PAD), progress=False
+        )
     assert log.localization["k"] == 3 and log.localization["localized"] is False
     assert [m for m in log.warnings if "did not localize" in m] and len(log.warnings) == 1
 
@@ -122,9 +130,16 @@ def test_every_step_clips_the_gradient_norm(monkeypatch, max_grad_norm):
 
 def test_baselines_clip_too(monkeypatch):
     calls: list[float] = []
-    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, norm_type=2: calls.append(max_norm))
-    context = FitContext(tiny_model("llama"), word_tokenizer(), [], LofitConfig(batch_size=4, max_grad_norm=0.5),
-                         progress=False)
+    monkeypatch.setattr(
+        Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, norm_type=2: calls.append(max_norm)
+    )
+    context = FitContext(
+        model=tiny_model("llama"),
+        tokenizer=word_tokenizer(),
+        examples=[],
+        lofit=LofitConfig(batch_size=4, max_grad_norm=0.5),
+        progress=False,
+    )
     context.objective = lambda model: SFT(synthetic_pairs(8), PAD)
     get_method("red", RedConfig(red_epochs=1)).fit(context)
     assert calls == [0.5, 0.5]  # 8 examples, batch 4, 1 epoch
@@ -149,7 +164,13 @@ def test_bias_initialisation_and_step_2_with_scales():
 
 
 def test_red_with_its_bias_alone_trains_one_vector_per_layer():
-    context = FitContext(tiny_model("llama"), word_tokenizer(), [], LofitConfig(batch_size=4), progress=False)
+    context = FitContext(
+        model=tiny_model("llama"),
+        tokenizer=word_tokenizer(),
+        examples=[],
+        lofit=LofitConfig(batch_size=4),
+        progress=False,
+    )
     context.objective = lambda model: SFT(synthetic_pairs(8), PAD)
     result = get_method("red", RedConfig(red_epochs=1, red_train_scale=False)).fit(context)
     layers, hidden = result.model.red_bias.shape
@@ -163,7 +184,13 @@ def parse(argv):
 
 def test_paper_recipe_fills_the_scripts_values_below_explicit_options(tmp_path):
     run, lofit, _, _ = parse(["run", "--task", "clutrr", "--recipe", "paper"])
-    assert (lofit.scale_lr, lofit.l1_lambda, lofit.bias_lr, lofit.select_epochs, lofit.tune_epochs) == (5e-4, 5e-3, 1e-2, 5, 5)
+    assert (lofit.scale_lr, lofit.l1_lambda, lofit.bias_lr, lofit.select_epochs, lofit.tune_epochs) == (
+        5e-4,
+        5e-3,
+        1e-2,
+        5,
+        5,
+    )
     assert (lofit.bias_init_std, lofit.init_std, lofit.max_grad_norm, run.train_size) == (1e-3, 1e-3, 1.0, 300)
     assert lofit.num_heads_to_tune(270) == 8 and lofit.num_heads_to_tune(1024) == 32
     _, mquake, _, _ = parse(["run", "--task", "mquake", "--recipe", "paper", "--bias-lr", "0.03"])
@@ -194,16 +221,47 @@ def test_a_run_reports_its_localization_everywhere(tmp_path, capsys):
     data = write_task(tmp_path / "sft.jsonl")
     out = tmp_path / "run"
     with _quiet():
-        assert main(["run", "--task", str(data), "--model", str(model), "--device", "cpu", "--batch-size", "4",
-                     "--select-epochs", "2", "--tune-epochs", "1", "--num-heads", "3", "--scale-lr", "0.02",
-                     "--selection", "group", "--group-lambda", "0.0025", "--no-progress", "--output-dir", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "--task",
+                    str(data),
+                    "--model",
+                    str(model),
+                    "--device",
+                    "cpu",
+                    "--batch-size",
+                    "4",
+                    "--select-epochs",
+                    "2",
+                    "--tune-epochs",
+                    "1",
+                    "--num-heads",
+                    "3",
+                    "--scale-lr",
+                    "0.02",
+                    "--selection",
+                    "group",
+                    "--group-lambda",
+                    "0.0025",
+                    "--no-progress",
+                    "--output-dir",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     metrics = json.loads((out / "metrics.json").read_text())
     ranking = json.loads((out / "head_ranking.json").read_text())
     assert metrics["localization"] == ranking["localization"]
     assert ranking["localization"]["k"] == 3
     assert ranking["localization"]["exact_zero"] == sum(r["score"] == 0 for r in ranking["ranking"])
-    assert math.isclose(sum(r["score"] for r in ranking["ranking"][:3]) / sum(r["score"] for r in ranking["ranking"]),
-                        ranking["localization"]["top_share"], rel_tol=1e-5)
+    assert math.isclose(
+        sum(r["score"] for r in ranking["ranking"][:3]) / sum(r["score"] for r in ranking["ranking"]),
+        ranking["localization"]["top_share"],
+        rel_tol=1e-5,
+    )
     capsys.readouterr()
     assert main(["heads", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -221,7 +279,8 @@ def test_grid_cells_take_a_recipe_below_their_own_options_and_share_rankings_whe
         "  - {label: own lr, method: lofit, options: {bias_lr: 0.3}}\n"
         "  - {label: with scales, method: lofit, options: {tune_scales: true, bias_init_std: 0.0}}\n"
         "  - {label: group, method: lofit, options: {selection: group, l1_lambda: 0.5}}\n"
-        "  - {label: group too, method: lofit, options: {selection: group, l1_lambda: 0.7}}\n")
+        "  - {label: group too, method: lofit, options: {selection: group, l1_lambda: 0.7}}\n"
+    )
     paper, own, scales, group, group_too = (cell.config for cell in expand(load_grid(str(grid_path)), "test", {}))
     assert (paper["scale_lr"], paper["l1_lambda"], paper["bias_lr"], paper["select_epochs"]) == (5e-4, 5e-3, 1e-2, 5)
     assert own["bias_lr"] == 0.3 and own["scale_lr"] == 5e-4

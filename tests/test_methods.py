@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.methods.lofit.adapter_io import AdapterMismatchError
 from lofit.methods import METHODS, FitContext, get_method, load_adapted, saved_method
 from lofit.methods.iti import ItiConfig
+from lofit.methods.lofit.adapter_io import AdapterMismatchError
 from lofit.methods.lora import LoraBaselineConfig
 from lofit.methods.red import RedModel
-from lofit.methods.repe import RepeConfig, ResidualShiftModel
 from lofit.methods.reft import ReftConfig, ReftModel, prompt_positions
+from lofit.methods.repe import RepeConfig, ResidualShiftModel
 from lofit.tasks.base import PromptCompletion, PromptPreference
 
 from .conftest import input_batch, tiny_model, word_tokenizer
@@ -42,7 +42,13 @@ def sft_examples(n: int = 16, seed: int = 0) -> list[PromptCompletion]:
 
 
 def context(model_type: str, examples=None) -> FitContext:
-    return FitContext(tiny_model(model_type), word_tokenizer(), examples or sft_examples(), SETTINGS, progress=False)
+    return FitContext(
+        model=tiny_model(model_type),
+        tokenizer=word_tokenizer(),
+        examples=examples or sft_examples(),
+        lofit=SETTINGS,
+        progress=False,
+    )
 
 
 def logits(model, seed: int = 1) -> torch.Tensor:
@@ -56,8 +62,13 @@ def test_untrained_interventions_are_the_identity(model_type):
 
     base = logits(tiny_model(model_type))
     lora = lambda m: get_peft_model(m, LoraConfig(r=2, target_modules=["c_attn", "q_proj", "v_proj"]))  # noqa: E731
-    wrappers = (RedModel, ResidualShiftModel, lambda m: ReftModel(m, ReftConfig(reft_positions="first+last")), lora,
-                lambda m: get_lofit_model(m))
+    wrappers = (
+        RedModel,
+        ResidualShiftModel,
+        lambda m: ReftModel(m, ReftConfig(reft_positions="first+last")),
+        lora,
+        lambda m: get_lofit_model(m),
+    )
     for wrap in wrappers:
         model = wrap(tiny_model(model_type))
         torch.testing.assert_close(logits(model), base, rtol=0, atol=1e-5)
@@ -129,7 +140,9 @@ def test_preference_data_drives_the_learning_free_methods():
     iti = get_method("iti", ItiConfig(iti_num_heads=2)).fit(context("llama", examples))
     repe = get_method("repe", RepeConfig(repe_num_layers=1)).fit(context("llama", examples))
     assert len(iti.model.selected_heads) == 2 and repe.trained_parameters == 32
-    assert not torch.allclose(logits(iti.model), base, atol=1e-4) and not torch.allclose(logits(repe.model), base, atol=1e-4)
+    assert not torch.allclose(logits(iti.model), base, atol=1e-4) and not torch.allclose(
+        logits(repe.model), base, atol=1e-4
+    )
 
 
 def test_every_method_is_registered():
@@ -148,8 +161,14 @@ def test_reft_generation_with_kv_cache_edits_only_the_prompt_end(model_type):
     width, new = 5, 4
     input_ids = torch.tensor([prompts[0], [0, 0, *prompts[1]]])
     attention_mask = (torch.arange(width) >= torch.tensor([[0], [2]])).long()
-    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)[:, width:]
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, width:]
     with torch.no_grad():
         full = torch.cat([input_ids, generated], dim=1)
         mask = torch.cat([attention_mask, torch.ones_like(generated)], dim=1)
@@ -157,8 +176,14 @@ def test_reft_generation_with_kv_cache_edits_only_the_prompt_end(model_type):
         keep[:, width - 1 : -1] = True  # predicting the generated tokens; the first True is the prompt end
         logits = model(input_ids=full, attention_mask=mask, logits_to_keep=keep).logits.view(2, new, -1)
         with model.disable_adapter():
-            plain = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new,
-                                   do_sample=False, pad_token_id=0, eos_token_id=None)[:, width:]
+            plain = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )[:, width:]
     assert torch.equal(logits.argmax(dim=-1), generated)
     assert not torch.equal(plain, generated)  # the edit matters
 
@@ -182,17 +207,26 @@ def test_repe_reading_vector_finds_the_axis_that_separates_pairs():
     negative = positive.clone()
     negative[..., 0] -= 3.0
     negative[..., 1] += 2.0 * torch.randn(n, layers, generator=generator)
-    reading = reading_vectors(torch.cat([positive, negative]), torch.cat([torch.ones(n), torch.zeros(n)]),
-                              torch.arange(n).repeat(2), seed=0)
+    reading = reading_vectors(
+        torch.cat([positive, negative]), torch.cat([torch.ones(n), torch.zeros(n)]), torch.arange(n).repeat(2), seed=0
+    )
     assert (reading.vectors[:, 0] > 0.99).all() and (reading.accuracy == 1).all()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ItiConfig(iti_num_heads=0), lambda: ItiConfig(iti_num_heads=2.5), lambda: RepeConfig(repe_num_layers=0),
-    lambda: LoraBaselineConfig(lora_rank=0), lambda: LoraBaselineConfig(lora_lr=-1.0), lambda: ReftConfig(reft_positions="middle"),
-    lambda: ReftConfig(reft_epochs=-1), lambda: ReftConfig(reft_layers="1,x").layer_indices(3),
-    lambda: ReftConfig(reft_layers="7").layer_indices(3),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ItiConfig(iti_num_heads=0),
+        lambda: ItiConfig(iti_num_heads=2.5),
+        lambda: RepeConfig(repe_num_layers=0),
+        lambda: LoraBaselineConfig(lora_rank=0),
+        lambda: LoraBaselineConfig(lora_lr=-1.0),
+        lambda: ReftConfig(reft_positions="middle"),
+        lambda: ReftConfig(reft_epochs=-1),
+        lambda: ReftConfig(reft_layers="1,x").layer_indices(3),
+        lambda: ReftConfig(reft_layers="7").layer_indices(3),
+    ],
+)
 def test_bad_method_options_are_refused(make):
     with pytest.raises(ValueError):
         make()
@@ -230,8 +264,12 @@ def test_reft_scores_multiple_choice_on_whole_prompts():
     examples = [MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe"), (1, 0), best=0)]
     prefix = "Q: red A: no"
     shared = choice_logprobs(model, tokenizer, examples, prefix=prefix, progress=False)
-    whole = choice_logprobs(model, tokenizer, [MultipleChoiceExample(prefix + e.prompt, e.choices, e.labels, e.best)
-                                               for e in examples], progress=False)
+    whole = choice_logprobs(
+        model,
+        tokenizer,
+        [MultipleChoiceExample(prefix + e.prompt, e.choices, e.labels, e.best) for e in examples],
+        progress=False,
+    )
     with model.disable_adapter():
         plain = choice_logprobs(model, tokenizer, examples, prefix=prefix, progress=False)
     assert shared[0] == pytest.approx(whole[0], abs=1e-5) and shared[0] != pytest.approx(plain[0], abs=1e-3)

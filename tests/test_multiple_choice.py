@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lofit import get_lofit_model
-from lofit.evaluation import multiple_choice
-from lofit.models.architectures import text_config
 from lofit.data.choice_packing import pack_questions, question_length
+from lofit.evaluation import multiple_choice
 from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
+from lofit.models.architectures import text_config
 
 from .conftest import COMMON, WORDS, randomize_adapter, tiny_model, word_tokenizer
 
@@ -62,8 +62,9 @@ def test_mc1_and_mc2_match_hand_computed_values():
     assert metrics["mc1"] == 1.0
     assert metrics["mc2"] == pytest.approx((0.5 + 0.2) / (0.5 + 0.3 + 0.2), abs=1e-5)
     two_tokens = MultipleChoiceExample("Q: A: sky", (" blue", " red"), (0, 1), best=1)
-    assert mc_scores(choice_logprobs(model, word_tokenizer(), [two_tokens], progress=False)[0], two_tokens) == pytest.approx(
-        {"mc1": 0.0, "mc2": 0.1}, abs=1e-5)
+    assert mc_scores(
+        choice_logprobs(model, word_tokenizer(), [two_tokens], progress=False)[0], two_tokens
+    ) == pytest.approx({"mc1": 0.0, "mc2": 0.1}, abs=1e-5)
 
 
 def test_mc1_is_the_harness_argmax_with_ties_to_the_best_answer():
@@ -90,18 +91,29 @@ def test_shared_prefix_reuse_equals_full_recomputation(model_type):
     tokenizer = word_tokenizer()
     lofit_model = get_lofit_model(tiny_model(model_type))
     randomize_adapter(lofit_model)
-    examples = [MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe", " blue"), (1, 0, 0), best=0),
-                MultipleChoiceExample(" Q: A:", (" red", " yes yes"), (0, 1), best=1)]
+    examples = [
+        MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe", " blue"), (1, 0, 0), best=0),
+        MultipleChoiceExample(" Q: A:", (" red", " yes yes"), (0, 1), best=1),
+    ]
     prefix = "Q: sky A: blue Q: red A: no"
     reused = choice_logprobs(lofit_model, tokenizer, examples, prefix=prefix, progress=False)
-    full = [choice_logprobs(lofit_model, tokenizer, [MultipleChoiceExample(prefix + e.prompt, e.choices, e.labels, e.best)],
-                            progress=False)[0] for e in examples]
+    full = [
+        choice_logprobs(
+            lofit_model,
+            tokenizer,
+            [MultipleChoiceExample(prefix + e.prompt, e.choices, e.labels, e.best)],
+            progress=False,
+        )[0]
+        for e in examples
+    ]
     for a, b in zip(reused, full):
         assert a == pytest.approx(b, abs=1e-4)
 
 
 PACKING_EXAMPLES = [
-    MultipleChoiceExample(" Q: sky A:", (" yes", " no maybe", " blue", " no maybe red", " yes"), (1, 0, 0, 1, 0), best=0),
+    MultipleChoiceExample(
+        " Q: sky A:", (" yes", " no maybe", " blue", " no maybe red", " yes"), (1, 0, 0, 1, 0), best=0
+    ),
     MultipleChoiceExample(" Q: A:", (" red", " yes yes", " yes no sky"), (0, 1, 0), best=1),
     MultipleChoiceExample(" Q: red blue sky A: maybe", (" sky", " sky blue"), (1, 0), best=0),
     MultipleChoiceExample(" Q: no A:", (" blue red red", " blue red yes", " maybe"), (1, 0, 0), best=0),
@@ -120,8 +132,11 @@ def test_packed_scoring_equals_scoring_each_question(model_type, monkeypatch):
     unpacked, with a warning: the same scores either way."""
     rows = []
     score_packed = multiple_choice.score_packed
-    monkeypatch.setattr(multiple_choice, "score_packed", lambda model, questions, *rest: rows.append(len(questions))
-                        or score_packed(model, questions, *rest))
+    monkeypatch.setattr(
+        multiple_choice,
+        "score_packed",
+        lambda model, questions, *rest: rows.append(len(questions)) or score_packed(model, questions, *rest),
+    )
     tokenizer = word_tokenizer()
     lofit_model = get_lofit_model(tiny_model(model_type))
     randomize_adapter(lofit_model)
@@ -132,12 +147,16 @@ def test_packed_scoring_equals_scoring_each_question(model_type, monkeypatch):
         assert rows == []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            packed = choice_logprobs(lofit_model, tokenizer, PACKING_EXAMPLES, prefix=prefix, progress=False, pack_tokens=16)
+            packed = choice_logprobs(
+                lofit_model, tokenizer, PACKING_EXAMPLES, prefix=prefix, progress=False, pack_tokens=16
+            )
         for a, b in zip(packed, alone):
             assert a == pytest.approx(b, abs=1e-4)
         assert any("did not reproduce" in str(w.message) for w in caught) == (model_type in ALIBI_FAMILIES)
-        longest = max(len(tokenizer(prefix + e.prompt).input_ids) + max(len(tokenizer(c).input_ids) for c in e.choices)
-                      for e in PACKING_EXAMPLES)
+        longest = max(
+            len(tokenizer(prefix + e.prompt).input_ids) + max(len(tokenizer(c).input_ids) for c in e.choices)
+            for e in PACKING_EXAMPLES
+        )
         if model_type not in ALIBI_FAMILIES and sliding_window >= longest:
             assert rows[0] == 2 and sum(rows[1:]) == 2, rows  # the probe's row, then the other two questions packed
 
@@ -164,8 +183,11 @@ def test_questions_longer_than_a_sliding_window_are_not_packed(monkeypatch):
     window is scored unpacked, as the window demands."""
     rows = []
     score_packed = multiple_choice.score_packed
-    monkeypatch.setattr(multiple_choice, "score_packed", lambda model, questions, *rest: rows.append(len(questions))
-                        or score_packed(model, questions, *rest))
+    monkeypatch.setattr(
+        multiple_choice,
+        "score_packed",
+        lambda model, questions, *rest: rows.append(len(questions)) or score_packed(model, questions, *rest),
+    )
     tokenizer = word_tokenizer()
     for window, packed in ((3, False), (64, True)):
         rows.clear()

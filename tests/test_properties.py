@@ -21,12 +21,12 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lofit.methods.lofit.adapter_io import AdapterError
 from lofit.data.files import DataError
-from lofit.methods import FitResult, get_method, load_adapted
-from lofit.methods.reft import ReftConfig
 from lofit.evaluation.multiple_choice import MultipleChoiceExample
+from lofit.methods import FitResult, get_method, load_adapted
+from lofit.methods.lofit.adapter_io import AdapterError
 from lofit.methods.lofit.ranking import HeadRanking
+from lofit.methods.reft import ReftConfig
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, get_task
 
 from .conftest import SAVED_METHODS, fitted, tiny_model
@@ -46,8 +46,11 @@ def report_examples():
 # -- strategies ------------------------------------------------------------------------------------------------
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-                           max_leaves=12)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
 """Any JSON value, NaN and infinities included (Python's json writes and reads them)."""
 texts = st.text(min_size=1, max_size=40) | st.text(min_size=1, max_size=40).map(lambda t: t + "\u2028\x85\r" + t)
 """Non-empty text, often with the line separators that str.splitlines() honours but JSONL does not."""
@@ -55,7 +58,10 @@ huge_texts = st.integers(1, 200_000).map(lambda n: "x" * n)
 field_values = json_values | texts | huge_texts | st.just("") | st.lists(texts, max_size=4)
 FIELDS = ["prompt", "completion", "chosen", "rejected", "choices", "label"]
 SCHEMAS = [("prompt", "completion"), ("prompt", "chosen", "rejected"), ("prompt", "choices", "label")]
-VALID = {"choices": st.lists(texts, min_size=2, max_size=4), "label": st.integers(0, 1) | st.sampled_from(["0", "1", 1.0])}
+VALID = {
+    "choices": st.lists(texts, min_size=2, max_size=4),
+    "label": st.integers(0, 1) | st.sampled_from(["0", "1", 1.0]),
+}
 
 
 @st.composite
@@ -89,7 +95,10 @@ def csv_tables(draw) -> list[list[str]]:
     if draw(st.booleans()):
         header = draw(st.permutations(header + [draw(st.text(max_size=6))]))[: draw(st.integers(1, len(header) + 1))]
     odd_cell = st.sampled_from(["0", "1", "", "x"]) | huge_texts
-    valid_cell = {"choices": st.lists(texts, min_size=2, max_size=3).map(json.dumps), "label": st.sampled_from(["0", "1"])}
+    valid_cell = {
+        "choices": st.lists(texts, min_size=2, max_size=3).map(json.dumps),
+        "label": st.sampled_from(["0", "1"]),
+    }
     table = [header]
     for _ in range(draw(st.integers(0, 4))):
         row = [draw(valid_cell.get(name, texts) if draw(st.integers(0, 5)) else odd_cell) for name in header]
@@ -106,7 +115,9 @@ def encode(text: str, bom: bool, bad_bytes: bytes, at: int) -> bytes:
     return data[:at] + bad_bytes + data[at:]
 
 
-damage = st.tuples(st.booleans(), st.sampled_from([b""] * 8 + [b"\xff", b"\xc3(", b"\x80\x80", b"\x00"]), st.integers(0, 10_000))
+damage = st.tuples(
+    st.booleans(), st.sampled_from([b""] * 8 + [b"\xff", b"\xc3(", b"\x80\x80", b"\x00"]), st.integers(0, 10_000)
+)
 """(a byte-order mark?, bytes that are not UTF-8 or a NUL (often none), where to put them)."""
 
 
@@ -121,6 +132,7 @@ def csv_text(table: list[list[str]]) -> str:
 
 
 # -- data files ---------------------------------------------------------------------------------------------------
+
 
 def load_examples(data: bytes, suffix: str) -> list:
     """Write ``data`` to a user file and load its training and evaluation examples the way
@@ -148,9 +160,7 @@ def assert_well_formed(examples: list) -> None:
 
 
 @FAST
-@given(lines=jsonl_lines(),
-       separator=st.sampled_from(["\n", "\r\n"]),
-       damaged=damage)
+@given(lines=jsonl_lines(), separator=st.sampled_from(["\n", "\r\n"]), damaged=damage)
 def test_any_jsonl_file_loads_or_raises_a_data_error(lines, separator, damaged):
     EXAMPLES["jsonl files"] += 1
     for examples in load_examples(encode(jsonl_text(lines, separator), *damaged), ".jsonl"):
@@ -158,8 +168,10 @@ def test_any_jsonl_file_loads_or_raises_a_data_error(lines, separator, damaged):
 
 
 @FAST
-@given(table=csv_tables() | st.lists(st.lists(st.sampled_from(FIELDS) | st.text(max_size=20), max_size=5), max_size=5),
-       damaged=damage)
+@given(
+    table=csv_tables() | st.lists(st.lists(st.sampled_from(FIELDS) | st.text(max_size=20), max_size=5), max_size=5),
+    damaged=damage,
+)
 def test_any_csv_file_loads_or_raises_a_data_error(table, damaged):
     EXAMPLES["csv files"] += 1
     for examples in load_examples(encode(csv_text(table), *damaged), ".csv"):
@@ -189,8 +201,11 @@ def test_valid_sft_rows_of_any_text_load_back_exactly(pairs, bom, as_csv):
 
 # -- head rankings ----------------------------------------------------------------------------------------------
 
+
 def ranking_json(num_layers: int, num_heads: int) -> dict:
-    return HeadRanking.from_scores(torch.rand(num_layers, num_heads, generator=torch.Generator().manual_seed(0))).to_json()
+    return HeadRanking.from_scores(
+        torch.rand(num_layers, num_heads, generator=torch.Generator().manual_seed(0))
+    ).to_json()
 
 
 @st.composite
@@ -231,7 +246,6 @@ def test_any_head_ranking_file_loads_or_raises_a_value_error(data, raw):
 # -- saved adapters -----------------------------------------------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, Path]:
     """One saved result per method, for the llama tiny model."""
@@ -244,8 +258,11 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 
 def model_state(model) -> tuple:
-    return ([(name, p.requires_grad) for name, p in model.named_parameters()], [type(m).__name__ for m in model.modules()],
-            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+    return (
+        [(name, p.requires_grad) for name, p in model.named_parameters()],
+        [type(m).__name__ for m in model.modules()],
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    )
 
 
 def load_damaged(source: Path, damage) -> None:
@@ -288,11 +305,34 @@ def config_edits(file_name: str, keys: list[str]):
     return (whole | one_key).map(lambda edit: (file_name, *edit))
 
 
-LOFIT_KEYS = ["model_type", "num_layers", "num_heads", "head_dim", "lofit_config", "selected_heads",
-              "lofit_config.num_heads", "lofit_config.heads", "lofit_config.heads_file", "lofit_config.seed",
-              "lofit_config.bias_lr", "lofit_config.batch_size", "lofit_config.unknown"]
-METHOD_KEYS = ["method", "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "options",
-               "options.reft_rank", "options.reft_layers", "options.reft_positions", "options.reft_lr"]
+LOFIT_KEYS = [
+    "model_type",
+    "num_layers",
+    "num_heads",
+    "head_dim",
+    "lofit_config",
+    "selected_heads",
+    "lofit_config.num_heads",
+    "lofit_config.heads",
+    "lofit_config.heads_file",
+    "lofit_config.seed",
+    "lofit_config.bias_lr",
+    "lofit_config.batch_size",
+    "lofit_config.unknown",
+]
+METHOD_KEYS = [
+    "method",
+    "model_type",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "options",
+    "options.reft_rank",
+    "options.reft_layers",
+    "options.reft_positions",
+    "options.reft_lr",
+]
 PEFT_KEYS = ["peft_type", "r", "lora_alpha", "target_modules", "task_type", "bias", "lora_dropout", "fan_in_fan_out"]
 
 
@@ -326,9 +366,24 @@ def test_any_lora_adapter_config_loads_or_raises_an_adapter_error(saved, edit):
     load_damaged(saved["lora"], lambda directory: apply_edit(directory, edit))
 
 
-WEIGHT_FILES = {"lofit": "adapter_model.safetensors", "iti": "adapter_model.safetensors", "lora": "adapter_model.safetensors",
-                "repe": "repe_shift.safetensors", "red": "red.safetensors", "reft": "reft.safetensors"}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8]
+WEIGHT_FILES = {
+    "lofit": "adapter_model.safetensors",
+    "iti": "adapter_model.safetensors",
+    "lora": "adapter_model.safetensors",
+    "repe": "repe_shift.safetensors",
+    "red": "red.safetensors",
+    "reft": "reft.safetensors",
+}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+    torch.uint8,
+]
 
 
 @st.composite
@@ -350,19 +405,31 @@ def weight_damage(draw):
             else:
                 data[index] ^= byte or 1
             path.write_bytes(bytes(data))
+
         return edit
     keep = draw(st.booleans())
-    extra = draw(st.dictionaries(st.text(min_size=1, max_size=8), st.tuples(st.sampled_from(DTYPES),
-                                 st.lists(st.integers(0, 4), max_size=3), st.sampled_from([0.0, 1.0, float("nan"), float("inf")])),
-                                 max_size=3))
+    extra = draw(
+        st.dictionaries(
+            st.text(min_size=1, max_size=8),
+            st.tuples(
+                st.sampled_from(DTYPES),
+                st.lists(st.integers(0, 4), max_size=3),
+                st.sampled_from([0.0, 1.0, float("nan"), float("inf")]),
+            ),
+            max_size=3,
+        )
+    )
 
     def rewrite(path: Path) -> None:
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(str(path)) if keep else {}
         for name, (dtype, shape, value) in extra.items():
-            tensors[name] = torch.full(shape, value).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+            tensors[name] = (
+                torch.full(shape, value).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+            )
         save_file(tensors, str(path))
+
     return rewrite
 
 
@@ -375,12 +442,38 @@ def test_any_weights_file_loads_or_raises_an_adapter_error(saved, name, damage):
 
 # -- YAML configs ----------------------------------------------------------------------------------------------
 
-OPTION_NAMES = ["bias_lr", "num_heads", "batch_size", "heads", "fold", "limit", "device", "dtype", "mixed_precision",
-                "gradient_accumulation_steps", "save_steps", "resume", "reft_rank", "lora_rank", "method", "task", "unknown"]
-yaml_values = st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats() | st.text(max_size=12) | st.lists(st.integers(), max_size=3)
-yaml_configs = (st.dictionaries(st.sampled_from(OPTION_NAMES), yaml_values, max_size=6)
-                | st.dictionaries(st.sampled_from(["run", "lofit", "compute", "method_options"]),
-                                  st.dictionaries(st.sampled_from(OPTION_NAMES), yaml_values, max_size=4), max_size=3))
+OPTION_NAMES = [
+    "bias_lr",
+    "num_heads",
+    "batch_size",
+    "heads",
+    "fold",
+    "limit",
+    "device",
+    "dtype",
+    "mixed_precision",
+    "gradient_accumulation_steps",
+    "save_steps",
+    "resume",
+    "reft_rank",
+    "lora_rank",
+    "method",
+    "task",
+    "unknown",
+]
+yaml_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.lists(st.integers(), max_size=3)
+)
+yaml_configs = st.dictionaries(st.sampled_from(OPTION_NAMES), yaml_values, max_size=6) | st.dictionaries(
+    st.sampled_from(["run", "lofit", "compute", "method_options"]),
+    st.dictionaries(st.sampled_from(OPTION_NAMES), yaml_values, max_size=4),
+    max_size=3,
+)
 
 
 @FAST

@@ -20,12 +20,22 @@ def rows(n: int = 8) -> list[dict[str, torch.Tensor]]:
     """Tokenised pairs with labels on the completion only, as Trainer's default collator takes them."""
     batch = collate(synthetic_pairs(n), PAD)
     labels = torch.where(torch.roll(batch.score_mask, 1, dims=1), batch.input_ids, -100)
-    return [{"input_ids": i, "attention_mask": m, "labels": l} for i, m, l in zip(batch.input_ids, batch.attention_mask, labels)]
+    return [
+        {"input_ids": i, "attention_mask": m, "labels": y}
+        for i, m, y in zip(batch.input_ids, batch.attention_mask, labels)
+    ]
 
 
 def trainer(model: LofitModel, output_dir: Path, **options) -> Trainer:
-    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=5e-2, report_to=[],
-                             use_cpu=True, logging_steps=1, **{"num_train_epochs": 2, "save_strategy": "no", **options})
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        **{"num_train_epochs": 2, "save_strategy": "no", **options},
+    )
     return Trainer(model=model, args=args, train_dataset=rows())
 
 
@@ -64,7 +74,9 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path):
     trainer(uninterrupted, tmp_path, num_train_epochs=3, save_strategy="steps", save_steps=3).train()  # 6 steps
     resumed = get_lofit_model(tiny_model("llama"))  # all heads active: the checkpoint restores the selection
     resumed.train_only("bias")
-    trainer(resumed, tmp_path / "again", num_train_epochs=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    trainer(resumed, tmp_path / "again", num_train_epochs=3).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3")
+    )
     assert resumed.selected_heads == HEADS
     assert uninterrupted.lofit_bias.detach().abs().sum() > 0
     torch.testing.assert_close(resumed.lofit_bias.detach(), uninterrupted.lofit_bias.detach(), rtol=0, atol=1e-7)

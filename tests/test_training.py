@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.training.objectives import SFT
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.steps import select_heads, tune_biases
+from lofit.training.objectives import SFT
 
 from .conftest import PAD, synthetic_pairs, tiny_model
 
-CONFIG = LofitConfig(num_heads=4, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3)
+CONFIG = LofitConfig(
+    num_heads=4, select_epochs=2, tune_epochs=2, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3
+)
 
 
 def two_steps(seed: int):

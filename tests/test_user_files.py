@@ -33,8 +33,13 @@ def test_sft_preference_and_multiple_choice_schemas(tmp_path):
 
 
 def test_every_malformed_row_is_reported_with_file_and_line(tmp_path):
-    rows = [{"prompt": "ok", "completion": " fine"}, {"prompt": "no completion"}, {"prompt": 3, "completion": "x"},
-            {"prompt": "ok", "completion": " fine"}, {"prompt": "", "completion": "x"}]
+    rows = [
+        {"prompt": "ok", "completion": " fine"},
+        {"prompt": "no completion"},
+        {"prompt": 3, "completion": "x"},
+        {"prompt": "ok", "completion": " fine"},
+        {"prompt": "", "completion": "x"},
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as error:
         UserFileTask(path).train_examples()

@@ -24,7 +24,11 @@ def write_task(path: Path, kind: str = "sft", rows: int = 16) -> Path:
         words = " ".join(rng.choice(["sky", "blue", "red", "maybe"]) for _ in range(rng.randrange(1, 5)))
         answer, other = ("yes", "no") if "sky" in words else ("no", "yes")
         prompt = f"Q: {words} A:"
-        row = {"prompt": prompt, "completion": f" {answer}"} if kind == "sft" else {"prompt": prompt, "chosen": f" {answer}", "rejected": f" {other}"}
+        row = (
+            {"prompt": prompt, "completion": f" {answer}"}
+            if kind == "sft"
+            else {"prompt": prompt, "chosen": f" {answer}", "rejected": f" {other}"}
+        )
         lines.append(json.dumps(row) + "\n")
     path.write_text("".join(lines))
     return path

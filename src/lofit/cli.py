@@ -10,29 +10,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import huggingface_hub
 import transformers
 import yaml
 
-from lofit.runs.comparison import METRIC_SUFFIXES, comparison_table, run_compare
-from lofit.utils.compute import ComputeConfig, run_device
-from lofit.methods.lofit.config import LofitConfig
-from lofit.utils.distributed import is_main_process
-from lofit.methods import METHOD_CONFIGS, METHODS, get_method
 from lofit.experiments import shipped_grids
 from lofit.experiments.command import run_experiment_command
 from lofit.experiments.report import write_report
-from lofit.utils.options import build_config, field_type
-from lofit.runs.pipeline import RunConfig, run_all, run_eval, run_merge, run_select, run_tune
+from lofit.methods import METHOD_CONFIGS
+from lofit.methods.lofit.config import LofitConfig
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.runs.comparison import comparison_table, run_compare
+from lofit.runs.pipeline import RunConfig, build_configs, run_all, run_eval, run_merge, run_select, run_tune
 from lofit.runs.plots import head_heatmap
 from lofit.runs.recipes import with_recipe
-from lofit.methods.lofit.ranking import HeadRanking
 from lofit.tasks import TASKS
 from lofit.training.loop import NonFiniteLossError, resolve_mixed_precision
+from lofit.utils.compute import ComputeConfig, run_device
+from lofit.utils.distributed import is_main_process
+from lofit.utils.options import OptionsError, field_type
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -41,20 +42,16 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: st
         option = "--" + f.name.replace("_", "-")
         kind = field_type(cls, f.name)
         help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:  # a registry (name -> function or class): its names, as registered
+            help_text = f"{help_text}: {', '.join(f.metadata['choices'])}"
         if "default" not in help_text:
             help_text += f" (default: {f.default if f.default is not MISSING else None})"
         if kind is bool:
-            group.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(
+                option, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
             group.add_argument(option, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
-
-
-class OptionsError(ValueError):
-    """Options that cannot run, one problem per line; refused before anything loads or is written."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
@@ -76,14 +73,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return flat
 
 
-OPTION_OWNERS: dict[str, str] = {f.name: name for name, method in METHODS.items() if method.config_class
-                                 for f in fields(method.config_class)}
-"""Each method-specific option and the method it belongs to."""
-
-
-def _values(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
-    """Option values: the YAML file's, overridden by the flags given. Unknown options and
-    options of a method other than ``methods`` are refused."""
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    """Option values: the YAML file's, overridden by the flags given; unknown options are refused."""
     values = _load_yaml(args.config) if getattr(args, "config", None) else {}
     known = {f.name for cls in (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS) for f in fields(cls)}
     problems = [f"unknown option {name!r} in {args.config}" for name in sorted(set(values) - known)]
@@ -92,10 +83,6 @@ def _values(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
         values = with_recipe(values, RunConfig.task)
     except ValueError as error:
         problems.append(str(error))
-    for name in sorted(values):
-        owner = OPTION_OWNERS.get(name)
-        if owner is not None and owner not in methods:
-            problems.append(f"--{name.replace('_', '-')} is an option of --method {owner}; this run uses {', '.join(methods)}")
     if problems:
         raise OptionsError(problems)
     return values
@@ -115,25 +102,10 @@ def _methods(args: argparse.Namespace) -> list[str]:
 
 
 def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig, ComputeConfig, dict[str, object | None]]:
-    """Every config of the command, each method's included; all problems are gathered into one OptionsError."""
+    """Every config of the command, each method's included (:func:`lofit.runs.pipeline.build_configs`);
+    all problems are gathered into one OptionsError."""
     methods = _methods(args)
-    values = _values(args, methods)
-    problems, built = [], []
-    for cls in (RunConfig, LofitConfig, ComputeConfig):
-        try:
-            built.append(build_config(cls, values))
-        except ValueError as error:
-            problems.append(str(error))
-    method_configs: dict[str, object | None] = {}
-    for name in methods:
-        try:
-            config_class = get_method(name).config_class
-            method_configs[name] = build_config(config_class, values) if config_class is not None else None
-        except (ValueError, TypeError) as error:
-            problems.append(str(error))
-    if problems:
-        raise OptionsError(problems)
-    return (*built, method_configs)
+    return build_configs(_values(args), methods)
 
 
 def _precision_line(compute: ComputeConfig) -> str:
@@ -153,14 +125,17 @@ def _print_summary(summary: dict, compute: ComputeConfig) -> None:
     if "selected_heads" in summary:
         heads = summary["selected_heads"]
         print(f"selected heads (layer.head, {len(heads)}): " + " ".join(f"{layer}.{head}" for layer, head in heads))
-    times = [f"{key.removesuffix('_seconds')} {value:.0f}s" for key, value in summary.items() if key.endswith("_seconds")]
+    times = [
+        f"{key.removesuffix('_seconds')} {value:.0f}s" for key, value in summary.items() if key.endswith("_seconds")
+    ]
     if times:
         print("wall time: " + ", ".join(times))
     for fold in summary.get("folds", []):
-        print(f"fold {fold['run_folder']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fold.items() if k.endswith(METRIC_SUFFIXES)))
-    for key, value in summary.items():
-        if key.endswith(METRIC_SUFFIXES):
-            print(f"{summary['task']} {key.replace('_', ' ')}: {100 * value:.1f}%")
+        print(
+            f"fold {fold['run_folder']}: " + ", ".join(f"{k} {100 * fold[k]:.1f}%" for k in fold.get("metric_keys", []))
+        )
+    for key in summary.get("metric_keys", []):
+        print(f"{summary['task']} {key.replace('_', ' ')}: {100 * summary[key]:.1f}%")
     for key, value in summary.items():
         if key.endswith("num_examples"):
             print(f"evaluated on {value} examples")
@@ -182,57 +157,104 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     tasks = ", ".join(sorted(TASKS))
 
-    def command(name: str, help_text: str, options: Sequence[type] = (RunConfig, LofitConfig, ComputeConfig)) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_text: str, options: Sequence[type] = (RunConfig, LofitConfig, ComputeConfig)
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=f"{help_text} Tasks: {tasks}.")
         sub.add_argument("--config", help="YAML file of options; flags override it")
         for cls in options:
             _add_dataclass_options(sub, cls, f"{cls.__name__} options")
         return sub
 
-    command("select", "Step 1: rank heads (by default by training scales with an L1 penalty; see --heads); write head_ranking.json and heads.png.")
+    command(
+        "select",
+        "Step 1: rank heads (by default by training scales with an L1 penalty; see --heads); write head_ranking.json "
+        "and heads.png.",
+    )
     tune = command("tune", "Step 2: train biases of the top heads of a saved ranking; write the adapter.")
     tune.add_argument("--ranking", required=True, help="head_ranking.json from `lofit select` or `lofit run`")
-    command("run", "Fit a method (LoFiT's two steps by default, or a baseline with --method), then evaluate: write a full run folder.",
-            (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS))
-    compare = command("compare", "Run several methods on one task, one after another, and print one table "
-                      "(method, trained parameters, metrics, wall time).", (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS))
-    compare.add_argument("--methods", default="zero-shot,lofit,iti,repe,lora,red,reft",
-                         help="comma-separated methods (default: zero-shot,lofit,iti,repe,lora,red,reft)")
+    command(
+        "run",
+        "Fit a method (LoFiT's two steps by default, or a baseline with --method), then evaluate: write a full run "
+        "folder.",
+        (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS),
+    )
+    compare = command(
+        "compare",
+        "Run several methods on one task, one after another, and print one table "
+        "(method, trained parameters, metrics, wall time).",
+        (RunConfig, LofitConfig, ComputeConfig, *METHOD_CONFIGS),
+    )
+    compare.add_argument(
+        "--methods",
+        default="zero-shot,lofit,iti,repe,lora,red,reft",
+        help="comma-separated methods (default: zero-shot,lofit,iti,repe,lora,red,reft)",
+    )
     evaluate = command("eval", "Evaluate a model, zero-shot or with a saved adapter.", (RunConfig, ComputeConfig))
     evaluate.add_argument("--adapter", help="adapter folder to apply (with --harness-tasks also a hub id)")
-    evaluate.add_argument("--harness-tasks", help="comma-separated lm-evaluation-harness tasks to run instead of --task "
-                          "(needs lofit[eval]; see docs/harness.md)")
+    evaluate.add_argument(
+        "--harness-tasks",
+        help="comma-separated lm-evaluation-harness tasks to run instead of --task "
+        "(needs lofit[eval]; see docs/harness.md)",
+    )
     evaluate.add_argument("--harness-include", help="folder of harness task YAML files to add (lm-eval's include path)")
-    merge = commands.add_parser("merge", help="Fold an adapter into the model and save a plain transformers checkpoint.")
+    merge = commands.add_parser(
+        "merge", help="Fold an adapter into the model and save a plain transformers checkpoint."
+    )
     merge.add_argument("--model", default="default", help="base model the adapter was trained on (default: default)")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--output-dir", required=True, help="folder for the merged checkpoint")
     for option in ("device", "dtype", "device_map"):
         compute_field = next(f for f in fields(ComputeConfig) if f.name == option)
-        merge.add_argument("--" + option.replace("_", "-"), dest=option, default=compute_field.default, help=compute_field.metadata["help"])
-    experiment = commands.add_parser("experiment", help="Run one of the paper's experiments (a grid of cells), resumably; write results.jsonl and a report.",
-                                     description="Experiments: " + ", ".join(sorted(shipped_grids())) + ". See docs/experiments.md.")
+        merge.add_argument(
+            "--" + option.replace("_", "-"),
+            dest=option,
+            default=compute_field.default,
+            help=compute_field.metadata["help"],
+        )
+    experiment = commands.add_parser(
+        "experiment",
+        help="Run one of the paper's experiments (a grid of cells), resumably; write results.jsonl and a report.",
+        description="Experiments: " + ", ".join(sorted(shipped_grids())) + ". See docs/experiments.md.",
+    )
     experiment.add_argument("name", nargs="?", help="the experiment (or give --grid FILE)")
     experiment.add_argument("--grid", help="a grid YAML file of your own, instead of NAME")
     experiment.add_argument("--model", help="the model of every cell (default: the grid's, else default)")
     experiment.add_argument("--tasks", help="comma-separated tasks (default: the grid's)")
     experiment.add_argument("--seeds", help="comma-separated seeds (default: the grid's)")
     experiment.add_argument("--heads", help="table2: comma-separated head selectors (default: the grid's)")
-    experiment.add_argument("--train-size", help="data-efficiency: comma-separated training set sizes (default: the grid's)")
+    experiment.add_argument(
+        "--train-size", help="data-efficiency: comma-separated training set sizes (default: the grid's)"
+    )
     experiment.add_argument("--output-dir", help="experiment folder (default: runs/experiments/<name>-<model>)")
     experiment.add_argument("--limit", type=int, help="a smoke run: evaluate every cell on its first N examples only")
     experiment.add_argument("--data-dir", help="data folder (default: $LOFIT_DATA)")
-    experiment.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                            help="an option for every cell, e.g. --option mixed_precision=bf16 (repeatable)")
-    experiment.add_argument("--tune", action="store_true", help="choose each arm's hyper-parameters on the validation split first")
-    experiment.add_argument("--dry-run", action="store_true", help="list the cells, which are done, and estimated times; run nothing")
+    experiment.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for every cell, e.g. --option mixed_precision=bf16 (repeatable)",
+    )
+    experiment.add_argument(
+        "--tune", action="store_true", help="choose each arm's hyper-parameters on the validation split first"
+    )
+    experiment.add_argument(
+        "--dry-run", action="store_true", help="list the cells, which are done, and estimated times; run nothing"
+    )
     experiment.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    report = commands.add_parser("report", help="Rebuild an experiment's report.md, report.csv and figures from its results.jsonl.")
+    report = commands.add_parser(
+        "report", help="Rebuild an experiment's report.md, report.csv and figures from its results.jsonl."
+    )
     report.add_argument("folder", help="the experiment folder")
     heads = commands.add_parser("heads", help="Print a saved head ranking and write its layers x heads heatmap.")
     heads.add_argument("ranking", help="head_ranking.json, or a run folder holding one")
-    heads.add_argument("--top", type=int, help="how many heads to print, outline and judge the localization of "
-                       "(default: the K of the run that saved the ranking, else 20)")
+    heads.add_argument(
+        "--top",
+        type=int,
+        help="how many heads to print, outline and judge the localization of "
+        "(default: the K of the run that saved the ranking, else 20)",
+    )
     heads.add_argument("--output", help="PNG path (default: heads.png beside the ranking)")
     return parser
 
@@ -286,8 +308,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.command == "eval" and args.harness_tasks:
                 from lofit.harness import harness_command  # lm-eval is optional: imported only when asked for
 
-                harness_command(args.harness_tasks, run.model, args.adapter, args.harness_include, compute,
-                                run.eval_batch_size, run.limit, run.chat_template, run.output_dir)
+                harness_command(
+                    args.harness_tasks,
+                    run.model,
+                    args.adapter,
+                    args.harness_include,
+                    compute,
+                    run.eval_batch_size,
+                    run.limit,
+                    run.chat_template,
+                    run.output_dir,
+                )
             elif args.command == "eval":
                 _print_summary(run_eval(run, Path(args.adapter) if args.adapter else None, compute), compute)
     except (FileNotFoundError, ValueError) as error:

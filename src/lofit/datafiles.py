@@ -3,9 +3,9 @@ re-exports :mod:`lofit.data.files`; new code imports from there."""
 
 from lofit.data.files import (
     DATA_ENV,
-    DataError,
     HOW_TO_GET_DATA,
     TASK_FOLDERS,
+    DataError,
     finite_number,
     parse_json,
     read_json_rows,

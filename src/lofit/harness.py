@@ -37,11 +37,11 @@ try:
 except ImportError as error:  # the optional extra is not installed
     raise ImportError("lofit.harness needs lm-evaluation-harness: pip install 'lofit[eval]'") from error
 
-from lofit.utils.atomic import write_text
-from lofit.utils.compute import ComputeConfig
 from lofit.methods.hub import from_pretrained
 from lofit.models.identity import portable_name
 from lofit.models.loading import DEFAULT_MODEL, load_model
+from lofit.utils.atomic import write_text
+from lofit.utils.compute import ComputeConfig
 
 RESULTS_NAME = "harness_results.json"
 
@@ -51,15 +51,25 @@ class LofitLM(HFLM):
     """lm-eval's HFLM over ``pretrained`` with the lofit result ``adapter`` applied (see the
     module docstring for the arguments)."""
 
-    def __init__(self, pretrained: str = DEFAULT_MODEL, adapter: str | None = None, merge: bool = False,
-                 dtype: str = "auto", device: str | None = "auto", device_map: str | None = None, **hflm_options: Any):
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_MODEL,
+        adapter: str | None = None,
+        merge: bool = False,
+        dtype: str = "auto",
+        device: str | None = "auto",
+        device_map: str | None = None,
+        **hflm_options: Any,
+    ):
         model, tokenizer = load_model(str(pretrained), dtype=dtype, device=device or "auto", device_map=device_map)
         if adapter is not None:
             model = from_pretrained(model, str(adapter))
         if merge:
             if adapter is None or not hasattr(model, "merge_and_unload"):
-                raise ValueError(f"merge=true needs an adapter that folds into the weights (LoFiT, ITI or LoRA); "
-                                 f"{adapter or 'no adapter'} does not")
+                raise ValueError(
+                    f"merge=true needs an adapter that folds into the weights (LoFiT, ITI or LoRA); "
+                    f"{adapter or 'no adapter'} does not"
+                )
             model = model.merge_and_unload()
         super().__init__(pretrained=model, tokenizer=tokenizer, **hflm_options)
 
@@ -74,29 +84,61 @@ def _output_dir(model: str, adapter: str | None, output_dir: str | None) -> Path
     return Path("runs") / f"harness-{portable_name(model).removesuffix('.gguf').replace('/', '_')}"
 
 
-def run_harness(tasks: list[str], model: str = DEFAULT_MODEL, adapter: str | None = None, include_path: str | None = None,
-                compute: ComputeConfig | None = None, batch_size: int = 16, limit: int | None = None,
-                chat_template: bool = False, output_dir: str | None = None) -> tuple[dict, Path]:
+def run_harness(
+    tasks: list[str],
+    model: str = DEFAULT_MODEL,
+    adapter: str | None = None,
+    include_path: str | None = None,
+    compute: ComputeConfig | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    chat_template: bool = False,
+    output_dir: str | None = None,
+) -> tuple[dict, Path]:
     """Run the harness ``tasks`` (lm-eval task names, or tasks defined by the YAML files under
     ``include_path``) on ``model`` with ``adapter`` applied; write lm-eval's results (without
     per-sample logs) as :data:`RESULTS_NAME` into the output folder (see :func:`_output_dir`)
     and return them with the file's path."""
     compute = compute or ComputeConfig()
-    model_args = {"pretrained": model, "adapter": adapter, "dtype": compute.dtype, "device": compute.device,
-                  "device_map": compute.device_map, "batch_size": batch_size}
-    results = simple_evaluate(model="lofit", model_args=model_args, tasks=tasks, limit=limit, log_samples=False,
-                              apply_chat_template=chat_template, task_manager=TaskManager(include_path=include_path))
+    model_args = {
+        "pretrained": model,
+        "adapter": adapter,
+        "dtype": compute.dtype,
+        "device": compute.device,
+        "device_map": compute.device_map,
+        "batch_size": batch_size,
+    }
+    results = simple_evaluate(
+        model="lofit",
+        model_args=model_args,
+        tasks=tasks,
+        limit=limit,
+        log_samples=False,
+        apply_chat_template=chat_template,
+        task_manager=TaskManager(include_path=include_path),
+    )
     path = _output_dir(model, adapter, output_dir) / RESULTS_NAME
     write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     return results, path
 
 
-def harness_command(tasks: str, model: str, adapter: str | None, include_path: str | None, compute: ComputeConfig,
-                    batch_size: int, limit: int | None, chat_template: bool, output_dir: str | None) -> None:
+def harness_command(
+    tasks: str,
+    model: str,
+    adapter: str | None,
+    include_path: str | None,
+    compute: ComputeConfig,
+    batch_size: int,
+    limit: int | None,
+    chat_template: bool,
+    output_dir: str | None,
+) -> None:
     """``lofit eval --harness-tasks T1,T2``: run the tasks, print lm-eval's table and where the results went."""
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not names:
         raise ValueError("--harness-tasks needs at least one task name")
-    results, path = run_harness(names, model, adapter, include_path, compute, batch_size, limit, chat_template, output_dir)
+    results, path = run_harness(
+        names, model, adapter, include_path, compute, batch_size, limit, chat_template, output_dir
+    )
     print(make_table(results))
     print(f"harness results: {path}")

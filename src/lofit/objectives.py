@@ -3,11 +3,11 @@ re-exports :mod:`lofit.training.objectives`; new code imports from there."""
 
 from lofit.training.objectives import (
     DPO,
+    SFT,
     Objective,
     PreferenceBatch,
     PreferenceItem,
     Regularized,
-    SFT,
     build_objective,
     dpo_losses,
 )

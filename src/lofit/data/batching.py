@@ -23,7 +23,7 @@ class TokenizedPair:
     completion_ids: list[int]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
     """Right-padded sequences and the positions whose next token is scored.
 
@@ -50,13 +50,20 @@ class Batch:
         """Loss terms in the batch: its completion tokens."""
         return int(self.targets.numel())
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         """This batch with its model inputs on ``device`` (the index tensors stay where they are)."""
-        inputs = (self.input_ids.to(device), self.attention_mask.to(device))
-        return Batch(*inputs, self.score_mask, self.targets, self.rows)
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            score_mask=self.score_mask,
+            targets=self.targets,
+            rows=self.rows,
+        )
 
 
-def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, add_eos: bool = True) -> TokenizedPair:
+def tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, add_eos: bool = True
+) -> TokenizedPair:
     """Token ids of ``prompt`` (with the tokenizer's special prefix, if any) and of ``completion``
     (followed by EOS when ``add_eos``: training targets end there; scored choices do not)."""
     prompt_ids = tokenizer(prompt).input_ids
@@ -79,7 +86,13 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> Batch:
         score_mask[row, len(pair.prompt_ids) - 1 : length - 1] = True
     next_tokens = torch.roll(input_ids, shifts=-1, dims=1)
     rows = torch.arange(len(pairs))[:, None].expand_as(score_mask)
-    return Batch(input_ids, attention_mask, score_mask, next_tokens[score_mask], rows[score_mask])
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        score_mask=score_mask,
+        targets=next_tokens[score_mask],
+        rows=rows[score_mask],
+    )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

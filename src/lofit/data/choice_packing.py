@@ -53,7 +53,7 @@ def pack_questions(questions: Sequence[Question], budget: int) -> list[list[int]
     return groups
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PackedRow:
     """One packed row: model inputs plus where each choice's token log-probabilities are read.
 
@@ -121,8 +121,16 @@ def packed_row(questions: Sequence[Question], past_length: int) -> PackedRow:
     score_mask = torch.zeros((1, len(ids)), dtype=torch.bool)
     score_mask[0, predicted_from] = True
     logit_row = torch.cumsum(score_mask[0], 0) - 1  # row of a scored position among the computed logits
-    return PackedRow(torch.tensor([ids]), torch.tensor([positions]), visible, score_mask, logit_row[predicted_from],
-                     torch.tensor([ids[t] for t in choice_tokens]), torch.tensor(paths), pairs)
+    return PackedRow(
+        input_ids=torch.tensor([ids]),
+        positions=torch.tensor([positions]),
+        visible=visible,
+        score_mask=score_mask,
+        logit_rows=logit_row[predicted_from],
+        targets=torch.tensor([ids[t] for t in choice_tokens]),
+        paths=torch.tensor(paths),
+        pairs=pairs,
+    )
 
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -137,15 +145,18 @@ def attention_implementation(model: nn.Module) -> str | None:
 def attention_mask(visible: torch.Tensor, past_length: int, model: nn.Module, device: torch.device) -> torch.Tensor:
     """The (1, 1, T, past + T) mask in the form the model's attention expects: boolean (True
     attends) for SDPA, additive (0 or the dtype's minimum) for eager."""
-    allowed = torch.cat([torch.ones((visible.shape[0], past_length), dtype=torch.bool), visible], dim=1)[None, None].to(device)
+    allowed = torch.cat([torch.ones((visible.shape[0], past_length), dtype=torch.bool), visible], dim=1)[None, None].to(
+        device
+    )
     if attention_implementation(model) != "eager":
         return allowed
     dtype = model.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def score_packed(model: nn.Module, questions: Sequence[Question], past, past_length: int,
-                 device: torch.device) -> list[list[float]]:
+def score_packed(
+    model: nn.Module, questions: Sequence[Question], past, past_length: int, device: torch.device
+) -> list[list[float]]:
     """Summed log-probability of every choice of ``questions``, in one forward pass of one
     packed row after the cached prefix ``past`` (which the pass extends: give a copy).
 
@@ -154,13 +165,20 @@ def score_packed(model: nn.Module, questions: Sequence[Question], past, past_len
     GPU of a device map), and the scores are read on the logits' device.
     """
     row = packed_row(questions, past_length)
-    out = model(input_ids=row.input_ids.to(device), position_ids=row.positions.to(device),
-                attention_mask=attention_mask(row.visible, past_length, model, device), cache=past,
-                use_cache=past is not None, logits_to_keep=row.score_mask)
+    out = model(
+        input_ids=row.input_ids.to(device),
+        position_ids=row.positions.to(device),
+        attention_mask=attention_mask(row.visible, past_length, model, device),
+        cache=past,
+        use_cache=past is not None,
+        logits_to_keep=row.score_mask,
+    )
     scored = int(row.score_mask.sum())
     if out.logits.ndim != 2 or out.logits.shape[0] != scored:
-        raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a boolean "
-                         f"logits_to_keep mask of {scored} positions; expected ({scored}, vocabulary)")
+        raise ValueError(
+            f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a boolean "
+            f"logits_to_keep mask of {scored} positions; expected ({scored}, vocabulary)"
+        )
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (scored positions, V)
     at = logprobs.device
     token_logprobs = logprobs[row.logit_rows.to(at), row.targets.to(at)]

@@ -16,9 +16,11 @@ from typing import Any
 DATA_ENV = "LOFIT_DATA"
 TASK_FOLDERS = ("clutrr", "truthfulqa", "mquake")
 """The built-in tasks' sub-folders of the data folder."""
-HOW_TO_GET_DATA = ("the built-in tasks read the LoFiT paper's splits, published in the folder dataset/ of "
-                   "https://github.com/fc2869/lo-fit: download that folder, rename its MQuAKE/ to mquake/, and pass it "
-                   "with --data-dir or the LOFIT_DATA environment variable (see docs/data.md)")
+HOW_TO_GET_DATA = (
+    "the built-in tasks read the LoFiT paper's splits, published in the folder dataset/ of "
+    "https://github.com/fc2869/lo-fit: download that folder, rename its MQuAKE/ to mquake/, and pass it "
+    "with --data-dir or the LOFIT_DATA environment variable (see docs/data.md)"
+)
 
 
 class DataError(ValueError):
@@ -30,8 +32,10 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     for a missing one says where the data come from (:data:`HOW_TO_GET_DATA`)."""
     chosen = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
     if not chosen:
-        raise DataError(f"no data folder: pass --data-dir or set {DATA_ENV} (the folder holding clutrr/, truthfulqa/, "
-                        f"mquake/); {HOW_TO_GET_DATA}")
+        raise DataError(
+            f"no data folder: pass --data-dir or set {DATA_ENV} (the folder holding clutrr/, truthfulqa/, "
+            f"mquake/); {HOW_TO_GET_DATA}"
+        )
     path = Path(chosen)
     if not path.is_dir():
         raise DataError(f"data folder {path} does not exist; {HOW_TO_GET_DATA}")
@@ -75,7 +79,9 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def parse_json(text: str, where: str) -> Any:

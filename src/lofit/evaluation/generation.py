@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -64,7 +64,9 @@ def greedy_completions(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([AnswerLineEnd(tokenizer, input_ids.shape[1])] if stop_at_line_end else []),
+            stopping_criteria=StoppingCriteriaList(
+                [AnswerLineEnd(tokenizer, input_ids.shape[1])] if stop_at_line_end else []
+            ),
         )
         texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
         for row, text in zip(rows, texts):

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lofit.models.architectures import text_config
 from lofit.data.batching import TokenizedPair, collate, tokenize_pair
 from lofit.data.choice_packing import (
     PACKABLE_ATTENTION,
@@ -38,6 +37,7 @@ from lofit.data.choice_packing import (
     score_packed,
 )
 from lofit.evaluation.scoring import sequence_logprobs
+from lofit.models.architectures import text_config
 from lofit.utils.distributed import gather_in_order, is_main_process, my_share
 
 
@@ -78,11 +78,21 @@ def _prefix_cache(model: nn.Module, prefix_ids: list[int], device: torch.device)
 
 def _split_is_exact(tokenizer: PreTrainedTokenizerBase, prefix: str, prompt: str) -> bool:
     """Whether tokenising prefix and prompt apart gives the tokens of prefix + prompt."""
-    return tokenizer(prefix).input_ids + tokenizer(prompt, add_special_tokens=False).input_ids == tokenizer(prefix + prompt).input_ids
+    return (
+        tokenizer(prefix).input_ids + tokenizer(prompt, add_special_tokens=False).input_ids
+        == tokenizer(prefix + prompt).input_ids
+    )
 
 
-def _choices_after_prompt(model: nn.Module, prompt_ids: list[int], choices: list[list[int]], past, past_length: int,
-                          pad_id: int, device: torch.device) -> list[float]:
+def _choices_after_prompt(
+    model: nn.Module,
+    prompt_ids: list[int],
+    choices: list[list[int]],
+    past,
+    past_length: int,
+    pad_id: int,
+    device: torch.device,
+) -> list[float]:
     """Summed log-probabilities of ``choices`` after one pass over the prompt.
 
     The prompt runs once (after the cached ``past``, if any): its last position gives every
@@ -90,8 +100,13 @@ def _choices_after_prompt(model: nn.Module, prompt_ids: list[int], choices: list
     cache, each row predicting its own tokens 2 .. n.
     """
     attention = torch.ones((1, past_length + len(prompt_ids)), dtype=torch.long, device=device)
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), attention_mask=attention, cache=past,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=torch.tensor([prompt_ids], device=device),
+        attention_mask=attention,
+        cache=past,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
     scores = [float(first[choice[0]]) for choice in choices]
     longer = [index for index, choice in enumerate(choices) if len(choice) > 1]
@@ -116,13 +131,23 @@ def _packing_limit(model: nn.Module) -> int | None:
     config = text_config(model.config)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or ()
-    if not window or getattr(config, "use_sliding_window", True) is False or (layer_types and "sliding_attention" not in layer_types):
+    if (
+        not window
+        or getattr(config, "use_sliding_window", True) is False
+        or (layer_types and "sliding_attention" not in layer_types)
+    ):
         return None
     return window
 
 
-def _packing_reproduces(model: nn.Module, questions: list[Question], reference: list[list[float]], past, past_length: int,
-                        device: torch.device) -> bool:
+def _packing_reproduces(
+    model: nn.Module,
+    questions: list[Question],
+    reference: list[list[float]],
+    past,
+    past_length: int,
+    device: torch.device,
+) -> bool:
     """Whether scoring ``questions`` (two or more) packed in one row reproduces their unpacked
     ``reference`` scores: to float32 rounding, or to bfloat16's when the forward pass runs in
     lower precision. A family that cannot take a 4-D mask at all (ALiBi models build their
@@ -166,10 +191,16 @@ def choice_logprobs(
     device = model.get_input_embeddings().weight.device
     model.eval()
     whole_rows = getattr(model, "edits_prompt_positions", False)
-    reuse = bool(prefix) and not whole_rows and all(e.prompt and _split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
+    reuse = (
+        bool(prefix)
+        and not whole_rows
+        and all(e.prompt and _split_is_exact(tokenizer, prefix, e.prompt) for e in examples)
+    )
     cache = _prefix_cache(model, tokenizer(prefix).input_ids, device) if reuse else None
     prefix_length = len(tokenizer(prefix).input_ids) if reuse else 0
-    share = [examples[i] for i in my_share(len(examples))]  # with several processes each scores its share; gathered back in order
+    share = [
+        examples[i] for i in my_share(len(examples))
+    ]  # with several processes each scores its share; gathered back in order
     show = progress and is_main_process()
     if whole_rows:
         results = []
@@ -177,27 +208,44 @@ def choice_logprobs(
             pairs = [tokenize_pair(tokenizer, prefix + example.prompt, c, add_eos=False) for c in example.choices]
             results.append(sequence_logprobs(model, collate(pairs, tokenizer.pad_token_id).to(device)).tolist())
         return gather_in_order(results, len(examples))
-    questions = [(tokenizer(e.prompt, add_special_tokens=False).input_ids if reuse else tokenizer(prefix + e.prompt).input_ids,
-                  [tokenizer(c, add_special_tokens=False).input_ids for c in e.choices]) for e in share]
+    questions = [
+        (
+            tokenizer(e.prompt, add_special_tokens=False).input_ids
+            if reuse
+            else tokenizer(prefix + e.prompt).input_ids,
+            [tokenizer(c, add_special_tokens=False).input_ids for c in e.choices],
+        )
+        for e in share
+    ]
     if any(not choice for _, choices in questions for choice in choices):
         raise ValueError("every choice needs at least one token")
     if any(not prompt for prompt, _ in questions):
-        raise ValueError("every prompt needs at least one token (a choice's first token is predicted from the prompt's last)")
+        raise ValueError(
+            "every prompt needs at least one token (a choice's first token is predicted from the prompt's last)"
+        )
 
     def prefix_copy():
         return copy.deepcopy(cache) if cache is not None else None
 
     def unpacked(question: Question) -> list[float]:
-        return _choices_after_prompt(model, question[0], question[1], prefix_copy(), prefix_length, tokenizer.pad_token_id, device)
+        return _choices_after_prompt(
+            model, question[0], question[1], prefix_copy(), prefix_length, tokenizer.pad_token_id, device
+        )
 
     probe = PACKING_PROBE_QUESTIONS if pack_tokens > 0 and len(questions) > PACKING_PROBE_QUESTIONS else 0
     results = [unpacked(question) for question in questions[:probe]]
     longest = max((prefix_length + len(prompt) + max(map(len, choices)) for prompt, choices in questions), default=0)
-    packs = (probe > 0 and attention_implementation(model) in PACKABLE_ATTENTION
-             and longest <= (_packing_limit(model) or float("inf")))
+    packs = (
+        probe > 0
+        and attention_implementation(model) in PACKABLE_ATTENTION
+        and longest <= (_packing_limit(model) or float("inf"))
+    )
     if packs and not _packing_reproduces(model, questions[:probe], results, prefix_copy(), prefix_length, device):
-        warnings.warn(f"{type(model).__name__}: scoring choices packed in one sequence (custom attention mask and position "
-                      "ids) did not reproduce the unpacked scores; scoring each question on its own (slower)", stacklevel=2)
+        warnings.warn(
+            f"{type(model).__name__}: scoring choices packed in one sequence (custom attention mask and position "
+            "ids) did not reproduce the unpacked scores; scoring each question on its own (slower)",
+            stacklevel=2,
+        )
         packs = False
     bar = tqdm(total=len(questions), initial=len(results), desc="scoring choices", disable=not show, dynamic_ncols=True)
     if packs:

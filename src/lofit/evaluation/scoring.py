@@ -28,7 +28,9 @@ def completion_token_logprobs(model: nn.Module, batch: Batch, cache: Any = None)
     the prefix and the batch's own tokens.
     """
     cached = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.score_mask, **cached)
+    outputs = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.score_mask, **cached
+    )
     logits = outputs.logits.float()  # (N, V): one row per scored position, on the final hidden states' device
     logprobs = -nn.functional.cross_entropy(logits, batch.targets.to(logits.device), reduction="none")
     return logprobs.to(batch.input_ids.device)

@@ -14,13 +14,13 @@ gives every delta*_b = delta and p = 1 / (B + 1), the smallest value B resamples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BootstrapResult:
     difference: float
     low: float
@@ -40,4 +40,6 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10
     means = differences[indices].mean(dim=1)
     extreme = int(((means - observed).abs() >= abs(observed) - 1e-12).sum())
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return BootstrapResult(observed, low, high, (1 + extreme) / (resamples + 1), resamples)
+    return BootstrapResult(
+        difference=observed, low=low, high=high, p_value=(1 + extreme) / (resamples + 1), resamples=resamples
+    )

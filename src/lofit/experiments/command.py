@@ -8,10 +8,10 @@ from typing import Any
 
 import yaml
 
-from lofit.utils.distributed import is_main_process
 from lofit.experiments.grid import Grid, load_grid
-from lofit.experiments.report import write_report
+from lofit.experiments.report import report_kind, write_report
 from lofit.experiments.runner import Runner
+from lofit.utils.distributed import is_main_process
 
 
 def _list(text: str | None, kind: type = str) -> list | None:
@@ -35,15 +35,20 @@ def configure(args: argparse.Namespace) -> tuple[Grid, dict[str, Any], Path]:
     if bool(args.name) == bool(args.grid):
         raise ValueError("name one experiment, or give --grid FILE (not both)")
     grid = load_grid(args.grid or args.name)
+    report_kind(grid.report.get("kind"))  # a misspelt kind is refused before any cell runs
     grid.tasks = _list(args.tasks) or grid.tasks
     grid.seeds = _list(args.seeds, int) or grid.seeds
     for option, values in (("heads", _list(args.heads)), ("train_size", _list(args.train_size, int))):
         if values:
             if option not in grid.sweep:
-                raise ValueError(f"--{option.replace('_', '-')} applies to experiments that sweep {option}; {grid.name} does not")
+                raise ValueError(
+                    f"--{option.replace('_', '-')} applies to experiments that sweep {option}; {grid.name} does not"
+                )
             grid.sweep[option] = values
     overrides = _options(args.option)
-    overrides |= {k: v for k, v in (("model", args.model), ("limit", args.limit), ("data_dir", args.data_dir)) if v is not None}
+    overrides |= {
+        k: v for k, v in (("model", args.model), ("limit", args.limit), ("data_dir", args.data_dir)) if v is not None
+    }
     overrides["progress"] = args.progress
     model = Path(str(overrides.get("model", grid.options.get("model", "default")))).name.removesuffix(".gguf")
     folder = Path(args.output_dir) if args.output_dir else Path("runs") / "experiments" / f"{grid.name}-{model}"

@@ -27,30 +27,35 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from lofit.utils.compute import ComputeConfig
-from lofit.methods.lofit.config import LofitConfig
 from lofit.methods import METHODS
-from lofit.utils.options import build_config
-from lofit.runs.pipeline import CellConfig, RunConfig
+from lofit.methods.lofit.config import LofitConfig
+from lofit.runs.pipeline import OPTION_OWNERS, CellConfig, RunConfig
+from lofit.runs.pipeline import cell_config as build_cell_config
 from lofit.runs.recipes import recipe_options
+from lofit.utils.compute import ComputeConfig
+from lofit.utils.options import option_group
 
 RUNNER_OPTIONS = {"heads_task": None, "select_only": False}
 """The runner's own cell options and their defaults."""
-UNHASHED = ("output_dir", "data_dir", "progress", "resume", "save_steps", "eval_batch_size")
-"""Options that do not change a cell's result, left out of its key."""
+UNHASHED = option_group([RunConfig], "hashed", False)
+"""Options that do not change a cell's result, left out of its key (``"hashed": False`` in a
+field's metadata)."""
 ALL_HEADS = "all"
-OWNERS = {f.name: name for name, method in METHODS.items() if method.config_class for f in fields(method.config_class)}
-"""Each method-specific option and its method."""
 CONFIG_CLASSES = (RunConfig, LofitConfig, ComputeConfig, *(m.config_class for m in METHODS.values() if m.config_class))
-INTEGER_OPTIONS = frozenset(f.name for cls in CONFIG_CLASSES for f in fields(cls)
-                            if str(getattr(f.type, "__name__", f.type)).split("|")[0].strip() == "int")
+INTEGER_OPTIONS = frozenset(
+    f.name
+    for cls in CONFIG_CLASSES
+    for f in fields(cls)
+    if str(getattr(f.type, "__name__", f.type)).split("|")[0].strip() == "int"
+)
 """Options whose values are integers (ranks, epochs): tuned values are rounded and stay >= 1."""
 LOG_TOLERANCE = 0.01
 """How far (relative) a tuned float value may sit from the exact log grid through the smallest and largest value."""
@@ -101,10 +106,17 @@ def tune_values(where: str, option: str, spec: Any) -> list:
     a ValueError names ``where`` (grid and arm) and the option otherwise."""
     integer = option in INTEGER_OPTIONS
     if isinstance(spec, dict):
-        if set(spec) != {"low", "high", "points"} or not is_numeric([spec["low"], spec["high"]]) \
-                or not isinstance(spec["points"], int) or spec["points"] < 2 or not 0 < spec["low"] < spec["high"]:
-            raise ValueError(f"{where}, option {option}: a compact grid is {{low: L, high: H, points: N}} with "
-                             f"0 < L < H and N >= 2; got {spec}")
+        if (
+            set(spec) != {"low", "high", "points"}
+            or not is_numeric([spec["low"], spec["high"]])
+            or not isinstance(spec["points"], int)
+            or spec["points"] < 2
+            or not 0 < spec["low"] < spec["high"]
+        ):
+            raise ValueError(
+                f"{where}, option {option}: a compact grid is {{low: L, high: H, points: N}} with "
+                f"0 < L < H and N >= 2; got {spec}"
+            )
         spec = log_grid(spec["low"], spec["high"], spec["points"], integer)
     if not isinstance(spec, list) or not spec:
         raise ValueError(f"{where}, option {option}: give a list of values or {{low, high, points}}; got {spec!r}")
@@ -112,8 +124,10 @@ def tune_values(where: str, option: str, spec: Any) -> list:
         raise ValueError(f"{where}, option {option}: the values {spec} repeat (integers after rounding)")
     numbers_as_text = [v for v in spec if isinstance(v, str) and _is_number(v)]
     if numbers_as_text:
-        raise ValueError(f"{where}, option {option}: YAML reads {numbers_as_text} as text; write numbers with a dot "
-                         "(1.0e-3, not 1e-3)")
+        raise ValueError(
+            f"{where}, option {option}: YAML reads {numbers_as_text} as text; write numbers with a dot "
+            "(1.0e-3, not 1e-3)"
+        )
     if not is_numeric(spec):
         return spec  # categorical
     if min(spec) <= 0 or (integer and any(v != int(v) or v < 1 for v in spec)):
@@ -123,9 +137,11 @@ def tune_values(where: str, option: str, spec: Any) -> list:
     off = _off_grid(spec, integer)
     if off:
         suggestion = log_grid(min(spec), max(spec), len(spec), integer)
-        raise ValueError(f"{where}, option {option}: {spec} is not log-spaced ({off} off the constant ratio "
-                         f"{log_ratio(spec):.4g}); use e.g. {suggestion} or {{low: {min(spec)}, high: {max(spec)}, "
-                         f"points: {len(spec)}}}")
+        raise ValueError(
+            f"{where}, option {option}: {spec} is not log-spaced ({off} off the constant ratio "
+            f"{log_ratio(spec):.4g}); use e.g. {suggestion} or {{low: {min(spec)}, high: {max(spec)}, "
+            f"points: {len(spec)}}}"
+        )
     return spec
 
 
@@ -180,8 +196,10 @@ class Grid:
         for arm in self.arms:
             if not isinstance(arm.tune, dict):
                 raise ValueError(f"grid {self.name}, arm {arm.label}: tune maps options to values; got {arm.tune!r}")
-            arm.tune = {option: tune_values(f"grid {self.name}, arm {arm.label}", option, spec)
-                        for option, spec in arm.tune.items()}
+            arm.tune = {
+                option: tune_values(f"grid {self.name}, arm {arm.label}", option, spec)
+                for option, spec in arm.tune.items()
+            }
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.sweep)
@@ -193,7 +211,9 @@ def load_grid(name_or_path: str) -> Grid:
     shipped = shipped_grids()
     path = shipped.get(name_or_path) or Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"no experiment {name_or_path!r}: name one of {', '.join(sorted(shipped))} or a grid YAML file")
+        raise ValueError(
+            f"no experiment {name_or_path!r}: name one of {', '.join(sorted(shipped))} or a grid YAML file"
+        )
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping (name, tasks, seeds, arms, ...)")
@@ -211,7 +231,7 @@ def load_grid(name_or_path: str) -> Grid:
     return grid
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cell:
     """One unit of work: ``options`` is the complete flat configuration (defaults filled in)."""
 
@@ -269,10 +289,9 @@ def config_key(method: str, options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-STEP2_ONLY = ("num_heads", "tune_epochs", "bias_init_std", "tune_scales", "eval_split", "limit", "eval_file", "match",
-              "heads_file", "method", "recipe")
-"""Options step 1 does not read: cells differing only in these share one head ranking (a recipe's
-values are in the options themselves)."""
+STEP2_ONLY = option_group([RunConfig, LofitConfig], "step", 2)
+"""Options step 1 does not read (``"step": 2`` in a field's metadata): cells differing only in
+these share one head ranking (a recipe's values are in the options themselves)."""
 UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
 """The sparsity strength each step-1 objective (``selection``) does not read."""
 
@@ -297,26 +316,44 @@ def cell_config(cell: Cell, total_heads: int | None = None) -> CellConfig:
         if total_heads is None:
             raise ValueError("num_heads: all needs the model's number of heads")
         options["num_heads"] = total_heads
-    classes = config_classes(cell.method)
-    built = [build_config(cls, options) for cls in classes]
-    return CellConfig(built[0], built[1], built[2], built[3] if len(built) > 3 else None)
+    return build_cell_config(options, cell.method)
 
 
 def admissible(method: str, options: dict[str, Any]) -> bool:
     """Whether the configs of ``method`` accept ``options`` (a cell's resolved options, one value changed)."""
     try:
         resolved = resolve(method, {k: v for k, v in options.items() if k != "method"})
-        cell_config(Cell("", "tune", "", "", 0, method, options=tuple(sorted(resolved.items()))), total_heads=1_000_000)
+        cell_config(
+            Cell(
+                experiment="",
+                phase="tune",
+                label="",
+                task="",
+                seed=0,
+                method=method,
+                options=tuple(sorted(resolved.items())),
+            ),
+            total_heads=1_000_000,
+        )
     except ValueError:
         return False
     return True
 
 
-def make_cell(grid: Grid, phase: str, arm: Arm, task: str, seed: int, point: dict, trial: dict,
-              overrides: dict[str, Any], extends: str | None = None) -> Cell:
+def make_cell(
+    grid: Grid,
+    phase: str,
+    arm: Arm,
+    task: str,
+    seed: int,
+    point: dict,
+    trial: dict,
+    overrides: dict[str, Any],
+    extends: str | None = None,
+) -> Cell:
     """The cell of ``arm`` on ``task`` with ``seed``: recipe < grid options < arm < sweep point <
     trial < overrides; a grid option or override of another method's config is left out of this arm's cells."""
-    shared = {k: v for k, v in (grid.options | overrides).items() if OWNERS.get(k, arm.method) == arm.method}
+    shared = {k: v for k, v in (grid.options | overrides).items() if OPTION_OWNERS.get(k, arm.method) == arm.method}
     options = shared | arm.options | point | trial | {"task": task, "seed": seed}
     options |= {k: v for k, v in overrides.items() if k in shared}
     if phase == "tune":
@@ -324,8 +361,18 @@ def make_cell(grid: Grid, phase: str, arm: Arm, task: str, seed: int, point: dic
     options = recipe_options(options.get("recipe"), task) | options  # a recipe's values lie below every given option
     options["method"] = arm.method
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
-    cell = Cell(grid.name, "ranking" if resolved["select_only"] else phase, arm.label, task, seed, arm.method,
-                tuple(point.items()), tuple(trial.items()), tuple(sorted(resolved.items())), extends)
+    cell = Cell(
+        experiment=grid.name,
+        phase="ranking" if resolved["select_only"] else phase,
+        label=arm.label,
+        task=task,
+        seed=seed,
+        method=arm.method,
+        point=tuple(point.items()),
+        trial=tuple(trial.items()),
+        options=tuple(sorted(resolved.items())),
+        extends=extends,
+    )
     cell_config(cell, total_heads=1_000_000)  # every value checked now, before anything runs
     return cell
 
@@ -334,24 +381,36 @@ def check_tuning(grid: Grid) -> None:
     """Every arm that has options to tune has a tune grid searching at least two options, and
     every tune grid has the same number of base trials (extension trials come on top)."""
     sizes = {arm.label: len(arm.trials()) for arm in grid.arms if arm.tune}
-    untuned = [arm.label for arm in grid.arms if not arm.tune and (arm.method == "lofit" or METHODS[arm.method].config_class)]
+    untuned = [
+        arm.label for arm in grid.arms if not arm.tune and (arm.method == "lofit" or METHODS[arm.method].config_class)
+    ]
     if untuned or len(set(sizes.values())) > 1:
-        raise ValueError(f"grid {grid.name}: with --tune every tunable arm needs a tune grid of the same size "
-                         f"(trials per arm: {sizes or 'none'}; without a grid: {', '.join(untuned) or 'none'})")
+        raise ValueError(
+            f"grid {grid.name}: with --tune every tunable arm needs a tune grid of the same size "
+            f"(trials per arm: {sizes or 'none'}; without a grid: {', '.join(untuned) or 'none'})"
+        )
     narrow = {arm.label: arm.searched() for arm in grid.arms if arm.tune and len(arm.searched()) < 2}
     if narrow:
-        raise ValueError(f"grid {grid.name}: with --tune every tunable arm must tune at least two hyper-parameters "
-                         "(options with two or more values); " + "; ".join(
-                             f"{label} tunes {', '.join(options) or 'none'}" for label, options in narrow.items()))
+        raise ValueError(
+            f"grid {grid.name}: with --tune every tunable arm must tune at least two hyper-parameters "
+            "(options with two or more values); "
+            + "; ".join(f"{label} tunes {', '.join(options) or 'none'}" for label, options in narrow.items())
+        )
 
 
 INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND = (
-    "inside", "inside after extension", "edge (pending)", "edge (cap)", "edge (bound)")
+    "inside",
+    "inside after extension",
+    "edge (pending)",
+    "edge (cap)",
+    "edge (bound)",
+)
 """Where a chosen value sits in the range explored (:func:`edge_step`)."""
 
 
-def edge_step(option: str, base: list, explored: list, value: Any, cap: int,
-              accepts: Callable[[Any], bool]) -> tuple[str | None, Any]:
+def edge_step(
+    option: str, base: list, explored: list, value: Any, cap: int, accepts: Callable[[Any], bool]
+) -> tuple[str | None, Any]:
     """Where ``value``, the best trial's, sits among the ``explored`` values of a tuned option whose
     base grid is ``base``, and the value one log step beyond it when an extension trial is due:
     (None, None) for an option not searched on a log grid (categorical, or one value);
@@ -385,8 +444,9 @@ class Search:
     best: Cell | None = None
 
 
-def search(grid: Grid, arm: Arm, task: str, point: dict, overrides: dict[str, Any],
-           score: Callable[[Cell], float | None]) -> Search:
+def search(
+    grid: Grid, arm: Arm, task: str, point: dict, overrides: dict[str, Any], score: Callable[[Cell], float | None]
+) -> Search:
     """Replay the tuning of ``arm`` on ``task`` at ``point`` from the ``score`` of each finished trial
     (None: not finished). Once every trial so far has a score, the best (highest score, the earlier
     trial on a tie) is looked at: for each numeric tuned option at an edge of its explored values
@@ -405,8 +465,14 @@ def search(grid: Grid, arm: Arm, task: str, point: dict, overrides: dict[str, An
         for option in arm.searched():
             chosen = dict(best.trial)
             explored = [dict(cell.trial)[option] for cell in cells]
-            _, new = edge_step(option, arm.tune[option], explored, chosen[option], grid.tune_extend,
-                               lambda value: admissible(arm.method, best.config | {option: value}))
+            _, new = edge_step(
+                option,
+                arm.tune[option],
+                explored,
+                chosen[option],
+                grid.tune_extend,
+                lambda value, best=best, option=option: admissible(arm.method, best.config | {option: value}),
+            )
             if new is not None:
                 added.append(make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option))
         if not added:
@@ -425,7 +491,9 @@ def expand(grid: Grid, phase: str, overrides: dict[str, Any], chosen: dict[tuple
             for arm in grid.arms:
                 for point in grid.points():
                     if phase == "tune":
-                        cells += [make_cell(grid, phase, arm, task, seed, point, trial, overrides) for trial in arm.trials()]
+                        cells += [
+                            make_cell(grid, phase, arm, task, seed, point, trial, overrides) for trial in arm.trials()
+                        ]
                     else:
                         trial = (chosen or {}).get((task, arm.label, tuple(point.items())), {})
                         cells.append(make_cell(grid, phase, arm, task, seed, point, trial, overrides))

@@ -17,18 +17,18 @@ import io
 import json
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from lofit.utils.atomic import write_text
-from lofit.runs.plots import curves, layer_histograms, matrix_plot
-from lofit.methods.lofit.localization import NEAR_ZERO, Localization
-from lofit.methods.lofit.ranking import HeadRanking
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step
 from lofit.experiments.results import read_results
+from lofit.methods.lofit.localization import NEAR_ZERO, Localization
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.runs.plots import curves, layer_histograms, matrix_plot
+from lofit.utils.atomic import write_text
 
 
 def _point(record: dict) -> str:
@@ -59,15 +59,25 @@ def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record.get("phase") == "test":
-            groups[(record["task"], record["label"], json.dumps(record.get("point", {}), sort_keys=True))].append(record)
+            groups[(record["task"], record["label"], json.dumps(record.get("point", {}), sort_keys=True))].append(
+                record
+            )
     rows = []
     for (task, label, _), members in groups.items():
         metric_names = [m for m in members[0]["metrics"] if m != "num_examples"]
-        row = {"task": task, "label": label, "point": _point(members[0]), "point_values": members[0].get("point", {}),
-               "method": members[0]["method"], "metric": members[0]["metric"], "seeds": sorted(r["seed"] for r in members),
-               "trained_parameters": members[0].get("trained_parameters"),
-               "minutes": _minutes(members),
-               "examples": members[0]["metrics"].get("num_examples"), "trial": members[0].get("trial", {})}
+        row = {
+            "task": task,
+            "label": label,
+            "point": _point(members[0]),
+            "point_values": members[0].get("point", {}),
+            "method": members[0]["method"],
+            "metric": members[0]["metric"],
+            "seeds": sorted(r["seed"] for r in members),
+            "trained_parameters": members[0].get("trained_parameters"),
+            "minutes": _minutes(members),
+            "examples": members[0]["metrics"].get("num_examples"),
+            "trial": members[0].get("trial", {}),
+        }
         for name in metric_names:
             row[name] = _stats([r["metrics"][name] for r in members])
         rows.append(row)
@@ -80,6 +90,7 @@ def _grid_order(items: list[dict], point_field: str) -> Callable[[dict], tuple]:
     by arm (each in order of first appearance), then ordered by numeric sweep point as on the
     curves (train size 10 before 100); other points (head selectors, source tasks) follow the
     numbers in their order of first appearance. Sorting is stable: ties keep their order."""
+
     def first_appearance(values) -> dict:
         return {value: index for index, value in enumerate(dict.fromkeys(values))}
 
@@ -100,14 +111,38 @@ def _grid_order(items: list[dict], point_field: str) -> Callable[[dict], tuple]:
 def _table(rows: list[dict]) -> tuple[str, str]:
     """The markdown table and the CSV of ``rows``."""
     metrics = list(dict.fromkeys(m for row in rows for m in row if isinstance(row.get(m), tuple)))
-    best = {(task, m): max(row[m][0] for row in rows if row["task"] == task and m in row)
-            for task in {r["task"] for r in rows} for m in metrics if any(m in r and r["task"] == task for r in rows)}
-    header = ["task", "arm", "setting", *[f"{m.replace('_', ' ')} (%)" for m in metrics], "seeds", "trained parameters", "minutes / run"]
+    best = {
+        (task, m): max(row[m][0] for row in rows if row["task"] == task and m in row)
+        for task in {r["task"] for r in rows}
+        for m in metrics
+        if any(m in r and r["task"] == task for r in rows)
+    }
+    header = [
+        "task",
+        "arm",
+        "setting",
+        *[f"{m.replace('_', ' ')} (%)" for m in metrics],
+        "seeds",
+        "trained parameters",
+        "minutes / run",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["task", "arm", "method", "setting", "tuned", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
-                     "seeds", "trained_parameters", "minutes_per_run", "examples"])
+    writer.writerow(
+        [
+            "task",
+            "arm",
+            "method",
+            "setting",
+            "tuned",
+            *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
+            "seeds",
+            "trained_parameters",
+            "minutes_per_run",
+            "examples",
+        ]
+    )
     for row in rows:
         cells = []
         for m in metrics:
@@ -118,11 +153,35 @@ def _table(rows: list[dict]) -> tuple[str, str]:
             cells.append(f"**{text}**" if len(rows) > 1 and row[m][0] == best[(row["task"], m)] else text)
         setting = "; ".join(filter(None, [row["point"], ", ".join(f"{k}={v}" for k, v in row["trial"].items())]))
         parameters = f"{row['trained_parameters']:,}" if row["trained_parameters"] is not None else ""
-        lines.append("| " + " | ".join([row["task"], row["label"], setting, *cells, ",".join(map(str, row["seeds"])),
-                                        parameters, row["minutes"]]) + " |")
-        writer.writerow([row["task"], row["label"], row["method"], row["point"], json.dumps(row["trial"]),
-                         *[f"{row[m][i]:.6f}" if m in row else "" for m in metrics for i in (0, 1)],
-                         " ".join(map(str, row["seeds"])), row["trained_parameters"], row["minutes"], row["examples"]])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["task"],
+                    row["label"],
+                    setting,
+                    *cells,
+                    ",".join(map(str, row["seeds"])),
+                    parameters,
+                    row["minutes"],
+                ]
+            )
+            + " |"
+        )
+        writer.writerow(
+            [
+                row["task"],
+                row["label"],
+                row["method"],
+                row["point"],
+                json.dumps(row["trial"]),
+                *[f"{row[m][i]:.6f}" if m in row else "" for m in metrics for i in (0, 1)],
+                " ".join(map(str, row["seeds"])),
+                row["trained_parameters"],
+                row["minutes"],
+                row["examples"],
+            ]
+        )
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
@@ -150,8 +209,14 @@ def _positions(trials: list[dict], best: dict) -> list[str]:
     for option, value in best.get("trial", {}).items():
         explored = [r["trial"][option] for r in trials if option in r.get("trial", {})]
         base = best.get("tune_grid", {}).get(option, sorted(set(explored), key=explored.index))
-        position, _ = edge_step(option, base, explored, value, best.get("tune_extend", 0),
-                                lambda new: admissible(best["method"], best.get("options", {}) | {option: new}))
+        position, _ = edge_step(
+            option,
+            base,
+            explored,
+            value,
+            best.get("tune_extend", 0),
+            lambda new, option=option: admissible(best["method"], best.get("options", {}) | {option: new}),
+        )
         mark = f" (**{position}**)" if position in UNEXPLORED else f" ({position})" if position else ""
         texts.append(f"{option}={value}{mark}")
     return texts
@@ -159,28 +224,42 @@ def _positions(trials: list[dict], best: dict) -> list[str]:
 
 def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
     """One row per (task, arm, point): the chosen values and their positions, the trials used, the examples."""
-    lines = ["## Tuning (validation split)", "",
-             "Per (task, arm, setting): the chosen trial (the highest validation score, the earlier trial on a tie) "
-             "and where each tuned value sits in the range explored: *inside* the base grid; *inside after extension* "
-             "(it sat at an edge, trials one log step beyond were added, and it ended up inside); "
-             f"**{EDGE_CAP}**: at an edge left unexplored because the extension cap (`tune_extend`) was reached; "
-             f"*{EDGE_BOUND}*: at an edge beyond which the option takes no value (an integer below 1, a fraction of "
-             f"heads of 1 or more); **{EDGE_PENDING}**: an extension trial is due but has not run."
-             + (" Trials recorded before edge extension existed (no tune grid in their records) were never extended: "
-                f"their edges count as {EDGE_CAP}." if any("tune_grid" not in t[0] for t in groups.values()) else ""),
-             "",
-             "| task | arm | setting | chosen (position in the explored range) | score (%) | trials (base + extension) "
-             "| validation examples |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Tuning (validation split)",
+        "",
+        "Per (task, arm, setting): the chosen trial (the highest validation score, the earlier trial on a tie) "
+        "and where each tuned value sits in the range explored: *inside* the base grid; *inside after extension* "
+        "(it sat at an edge, trials one log step beyond were added, and it ended up inside); "
+        f"**{EDGE_CAP}**: at an edge left unexplored because the extension cap (`tune_extend`) was reached; "
+        f"*{EDGE_BOUND}*: at an edge beyond which the option takes no value (an integer below 1, a fraction of "
+        f"heads of 1 or more); **{EDGE_PENDING}**: an extension trial is due but has not run."
+        + (
+            " Trials recorded before edge extension existed (no tune grid in their records) were never extended: "
+            f"their edges count as {EDGE_CAP}."
+            if any("tune_grid" not in t[0] for t in groups.values())
+            else ""
+        ),
+        "",
+        "| task | arm | setting | chosen (position in the explored range) | score (%) | trials (base + extension) "
+        "| validation examples |",
+        "|---|---|---|---|---|---|---|",
+    ]
     per_arm: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for trials in groups.values():
         best, extensions = _best(trials), sum(r.get("extends") is not None for r in trials)
         per_arm[best["label"]][0] += len(trials) - extensions
         per_arm[best["label"]][1] += extensions
         score = "" if best.get("score") is None else f"{100 * best['score']:.1f}"
-        lines.append(f"| {best['task']} | {best['label']} | {_point(best)} | {', '.join(_positions(trials, best))} | "
-                     f"{score} | {len(trials) - extensions} + {extensions} | {best['metrics'].get('num_examples')} |")
-    lines += ["", "Trials per arm (base + extension, over every task and setting): "
-              + "; ".join(f"{label} {base} + {extra}" for label, (base, extra) in per_arm.items()) + "."]
+        lines.append(
+            f"| {best['task']} | {best['label']} | {_point(best)} | {', '.join(_positions(trials, best))} | "
+            f"{score} | {len(trials) - extensions} + {extensions} | {best['metrics'].get('num_examples')} |"
+        )
+    lines += [
+        "",
+        "Trials per arm (base + extension, over every task and setting): "
+        + "; ".join(f"{label} {base} + {extra}" for label, (base, extra) in per_arm.items())
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -193,13 +272,19 @@ def _tuning(records: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in trials:
         groups[_group_key(r)].append(r)
-    lines = ["## Tuning trials (validation split)", "",
-             "| task | arm | setting | trial | score (%) | examples | extends |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Tuning trials (validation split)",
+        "",
+        "| task | arm | setting | trial | score (%) | examples | extends |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in trials:
         trial = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
         score = "" if r.get("score") is None else f"{100 * r['score']:.1f}"
-        lines.append(f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {score} | "
-                     f"{r['metrics'].get('num_examples')} | {r.get('extends') or ''} |")
+        lines.append(
+            f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {score} | "
+            f"{r['metrics'].get('num_examples')} | {r.get('extends') or ''} |"
+        )
     return _tuning_summary(groups) + "\n" + "\n".join(lines) + "\n"
 
 
@@ -209,8 +294,10 @@ def _epochs(record: dict) -> str:
     if record.get("phase") == "ranking":
         return f"{options.get('select_epochs')} (step 1 alone)"
     if method == "lofit":
-        return (f"{options['tune_epochs']} (step 2, the biases) + {options['select_epochs']} of step 1 "
-                "spent choosing the heads")
+        return (
+            f"{options['tune_epochs']} (step 2, the biases) + {options['select_epochs']} of step 1 "
+            "spent choosing the heads"
+        )
     if f"{method}_epochs" in options:
         return str(options[f"{method}_epochs"] or options["select_epochs"] + options["tune_epochs"])
     return "none (fitted to the training data)" if method in ("iti", "repe") else "none"
@@ -244,10 +331,16 @@ def cross_task(records: list[dict], folder: Path) -> str:
     for r in tests:
         by_cell[(r["point"].get("heads_task") or r["task"], r["task"])][r["seed"]] = r
     tasks = list(dict.fromkeys([t for pair in by_cell for t in pair]))
-    lines = ["## Cross-task transfer: heads from task X (rows), biases tuned on task Y (columns)", "",
-             "Cells: the metric's change in points against heads selected on Y itself (the diagonal shows its absolute value); "
-             "p: paired bootstrap test, 10,000 resamples.", "",
-             "| heads from \\ tuned on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines = [
+        "## Cross-task transfer: heads from task X (rows), biases tuned on task Y (columns)",
+        "",
+        "Cells: the metric's change in points against heads selected on Y itself (the diagonal shows its absolute "
+        "value); "
+        "p: paired bootstrap test, 10,000 resamples.",
+        "",
+        "| heads from \\ tuned on | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
     matrix = []
     for x in tasks:
         cells, values = [], []
@@ -270,12 +363,22 @@ def cross_task(records: list[dict], folder: Path) -> str:
             a = [v for s in seeds for v in runs[s]["per_example"]]
             b = [v for s in seeds for v in diagonal[s]["per_example"]]
             test = paired_bootstrap(a, b)
-            cells.append(f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], p={test.p_value:.3f}")
+            cells.append(
+                f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], p={test.p_value:.3f}"
+            )
             values.append(100 * test.difference)
         lines.append(f"| {x} | " + " | ".join(cells) + " |")
         matrix.append(values)
-    matrix_plot(matrix, tasks, tasks, folder / "cross_task.png", "change vs. heads from the same task (points)",
-                "heads selected on", "biases tuned on", "")
+    matrix_plot(
+        matrix,
+        tasks,
+        tasks,
+        folder / "cross_task.png",
+        "change vs. heads from the same task (points)",
+        "heads selected on",
+        "biases tuned on",
+        "",
+    )
     return "\n".join(lines) + "\n\nFigure: `cross_task.png`.\n"
 
 
@@ -302,26 +405,55 @@ def layers(records: list[dict], folder: Path) -> str:
         return ""
     rankings = {task: seeds[min(seeds)] for task, seeds in by_task.items()}
     heads = {task: _top_heads(r) for task, r in rankings.items()}
-    counts = {task: [sum(1 for layer, _ in heads[task] if layer == i) for i in range(len(r["scores"]))]
-              for task, r in rankings.items()}
+    counts = {
+        task: [sum(1 for layer, _ in heads[task] if layer == i) for i in range(len(r["scores"]))]
+        for task, r in rankings.items()
+    }
     layer_histograms(counts, folder / "layers.png", "top-K step-1 heads per layer")
     tasks = list(heads)
-    lines = ["## Where the selected heads sit", "", "Seeds: " + ", ".join(f"{task} {r['seed']}" for task, r in rankings.items()) + ".", "",
-             "| task | K | heads per layer (layer 0 first) | mean layer |", "|---|---|---|---|"]
+    lines = [
+        "## Where the selected heads sit",
+        "",
+        "Seeds: " + ", ".join(f"{task} {r['seed']}" for task, r in rankings.items()) + ".",
+        "",
+        "| task | K | heads per layer (layer 0 first) | mean layer |",
+        "|---|---|---|---|",
+    ]
     for task in tasks:
         mean_layer = statistics.fmean(layer for layer, _ in heads[task])
         lines.append(f"| {task} | {len(heads[task])} | {' '.join(map(str, counts[task]))} | {mean_layer:.1f} |")
-    lines += ["", "Overlap of the head sets (shared heads / Jaccard index |A∩B| / |A∪B|):", "",
-              "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [
+        "",
+        "Overlap of the head sets (shared heads / Jaccard index |A∩B| / |A∪B|):",
+        "",
+        "| | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
     for a in tasks:
-        lines.append(f"| {a} | " + " | ".join(f"{len(heads[a] & heads[b])} / {jaccard(heads[a], heads[b]):.2f}" for b in tasks) + " |")
-    stability = [(task, seed, _top_heads(r, len(heads[task]))) for task, seeds in by_task.items()  # the same K for every seed
-                 for seed, r in sorted(seeds.items())[1:]]
+        lines.append(
+            f"| {a} | "
+            + " | ".join(f"{len(heads[a] & heads[b])} / {jaccard(heads[a], heads[b]):.2f}" for b in tasks)
+            + " |"
+        )
+    stability = [
+        (task, seed, _top_heads(r, len(heads[task])))
+        for task, seeds in by_task.items()  # the same K for every seed
+        for seed, r in sorted(seeds.items())[1:]
+    ]
     if stability:
-        lines += ["", "Across seeds (step 1 rerun with another seed: its data order, initialisation of A and, where the task samples its training set, the sample):", "",
-                  "| task | seeds | shared heads / Jaccard |", "|---|---|---|"]
-        lines += [f"| {task} | {rankings[task]['seed']}, {seed} | {len(heads[task] & top)} / {jaccard(heads[task], top):.2f} |"
-                  for task, seed, top in stability]
+        lines += [
+            "",
+            "Across seeds (step 1 rerun with another seed: its data order, initialisation of A and, where the task "
+            "samples its training set, the sample):",
+            "",
+            "| task | seeds | shared heads / Jaccard |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {task} | {rankings[task]['seed']}, {seed} | {len(heads[task] & top)} / "
+            f"{jaccard(heads[task], top):.2f} |"
+            for task, seed, top in stability
+        ]
     return "\n".join(lines) + "\n\nFigure: `layers.png`.\n"
 
 
@@ -331,8 +463,11 @@ def _objective(options: dict) -> str:
         return f"bias-based, bias lr {options.get('bias_lr')}, {options.get('select_epochs')} epochs"
     if options.get("heads", "lofit") != "lofit":
         return options.get("heads", "?")
-    strength = (f"group {options.get('group_lambda')}" if options.get("selection") == "group"
-                else f"L1 {options.get('l1_lambda')}")
+    strength = (
+        f"group {options.get('group_lambda')}"
+        if options.get("selection") == "group"
+        else f"L1 {options.get('l1_lambda')}"
+    )
     return f"{strength}, scale lr {options.get('scale_lr')}, {options.get('select_epochs')} epochs"
 
 
@@ -351,20 +486,27 @@ def localization(records: list[dict]) -> str:
         found = scores.get((key, phase), [])
         return f"{100 * statistics.fmean(found):.1f}% ({len(found)})" if found else ""
 
-    lines = ["## Step-1 localization", "",
-             "For each ranking and its K: the top K heads' share of the total score (and K / N, the share if every "
-             "head scored the same), the effective number of heads (sum s)^2 / sum s^2, the heads below "
-             f"{NEAR_ZERO:.0%} of the largest score (exactly 0), and whether the selection counts as localized "
-             "(top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2)); then the mean score (and count) of the tuning "
-             "trials and of the test runs that tuned the heads it chose.", "",
-             "| task | seed | step 1 | K | top-K share (uniform) | effective heads | near 0 (exactly 0) | localized "
-             "| trials | test runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Step-1 localization",
+        "",
+        "For each ranking and its K: the top K heads' share of the total score (and K / N, the share if every "
+        "head scored the same), the effective number of heads (sum s)^2 / sum s^2, the heads below "
+        f"{NEAR_ZERO:.0%} of the largest score (exactly 0), and whether the selection counts as localized "
+        "(top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2)); then the mean score (and count) of the tuning "
+        "trials and of the test runs that tuned the heads it chose.",
+        "",
+        "| task | seed | step 1 | K | top-K share (uniform) | effective heads | near 0 (exactly 0) | localized "
+        "| trials | test runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rankings, key=lambda r: (r["task"], r["seed"], _objective(r.get("options", {})))):
         figures = Localization.of(torch.tensor(r["scores"]), r["top_k"])
-        lines.append(f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {figures.k} of {figures.total} "
-                     f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
-                     f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
-                     f"| {'yes' if figures.localized else '**no**'} | {mean(r['key'], 'tune')} | {mean(r['key'], 'test')} |")
+        lines.append(
+            f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {figures.k} of {figures.total} "
+            f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
+            f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
+            f"| {'yes' if figures.localized else '**no**'} | {mean(r['key'], 'tune')} | {mean(r['key'], 'test')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -396,6 +538,26 @@ def _hardware(records: list[dict]) -> str:
     return "\n".join(["", "## Hardware", "", *(f"- {name}: {n} runs and trials" for name, n in sorted(counts.items()))])
 
 
+ReportSection = Callable[[list[dict], list[dict], Path, dict], "str | None"]
+"""A report kind's own section: from the records, the table's rows, the experiment folder and
+the grid's ``report`` spec; None for none."""
+
+REPORT_KINDS: dict[str, ReportSection] = {
+    "table": lambda records, rows, folder, spec: None,
+    "cross-task": lambda records, rows, folder, spec: cross_task(records, folder),
+    "layers": lambda records, rows, folder, spec: layers(records, folder),
+    "curve": lambda records, rows, folder, spec: curve(rows, folder, spec["x"]),
+}
+"""A grid's ``report: {kind: NAME}`` -> the section it adds below the results table."""
+
+
+def report_kind(kind: object) -> ReportSection:
+    """The section of report kind ``kind``; a ValueError naming the known kinds for any other."""
+    if kind not in REPORT_KINDS:
+        raise ValueError(f"unknown report kind {kind!r}; known kinds: {', '.join(REPORT_KINDS)}")
+    return REPORT_KINDS[kind]
+
+
 def write_report(folder: Path) -> Path:
     """Write report.md, report.csv and the figures of ``folder`` from its results.jsonl; return report.md's path."""
     records = read_results(folder)
@@ -404,17 +566,23 @@ def write_report(folder: Path) -> Path:
     spec, name = records[-1].get("report", {"kind": "table"}), records[-1].get("experiment", folder.name)
     rows = summarize(records)
     table, table_csv = _table(rows) if rows else ("", "")
-    parts = [f"# {name}", "", records[-1].get("description", ""), "",
-             f"{sum(r.get('phase') == 'test' for r in records)} test runs, {sum(r.get('phase') == 'tune' for r in records)} "
-             f"tuning trials, {sum(r.get('phase') == 'ranking' for r in records)} step-1 rankings. Mean ± standard deviation "
-             "over seeds (a single seed has none); best mean per task in bold.", "", _budgets(records), "", table]
-    kind = spec.get("kind")
-    if kind == "cross-task":
-        parts.append(cross_task(records, folder))
-    elif kind == "layers":
-        parts.append(layers(records, folder))
-    elif kind == "curve":
-        parts.append(curve(rows, folder, spec["x"]))
+    parts = [
+        f"# {name}",
+        "",
+        records[-1].get("description", ""),
+        "",
+        f"{sum(r.get('phase') == 'test' for r in records)} test runs, {sum(r.get('phase') == 'tune' for r in records)} "
+        f"tuning trials, {sum(r.get('phase') == 'ranking' for r in records)} step-1 rankings. Mean ± standard "
+        "deviation "
+        "over seeds (a single seed has none); best mean per task in bold.",
+        "",
+        _budgets(records),
+        "",
+        table,
+    ]
+    section = report_kind(spec.get("kind"))(records, rows, folder, spec)
+    if section is not None:
+        parts.append(section)
     parts.append(localization(records))
     parts.append(_tuning(records))
     parts.append(_hardware(records))

@@ -22,22 +22,22 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from lofit.runs.comparison import METRIC_SUFFIXES
-from lofit.utils.compute import ComputeConfig, hardware, resolve_device
 from lofit.data.files import resolve_data_dir
-from lofit.utils.distributed import is_main_process
-from lofit.runs.pipeline import load_fresh, run_cell, run_select
-from lofit.methods.lofit.ranking import HeadRanking
-from lofit.tasks import get_task
 from lofit.experiments.grid import Cell, Grid, Search, cell_config, check_tuning, expand, ranking_key, search
 from lofit.experiments.results import RESULTS, append_result, read_results
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.runs.pipeline import load_fresh, run_cell, run_select
+from lofit.tasks import get_task
+from lofit.utils.compute import ComputeConfig, hardware, resolve_device
+from lofit.utils.distributed import is_main_process
 
 TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
 """Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""
@@ -73,12 +73,10 @@ def _hook_counts(model) -> list[int]:
     return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
 
 
-def primary_metric(summary: dict, split: str) -> str | None:
-    """The summary key of the cell's main metric: the first of :data:`METRIC_SUFFIXES` it reports."""
-    for suffix in METRIC_SUFFIXES:
-        if f"{split}_{suffix}" in summary:
-            return f"{split}_{suffix}"
-    return None
+def primary_metric(summary: dict) -> str | None:
+    """The summary key of the cell's main metric: the first its task names (``metric_keys``)."""
+    keys = summary.get("metric_keys") or [None]
+    return keys[0]
 
 
 def example_scores(run_folder: Path, metric: str) -> list[float]:
@@ -101,8 +99,15 @@ def _top_k(cell: Cell, total_heads: int) -> int:
 class Runner:
     """Runs (or lists) the cells of one grid into one experiment folder."""
 
-    def __init__(self, grid: Grid, folder: str | Path, overrides: dict[str, Any] | None = None, tune: bool = False,
-                 pool: ModelPool | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        grid: Grid,
+        folder: str | Path,
+        overrides: dict[str, Any] | None = None,
+        tune: bool = False,
+        pool: ModelPool | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.grid, self.folder, self.tune, self.log = grid, Path(folder), tune, log
         self.overrides = dict(overrides or {})
         self.pool = pool or ModelPool()
@@ -116,9 +121,12 @@ class Runner:
         """The tuning of every (task, label, point) so far, replayed from the recorded trials (none without tune)."""
         if not self.tune:
             return {}
-        return {(task, arm.label, tuple(point.items())):
-                search(self.grid, arm, task, point, self.overrides, self._score)
-                for task in self.grid.tasks for arm in self.grid.arms for point in self.grid.points()}
+        return {
+            (task, arm.label, tuple(point.items())): search(self.grid, arm, task, point, self.overrides, self._score)
+            for task in self.grid.tasks
+            for arm in self.grid.arms
+            for point in self.grid.points()
+        }
 
     def _score(self, cell: Cell) -> float | None:
         """A recorded trial's score (-inf when it has no main metric), None when it has not run."""
@@ -146,8 +154,13 @@ class Runner:
         """The cell's training and evaluation rows, read and validated before any model loads."""
         options = cell.config
         for task_name in {options["task"], options.get("heads_task") or options["task"]}:
-            task = get_task(task_name, fold=int(options["fold"]), all_pairs=options["all_pairs"],
-                            eval_file=options["eval_file"], match=options["match"])
+            task = get_task(
+                task_name,
+                fold=int(options["fold"]),
+                all_pairs=options["all_pairs"],
+                eval_file=options["eval_file"],
+                match=options["match"],
+            )
             data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
             size = options["train_size"] if options["train_size"] is not None else task.default_train_size
             task.sample_train(data_dir, size, options["seed"])
@@ -161,13 +174,20 @@ class Runner:
         cells of its method, task and phase on this hardware (or of unrecorded hardware),
         else a rough rate for the default model on 2 CPU cores."""
         here = self._hardware(cell)
-        similar = [r["seconds"] for r in self.done.values()
-                   if r.get("method") == cell.method and r.get("task") == cell.task and r.get("phase") == cell.phase
-                   and r.get("hardware", here) == here]
+        similar = [
+            r["seconds"]
+            for r in self.done.values()
+            if r.get("method") == cell.method
+            and r.get("task") == cell.task
+            and r.get("phase") == cell.phase
+            and r.get("hardware", here) == here
+        ]
         if similar:
             return sum(similar) / len(similar), True
         options = cell.config
-        task = get_task(options["task"], fold=int(options["fold"]), eval_file=options["eval_file"], match=options["match"])
+        task = get_task(
+            options["task"], fold=int(options["fold"]), eval_file=options["eval_file"], match=options["match"]
+        )
         data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
         size = options["train_size"] if options["train_size"] is not None else task.default_train_size
         train = len(task.sample_train(data_dir, size, options["seed"]))
@@ -193,14 +213,18 @@ class Runner:
             lines.append(f"{cell.key}  {state:>9}  {cell.describe()}")
         unsettled = self.pending_tuning()
         if unsettled:
-            lines.append(f"(tuning of {unsettled} (task, arm, setting) groups has not settled: extension trials may be "
-                         "added beyond those listed once their trials have run; test cells use the best trial once "
-                         "tuning has settled, until then the untuned setting is listed)")
+            lines.append(
+                f"(tuning of {unsettled} (task, arm, setting) groups has not settled: extension trials may be "
+                "added beyond those listed once their trials have run; test cells use the best trial once "
+                "tuning has settled, until then the untuned setting is listed)"
+            )
         rankings = sum(r.get("phase") == "ranking" for r in self.done.values())
         summary = f"{len(cells)} cells, {len(cells) - pending} done, {rankings} step-1 rankings recorded; "
         if pending:
-            summary += (f"about {remaining / 3600:.1f} h to go ({timed} of {pending} missing cells timed by finished cells "
-                        f"on this hardware, the others at a rough rate for the default model on 2 CPU cores)")
+            summary += (
+                f"about {remaining / 3600:.1f} h to go ({timed} of {pending} missing cells timed by finished cells "
+                f"on this hardware, the others at a rough rate for the default model on 2 CPU cores)"
+            )
         else:
             summary += "nothing to run"
         lines.append(summary)
@@ -227,8 +251,12 @@ class Runner:
         self._record(record)
 
     def _record(self, record: dict) -> None:
-        record |= {"experiment": self.grid.name, "description": self.grid.description, "report": self.grid.report,
-                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record |= {
+            "experiment": self.grid.name,
+            "description": self.grid.description,
+            "report": self.grid.report,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         if is_main_process():
             append_result(self.folder, record)
         self.done[record["key"]] = record
@@ -249,15 +277,28 @@ class Runner:
         key = ranking_key(cell.config)
         folder = self.folder / "rankings" / key
         task = cell.config.get("heads_task") or cell.task
-        ranking_cell = replace(cell, phase="ranking", options=tuple(sorted((cell.config | {"task": task, "limit": None}).items())))
+        ranking_cell = replace(
+            cell, phase="ranking", options=tuple(sorted((cell.config | {"task": task, "limit": None}).items()))
+        )
         config = self._cell_config(ranking_cell, folder)
         start = time.perf_counter()
         ranking = run_select(config.run, config.lofit, config.compute, self.pool)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        return {"key": key, "phase": "ranking", "label": cell.label, "task": task, "seed": cell.seed, "method": "lofit",
-                "selector": config.lofit.heads, "options": ranking_cell.config, "top_k": _top_k(cell, len(ranking.order)),
-                "scores": ranking.scores.tolist(), "seconds": time.perf_counter() - start, "hardware": self._hardware(cell),
-                "run_folder": str(folder)}
+        return {
+            "key": key,
+            "phase": "ranking",
+            "label": cell.label,
+            "task": task,
+            "seed": cell.seed,
+            "method": "lofit",
+            "selector": config.lofit.heads,
+            "options": ranking_cell.config,
+            "top_k": _top_k(cell, len(ranking.order)),
+            "scores": ranking.scores.tolist(),
+            "seconds": time.perf_counter() - start,
+            "hardware": self._hardware(cell),
+            "run_folder": str(folder),
+        }
 
     def _shared_ranking(self, key: str) -> dict | None:
         """A ranking with ``key`` recorded by another experiment in a sibling folder (the
@@ -267,8 +308,11 @@ class Runner:
                 continue
             for record in read_results(results.parent):
                 if record["key"] == key and record.get("phase") == "ranking":
-                    return {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")} | {
-                        "reused_from": str(results.parent), "run_folder": str(self.folder / "rankings" / key)}
+                    return {
+                        k: v
+                        for k, v in record.items()
+                        if k not in ("experiment", "description", "report", "finished_at")
+                    } | {"reused_from": str(results.parent), "run_folder": str(self.folder / "rankings" / key)}
         return None
 
     def _ranking_record(self, cell: Cell) -> dict:
@@ -285,7 +329,10 @@ class Runner:
         computed and recorded now."""
         key = ranking_key(cell.config)
         if key not in self.done:
-            self.log(f"[{key}] ranking {cell.config.get('heads_task') or cell.task} seed {cell.seed} ({cell.config['heads']})")
+            self.log(
+                f"[{key}] ranking {cell.config.get('heads_task') or cell.task} seed {cell.seed} "
+                f"({cell.config['heads']})"
+            )
             self._record(self._ranking_record(cell))
         record = self.done[key]
         path = self.folder / "rankings" / key / "head_ranking.json"
@@ -313,15 +360,31 @@ class Runner:
         seconds = time.perf_counter() - start
         shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
         split = options["eval_split"]
-        metric = primary_metric(summary, split)
+        metric = primary_metric(summary)
         metrics = {k.removeprefix(f"{split}_"): v for k, v in summary.items() if k.startswith(f"{split}_")}
-        return {"key": key, "phase": cell.phase, **self._tuning_fields(cell),
-                "label": cell.label, "task": cell.task, "seed": cell.seed, "method": cell.method,
-                "point": dict(cell.point), "trial": dict(cell.trial), "options": options,
-                "metric": metric.removeprefix(f"{split}_") if metric else None, "score": summary.get(metric),
-                "metrics": metrics, "per_example": example_scores(run_folder, metric) if metric else [],
-                "trained_parameters": summary.get("trained_parameters"), "selected_heads": summary.get("selected_heads"),
-                "seconds": seconds, "fit_seconds": summary.get("fit_seconds"), "eval_seconds": summary.get("eval_seconds"),
-                "hardware": self._hardware(cell),
-                "ranking_key": ranking.get("key"), "ranking_seconds": ranking.get("seconds"),
-                "warnings": summary.get("warnings", []), "run_folder": str(run_folder)}
+        return {
+            "key": key,
+            "phase": cell.phase,
+            **self._tuning_fields(cell),
+            "label": cell.label,
+            "task": cell.task,
+            "seed": cell.seed,
+            "method": cell.method,
+            "point": dict(cell.point),
+            "trial": dict(cell.trial),
+            "options": options,
+            "metric": metric.removeprefix(f"{split}_") if metric else None,
+            "score": summary.get(metric),
+            "metrics": metrics,
+            "per_example": example_scores(run_folder, metric) if metric else [],
+            "trained_parameters": summary.get("trained_parameters"),
+            "selected_heads": summary.get("selected_heads"),
+            "seconds": seconds,
+            "fit_seconds": summary.get("fit_seconds"),
+            "eval_seconds": summary.get("eval_seconds"),
+            "hardware": self._hardware(cell),
+            "ranking_key": ranking.get("key"),
+            "ranking_seconds": ranking.get("seconds"),
+            "warnings": summary.get("warnings", []),
+            "run_folder": str(run_folder),
+        }

@@ -10,18 +10,19 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError
 from lofit.data.files import short_repr
-from lofit.methods.base import METHOD_FILE, FitContext, FitResult, Method, read_method_file
-from lofit.methods.iti import Iti
-from lofit.methods.lofit.method import Lofit
-from lofit.methods.lora import Lora
-from lofit.methods.red import Red
-from lofit.methods.repe import Repe
-from lofit.methods.reft import Reft
-from lofit.methods.zero_shot import ZeroShot
+from lofit.methods.base import METHOD_FILE, METHODS, FitContext, FitResult, Method, read_method_file
+from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Lofit, ZeroShot, Iti, Repe, Lora, Red, Reft)}
+# Each method's class registers itself in METHODS when its module is imported; the order of
+# these imports is the order of METHODS (LoFiT first, then the baselines).
+# isort: off
+from lofit.methods.lofit import method as lofit_method
+from lofit.methods import zero_shot, iti, repe, lora, red, reft
+# isort: on
+
+METHOD_MODULES = (lofit_method, zero_shot, iti, repe, lora, red, reft)
+"""The modules that define the methods, imported for their registration."""
 METHOD_CONFIGS: tuple[type, ...] = tuple(m.config_class for m in METHODS.values() if m.config_class is not None)
 """Every method's option dataclass, derived from :data:`METHODS`."""
 
@@ -41,8 +42,10 @@ def saved_method(directory: str | Path) -> str:
     if (directory / METHOD_FILE).is_file():
         name = read_method_file(directory).get("method")
         if not isinstance(name, str) or name not in METHODS:
-            raise AdapterError(f"{directory / METHOD_FILE} names an unknown method {short_repr(name)}; "
-                               f"known methods: {', '.join(METHODS)}")
+            raise AdapterError(
+                f"{directory / METHOD_FILE} names an unknown method {short_repr(name)}; "
+                f"known methods: {', '.join(METHODS)}"
+            )
         return name
     if (directory / CONFIG_NAME).is_file():
         return "lofit"
@@ -58,4 +61,13 @@ def load_adapted(model: PreTrainedModel, directory: str | Path) -> nn.Module:
     return METHODS[saved_method(directory)].load(model, directory)
 
 
-__all__ = ["METHODS", "METHOD_CONFIGS", "FitContext", "FitResult", "Method", "get_method", "load_adapted", "saved_method"]
+__all__ = [
+    "METHODS",
+    "METHOD_CONFIGS",
+    "FitContext",
+    "FitResult",
+    "Method",
+    "get_method",
+    "load_adapted",
+    "saved_method",
+]

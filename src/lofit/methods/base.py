@@ -16,28 +16,36 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lofit._version import __version__
-from lofit.methods.lofit.adapter_io import AdapterError, AdapterMismatchError, check_tensor, check_tensor_names, read_json_object, read_safetensors
-from lofit.utils.atomic import save_safetensors, write_json
 from lofit.data.files import short_repr
-from lofit.models.identity import identity, identity_problem, warn_if_other_weights
+from lofit.methods.lofit.adapter_io import (
+    AdapterError,
+    AdapterMismatchError,
+    check_tensor,
+    check_tensor_names,
+    read_json_object,
+    read_safetensors,
+)
 from lofit.methods.lofit.config import LofitConfig
-from lofit.training.objectives import Objective, build_objective
 from lofit.methods.lofit.ranking import HeadRanking
+from lofit.models.identity import identity, identity_problem, warn_if_other_weights
 from lofit.training.loop import TrainingLog, TrainingRun, TrainingSetup, train
+from lofit.training.objectives import Objective, build_objective
+from lofit.utils.atomic import save_safetensors, write_json
 
 METHOD_FILE = "lofit_method.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FitContext:
     """What every method may use: the frozen model, its tokenizer, the training examples,
     and the shared settings (seed, batch size, epochs, head count and selector, DPO beta)."""
@@ -72,11 +80,24 @@ class FitResult:
     ranking: HeadRanking | None = None
 
 
+METHODS: dict[str, type[Method]] = {}
+"""``--method NAME`` -> its class: every subclass of :class:`Method` that sets ``name`` is entered
+here when its module is imported (:mod:`lofit.methods` imports them all)."""
+
+
 class Method(ABC):
-    """A way to adapt a frozen model to a task (LoFiT or a baseline)."""
+    """A way to adapt a frozen model to a task (LoFiT or a baseline). A subclass that sets
+    ``name`` registers itself in :data:`METHODS`."""
 
     name: ClassVar[str]
     config_class: ClassVar[type | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in METHODS:
+                raise TypeError(f"two methods are called {cls.name!r}: {METHODS[cls.name].__name__} and {cls.__name__}")
+            METHODS[cls.name] = cls
 
     def __init__(self, config: Any = None):
         if config is None and self.config_class is not None:
@@ -107,16 +128,33 @@ class Method(ABC):
 def geometry(model: PreTrainedModel) -> dict:
     """What a saved result must agree with: the architecture and its sizes."""
     config = model.config.get_text_config()  # a multimodal model's sizes are those of its text decoder
-    return {"model_type": model.config.model_type, "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    }
 
 
-def write_method_file(directory: Path, method: Method, model: PreTrainedModel, metrics: dict | None) -> None:
+def write_method_file(
+    directory: Path,
+    method: Method,
+    model: PreTrainedModel,
+    metrics: dict | None,
+    base_identity: dict[str, str] | None = None,
+) -> None:
     """Write :data:`METHOD_FILE` (the method, the base model's portable name and fingerprint, see
-    :mod:`lofit.models.identity`, its geometry, the options, ``metrics``) atomically."""
-    record = {"method": method.name, "lofit_version": __version__, **identity(model), **geometry(model),
-              "options": method.options(), "metrics": metrics or {}}
+    :mod:`lofit.models.identity`, its geometry, the options, ``metrics``) atomically;
+    ``base_identity`` is ``identity(model)`` when the caller has computed it already."""
+    record = {
+        "method": method.name,
+        "lofit_version": __version__,
+        **(base_identity or identity(model)),
+        **geometry(model),
+        "options": method.options(),
+        "metrics": metrics or {},
+    }
     write_json(directory / METHOD_FILE, record)
 
 
@@ -147,17 +185,23 @@ def check_geometry(record: dict, model: PreTrainedModel, directory: Path) -> Non
     expected = geometry(model)
     saved = {key: record.get(key) for key in expected}
     if saved != expected:
-        differences = ", ".join(f"{key} {short_repr(saved[key])} vs {expected[key]!r}" for key in expected
-                                if saved[key] != expected[key])
-        raise AdapterMismatchError(f"{directory / METHOD_FILE}: the {short_repr(record.get('method'))} result was made for "
-                                   f"another model (saved vs this model: {differences})")
+        differences = ", ".join(
+            f"{key} {short_repr(saved[key])} vs {expected[key]!r}" for key in expected if saved[key] != expected[key]
+        )
+        raise AdapterMismatchError(
+            f"{directory / METHOD_FILE}: the {short_repr(record.get('method'))} result was made for "
+            f"another model (saved vs this model: {differences})"
+        )
     warn_if_other_weights(record, model, directory / METHOD_FILE)
 
 
 def save_tensors(directory: Path, filename: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` (as float32, on the CPU) to ``directory/filename`` with safetensors, atomically."""
-    save_safetensors(directory / filename, {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()},
-                     metadata={"format": "pt"})
+    save_safetensors(
+        directory / filename,
+        {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()},
+        metadata={"format": "pt"},
+    )
 
 
 def load_tensors(directory: Path, filename: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -181,22 +225,44 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def train_adapter(model: nn.Module, parameters: list[nn.Parameter], lr: float, epochs: int | None, context: FitContext,
-                  description: str, method: str, first_trained_layer: int = 0) -> FitResult:
+def train_adapter(
+    model: nn.Module,
+    parameters: list[nn.Parameter],
+    lr: float,
+    epochs: int | None,
+    context: FitContext,
+    description: str,
+    method: str,
+    first_trained_layer: int = 0,
+) -> FitResult:
     """Train ``parameters`` of ``model`` on the context's objective with lofit's loop (AdamW,
     linear decay, the shared batch size, seed and gradient clipping) for ``epochs`` (None: the equal budget);
     ``method`` names the checkpoint stage and the learning-rate option (``--<method>-lr``);
     nothing trained acts below ``first_trained_layer`` (see :class:`~lofit.training.loop.TrainingRun`)."""
     start = time.perf_counter()
     shared = context.lofit
-    run = TrainingRun(parameters=parameters, lr=lr, epochs=epochs if epochs is not None else context.budget_epochs,
-                      batch_size=shared.batch_size, seed=shared.seed, weight_decay=shared.weight_decay,
-                      warmup_ratio=shared.warmup_ratio, description=description, progress=context.progress, stage=method,
-                      lr_name=f"--{method}-lr", setup=context.setup, first_trained_layer=first_trained_layer,
-                      max_grad_norm=shared.max_grad_norm)
+    run = TrainingRun(
+        parameters=parameters,
+        lr=lr,
+        epochs=epochs if epochs is not None else context.budget_epochs,
+        batch_size=shared.batch_size,
+        seed=shared.seed,
+        weight_decay=shared.weight_decay,
+        warmup_ratio=shared.warmup_ratio,
+        description=description,
+        progress=context.progress,
+        stage=method,
+        lr_name=f"--{method}-lr",
+        setup=context.setup,
+        first_trained_layer=first_trained_layer,
+        max_grad_norm=shared.max_grad_norm,
+    )
     log: TrainingLog = train(model, context.objective(model), run)
-    return FitResult(model, sum(p.numel() for p in parameters),
-                     {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses} | training_warnings(log))
+    return FitResult(
+        model,
+        sum(p.numel() for p in parameters),
+        {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses} | training_warnings(log),
+    )
 
 
 def training_warnings(*logs: TrainingLog) -> dict:

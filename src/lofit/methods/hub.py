@@ -19,19 +19,28 @@ from lofit.methods import load_adapted, saved_method
 from lofit.models.hub import adapter_folder, upload_folder
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload the result saved in ``folder`` to the hub model repository ``repo_id`` (created
     when absent) and return the commit's URL. FileNotFoundError or AdapterError, before
     anything is uploaded, when ``folder`` holds nothing lofit saved."""
     folder = Path(folder)
     method = saved_method(folder)
-    return upload_folder(folder, repo_id, method, private=private, token=token, revision=revision,
-                         commit_message=commit_message)
+    return upload_folder(
+        folder, repo_id, method, private=private, token=token, revision=revision, commit_message=commit_message
+    )
 
 
-def from_pretrained(base_model: PreTrainedModel, hub_id_or_folder: str | Path, *, revision: str | None = None,
-                    token: str | None = None) -> nn.Module:
+def from_pretrained(
+    base_model: PreTrainedModel, hub_id_or_folder: str | Path, *, revision: str | None = None, token: str | None = None
+) -> nn.Module:
     """``base_model`` with the result saved in ``hub_id_or_folder`` (a local folder or a hub
     id, see :func:`lofit.models.hub.adapter_folder`) applied, by whichever method saved it; the errors and
     the fingerprint warning are :func:`lofit.methods.load_adapted`'s."""

@@ -20,18 +20,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lofit.methods.base import FitContext, FitResult
 from lofit.methods.lofit.config import check_head_amount, head_count
+from lofit.methods.lofit.method import HeadAdapterMethod
 from lofit.methods.lofit.model import get_lofit_model
 from lofit.methods.lofit.selectors import head_probe_ranking
 from lofit.methods.probing import collect_activations, contrast_pairs
-from lofit.methods.base import FitContext, FitResult
-from lofit.methods.lofit.method import HeadAdapterMethod
 
 
 @dataclass
 class ItiConfig:
-    iti_num_heads: float | None = field(default=None, metadata={"help": "ITI's K: heads to intervene on, a count or a fraction of all heads (default: LoFiT's --num-heads)"})
-    iti_alpha: float = field(default=15.0, metadata={"help": "ITI's intervention strength alpha (in units of each head's sigma)"})
+    iti_num_heads: float | None = field(
+        default=None,
+        metadata={
+            "help": "ITI's K: heads to intervene on, a count or a fraction of all heads (default: LoFiT's --num-heads)"
+        },
+    )
+    iti_alpha: float = field(
+        default=15.0, metadata={"help": "ITI's intervention strength alpha (in units of each head's sigma)"}
+    )
 
     def __post_init__(self) -> None:
         if self.iti_num_heads is not None:
@@ -57,7 +64,9 @@ class Iti(HeadAdapterMethod):
         seed = context.lofit.seed
         amount = self.config.iti_num_heads if self.config.iti_num_heads is not None else context.lofit.num_heads
         pairs = contrast_pairs(context.tokenizer, context.examples, seed)
-        activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
+        activations = collect_activations(
+            context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress
+        )
         ranking = head_probe_ranking(activations, seed)
         heads = ranking.top(head_count(amount, len(ranking.order)))
         shifts = mass_mean_shifts(activations.heads, activations.labels)
@@ -67,4 +76,3 @@ class Iti(HeadAdapterMethod):
         with torch.no_grad():
             model.lofit_bias.copy_(self.config.iti_alpha * shifts.to(model.lofit_bias))
         return FitResult(model, model.num_adapter_parameters(), {}, ranking)
-

@@ -11,12 +11,23 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import PreTrainedModel
 
+from lofit.data.files import finite_number, short_repr
+from lofit.methods.base import (
+    FitContext,
+    FitResult,
+    Method,
+    check_geometry,
+    check_training_options,
+    load_tensors,
+    read_method_file,
+    seeded,
+    train_adapter,
+    write_method_file,
+)
 from lofit.methods.lofit.adapter_io import AdapterError, read_json_object
 from lofit.models.architectures import architecture_row, attention_inputs
-from lofit.utils.atomic import staged_folder
-from lofit.data.files import finite_number, short_repr
 from lofit.models.wrapper import restored_on_failure
-from lofit.methods.base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, seeded, train_adapter, write_method_file
+from lofit.utils.atomic import staged_folder
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -26,9 +37,19 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 class LoraBaselineConfig:
     lora_rank: int = field(default=8, metadata={"help": "LoRA: rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: alpha (the update is scaled by alpha / r)"})
-    lora_targets: str | None = field(default=None, metadata={"help": "LoRA: comma-separated module names (default: the architecture table's, else peft's choice; q and v projections for Llama)"})
+    lora_targets: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "LoRA: comma-separated module names (default: the architecture table's, else peft's choice; q and "
+                "v projections for Llama)"
+            )
+        },
+    )
     lora_lr: float = field(default=5e-4, metadata={"help": "LoRA: learning rate"})
-    lora_epochs: int | None = field(default=None, metadata={"help": "LoRA: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+    lora_epochs: int | None = field(
+        default=None, metadata={"help": "LoRA: epochs (default: LoFiT's select + tune epochs, an equal budget)"}
+    )
 
     def __post_init__(self) -> None:
         check_training_options("lora", self.lora_lr, self.lora_epochs)
@@ -61,12 +82,20 @@ class Lora(Method):
             targets = [t.strip() for t in self.config.lora_targets.split(",")]
         else:
             targets = default_targets(context.model)
-        config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, target_modules=targets,
-                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         with seeded(context.lofit.seed):  # LoRA's A matrices are drawn at random
             model = get_peft_model(context.model, config)  # injects the LoRA layers into context.model itself
         parameters = [p for p in model.parameters() if p.requires_grad]
-        return train_adapter(model, parameters, self.config.lora_lr, self.config.lora_epochs, context, "LoRA: training", "lora")
+        return train_adapter(
+            model, parameters, self.config.lora_lr, self.config.lora_epochs, context, "LoRA: training", "lora"
+        )
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         """peft writes its files into a staging folder, moved into ``directory`` with ours when
@@ -98,13 +127,17 @@ def _saved_lora_config(directory: Path):
         raise FileNotFoundError(f"{path} is missing: {directory} does not hold a complete saved LoRA")
     values = read_json_object(path)
     if values.get("peft_type") != "LORA":
-        raise AdapterError(f"{path} is not a LoRA config: peft_type is {short_repr(values.get('peft_type'))}, not 'LORA'")
+        raise AdapterError(
+            f"{path} is not a LoRA config: peft_type is {short_repr(values.get('peft_type'))}, not 'LORA'"
+        )
     rank, alpha, targets = values.get("r"), values.get("lora_alpha"), values.get("target_modules")
     if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
         raise AdapterError(f"{path}: r must be an integer >= 1, got {short_repr(rank)}")
     if not finite_number(alpha):
         raise AdapterError(f"{path}: lora_alpha must be a finite number, got {short_repr(alpha)}")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
         raise AdapterError(f"{path}: target_modules must be a module name or a list of them, got {short_repr(targets)}")
     try:
         config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**values))

@@ -15,17 +15,17 @@ features, so there is no Python loop over heads.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lofit.models.architectures import decoder_layers, head_layout
 from lofit.data.batching import TokenizedPair, collate, tokenize_pair
 from lofit.data.examples import PromptCompletion, PromptPreference
+from lofit.models.architectures import decoder_layers, head_layout
 from lofit.models.wrapper import hidden_states_of
 
 
@@ -37,9 +37,11 @@ class ContrastPair:
     negative: TokenizedPair
 
 
-def contrast_pairs(tokenizer: PreTrainedTokenizerBase, examples: Sequence[PromptCompletion | PromptPreference],
-                   seed: int) -> list[ContrastPair]:
+def contrast_pairs(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[PromptCompletion | PromptPreference], seed: int
+) -> list[ContrastPair]:
     """Positive/negative pairs from preference or prompt/completion examples (see module docstring)."""
+
     def text(prompt: str, completion: str) -> TokenizedPair:
         return tokenize_pair(tokenizer, prompt, completion, add_eos=False)  # read at the answer's own last token
 
@@ -78,8 +80,9 @@ class Activations:
 
 
 @torch.no_grad()
-def collect_activations(model: nn.Module, pairs: Sequence[ContrastPair], pad_id: int, batch_size: int = 16,
-                        progress: bool = True) -> Activations:
+def collect_activations(
+    model: nn.Module, pairs: Sequence[ContrastPair], pad_id: int, batch_size: int = 16, progress: bool = True
+) -> Activations:
     """Run every positive and negative text once and keep each head's and layer's last-token state."""
     layout = head_layout(model)
     texts = [p.positive for p in pairs] + [p.negative for p in pairs]
@@ -98,7 +101,9 @@ def collect_activations(model: nn.Module, pairs: Sequence[ContrastPair], pad_id:
     heads, residual = [], []
     try:
         model.eval()
-        for start in tqdm(range(0, len(texts), batch_size), desc="reading activations", disable=not progress, dynamic_ncols=True):
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="reading activations", disable=not progress, dynamic_ncols=True
+        ):
             chunk = list(texts[start : start + batch_size])
             batch = collate(chunk, pad_id).to(device)
             last = batch.attention_mask.sum(dim=1) - 1  # right padding: the last real token
@@ -143,8 +148,15 @@ class ProbeScores:
         return self.accuracy.double() - 1e-6 * (self.loss / self.loss.max().clamp_min(1e-12)).double()
 
 
-def fit_probes(features: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, val_fraction: float = 0.2,
-                     seed: int = 0, steps: int = 300, weight_decay: float = 1e-2) -> ProbeScores:
+def fit_probes(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    steps: int = 300,
+    weight_decay: float = 1e-2,
+) -> ProbeScores:
     """Held-out accuracy and loss of a logistic-regression probe per feature set.
 
     Args:
@@ -171,7 +183,10 @@ def fit_probes(features: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
     with torch.enable_grad():
         for _ in range(steps):
             logits = torch.einsum("pnf,pf->pn", x_train, weights) + bias
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y_train) + weight_decay * weights.pow(2).sum(dim=1).mean()
+            loss = (
+                nn.functional.binary_cross_entropy_with_logits(logits, y_train)
+                + weight_decay * weights.pow(2).sum(dim=1).mean()
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -18,10 +18,21 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lofit.methods.base import (
+    FitContext,
+    FitResult,
+    Method,
+    check_geometry,
+    check_training_options,
+    load_tensors,
+    read_method_file,
+    save_tensors,
+    train_adapter,
+    write_method_file,
+)
 from lofit.models.architectures import feed_forwards
-from lofit.utils.atomic import staged_folder
 from lofit.models.wrapper import InterventionModel
-from lofit.methods.base import FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, train_adapter, write_method_file
+from lofit.utils.atomic import staged_folder
 
 WEIGHTS = "red.safetensors"
 
@@ -29,9 +40,13 @@ WEIGHTS = "red.safetensors"
 @dataclass
 class RedConfig:
     red_lr: float = field(default=1e-2, metadata={"help": "RED: learning rate"})
-    red_epochs: int | None = field(default=None, metadata={"help": "RED: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
-    red_train_scale: bool = field(default=True, metadata={"help": "RED: train the scale s as well as the bias b "
-                                                                 "(false: bias only, one vector per layer)"})
+    red_epochs: int | None = field(
+        default=None, metadata={"help": "RED: epochs (default: LoFiT's select + tune epochs, an equal budget)"}
+    )
+    red_train_scale: bool = field(
+        default=True,
+        metadata={"help": "RED: train the scale s as well as the bias b (false: bias only, one vector per layer)"},
+    )
 
     def __post_init__(self) -> None:
         check_training_options("red", self.red_lr, self.red_epochs)
@@ -53,6 +68,7 @@ class RedModel(InterventionModel):
         def edit(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             scale, bias = (t[index].to(output.device, output.dtype) for t in (self.red_scale, self.red_bias))
             return output + output * scale + bias
+
         return edit
 
 
@@ -66,8 +82,9 @@ class Red(Method):
         model = RedModel(context.model)  # s = b = 0: nothing random
         parameters = [model.red_scale, model.red_bias] if self.config.red_train_scale else [model.red_bias]
         model.red_scale.requires_grad_(self.config.red_train_scale)
-        return train_adapter(model, parameters, self.config.red_lr, self.config.red_epochs, context,
-                             "RED: training edits", "red")
+        return train_adapter(
+            model, parameters, self.config.red_lr, self.config.red_epochs, context, "RED: training edits", "red"
+        )
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         with staged_folder(directory) as staging:  # all files appear together, none half-written

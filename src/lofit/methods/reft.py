@@ -33,11 +33,24 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from transformers import PreTrainedModel
 
+from lofit.methods.base import (
+    METHOD_FILE,
+    FitContext,
+    FitResult,
+    Method,
+    check_geometry,
+    check_training_options,
+    load_tensors,
+    read_method_file,
+    save_tensors,
+    seeded,
+    train_adapter,
+    write_method_file,
+)
 from lofit.methods.lofit.adapter_io import AdapterError, options_from_json
 from lofit.models.architectures import decoder_layers
-from lofit.utils.atomic import staged_folder
 from lofit.models.wrapper import InterventionModel, hidden_states_of, kv_cache_of, replace_hidden_states
-from lofit.methods.base import METHOD_FILE, FitContext, FitResult, Method, check_geometry, check_training_options, load_tensors, read_method_file, save_tensors, seeded, train_adapter, write_method_file
+from lofit.utils.atomic import staged_folder
 
 WEIGHTS = "reft.safetensors"
 POSITIONS = ("last", "first+last")
@@ -47,9 +60,13 @@ POSITIONS = ("last", "first+last")
 class ReftConfig:
     reft_rank: int = field(default=4, metadata={"help": "LoReFT: rank of R and W"})
     reft_layers: str = field(default="all", metadata={"help": "LoReFT: comma-separated layer indices, or all"})
-    reft_positions: str = field(default="last", metadata={"help": "LoReFT: prompt positions to edit, last or first+last"})
+    reft_positions: str = field(
+        default="last", metadata={"help": "LoReFT: prompt positions to edit, last or first+last"}
+    )
     reft_lr: float = field(default=2e-3, metadata={"help": "LoReFT: learning rate"})
-    reft_epochs: int | None = field(default=None, metadata={"help": "LoReFT: epochs (default: LoFiT's select + tune epochs, an equal budget)"})
+    reft_epochs: int | None = field(
+        default=None, metadata={"help": "LoReFT: epochs (default: LoFiT's select + tune epochs, an equal budget)"}
+    )
 
     def __post_init__(self) -> None:
         check_training_options("reft", self.reft_lr, self.reft_epochs)
@@ -64,7 +81,9 @@ class ReftConfig:
         try:
             layers = sorted({int(x) for x in self.reft_layers.split(",")})
         except ValueError:
-            raise ValueError(f"reft_layers must be 'all' or comma-separated integers; got {self.reft_layers!r}") from None
+            raise ValueError(
+                f"reft_layers must be 'all' or comma-separated integers; got {self.reft_layers!r}"
+            ) from None
         if not layers or layers[0] < 0 or layers[-1] >= num_layers:
             raise ValueError(f"reft_layers {self.reft_layers!r}: the model has layers 0 to {num_layers - 1}")
         return layers
@@ -92,13 +111,26 @@ class LowRankEdit(nn.Module):
         return h + delta.to(h.device, h.dtype)
 
 
-def prompt_positions(batch_shape: tuple[int, int], attention_mask: torch.Tensor | None, logits_to_keep: Any,
-                     which: str, device: torch.device) -> torch.Tensor:
+def prompt_positions(
+    batch_shape: tuple[int, int],
+    attention_mask: torch.Tensor | None,
+    logits_to_keep: Any,
+    which: str,
+    device: torch.device,
+) -> torch.Tensor:
     """(B, P) positions to edit in a forward that starts its sequences (see module docstring)."""
     batch, length = batch_shape
-    mask = attention_mask[:, -length:] if attention_mask is not None else torch.ones(batch_shape, dtype=torch.long, device=device)
+    mask = (
+        attention_mask[:, -length:]
+        if attention_mask is not None
+        else torch.ones(batch_shape, dtype=torch.long, device=device)
+    )
     last_attended = length - 1 - mask.flip(1).argmax(dim=1)
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool and logits_to_keep.shape == batch_shape:
+    if (
+        isinstance(logits_to_keep, torch.Tensor)
+        and logits_to_keep.dtype == torch.bool
+        and logits_to_keep.shape == batch_shape
+    ):
         scored = logits_to_keep.any(dim=1)
         last = torch.where(scored, logits_to_keep.float().argmax(dim=1), last_attended)
     else:
@@ -133,8 +165,13 @@ class ReftModel(InterventionModel):
             return
         tokens = kwargs.get("input_ids", args[0] if args else None)
         shape = tuple(tokens.shape[:2]) if tokens is not None else tuple(kwargs["inputs_embeds"].shape[:2])
-        self._positions = prompt_positions(shape, kwargs.get("attention_mask"), kwargs.get("logits_to_keep"),
-                                           self.reft_config.reft_positions, self.device)
+        self._positions = prompt_positions(
+            shape,
+            kwargs.get("attention_mask"),
+            kwargs.get("logits_to_keep"),
+            self.reft_config.reft_positions,
+            self.device,
+        )
 
     def _editor(self, edit: LowRankEdit):
         def apply(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -145,6 +182,7 @@ class ReftModel(InterventionModel):
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(positions)
             edited = hidden.index_put((rows, positions), edit(hidden[rows, positions]))
             return replace_hidden_states(output, edited)
+
         return apply
 
 
@@ -157,8 +195,16 @@ class Reft(Method):
     def fit(self, context: FitContext) -> FitResult:
         with seeded(context.lofit.seed):  # R starts as a random orthonormal matrix
             model = ReftModel(context.model, self.config)
-        return train_adapter(model, model.trainable_parameters(), self.config.reft_lr, self.config.reft_epochs, context,
-                             "LoReFT: training", "reft", first_trained_layer=min(model.layer_indices))
+        return train_adapter(
+            model,
+            model.trainable_parameters(),
+            self.config.reft_lr,
+            self.config.reft_epochs,
+            context,
+            "LoReFT: training",
+            "reft",
+            first_trained_layer=min(model.layer_indices),
+        )
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
         with staged_folder(directory) as staging:  # all files appear together, none half-written
@@ -175,7 +221,9 @@ class Reft(Method):
         try:
             edited = ReftModel(model, config)
         except ValueError as error:
-            raise AdapterError(f"{directory / METHOD_FILE}: the LoReFT options do not fit this model ({error})") from None
+            raise AdapterError(
+                f"{directory / METHOD_FILE}: the LoReFT options do not fit this model ({error})"
+            ) from None
         try:
             shapes = {name: tuple(t.shape) for name, t in edited.edits.state_dict().items()}
             edited.edits.load_state_dict(load_tensors(directory, WEIGHTS, shapes))

@@ -21,19 +21,32 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lofit.models.architectures import decoder_layers
-from lofit.utils.atomic import staged_folder
+from lofit.methods.base import (
+    FitContext,
+    FitResult,
+    Method,
+    check_geometry,
+    load_tensors,
+    read_method_file,
+    save_tensors,
+    write_method_file,
+)
 from lofit.methods.probing import collect_activations, contrast_pairs, split_pairs
+from lofit.models.architectures import decoder_layers
 from lofit.models.wrapper import InterventionModel, hidden_states_of, replace_hidden_states
-from lofit.methods.base import FitContext, FitResult, Method, check_geometry, load_tensors, read_method_file, save_tensors, write_method_file
+from lofit.utils.atomic import staged_folder
 
 WEIGHTS = "repe_shift.safetensors"
 
 
 @dataclass
 class RepeConfig:
-    repe_num_layers: int = field(default=4, metadata={"help": "RepE: layers to steer, those whose reading vector separates held-out pairs best"})
-    repe_coefficient: float = field(default=4.0, metadata={"help": "RepE: steering strength (in units of each layer's sigma)"})
+    repe_num_layers: int = field(
+        default=4, metadata={"help": "RepE: layers to steer, those whose reading vector separates held-out pairs best"}
+    )
+    repe_coefficient: float = field(
+        default=4.0, metadata={"help": "RepE: steering strength (in units of each layer's sigma)"}
+    )
 
     def __post_init__(self) -> None:
         if self.repe_num_layers < 1:
@@ -48,7 +61,10 @@ class ResidualShiftModel(InterventionModel):
     def __init__(self, base_model: PreTrainedModel):
         super().__init__(base_model)
         layers = decoder_layers(base_model)
-        self.shift = nn.Parameter(torch.zeros(len(layers), base_model.config.get_text_config().hidden_size, device=self.device), requires_grad=False)
+        self.shift = nn.Parameter(
+            torch.zeros(len(layers), base_model.config.get_text_config().hidden_size, device=self.device),
+            requires_grad=False,
+        )
         for index, layer in enumerate(layers):
             self._hook(layer, self._shifter(index))
 
@@ -56,6 +72,7 @@ class ResidualShiftModel(InterventionModel):
         def shift(module: nn.Module, args: tuple, output):
             hidden = hidden_states_of(output)
             return replace_hidden_states(output, hidden + self.shift[index].to(hidden.device, hidden.dtype))
+
         return shift
 
     def num_adapter_parameters(self) -> int:
@@ -100,7 +117,9 @@ def reading_vectors(residual: torch.Tensor, labels: torch.Tensor, groups: torch.
     vectors = vectors * torch.where(mean_projection < 0, -1.0, 1.0)[:, None]
     sigma = torch.einsum("nld,ld->nl", residual, vectors).std(dim=0)
     held_out = torch.einsum("pld,ld->pl", (positive - negative)[val_pairs], vectors)
-    return ReadingVectors(vectors, (held_out > 0).float().mean(dim=0), (held_out / sigma.clamp_min(1e-12)).mean(dim=0), sigma)
+    return ReadingVectors(
+        vectors, (held_out > 0).float().mean(dim=0), (held_out / sigma.clamp_min(1e-12)).mean(dim=0), sigma
+    )
 
 
 class Repe(Method):
@@ -115,7 +134,9 @@ class Repe(Method):
         if self.config.repe_num_layers > num_layers:
             raise ValueError(f"repe_num_layers is {self.config.repe_num_layers} but the model has {num_layers} layers")
         pairs = contrast_pairs(context.tokenizer, context.examples, seed)
-        activations = collect_activations(context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress)
+        activations = collect_activations(
+            context.model, pairs, context.tokenizer.pad_token_id, progress=context.progress
+        )
         reading = reading_vectors(activations.residual, activations.labels, activations.groups, seed)
         chosen = reading.best_layers(self.config.repe_num_layers)
         model = ResidualShiftModel(context.model)
@@ -134,7 +155,9 @@ class Repe(Method):
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
         """Files read and checked first; the model is wrapped only when they fit it."""
         check_geometry(read_method_file(directory), model, directory)
-        shift = load_tensors(directory, WEIGHTS, {"shift": (len(decoder_layers(model)), model.config.get_text_config().hidden_size)})["shift"]
+        shift = load_tensors(
+            directory, WEIGHTS, {"shift": (len(decoder_layers(model)), model.config.get_text_config().hidden_size)}
+        )["shift"]
         shifted = ResidualShiftModel(model)
         with torch.no_grad():
             shifted.shift.copy_(shift)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -63,7 +63,9 @@ _MLA = ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias"
 
 ARCHITECTURES: dict[str, ArchitectureRow] = {
     # LoRA on the query and value projections only (the LoRA paper's choice), not on k_proj too.
-    "olmo2": ArchitectureRow("model.layers.{layer}.self_attn.o_proj", "attention_bias", lora_targets=("q_proj", "v_proj")),
+    "olmo2": ArchitectureRow(
+        "model.layers.{layer}.self_attn.o_proj", "attention_bias", lora_targets=("q_proj", "v_proj")
+    ),
     # Multi-head latent attention: config.head_dim is the rotary query/key part; o_proj reads
     # num_heads x v_head_dim values.
     "deepseek_v2": _MLA,
@@ -164,20 +166,29 @@ def locate_row(model: PreTrainedModel) -> ArchitectureRow:
     """
     config = text_config(model.config)
     layers_path, layers = _layer_list(model)
-    attention = [(name, child) for name, child in layers[0].named_children()
-                 if any(word in name.lower() for word in ATTENTION_WORDS) and _holds_matrix(child)]
+    attention = [
+        (name, child)
+        for name, child in layers[0].named_children()
+        if any(word in name.lower() for word in ATTENTION_WORDS) and _holds_matrix(child)
+    ]
     out_proj = _output_projection(attention, config)
     if out_proj is None:
         raise _not_found(model, f"decoder layers {layers_path!r}, {_describe_attention(attention, config)}")
     attention_names = {name for name, _ in attention}
-    others = [name for name, child in layers[0].named_children() if name not in attention_names and _holds_matrix(child)]
+    others = [
+        name for name, child in layers[0].named_children() if name not in attention_names and _holds_matrix(child)
+    ]
     path = f"{layers_path}.{{layer}}.{out_proj}"
     return ArchitectureRow(path, bias_flag(model.config, path), mlp=others[-1] if others else None)
 
 
 def _layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     count = text_config(model.config).num_hidden_layers
-    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == count]
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == count
+    ]
     if not lists:
         raise _not_found(model, f"no nn.ModuleList of num_hidden_layers = {count} decoder layers")
     return min(lists, key=lambda item: item[0].count("."))  # min keeps the first of equals
@@ -192,14 +203,22 @@ def _maps_heads_to_hidden(module: nn.Module, config: PretrainedConfig) -> bool:
         return False
     out_features, in_features = projection_weight(module).shape
     head_dim = getattr(config, "head_dim", None)
-    width_ok = in_features == config.num_attention_heads * head_dim if head_dim else in_features % config.num_attention_heads == 0
+    width_ok = (
+        in_features == config.num_attention_heads * head_dim
+        if head_dim
+        else in_features % config.num_attention_heads == 0
+    )
     return width_ok and out_features == config.hidden_size
 
 
 def _output_projection(attention: list[tuple[str, nn.Module]], config: PretrainedConfig) -> str | None:
     """Path (below the layer) of the output projection among ``attention``'s modules (rule 3 of locate_row)."""
-    matches = [f"{child_name}.{name}".rstrip(".") for child_name, child in attention
-               for name, module in child.named_modules() if _maps_heads_to_hidden(module, config)]
+    matches = [
+        f"{child_name}.{name}".rstrip(".")
+        for child_name, child in attention
+        for name, module in child.named_modules()
+        if _maps_heads_to_hidden(module, config)
+    ]
     named = [path for path in matches if path.rsplit(".", 1)[-1] in OUTPUT_NAMES]
     return (named or matches or [None])[-1]
 
@@ -207,12 +226,18 @@ def _output_projection(attention: list[tuple[str, nn.Module]], config: Pretraine
 def _describe_attention(attention: list[tuple[str, nn.Module]], config: PretrainedConfig) -> str:
     if not attention:
         return f"no child of layer 0 named like {' or '.join(ATTENTION_WORDS)} holding weights"
-    linears = [f"{child_name}.{name}".rstrip(".") + f" {tuple(projection_weight(module).shape[::-1])}"
-               for child_name, child in attention for name, module in child.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    linears = [
+        f"{child_name}.{name}".rstrip(".") + f" {tuple(projection_weight(module).shape[::-1])}"
+        for child_name, child in attention
+        for name, module in child.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+    ]
     head_dim = getattr(config, "head_dim", None) or "D"
-    return (f"attention {', '.join(name for name, _ in attention)} with linear layers (in, out) "
-            f"[{', '.join(linears)}], none mapping {config.num_attention_heads} heads x {head_dim} "
-            f"to hidden_size {config.hidden_size}")
+    return (
+        f"attention {', '.join(name for name, _ in attention)} with linear layers (in, out) "
+        f"[{', '.join(linears)}], none mapping {config.num_attention_heads} heads x {head_dim} "
+        f"to hidden_size {config.hidden_size}"
+    )
 
 
 def _not_found(model: PreTrainedModel, searched: str) -> UnsupportedModelError:
@@ -290,7 +315,9 @@ def feed_forwards(model: PreTrainedModel) -> list[nn.Module]:
     """Every layer's feed-forward block of ``model``."""
     row = architecture_row(model)
     if row.mlp is None:
-        raise UnsupportedModelError(f"model_type {model.config.model_type!r}: no feed-forward block found in its decoder layers")
+        raise UnsupportedModelError(
+            f"model_type {model.config.model_type!r}: no feed-forward block found in its decoder layers"
+        )
     return _modules_at(model, f"{row.layer}.{row.mlp}")
 
 
@@ -300,8 +327,11 @@ def attention_inputs(model: PreTrainedModel) -> tuple[str, ...]:
     row = architecture_row(model)
     attention_path, _, out_name = row.out_proj.format(layer=0).rpartition(".")
     attention = model.get_submodule(attention_path)
-    return tuple(name for name, module in attention.named_children()
-                 if isinstance(module, (nn.Linear, Conv1D)) and name != out_name)
+    return tuple(
+        name
+        for name, module in attention.named_children()
+        if isinstance(module, (nn.Linear, Conv1D)) and name != out_name
+    )
 
 
 def head_layout(model: PreTrainedModel) -> HeadLayout:

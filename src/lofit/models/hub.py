@@ -21,14 +21,27 @@ def _is_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def upload_folder(folder: str | Path, repo_id: str, method: str, *, private: bool | None = None, token: str | None = None,
-                  revision: str | None = None, commit_message: str | None = None) -> str:
+def upload_folder(
+    folder: str | Path,
+    repo_id: str,
+    method: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload the :data:`SHARED_FILES` of ``folder``, a result ``method`` saved, to the hub
     model repository ``repo_id`` (created when absent) and return the commit's URL."""
     api = huggingface_hub.HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, allow_patterns=SHARED_FILES,
-                               commit_message=commit_message or f"Upload a {method} result saved by lofit")
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        revision=revision,
+        allow_patterns=SHARED_FILES,
+        commit_message=commit_message or f"Upload a {method} result saved by lofit",
+    )
     return str(commit)
 
 
@@ -42,8 +55,13 @@ def adapter_folder(hub_id_or_folder: str | Path, *, revision: str | None = None,
     if not _is_repo_id(str(hub_id_or_folder)):
         raise FileNotFoundError(f"no saved adapter at {path}: it is neither an existing folder nor a hub id owner/name")
     try:
-        return Path(huggingface_hub.snapshot_download(str(hub_id_or_folder), revision=revision, token=token,
-                                                      allow_patterns=SHARED_FILES))
+        return Path(
+            huggingface_hub.snapshot_download(
+                str(hub_id_or_folder), revision=revision, token=token, allow_patterns=SHARED_FILES
+            )
+        )
     except (OSError, ValueError) as error:  # network, missing repository or revision, invalid id
-        raise FileNotFoundError(f"{str(hub_id_or_folder)!r} is not a local folder, and downloading it from the Hugging "
-                                f"Face Hub failed ({error})") from None
+        raise FileNotFoundError(
+            f"{str(hub_id_or_folder)!r} is not a local folder, and downloading it from the Hugging "
+            f"Face Hub failed ({error})"
+        ) from None

@@ -35,8 +35,18 @@ from typing import Any
 import torch
 from torch import nn
 
-VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache",
-                                  "output_attentions", "output_hidden_states", "return_dict"})
+VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "architectures",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
 SAMPLES_PER_TENSOR = 8
 NAME_KEY = "base_model"
 FINGERPRINT_KEY = "base_model_fingerprint"
@@ -52,7 +62,12 @@ def portable_name(name_or_path: str) -> str:
         return ""
     if path.exists():
         return path.resolve().name
-    if path.is_absolute() or name_or_path.count("/") > 1 or name_or_path.startswith((".", "~")) or name_or_path.endswith(".gguf"):
+    if (
+        path.is_absolute()
+        or name_or_path.count("/") > 1
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.endswith(".gguf")
+    ):
         return path.name
     return name_or_path
 
@@ -69,8 +84,11 @@ def base_model_name(model: nn.Module) -> str:
 def _stable_config(values: Any) -> Any:
     """``values`` (a config's ``to_dict()``) without the volatile keys, at every depth."""
     if isinstance(values, dict):
-        return {key: _stable_config(value) for key, value in values.items()
-                if not str(key).startswith("_") and key not in VOLATILE_CONFIG_KEYS}
+        return {
+            key: _stable_config(value)
+            for key, value in values.items()
+            if not str(key).startswith("_") and key not in VOLATILE_CONFIG_KEYS
+        }
     if isinstance(values, (list, tuple)):
         return [_stable_config(value) for value in values]
     return values
@@ -124,6 +142,10 @@ def warn_if_other_weights(record: dict, model: nn.Module, path: Path) -> None:
     if saved != current:
         made_for = record.get(NAME_KEY) or "an unnamed model"
         loaded_onto = base_model_name(model) or "an unnamed model"
-        warnings.warn(f"{path}: this result was made for {made_for!r} (fingerprint {saved}) and is being loaded onto "
-                      f"{loaded_onto!r} (fingerprint {current}), a model of the same shape with other weights; "
-                      "it may not behave as it did in training", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: this result was made for {made_for!r} (fingerprint {saved}) and is being loaded onto "
+            f"{loaded_onto!r} (fingerprint {current}), a model of the same shape with other weights; "
+            "it may not behave as it did in training",
+            UserWarning,
+            stacklevel=2,
+        )

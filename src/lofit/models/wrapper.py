@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,13 +32,14 @@ class AdapterStateError(RuntimeError):
 
 def _restoring_on_failure(init: Callable) -> Callable:
     @functools.wraps(init)
-    def guarded(self: "InterventionModel", *args: Any, **kwargs: Any) -> None:
+    def guarded(self: InterventionModel, *args: Any, **kwargs: Any) -> None:
         try:
             init(self, *args, **kwargs)
         except BaseException:
             if "_base_requires_grad" in self.__dict__:
                 self.unload()
             raise
+
     return guarded
 
 

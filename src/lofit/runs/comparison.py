@@ -13,14 +13,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from lofit.methods import get_method
+from lofit.methods.lofit.config import LofitConfig
+from lofit.runs.pipeline import RunConfig, run_all
 from lofit.utils.atomic import write_json, write_text
 from lofit.utils.compute import ComputeConfig
-from lofit.methods.lofit.config import LofitConfig
 from lofit.utils.distributed import is_main_process
-from lofit.methods import get_method
-from lofit.runs.pipeline import RunConfig, run_all
-
-METRIC_SUFFIXES = ("exact_match", "contains_match", "mc1", "mc2", "accuracy")
 
 
 def _seconds(summary: dict, key: str) -> float:
@@ -32,19 +30,29 @@ def _seconds(summary: dict, key: str) -> float:
 
 def comparison_table(summaries: list[dict]) -> str:
     """A markdown table: method, trained parameters, each metric (in %), fit and total wall time."""
-    metrics = [key for key in summaries[0] if key.endswith(METRIC_SUFFIXES)]
+    metrics = summaries[0].get("metric_keys", [])  # the task's metrics, its main metric first
     header = ["method", "trained parameters", *[m.replace("_", " ") for m in metrics], "fit (s)", "total (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for summary in summaries:
         parameters = summary.get("trained_parameters", summary.get("folds", [{}])[0].get("trained_parameters", 0))
-        cells = [summary["method"], f"{parameters:,}", *[f"{100 * summary[m]:.1f}" for m in metrics],
-                 f"{_seconds(summary, 'fit_seconds'):.0f}", f"{_seconds(summary, 'total_seconds'):.0f}"]
+        cells = [
+            summary["method"],
+            f"{parameters:,}",
+            *[f"{100 * summary[m]:.1f}" for m in metrics],
+            f"{_seconds(summary, 'fit_seconds'):.0f}",
+            f"{_seconds(summary, 'total_seconds'):.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_configs: dict[str, object | None],
-                compute: ComputeConfig | None = None) -> tuple[list[dict], Path]:
+def run_compare(
+    run: RunConfig,
+    lofit: LofitConfig,
+    methods: list[str],
+    method_configs: dict[str, object | None],
+    compute: ComputeConfig | None = None,
+) -> tuple[list[dict], Path]:
     """Run every method of ``methods`` on ``run``'s task; write and return the comparison."""
     if not methods:
         raise ValueError("name at least one method to compare")
@@ -52,10 +60,16 @@ def run_compare(run: RunConfig, lofit: LofitConfig, methods: list[str], method_c
         raise ValueError(f"a method is named twice in {','.join(methods)}")
     for name in methods:
         get_method(name, method_configs.get(name))  # refuse an unknown method before anything runs
-    folder = Path(run.output_dir) if run.output_dir else Path(str(replace(run, method="lofit").resolved_output_dir()) + "-compare")
+    folder = (
+        Path(run.output_dir)
+        if run.output_dir
+        else Path(str(replace(run, method="lofit").resolved_output_dir()) + "-compare")
+    )
     summaries = []
     for name in methods:  # the table is rewritten after each method, so a failure loses nothing finished
-        summaries.append(run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name), compute))
+        summaries.append(
+            run_all(replace(run, method=name, output_dir=str(folder / name)), lofit, method_configs.get(name), compute)
+        )
         if is_main_process():
             write_json(folder / "comparison.json", summaries)
             write_text(folder / "comparison.md", comparison_table(summaries))

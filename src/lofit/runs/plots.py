@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
-from lofit.utils.atomic import replacing  # noqa: E402
 from lofit.methods.lofit.localization import Localization  # noqa: E402
+from lofit.utils.atomic import replacing  # noqa: E402
 
 
 def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path: str | Path, title: str = "") -> None:
@@ -22,8 +22,9 @@ def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path
     (:class:`lofit.methods.lofit.localization.Localization`): a localized step 1 drops steeply after its top heads."""
     num_layers, num_heads = scores.shape
     width = max(4.0, 0.45 * num_heads + 2)
-    figure, (axes, curve) = plt.subplots(1, 2, figsize=(width + 4.5, max(3.0, 0.25 * num_layers + 1.5)),
-                                         gridspec_kw={"width_ratios": [width, 4.5]})
+    figure, (axes, curve) = plt.subplots(
+        1, 2, figsize=(width + 4.5, max(3.0, 0.25 * num_layers + 1.5)), gridspec_kw={"width_ratios": [width, 4.5]}
+    )
     image = axes.imshow(scores.numpy(), aspect="auto", cmap="viridis", origin="lower")
     for layer, head in selected:
         axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
@@ -38,9 +39,12 @@ def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path
     if selected:
         figures = Localization.of(scores, len(selected))
         curve.axvline(len(selected), color="red", linestyle="--", linewidth=1)
-        curve.set_title(f"top {len(selected)}: {100 * figures.top_share:.0f}% of the score "
-                        f"(uniform {100 * figures.uniform_share:.0f}%)\neffective heads {figures.effective_heads:.0f} "
-                        f"of {figures.total}; {'localized' if figures.localized else 'NOT localized'}", fontsize=9)
+        curve.set_title(
+            f"top {len(selected)}: {100 * figures.top_share:.0f}% of the score "
+            f"(uniform {100 * figures.uniform_share:.0f}%)\neffective heads {figures.effective_heads:.0f} "
+            f"of {figures.total}; {'localized' if figures.localized else 'NOT localized'}",
+            fontsize=9,
+        )
     curve.set_xlabel("heads, by rank")
     curve.set_ylabel("score")
     curve.set_ylim(bottom=0)
@@ -54,8 +58,16 @@ def _save(figure, path: str | Path) -> None:
     plt.close(figure)
 
 
-def matrix_plot(values: Sequence[Sequence[float | None]], rows: Sequence[str], columns: Sequence[str], path: str | Path,
-                title: str, row_label: str, column_label: str, unit: str = "") -> None:
+def matrix_plot(
+    values: Sequence[Sequence[float | None]],
+    rows: Sequence[str],
+    columns: Sequence[str],
+    path: str | Path,
+    title: str,
+    row_label: str,
+    column_label: str,
+    unit: str = "",
+) -> None:
     """Write a PNG of a rows x columns matrix, each cell annotated (blank where None)."""
     data = torch.tensor([[float("nan") if v is None else v for v in row] for row in values])
     figure, axes = plt.subplots(figsize=(1.6 * len(columns) + 2.5, 1.1 * len(rows) + 1.8))
@@ -65,8 +77,15 @@ def matrix_plot(values: Sequence[Sequence[float | None]], rows: Sequence[str], c
         for j, value in enumerate(row):
             if value is not None:
                 dark = abs(value) > 0.6 * limit  # the colour map's ends are dark: white text there
-                axes.text(j, i, f"{value:+.1f}{unit}", ha="center", va="center", fontsize=10,
-                          color="white" if dark else "black")
+                axes.text(
+                    j,
+                    i,
+                    f"{value:+.1f}{unit}",
+                    ha="center",
+                    va="center",
+                    fontsize=10,
+                    color="white" if dark else "black",
+                )
     axes.set_xticks(range(len(columns)), columns)
     axes.set_yticks(range(len(rows)), rows)
     axes.set_xlabel(column_label)
@@ -76,7 +95,9 @@ def matrix_plot(values: Sequence[Sequence[float | None]], rows: Sequence[str], c
     _save(figure, path)
 
 
-def layer_histograms(counts: dict[str, Sequence[int]], path: str | Path, title: str = "selected heads per layer") -> None:
+def layer_histograms(
+    counts: dict[str, Sequence[int]], path: str | Path, title: str = "selected heads per layer"
+) -> None:
     """Write a PNG with one bar chart per entry of ``counts`` (name -> heads per layer)."""
     figure, axes = plt.subplots(len(counts), 1, figsize=(7, 2.2 * len(counts) + 0.6), sharex=True, squeeze=False)
     for ax, (name, per_layer) in zip(axes[:, 0], counts.items()):
@@ -88,8 +109,13 @@ def layer_histograms(counts: dict[str, Sequence[int]], path: str | Path, title: 
     _save(figure, path)
 
 
-def curves(panels: dict[str, dict[str, list[tuple[float, float, float]]]], path: str | Path, x_label: str, y_label: str,
-           log_x: bool = False) -> None:
+def curves(
+    panels: dict[str, dict[str, list[tuple[float, float, float]]]],
+    path: str | Path,
+    x_label: str,
+    y_label: str,
+    log_x: bool = False,
+) -> None:
     """Write a PNG with one panel per entry of ``panels`` (name -> line label -> points
     (x, mean, std)), each line with standard-deviation error bars; with ``log_x`` the x axis
     is logarithmic and ticked at the measured x values."""

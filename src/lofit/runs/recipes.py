@@ -32,18 +32,21 @@ PAPER_SHARED: dict[str, Any] = {
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
-        "clutrr": PAPER_SHARED | {
+        "clutrr": PAPER_SHARED
+        | {
             "scale_lr": 5e-4,  # train_script_clutrr.sh, step 1: --lr 5e-4
             "l1_lambda": 5e-3,  # step 1: --l1_lambda 5e-3
             "bias_lr": 1e-2,  # step 2: --lr 1e-2
             "train_size": 300,  # --train_size 300 (both steps)
         },
-        "mquake": PAPER_SHARED | {
+        "mquake": PAPER_SHARED
+        | {
             "scale_lr": 5e-3,  # train_script_mquake.sh, step 1: --lr 5e-3
             "l1_lambda": 1e-3,  # step 1: --l1_lambda 1e-3
             "bias_lr": 1e-2,  # step 2: --lr 1e-2
         },
-        "truthfulqa": PAPER_SHARED | {
+        "truthfulqa": PAPER_SHARED
+        | {
             "scale_lr": 5e-3,  # train_script_truthfulqa.sh, step 1: --lr 5e-3
             "l1_lambda": 5e-4,  # step 1: --l1_lambda 5e-4
             "bias_lr": 1e-2,  # step 2: --lr 1e-2

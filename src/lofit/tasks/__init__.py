@@ -5,7 +5,15 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lofit.tasks.base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference, Task, normalize_answer
+from lofit.tasks.base import (
+    Evaluation,
+    GenerationExample,
+    GenerationTask,
+    PromptCompletion,
+    PromptPreference,
+    Task,
+    normalize_answer,
+)
 from lofit.tasks.clutrr import Clutrr
 from lofit.tasks.mquake import MQuAKE
 from lofit.tasks.truthfulqa import TruthfulQA
@@ -24,11 +32,23 @@ def get_task(name: str, **options: Any) -> Task:
         task_class = UserFileTask
         options = {"train_file": name, **options}
     else:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, or data of your own: a "
-                         ".jsonl/.csv/.parquet file, or a datasets dataset (owner/name or a folder)")
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, or data of your own: a "
+            ".jsonl/.csv/.parquet file, or a datasets dataset (owner/name or a folder)"
+        )
     accepted = inspect.signature(task_class).parameters
     return task_class(**{k: v for k, v in options.items() if k in accepted})
 
 
-__all__ = ["TASKS", "Evaluation", "GenerationExample", "GenerationTask", "PromptCompletion", "PromptPreference", "Task",
-           "UserFileTask", "get_task", "normalize_answer"]
+__all__ = [
+    "TASKS",
+    "Evaluation",
+    "GenerationExample",
+    "GenerationTask",
+    "PromptCompletion",
+    "PromptPreference",
+    "Task",
+    "UserFileTask",
+    "get_task",
+    "normalize_answer",
+]

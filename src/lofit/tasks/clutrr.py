@@ -23,7 +23,8 @@ from lofit.tasks.base import GenerationExample, GenerationTask, PromptCompletion
 PROMPT_TEMPLATE = (
     'Read the following story about a family. "{story}" Assume the relations described in the story are all true. '
     "Based on relations between the fictional characters in the story (assume the relations are all true) and your "
-    "commonsense knowledge about family relationship, how is {second} related to {first}? Answer: {second} is {first} 's\n"
+    "commonsense knowledge about family relationship, how is {second} related to {first}? "
+    "Answer: {second} is {first} 's\n"
 )
 FIELDS = ("clean_story", "query", "target_text")
 
@@ -34,17 +35,12 @@ class Clutrr(GenerationTask):
     default_train_size = 300
 
     def _rows(self, data_dir: Path, split: str) -> list[tuple[str, str]]:
+        """(prompt, relation) of every row of ``split``; the file is parsed once (:meth:`parsed`)."""
         path = data_dir / "clutrr" / f"{split}.json"
-        examples = []
-        for number, row in enumerate(read_json_rows(path)):
-            require_fields(path, number, row, FIELDS)
-            try:
-                first, second = (name.strip() for name in ast.literal_eval(row["query"]))
-            except (ValueError, SyntaxError, TypeError):
-                raise DataError(f"{path} row {number}: query must look like \"('A', 'B')\", got {row['query']!r}") from None
-            story = row["clean_story"].replace("[", "").replace("]", "")
-            examples.append((self.prompt(PROMPT_TEMPLATE.format(story=story, first=first, second=second)), row["target_text"]))
-        return examples
+        return [
+            (self.prompt(PROMPT_TEMPLATE.format(story=story, first=first, second=second)), relation)
+            for story, first, second, relation in self.parsed(path, lambda: _parse(path))
+        ]
 
     def train_examples(self, data_dir: Path) -> list[PromptCompletion]:
         return [PromptCompletion(prompt, relation) for prompt, relation in self._rows(data_dir, "train")]
@@ -54,3 +50,17 @@ class Clutrr(GenerationTask):
 
     def parse_answer(self, generated: str) -> str:
         return super().parse_answer(generated).split(".")[0]
+
+
+def _parse(path: Path) -> list[tuple[str, str, str, str]]:
+    """(story, first, second, relation) of every row of ``path``, checked."""
+    examples = []
+    for number, row in enumerate(read_json_rows(path)):
+        require_fields(path, number, row, FIELDS)
+        try:
+            first, second = (name.strip() for name in ast.literal_eval(row["query"]))
+        except (ValueError, SyntaxError, TypeError):
+            raise DataError(f"{path} row {number}: query must look like \"('A', 'B')\", got {row['query']!r}") from None
+        story = row["clean_story"].replace("[", "").replace("]", "")
+        examples.append((story, first, second, row["target_text"]))
+    return examples

@@ -32,23 +32,32 @@ class MQuAKE(GenerationTask):
     max_new_tokens = 16
 
     def _rows(self, data_dir: Path, split: str) -> list[tuple[str, list[str]]]:
+        """(prompt, answers) of every record of ``split``; the file is parsed once (:meth:`parsed`)."""
         path = data_dir / "mquake" / f"{split}.jsonl"
-        examples = []
-        for line, row in _read_jsonl(path):
-            try:
-                rewrite = row["requested_rewrite"][0]
-                edit = rewrite["prompt"].format(rewrite["subject"]) + " " + rewrite["target_new"]["str"]
-                question = row["questions"][0]
-                answers = [row["new_answer"], *row.get("new_answer_alias", [])]
-            except (KeyError, IndexError, TypeError) as error:
-                raise DataError(f"{path} line {line}: not an MQuAKE record (missing or malformed {error})") from None
-            if not all(isinstance(a, str) and a.strip() for a in answers):
-                raise DataError(f"{path} line {line}: new_answer and its aliases must be non-empty strings")
-            examples.append((self.prompt(PROMPT_TEMPLATE.format(edit=edit, question=question)), answers))
-        return examples
+        return [
+            (self.prompt(PROMPT_TEMPLATE.format(edit=edit, question=question)), answers)
+            for edit, question, answers in self.parsed(path, lambda: _parse(path))
+        ]
 
     def train_examples(self, data_dir: Path) -> list[PromptCompletion]:
         return [PromptCompletion(prompt, " " + answers[0]) for prompt, answers in self._rows(data_dir, "train")]
 
     def eval_examples(self, data_dir: Path, split: str) -> list[GenerationExample]:
         return [GenerationExample(prompt, tuple(answers)) for prompt, answers in self._rows(data_dir, split)]
+
+
+def _parse(path: Path) -> list[tuple[str, str, list[str]]]:
+    """(edit, question, answers) of every record of ``path``, checked."""
+    examples = []
+    for line, row in _read_jsonl(path):
+        try:
+            rewrite = row["requested_rewrite"][0]
+            edit = rewrite["prompt"].format(rewrite["subject"]) + " " + rewrite["target_new"]["str"]
+            question = row["questions"][0]
+            answers = [row["new_answer"], *row.get("new_answer_alias", [])]
+        except (KeyError, IndexError, TypeError) as error:
+            raise DataError(f"{path} line {line}: not an MQuAKE record (missing or malformed {error})") from None
+        if not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DataError(f"{path} line {line}: new_answer and its aliases must be non-empty strings")
+        examples.append((edit, question, answers))
+    return examples

@@ -64,24 +64,9 @@ class TruthfulQA(Task):
         self.all_pairs = all_pairs
 
     def _rows(self, data_dir: Path, split: str) -> list[tuple[str, str, list[str], list[str]]]:
+        """(question, best, correct, incorrect) of every row of ``split``, parsed once (:meth:`parsed`)."""
         path = data_dir / "truthfulqa" / f"fold_{self.fold}_{split}_seed_42.csv"
-        rows = []
-        with io.StringIO(read_text(path), newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-            for line, row in enumerate(reader, start=2):
-                values = {f: (row[f] or "").strip() for f in FIELDS}
-                empty = [f for f, v in values.items() if not v]
-                if empty:
-                    raise DataError(f"{path} line {line}: empty {', '.join(empty)}")
-                best = _close(values["Best Answer"])
-                correct = _answers(values["Correct Answers"])
-                if best not in correct:
-                    correct.insert(0, best)
-                rows.append((values["Question"], best, correct, _answers(values["Incorrect Answers"])))
-        return rows
+        return self.parsed(path, lambda: _parse(path))
 
     def train_examples(self, data_dir: Path) -> list[PromptPreference]:
         """One pair per question (best vs first incorrect), or best vs every incorrect with all_pairs."""
@@ -103,15 +88,52 @@ class TruthfulQA(Task):
             examples.append(MultipleChoiceExample(prompt, choices, labels, correct.index(best)))
         return examples
 
-    def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples, batch_size: int = 16,
-                 progress: bool = True) -> Evaluation:
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> Evaluation:
         prefix = QA_PRIMER if self.chat_tokenizer is None else ""
         scores = choice_logprobs(model, tokenizer, examples, prefix=prefix, progress=progress)
         records = []
         for example, choice_scores in zip(examples, scores):
-            records.append({"prompt": example.prompt, "choices": list(example.choices), "labels": list(example.labels),
-                            "scores": choice_scores, **mc_scores(choice_scores, example)})
+            records.append(
+                {
+                    "prompt": example.prompt,
+                    "choices": list(example.choices),
+                    "labels": list(example.labels),
+                    "scores": choice_scores,
+                    **mc_scores(choice_scores, example),
+                }
+            )
         n = max(1, len(records))
-        metrics = {"mc1": sum(r["mc1"] for r in records) / n, "mc2": sum(r["mc2"] for r in records) / n,
-                   "num_examples": len(records)}
+        metrics = {
+            "mc1": sum(r["mc1"] for r in records) / n,
+            "mc2": sum(r["mc2"] for r in records) / n,
+            "num_examples": len(records),
+        }
         return Evaluation(metrics, records)
+
+
+def _parse(path: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(question, best, correct, incorrect) of every row of ``path``, checked."""
+    rows = []
+    with io.StringIO(read_text(path), newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        for line, row in enumerate(reader, start=2):
+            values = {f: (row[f] or "").strip() for f in FIELDS}
+            empty = [f for f, v in values.items() if not v]
+            if empty:
+                raise DataError(f"{path} line {line}: empty {', '.join(empty)}")
+            best = _close(values["Best Answer"])
+            correct = _answers(values["Correct Answers"])
+            if best not in correct:
+                correct.insert(0, best)
+            rows.append((values["Question"], best, correct, _answers(values["Incorrect Answers"])))
+    return rows

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -41,7 +42,11 @@ from lofit.data.files import DataError, parse_json, read_text, require_file, sho
 from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs, mc_scores
 from lofit.tasks.base import Evaluation, GenerationExample, GenerationTask, PromptCompletion, PromptPreference
 
-SCHEMAS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "multiple_choice": ("prompt", "choices", "label")}
+SCHEMAS = {
+    "sft": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "multiple_choice": ("prompt", "choices", "label"),
+}
 MAX_REPORTED = 20
 
 
@@ -63,8 +68,10 @@ def is_user_source(name: str) -> bool:
 def _file_rows(path: Path) -> list[tuple[str, Any]]:
     """(place, row) pairs of a .jsonl, .csv or .parquet file (blank JSONL lines skipped)."""
     if path.suffix not in FILE_SUFFIXES:
-        raise DataError(f"{path}: data files must end in .jsonl or .csv or .parquet; a datasets dataset is named by "
-                        "its hub id or folder")
+        raise DataError(
+            f"{path}: data files must end in .jsonl or .csv or .parquet; a datasets dataset is named by "
+            "its hub id or folder"
+        )
     if path.suffix == ".parquet":
         try:
             import pyarrow
@@ -191,7 +198,9 @@ def load_user_data(source: str | Path, split: str = "train") -> tuple[str, list[
     problems = [f"{place}: {problem}" for place, row in rows if (problem := _row_problem(row, schema))]
     if problems:
         more = f"\n... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(f"{len(problems)} malformed row(s), nothing was trained:\n" + "\n".join(problems[:MAX_REPORTED]) + more)
+        raise DataError(
+            f"{len(problems)} malformed row(s), nothing was trained:\n" + "\n".join(problems[:MAX_REPORTED]) + more
+        )
     return schema, [row for _, row in rows]
 
 
@@ -209,32 +218,64 @@ class UserFileTask(GenerationTask):
         self.name = Path(str(train_file).partition(":")[0] if isinstance(train_file, str) else train_file).name
         self.match = match
 
+    def _data(self, source: str | Path, split: str) -> tuple[str, list[dict]]:
+        """:func:`load_user_data` of ``source``, parsed once per task (:meth:`parsed`): a file is
+        one key whatever the split (the training file evaluated on is not parsed again); a
+        dataset's split is part of its key."""
+        key = (str(source), split) if is_dataset_source(str(source)) else str(source)
+        return self.parsed(key, lambda: load_user_data(source, split))
+
     def train_examples(self, data_dir: Path | None = None) -> list[PromptCompletion] | list[PromptPreference]:
-        schema, rows = load_user_data(self.train_file, "train")
+        schema, rows = self._data(self.train_file, "train")
         if schema == "sft":
             return [PromptCompletion(self.prompt(r["prompt"]), r["completion"]) for r in rows]
         if schema == "preference":
             return [PromptPreference(self.prompt(r["prompt"]), r["chosen"], r["rejected"]) for r in rows]
-        raise DataError(f"{self.train_file}: multiple-choice rows (prompt, choices, label) can be evaluated but not trained on")
+        raise DataError(
+            f"{self.train_file}: multiple-choice rows (prompt, choices, label) can be evaluated but not trained on"
+        )
 
     def eval_examples(self, data_dir: Path | None = None, split: str = "test") -> list:
         """The evaluation rows: of the evaluation file, or of the dataset's split named in the
         source, else ``split``."""
-        schema, rows = load_user_data(self.eval_file, split)
+        schema, rows = self._data(self.eval_file, split)
         if schema == "sft":
             return [GenerationExample(self.prompt(r["prompt"]), (r["completion"],)) for r in rows]
         if schema == "preference":
-            return [MultipleChoiceExample(self.prompt(r["prompt"]), (r["chosen"], r["rejected"]), (1, 0), 0) for r in rows]
-        return [MultipleChoiceExample(self.prompt(r["prompt"]), tuple(r["choices"]), tuple(int(i == r["label"]) for i in range(len(r["choices"]))),
-                                      r["label"]) for r in rows]
+            return [
+                MultipleChoiceExample(self.prompt(r["prompt"]), (r["chosen"], r["rejected"]), (1, 0), 0) for r in rows
+            ]
+        return [
+            MultipleChoiceExample(
+                self.prompt(r["prompt"]),
+                tuple(r["choices"]),
+                tuple(int(i == r["label"]) for i in range(len(r["choices"]))),
+                r["label"],
+            )
+            for r in rows
+        ]
 
-    def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence, batch_size: int = 16,
-                 progress: bool = True) -> Evaluation:
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> Evaluation:
         if not examples or isinstance(examples[0], GenerationExample):
             return super().evaluate(model, tokenizer, examples, batch_size, progress)
         scores = choice_logprobs(model, tokenizer, examples, progress=progress)
-        records = [{"prompt": e.prompt, "choices": list(e.choices), "labels": list(e.labels), "scores": s, **mc_scores(s, e)}
-                   for e, s in zip(examples, scores)]
+        records = [
+            {"prompt": e.prompt, "choices": list(e.choices), "labels": list(e.labels), "scores": s, **mc_scores(s, e)}
+            for e, s in zip(examples, scores)
+        ]
         n = max(1, len(records))
-        return Evaluation({"accuracy": sum(r["mc1"] for r in records) / n, "mc2": sum(r["mc2"] for r in records) / n,
-                           "num_examples": len(records)}, records)
+        return Evaluation(
+            {
+                "accuracy": sum(r["mc1"] for r in records) / n,
+                "mc2": sum(r["mc2"] for r in records) / n,
+                "num_examples": len(records),
+            },
+            records,
+        )

@@ -64,13 +64,22 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
         return None
     folder = stage_dir / chosen
     if not folder.is_dir():
-        raise CheckpointError(f"the main process resumes from {folder}, which process {process_index()} cannot see: "
-                              "put --output-dir on a disk that every machine shares")
+        raise CheckpointError(
+            f"the main process resumes from {folder}, which process {process_index()} cannot see: "
+            "put --output-dir on a disk that every machine shares"
+        )
     return folder
 
 
-def save_checkpoint(stage_dir: Path, state: TrainerState, fingerprint: dict, parameters: list[torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, schedule: Any, scaler: Any = None) -> Path:
+def save_checkpoint(
+    stage_dir: Path,
+    state: TrainerState,
+    fingerprint: dict,
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: Any = None,
+) -> Path:
     """Write the checkpoint of ``state.step`` (complete, or not at all) and drop older ones beyond :data:`KEEP`."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(parameters)}
     optimizer_state = optimizer.state_dict()
@@ -108,8 +117,14 @@ def cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [tensors[key] for key in sorted(keys, key=lambda key: int(key.removeprefix("rng.cuda.")))]
 
 
-def load_checkpoint(folder: Path, fingerprint: dict, parameters: list[torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, schedule: Any, scaler: Any = None) -> TrainerState:
+def load_checkpoint(
+    folder: Path,
+    fingerprint: dict,
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: Any = None,
+) -> TrainerState:
     """Restore a checkpoint into the trained tensors, the optimizer, the schedule, the scaler and the RNGs."""
     try:
         record = json.loads((folder / STATE).read_text())
@@ -119,8 +134,10 @@ def load_checkpoint(folder: Path, fingerprint: dict, parameters: list[torch.nn.P
     if record.get("fingerprint") != fingerprint:
         saved = record.get("fingerprint") or {}
         differences = ", ".join(f"{k} {saved.get(k)!r} vs {v!r}" for k, v in fingerprint.items() if saved.get(k) != v)
-        raise CheckpointError(f"the checkpoint {folder} belongs to another training setup (checkpoint vs now: {differences}); "
-                              "run without --resume or use another --output-dir")
+        raise CheckpointError(
+            f"the checkpoint {folder} belongs to another training setup (checkpoint vs now: {differences}); "
+            "run without --resume or use another --output-dir"
+        )
     with torch.no_grad():
         for i, parameter in enumerate(parameters):
             parameter.copy_(tensors[f"param.{i}"].to(parameter.device, parameter.dtype))

@@ -54,9 +54,9 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -67,10 +67,17 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from lofit.training.checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from lofit.utils.compute import ComputeConfig, check_launcher
-from lofit.utils.distributed import is_main_process, my_share, num_processes, process_index, sum_across_processes, wait_for_everyone
 from lofit.training.objectives import Objective
 from lofit.training.prefix_cache import PrefixCache
+from lofit.utils.compute import ComputeConfig, check_launcher
+from lofit.utils.distributed import (
+    is_main_process,
+    my_share,
+    num_processes,
+    process_index,
+    sum_across_processes,
+    wait_for_everyone,
+)
 
 DIVERGENCE_FACTOR = 1.25
 """An epoch mean above this multiple of the first steps' mean loss is reported as divergence."""
@@ -102,7 +109,7 @@ class TrainingSetup:
     checkpoints: CheckpointPolicy | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingRun:
     """What the loop needs to know besides the model and the data.
 
@@ -177,8 +184,10 @@ def check_loss_scaling(mixed_precision: str, weight_dtype: torch.dtype, device: 
         fix = "add --mixed-precision fp16 (autocast with accelerate's loss scaling), or load --dtype bfloat16"
     else:
         fix = "load the weights with --dtype float32 or bfloat16 (loss scaling needs a GPU)"
-    raise ValueError(f"float16 weights would train without loss scaling under --mixed-precision {mixed_precision}, "
-                     f"and small gradients underflow to zero in float16: {fix}")
+    raise ValueError(
+        f"float16 weights would train without loss scaling under --mixed-precision {mixed_precision}, "
+        f"and small gradients underflow to zero in float16: {fix}"
+    )
 
 
 def make_accelerator(mixed_precision: str | None, device: torch.device, weight_dtype: torch.dtype | None = None):
@@ -200,18 +209,29 @@ def make_accelerator(mixed_precision: str | None, device: torch.device, weight_d
     if weight_dtype is not None:
         check_loss_scaling(mixed_precision, weight_dtype, device)
     if mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        warnings.warn("--mixed-precision bf16: this CPU has no bf16 instructions that oneDNN can use, so bf16 matrix "
-                      "products run in a slow fallback (a training step of the default model measured 34x slower than "
-                      "float32 on an AVX2 CPU); --mixed-precision no is faster here", stacklevel=2)
+        warnings.warn(
+            "--mixed-precision bf16: this CPU has no bf16 instructions that oneDNN can use, so bf16 matrix "
+            "products run in a slow fallback (a training step of the default model measured 34x slower than "
+            "float32 on an AVX2 CPU); --mixed-precision no is faster here",
+            stacklevel=2,
+        )
     state = AcceleratorState._shared_state
-    if state and (state.get("_mixed_precision") != mixed_precision
-                  or (device.type == "cpu") != (getattr(state.get("device"), "type", "cpu") == "cpu")):
+    if state and (
+        state.get("_mixed_precision") != mixed_precision
+        or (device.type == "cpu") != (getattr(state.get("device"), "type", "cpu") == "cpu")
+    ):
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu", device_placement=False,
-                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device.type == "cpu",
+        device_placement=False,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+    )
 
 
-def epoch_batches(count: int, lengths: list[int] | None, batch_size: int, epochs: int, seed: int) -> list[list[list[int]]]:
+def epoch_batches(
+    count: int, lengths: list[int] | None, batch_size: int, epochs: int, seed: int
+) -> list[list[list[int]]]:
     """The global batches of each epoch, as lists of indices of ``count`` items, drawn from ``random.Random(seed)``.
 
     Without ``lengths``: each epoch shuffles the items and cuts them into batches. With
@@ -300,9 +320,17 @@ def _prefix_cache(model: nn.Module, run: TrainingRun) -> contextlib.AbstractCont
 
 
 def _fingerprint(run: TrainingRun, count: int) -> dict:
-    return {"stage": run.stage, "shapes": [list(p.shape) for p in run.parameters], "lr": run.lr, "epochs": run.epochs,
-            "batch_size": run.batch_size, "seed": run.seed, "items": count, "group_by_length": run.setup.compute.group_by_length,
-            "max_grad_norm": run.max_grad_norm}
+    return {
+        "stage": run.stage,
+        "shapes": [list(p.shape) for p in run.parameters],
+        "lr": run.lr,
+        "epochs": run.epochs,
+        "batch_size": run.batch_size,
+        "seed": run.seed,
+        "items": count,
+        "group_by_length": run.setup.compute.group_by_length,
+        "max_grad_norm": run.max_grad_norm,
+    }
 
 
 def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingLog:
@@ -320,8 +348,10 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     optimizer = torch.optim.AdamW(run.parameters, lr=run.lr, weight_decay=run.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(run.warmup_ratio * total_steps), total_steps)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)  # fp16: loss scaling in step()
-    fingerprint = _fingerprint(run, len(items)) | {"dtype": str(weights.dtype).removeprefix("torch."),
-                                                   "mixed_precision": accelerator.mixed_precision}
+    fingerprint = _fingerprint(run, len(items)) | {
+        "dtype": str(weights.dtype).removeprefix("torch."),
+        "mixed_precision": accelerator.mixed_precision,
+    }
     stage_dir = run.setup.checkpoints.directory / run.stage if run.setup.checkpoints else None
 
     state, log = TrainerState(), TrainingLog()
@@ -332,15 +362,20 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     def checkpoint() -> None:
         if stage_dir is not None:
             if is_main_process():
-                save_checkpoint(stage_dir, state, fingerprint, run.parameters, optimizer.optimizer, schedule, accelerator.scaler)
+                save_checkpoint(
+                    stage_dir, state, fingerprint, run.parameters, optimizer.optimizer, schedule, accelerator.scaler
+                )
             wait_for_everyone()
 
     # The model stays in eval mode: only adapter tensors train, and the frozen model's dropout must
     # not perturb the policy (DPO's reference log-probabilities are computed without it).
     model.eval()
     show = run.progress and is_main_process()
-    with tqdm(total=total_steps, initial=state.step, desc=run.description, disable=not show, dynamic_ncols=True) as bar, \
-            gradient_checkpointing(model, run.setup.compute.gradient_checkpointing), _prefix_cache(model, run):
+    with (
+        tqdm(total=total_steps, initial=state.step, desc=run.description, disable=not show, dynamic_ncols=True) as bar,
+        gradient_checkpointing(model, run.setup.compute.gradient_checkpointing),
+        _prefix_cache(model, run),
+    ):
         while state.step < total_steps:
             epoch, offset = divmod(state.step, steps_per_epoch)
             batch_ids = batches[epoch][offset]
@@ -348,7 +383,8 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
             if not math.isfinite(loss):
                 kept = latest_checkpoint(stage_dir) if stage_dir else None
                 raise NonFiniteLossError(
-                    f"{run.description}: the loss became {loss} at step {state.step + 1} of {total_steps} (epoch {epoch + 1}); "
+                    f"{run.description}: the loss became {loss} at step {state.step + 1} of {total_steps} (epoch "
+                    f"{epoch + 1}); "
                     f"training stopped before applying it. Last good checkpoint: {kept or 'none saved'}. "
                     f"Try a lower learning rate ({run.lr_name} {run.lr:g})."
                 )
@@ -367,19 +403,30 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
             end_of_epoch = state.step % steps_per_epoch == 0
             if end_of_epoch:
                 _check_divergence(state, steps_per_epoch, run, log)
-            if end_of_epoch or (run.setup.checkpoints and run.setup.checkpoints.save_steps and state.step % run.setup.checkpoints.save_steps == 0):
+            if end_of_epoch or (
+                run.setup.checkpoints
+                and run.setup.checkpoints.save_steps
+                and state.step % run.setup.checkpoints.save_steps == 0
+            ):
                 checkpoint()
     log.steps = state.step
-    log.epoch_losses = [sum(chunk) / len(chunk) for chunk in
-                        (state.step_losses[start : start + steps_per_epoch] for start in range(0, total_steps, steps_per_epoch))]
+    log.epoch_losses = [
+        sum(chunk) / len(chunk)
+        for chunk in (
+            state.step_losses[start : start + steps_per_epoch] for start in range(0, total_steps, steps_per_epoch)
+        )
+    ]
     return log
 
 
-def _step(model: nn.Module, objective: Objective, local_ids: list[int], run: TrainingRun, accelerator,
-          device: torch.device) -> float:
+def _step(
+    model: nn.Module, objective: Objective, local_ids: list[int], run: TrainingRun, accelerator, device: torch.device
+) -> float:
     """Forward and backward this process's share of one global batch; return the global batch's loss."""
-    batches = [objective.collate([objective.items[i] for i in chunk]).to(device)
-               for chunk in _micro_batches(local_ids, run.setup.compute.gradient_accumulation_steps)]
+    batches = [
+        objective.collate([objective.items[i] for i in chunk]).to(device)
+        for chunk in _micro_batches(local_ids, run.setup.compute.gradient_accumulation_steps)
+    ]
     weight = sum_across_processes(torch.tensor([float(sum(b.weight for b in batches))], device=device))
     loss_sum = torch.zeros((), device=device)
     for batch in batches:
@@ -408,8 +455,11 @@ def _check_divergence(state: TrainerState, steps_per_epoch: int, run: TrainingRu
         reference = f"{first:.3f} at the first step"
     else:
         return
-    message = (f"{run.description}: the loss is diverging: epoch {state.step // steps_per_epoch} mean {epoch_mean:.3f} "
-               f"against {reference}. The learning rate ({run.lr_name} {run.lr:g}) is likely too high for this setup; lower it.")
+    message = (
+        f"{run.description}: the loss is diverging: epoch {state.step // steps_per_epoch} mean {epoch_mean:.3f} "
+        f"against {reference}. The learning rate ({run.lr_name} {run.lr:g}) is likely too high for this setup; lower "
+        "it."
+    )
     log.warnings.append(message)
     if process_index() == 0:
         warnings.warn(message, stacklevel=2)

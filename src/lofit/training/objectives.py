@@ -18,18 +18,18 @@ with its adapter disabled; no second copy of the model is loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-
 from transformers import PreTrainedTokenizerBase
 
-from lofit.data.examples import PromptCompletion, PromptPreference
 from lofit.data.batching import Batch, TokenizedPair, collate, tokenize_pair
-from lofit.utils.distributed import gather_in_order, my_share
+from lofit.data.examples import PromptCompletion, PromptPreference
 from lofit.evaluation.scoring import completion_token_logprobs, sequence_logprobs
+from lofit.utils.distributed import gather_in_order, my_share
 
 
 class Objective(ABC):
@@ -126,12 +126,17 @@ class PreferenceBatch:
         """Loss terms in the batch: its preference pairs."""
         return int(self.reference.numel()) // 2
 
-    def to(self, device: torch.device | str) -> "PreferenceBatch":
+    def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(self.sequences.to(device), self.reference.to(device))
 
 
-def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-               reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+def dpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) of each pair."""
     margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     return -nn.functional.logsigmoid(beta * margin)
@@ -146,8 +151,14 @@ class DPO(Objective):
     beta: float = 0.5
 
     @classmethod
-    def with_reference(cls, model: nn.Module, pairs: Sequence[tuple[TokenizedPair, TokenizedPair]], pad_id: int,
-                       beta: float = 0.5, batch_size: int = 16) -> "DPO":
+    def with_reference(
+        cls,
+        model: nn.Module,
+        pairs: Sequence[tuple[TokenizedPair, TokenizedPair]],
+        pad_id: int,
+        beta: float = 0.5,
+        batch_size: int = 16,
+    ) -> DPO:
         """Score every chosen and rejected completion once with the adapter disabled."""
         if beta <= 0:
             raise ValueError(f"DPO beta must be positive; got {beta}")
@@ -178,12 +189,17 @@ class DPO(Objective):
         return dpo_losses(policy[:half], policy[half:], batch.reference[:half], batch.reference[half:], self.beta).sum()
 
 
-def build_objective(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Any], beta: float = 0.5) -> Objective:
+def build_objective(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Any], beta: float = 0.5
+) -> Objective:
     """SFT for prompt/completion examples, DPO (reference = ``model`` with its adapter disabled) for preferences."""
     pad_id = tokenizer.pad_token_id
     if examples and all(isinstance(e, PromptCompletion) for e in examples):
         return SFT([tokenize_pair(tokenizer, e.prompt, e.completion) for e in examples], pad_id)
     if examples and all(isinstance(e, PromptPreference) for e in examples):
-        pairs = [(tokenize_pair(tokenizer, e.prompt, e.chosen), tokenize_pair(tokenizer, e.prompt, e.rejected)) for e in examples]
+        pairs = [
+            (tokenize_pair(tokenizer, e.prompt, e.chosen), tokenize_pair(tokenizer, e.prompt, e.rejected))
+            for e in examples
+        ]
         return DPO.with_reference(model, pairs, pad_id, beta)
     raise ValueError("training examples must be all prompt/completion pairs or all preference pairs")

@@ -18,7 +18,8 @@ beyond it are simply run in full (the fallback), as is any batch with a row not 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,9 @@ class PrefixCache:
             self._keys, self._skip = None, False
             return
         self._keys = self._rows(input_ids, kwargs.get("attention_mask"))
-        self._skip = self._keys is not None and self._output_template is not None and all(k in self.store for k in self._keys)
+        self._skip = (
+            self._keys is not None and self._output_template is not None and all(k in self.store for k in self._keys)
+        )
         if self._skip:
             self.skipped_passes += 1
 
@@ -100,10 +103,12 @@ class PrefixCache:
         return forward
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["PrefixCache"]:
+    def attached(self) -> Iterator[PrefixCache]:
         """Serve and fill the cache for the forward passes inside the block."""
-        handles = [self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                   self.prefix[-1].register_forward_hook(self._keep)]
+        handles = [
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.prefix[-1].register_forward_hook(self._keep),
+        ]
         # A layer may already carry an instance-level forward (accelerate's device-map hooks): keep it.
         own_forwards = [layer.__dict__.get("forward") for layer in self.prefix]
         for index, layer in enumerate(self.prefix):

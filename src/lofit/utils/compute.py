@@ -30,11 +30,17 @@ import torch
 from lofit.utils.distributed import process_device, process_is_distributed
 
 DTYPES: dict[str, torch.dtype | str] = {
-    "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
 }
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
-UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP",
-                        "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+UNSUPPORTED_LAUNCHES = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
 """Environment flags ``accelerate launch`` sets for engines that shard or wrap the model itself."""
 
 
@@ -42,29 +48,79 @@ UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE
 class ComputeConfig:
     """Placement, precision and memory options of a run (see the module docstring)."""
 
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (default: auto, the best available)"})
-    dtype: str = field(default="auto", metadata={"help": "weights' dtype: auto, float32, bfloat16 or float16 (default: auto: float32 on CPU, the checkpoint's on a GPU)"})
-    device_map: str | None = field(default=None, metadata={"help": "spread the model over devices, e.g. auto (accelerate's big-model loading; replaces --device)"})
-    mixed_precision: str | None = field(default=None, metadata={"help": (
-        "autocast forward passes: no, bf16, fp16 (needs a GPU) or auto (bf16 where the hardware runs it faster: a CUDA "
-        "GPU with bf16 units, a CPU with oneDNN bf16 support; else no); adapters stay float32 (default: accelerate "
-        "launch's setting, else no)")})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "split each process's share of a batch into this many micro-batches (same result, less memory)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the frozen layers' activations in the backward pass (less memory, same gradients)"})
-    prefix_cache_mb: int = field(default=1024, metadata={"help": "memory for the frozen-prefix cache: hidden states below the first trained layer, computed once per training sequence (0: off)"})
-    group_by_length: bool = field(default=True, metadata={"help": "batch training examples of similar length together (less padding; batches in seeded random order)"})
+    device: str = field(
+        default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (default: auto, the best available)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "weights' dtype: auto, float32, bfloat16 or float16 (default: auto: float32 on CPU, the "
+                "checkpoint's on a GPU)"
+            )
+        },
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "spread the model over devices, e.g. auto (accelerate's big-model loading; replaces --device)"
+        },
+    )
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "autocast forward passes: no, bf16, fp16 (needs a GPU) or auto (bf16 where the hardware runs it "
+                "faster: a CUDA "
+                "GPU with bf16 units, a CPU with oneDNN bf16 support; else no); adapters stay float32 (default: "
+                "accelerate "
+                "launch's setting, else no)"
+            )
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "split each process's share of a batch into this many micro-batches (same result, less memory)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute the frozen layers' activations in the backward pass (less memory, same gradients)"
+        },
+    )
+    prefix_cache_mb: int = field(
+        default=1024,
+        metadata={
+            "help": (
+                "memory for the frozen-prefix cache: hidden states below the first trained layer, computed once "
+                "per training sequence (0: off)"
+            )
+        },
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "batch training examples of similar length together (less padding; batches in seeded random order)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_device(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got {self.mixed_precision!r}")
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got {self.mixed_precision!r}"
+            )
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0; got {self.prefix_cache_mb}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
-        if self.mixed_precision == "fp16" and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+        if self.mixed_precision == "fp16" and (
+            self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        ):
             raise ValueError("--mixed-precision fp16 needs a GPU; on the CPU use bf16")
         if self.device_map is not None and self.device not in ("auto",):
             raise ValueError("give either --device or --device-map, not both: a device map places the model itself")
@@ -82,10 +138,12 @@ def check_device(spec: str) -> None:
 def check_single_process_device_map(device_map: str | dict | None) -> None:
     """Refuse a device map under several processes: each would spread the whole model over every GPU."""
     if device_map is not None and process_is_distributed():
-        raise ValueError(f"--device-map spreads one model over the GPUs of one process, but {os.environ['WORLD_SIZE']} "
-                         "processes were started (torchrun / accelerate launch), each of which would load the whole "
-                         "model over every GPU. Run one process with --device-map, or several processes without it "
-                         "(each process then uses cuda:LOCAL_RANK)")
+        raise ValueError(
+            f"--device-map spreads one model over the GPUs of one process, but {os.environ['WORLD_SIZE']} "
+            "processes were started (torchrun / accelerate launch), each of which would load the whole "
+            "model over every GPU. Run one process with --device-map, or several processes without it "
+            "(each process then uses cuda:LOCAL_RANK)"
+        )
 
 
 def check_launcher() -> None:
@@ -94,9 +152,11 @@ def check_launcher() -> None:
     and DeepSpeed would also divide every loss by its own gradient-accumulation steps."""
     engines = [name for flag, name in UNSUPPORTED_LAUNCHES.items() if os.environ.get(flag, "false").lower() == "true"]
     if engines:
-        raise ValueError(f"accelerate launch with {engines[0]} is not supported: lofit trains only adapter tensors, "
-                         "and places and shards nothing. Launch with a plain multi-GPU or multi-CPU accelerate config "
-                         "(or torchrun), and use --device-map for a model one GPU cannot hold")
+        raise ValueError(
+            f"accelerate launch with {engines[0]} is not supported: lofit trains only adapter tensors, "
+            "and places and shards nothing. Launch with a plain multi-GPU or multi-CPU accelerate config "
+            "(or torchrun), and use --device-map for a model one GPU cannot hold"
+        )
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -112,7 +172,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for, but this torch has no CUDA device (torch {torch.__version__})")
+        raise ValueError(
+            f"device {spec!r} was asked for, but this torch has no CUDA device (torch {torch.__version__})"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -13,12 +13,12 @@ with GPUs, NCCL between GPUs, where process r of a machine uses ``cuda:LOCAL_RAN
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import accelerate
 import accelerate.utils
 import torch
-
 
 T = TypeVar("T")
 
@@ -38,6 +38,7 @@ def process_is_distributed() -> bool:
     """Whether this process was started by torchrun / accelerate launch with several processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
+
 def local_rank() -> int:
     """This process's index among the processes of its machine (torchrun's LOCAL_RANK)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,15 +53,20 @@ def rank_device(spec: str, rank: int) -> torch.device:
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for, but this torch has no CUDA device "
-                         f"(torch {torch.__version__})")
+        raise ValueError(
+            f"device {spec!r} was asked for, but this torch has no CUDA device (torch {torch.__version__})"
+        )
     if spec.startswith("cuda:") and int(spec.removeprefix("cuda:")) != rank:
-        raise ValueError(f"--device {spec} contradicts this process's local rank {rank}: under torchrun or "
-                         "accelerate launch process r of a machine uses cuda:r (LOCAL_RANK). Give --device cuda or "
-                         "auto, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"--device {spec} contradicts this process's local rank {rank}: under torchrun or "
+            "accelerate launch process r of a machine uses cuda:r (LOCAL_RANK). Give --device cuda or "
+            "auto, and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if rank >= torch.cuda.device_count():
-        raise ValueError(f"the process of local rank {rank} has no GPU of its own: {torch.cuda.device_count()} CUDA "
-                         "device(s) are visible; start at most one process per GPU")
+        raise ValueError(
+            f"the process of local rank {rank} has no GPU of its own: {torch.cuda.device_count()} CUDA "
+            "device(s) are visible; start at most one process per GPU"
+        )
     return torch.device("cuda", rank)
 
 
@@ -71,8 +77,10 @@ def process_device(spec: str) -> torch.device:
     device = rank_device(spec, local_rank())
     state = accelerate.PartialState(cpu=device.type == "cpu")
     if (state.device.type == "cpu") != (device.type == "cpu"):
-        raise ValueError(f"--device {spec}: these processes were already joined for {state.device.type} "
-                         f"({state.backend}); one run cannot mix CPU and GPU processes")
+        raise ValueError(
+            f"--device {spec}: these processes were already joined for {state.device.type} "
+            f"({state.backend}); one run cannot mix CPU and GPU processes"
+        )
     return device
 
 

@@ -3,14 +3,28 @@
 
 A value is converted to its field's type (YAML reads ``5e-2`` as a string: it becomes
 0.05 for a float field); ``None`` only where the field allows it; booleans must be booleans.
+
+Groups of options are declared on the fields themselves, as metadata read by
+:func:`option_group`: ``"resume": "may change"`` (may differ when a run is resumed),
+``"hashed": False`` (does not change a result, so left out of an experiment cell's key) and
+``"step": 2`` (read by LoFiT's step 2 only: cells differing in it share one step-1 ranking).
 """
 
 from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
+
+
+class OptionsError(ValueError):
+    """Options that cannot run, one problem per line; refused before anything loads or is written."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 def field_type(cls: type, name: str) -> type:
@@ -38,3 +52,8 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
             except (TypeError, ValueError, OverflowError):
                 raise ValueError(f"option {name} must be of type {kind.__name__}, got {value!r}") from None
     return cls(**converted)
+
+
+def option_group(classes: Iterable[type], key: str, value: Any) -> frozenset[str]:
+    """The names of the fields of ``classes`` whose metadata maps ``key`` to ``value``."""
+    return frozenset(f.name for cls in classes for f in fields(cls) if f.metadata.get(key) == value)

@@ -35,12 +35,12 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from lofit._version import __version__
+from lofit.data.files import finite_number, short_repr, shorten
+from lofit.methods.lofit.config import LofitConfig
 from lofit.methods.lofit.intervention import HeadAdapter
 from lofit.models.architectures import HeadLayout, head_layout
-from lofit.utils.atomic import save_safetensors, staged_folder, write_json, write_text
-from lofit.methods.lofit.config import LofitConfig
-from lofit.data.files import finite_number, short_repr, shorten
 from lofit.models.identity import identity, identity_problem, warn_if_other_weights
+from lofit.utils.atomic import save_safetensors, staged_folder, write_json, write_text
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -78,10 +78,14 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as error:
-        raise AdapterError(f"{path} is not a readable safetensors file (truncated, or another format): {error}") from None
+        raise AdapterError(
+            f"{path} is not a readable safetensors file (truncated, or another format): {error}"
+        ) from None
 
 
-def check_tensor(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...], integer: bool = False) -> torch.Tensor:
+def check_tensor(
+    path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...], integer: bool = False
+) -> torch.Tensor:
     """``tensor`` as float32 (int64 when ``integer``) after checking it: the right kind of dtype
     and finite values (AdapterError), then ``shape`` (AdapterMismatchError)."""
     if integer and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
@@ -89,7 +93,9 @@ def check_tensor(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, 
     if not integer and not tensor.is_floating_point():
         raise AdapterError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
     if tuple(tensor.shape) != tuple(shape):
-        raise AdapterMismatchError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, this model needs {tuple(shape)}")
+        raise AdapterMismatchError(
+            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, this model needs {tuple(shape)}"
+        )
     if integer:
         return tensor.to(torch.int64)
     converted = tensor.float()
@@ -115,7 +121,13 @@ _KINDS = {
     "bool": lambda v: isinstance(v, bool),
     "None": lambda v: v is None,
 }
-_KIND_NAMES = {"float": "a finite number", "int": "an integer", "str": "a string", "bool": "true or false", "None": "null"}
+_KIND_NAMES = {
+    "float": "a finite number",
+    "int": "an integer",
+    "str": "a string",
+    "bool": "true or false",
+    "None": "null",
+}
 
 
 def _type_problem(cls: type, values: dict) -> str | None:
@@ -157,6 +169,16 @@ def _geometry(layout: HeadLayout) -> dict:
 
 def save_adapter(model: HeadAdapter, directory: Path, metrics: dict | None = None) -> None:
     """Write the adapter's three files into ``directory`` (created if needed), atomically."""
+    with staged_folder(directory) as staging:
+        write_adapter(model, staging, metrics)
+
+
+def write_adapter(
+    model: HeadAdapter, folder: Path, metrics: dict | None = None, base_identity: dict[str, str] | None = None
+) -> None:
+    """Write the adapter's three files into ``folder``, a staging folder (:func:`save_adapter`, or a
+    method's own save that adds files beside them); ``base_identity`` is the base model's
+    :func:`~lofit.models.identity.identity` when the caller has it already."""
     heads = model.selected_heads
     index = torch.tensor(heads, dtype=torch.int64).reshape(-1, 2)
     layers, head_ids = index[:, 0], index[:, 1]
@@ -167,16 +189,15 @@ def save_adapter(model: HeadAdapter, directory: Path, metrics: dict | None = Non
     }
     config = {
         "lofit_version": __version__,
-        **identity(model.base_model),
+        **(base_identity or identity(model.base_model)),
         **_geometry(model.layout),
         "selected_heads": [list(pair) for pair in heads],
         "lofit_config": model.lofit_config.to_dict(),
         "metrics": metrics or {},
     }
-    with staged_folder(directory) as staging:
-        save_safetensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lofit_version": __version__})
-        write_json(staging / CONFIG_NAME, config)
-        write_text(staging / CARD_NAME, _model_card(config))
+    save_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lofit_version": __version__})
+    write_json(folder / CONFIG_NAME, config)
+    write_text(folder / CARD_NAME, _model_card(config))
 
 
 def _model_card(config: dict) -> str:
@@ -224,12 +245,17 @@ def _check_geometry(config: dict, layout: HeadLayout, directory: Path) -> None:
     expected = _geometry(layout)
     saved = {key: config[key] for key in expected}
     if saved != expected:
-        differences = ", ".join(f"{key} {saved[key]!r} vs {expected[key]!r}" for key in expected if saved[key] != expected[key])
-        raise AdapterMismatchError(f"{directory / CONFIG_NAME}: the adapter was made for another model "
-                                   f"(adapter vs this model: {differences})")
+        differences = ", ".join(
+            f"{key} {saved[key]!r} vs {expected[key]!r}" for key in expected if saved[key] != expected[key]
+        )
+        raise AdapterMismatchError(
+            f"{directory / CONFIG_NAME}: the adapter was made for another model (adapter vs this model: {differences})"
+        )
 
 
-def _read_adapter_tensors(directory: Path, layout: HeadLayout) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+def _read_adapter_tensors(
+    directory: Path, layout: HeadLayout
+) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
     """The heads and their A and v from the weights file, checked against ``layout``."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
@@ -238,21 +264,27 @@ def _read_adapter_tensors(directory: Path, layout: HeadLayout) -> tuple[list[tup
     check_tensor_names(path, tensors, TENSOR_NAMES)
     index = tensors["heads"]
     if index.dim() != 2 or index.shape[1] != 2:
-        raise AdapterError(f"{path}: tensor 'heads' has shape {tuple(index.shape)}, expected (K, 2): (layer, head) pairs")
+        raise AdapterError(
+            f"{path}: tensor 'heads' has shape {tuple(index.shape)}, expected (K, 2): (layer, head) pairs"
+        )
     index = check_tensor(path, "heads", index, tuple(index.shape), integer=True)
     heads = [(layer, head) for layer, head in index.tolist()]
     num_layers, num_heads, head_dim = layout.shape
     outside = [pair for pair in heads if not (0 <= pair[0] < num_layers and 0 <= pair[1] < num_heads)]
     if outside:
-        raise AdapterMismatchError(f"{path}: head {outside[0]} does not exist in this model ({num_layers} layers x "
-                                   f"{num_heads} heads, indices from 0)")
+        raise AdapterMismatchError(
+            f"{path}: head {outside[0]} does not exist in this model ({num_layers} layers x "
+            f"{num_heads} heads, indices from 0)"
+        )
     if len(set(heads)) != len(heads):
         raise AdapterError(f"{path}: the tensor 'heads' lists a head twice")
     scale, bias = (check_tensor(path, name, tensors[name], (len(heads), head_dim)) for name in TENSOR_NAMES[1:])
     return heads, scale, bias
 
 
-def read_adapter(base_model: PreTrainedModel, directory: Path) -> tuple[LofitConfig, list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+def read_adapter(
+    base_model: PreTrainedModel, directory: Path
+) -> tuple[LofitConfig, list[tuple[int, int]], torch.Tensor, torch.Tensor]:
     """The options, heads and their A and v of the adapter in ``directory``, every file read
     and checked against ``base_model`` before the model is touched (see the module docstring
     for the errors); :func:`lofit.methods.lofit.model.load_adapter` applies them."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-SELECTORS = ("lofit", "random", "probe-layers", "bias-based", "iti", "file")
-"""Head selectors for step 2 (see :mod:`lofit.methods.lofit.selectors`)."""
+SELECTORS: dict[str, Callable[..., Any]] = {}
+"""``--heads NAME`` -> the function that ranks the heads for step 2. Each function registers
+itself with :func:`lofit.methods.lofit.selectors.register_selector` (they need the model, which this
+module lies below); this module reads the names only, when a config is checked."""
 SELECTION_OBJECTIVES = ("l1", "group")
-"""Step-1 objectives (see :mod:`lofit.methods.lofit.steps`): the paper's L1 penalty, or a proximal head-level group penalty."""
+"""Step-1 objectives (see :mod:`lofit.methods.lofit.steps`): the paper's L1 penalty, or a proximal
+head-level group penalty."""
 
 
 def check_head_amount(amount: float) -> None:
@@ -36,48 +41,71 @@ class LofitConfig:
 
     num_heads: float = field(
         default=0.1,
-        metadata={"help": "K, the heads to tune in step 2: a count (integer >= 1) or a fraction of all heads (0 < x < 1)"},
+        metadata={
+            "step": 2,
+            "help": "K, the heads to tune in step 2: a count (integer >= 1) or a fraction of all heads (0 < x < 1)",
+        },
     )
     heads: str = field(
         default="lofit",
-        metadata={"help": "how to choose the K heads: lofit, random, probe-layers, bias-based, iti, or file (default: lofit)"},
+        metadata={
+            "help": "how to choose the K heads",
+            "choices": SELECTORS,
+        },
     )
     heads_file: str | None = field(
-        default=None, metadata={"help": "with --heads file: a head_ranking.json from an earlier run, of any task"}
+        default=None,
+        metadata={"step": 2, "help": "with --heads file: a head_ranking.json from an earlier run, of any task"},
     )
     selection: str = field(
         default="l1",
-        metadata={"help": "step-1 objective: l1 (the paper's: task loss + lambda * sum|A|) or group (a proximal "
-                          "head-level penalty that sets whole heads exactly to zero; see docs/method.md)"},
+        metadata={
+            "help": "step-1 objective: l1 (the paper's: task loss + lambda * sum|A|) or group (a proximal "
+            "head-level penalty that sets whole heads exactly to zero; see docs/method.md)"
+        },
     )
     l1_lambda: float = field(
         default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)"}
     )
     group_lambda: float = field(
         default=0.1,
-        metadata={"help": "mu of the head-level penalty mu * sum_h ||A_h||_2 of --selection group: a head keeps a "
-                          "non-zero scale only while its averaged task gradient exceeds mu in norm"},
+        metadata={
+            "help": "mu of the head-level penalty mu * sum_h ||A_h||_2 of --selection group: a head keeps a "
+            "non-zero scale only while its averaged task gradient exceeds mu in norm"
+        },
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
     bias_lr: float = field(default=5e-2, metadata={"help": "learning rate of the biases v (step 2)"})
     select_epochs: int = field(default=2, metadata={"help": "epochs of head selection (step 1)"})
-    tune_epochs: int = field(default=4, metadata={"help": "epochs of bias tuning (step 2)"})
+    tune_epochs: int = field(default=4, metadata={"step": 2, "help": "epochs of bias tuning (step 2)"})
     batch_size: int = field(default=8, metadata={"help": "training examples per optimiser step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warm-up before the linear decay"})
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of steps of linear warm-up before the linear decay"}
+    )
     init_std: float = field(default=1e-3, metadata={"help": "std of the N(0, std) initialisation of A in step 1"})
     bias_init_std: float = field(
-        default=0.0, metadata={"help": "std of the N(0, std) initialisation of v in step 2 (the paper's code: 1e-3; "
-                                       "0: v starts at zero, the adapter starts as the identity)"}
+        default=0.0,
+        metadata={
+            "step": 2,
+            "help": "std of the N(0, std) initialisation of v in step 2 (the paper's code: 1e-3; "
+            "0: v starts at zero, the adapter starts as the identity)",
+        },
     )
     tune_scales: bool = field(
-        default=False, metadata={"help": "step 2 trains A as well as v on the K heads (the capacity test; the paper "
-                                         "trains v only)"}
+        default=False,
+        metadata={
+            "step": 2,
+            "help": "step 2 trains A as well as v on the K heads (the capacity test; the paper trains v only)",
+        },
     )
     max_grad_norm: float = field(
-        default=1.0, metadata={"help": "clip the gradient's global norm to this value before each optimiser step, "
-                                       "for every trained method (0: no clipping; 1.0 as the Hugging Face Trainer of the "
-                                       "paper's code)"}
+        default=1.0,
+        metadata={
+            "help": "clip the gradient's global norm to this value before each optimiser step, "
+            "for every trained method (0: no clipping; 1.0 as the Hugging Face Trainer of the "
+            "paper's code)"
+        },
     )
     seed: int = field(default=42, metadata={"help": "seed of initialisation, data order and sampling"})
 
@@ -92,16 +120,35 @@ class LofitConfig:
             hint = " (the number of heads to tune is --num-heads)" if self.heads.replace(".", "", 1).isdigit() else ""
             problems.append(f"unknown head selector {self.heads!r}; choose one of: {', '.join(SELECTORS)}{hint}")
         if self.selection not in SELECTION_OBJECTIVES:
-            problems.append(f"unknown step-1 objective {self.selection!r}; choose one of: {', '.join(SELECTION_OBJECTIVES)}")
+            problems.append(
+                f"unknown step-1 objective {self.selection!r}; choose one of: {', '.join(SELECTION_OBJECTIVES)}"
+            )
         if (self.heads == "file") != (self.heads_file is not None):
             problems.append("--heads file and --heads-file PATH go together: the file is the head_ranking.json to use")
-        problems += [f"{name} must be positive; got {getattr(self, name)}"
-                     for name in ("scale_lr", "bias_lr", "batch_size", "init_std") if getattr(self, name) <= 0]
-        problems += [f"{name} must be >= 0; got {getattr(self, name)}"
-                     for name in ("l1_lambda", "group_lambda", "select_epochs", "tune_epochs", "weight_decay", "warmup_ratio",
-                                  "bias_init_std", "max_grad_norm") if getattr(self, name) < 0]
-        problems += [f"{f.name} must be a finite number; got {getattr(self, f.name)}" for f in fields(self)
-                     if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        problems += [
+            f"{name} must be positive; got {getattr(self, name)}"
+            for name in ("scale_lr", "bias_lr", "batch_size", "init_std")
+            if getattr(self, name) <= 0
+        ]
+        problems += [
+            f"{name} must be >= 0; got {getattr(self, name)}"
+            for name in (
+                "l1_lambda",
+                "group_lambda",
+                "select_epochs",
+                "tune_epochs",
+                "weight_decay",
+                "warmup_ratio",
+                "bias_init_std",
+                "max_grad_norm",
+            )
+            if getattr(self, name) < 0
+        ]
+        problems += [
+            f"{f.name} must be a finite number; got {getattr(self, f.name)}"
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))
+        ]
         if problems:
             raise ValueError("\n".join(problems))
 
@@ -113,7 +160,7 @@ class LofitConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LofitConfig":
+    def from_dict(cls, values: dict) -> LofitConfig:
         if isinstance(values.get("heads"), (int, float)):  # adapters saved before head selectors: heads was K
             values = {k: v for k, v in values.items() if k != "heads"} | {"num_heads": values["heads"]}
         known = {f.name for f in fields(cls)}

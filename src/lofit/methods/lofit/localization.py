@@ -46,16 +46,23 @@ class Localization:
     median_score: float
 
     @classmethod
-    def of(cls, scores: torch.Tensor, k: int) -> "Localization":
+    def of(cls, scores: torch.Tensor, k: int) -> Localization:
         flat = scores.detach().flatten().double().abs().sort(descending=True).values
         total, count = flat.sum().item(), flat.numel()
         if not 1 <= k <= count:
             raise ValueError(f"cannot judge a selection of {k} heads: there are {count} heads")
         squares = (flat**2).sum().item()
-        return cls(k=k, total=count, top_share=flat[:k].sum().item() / total if total > 0 else 0.0,
-                   uniform_share=k / count, near_zero=int((flat < NEAR_ZERO * flat[0]).sum()),
-                   exact_zero=int((flat == 0).sum()), effective_heads=total**2 / squares if squares > 0 else 0.0,
-                   max_score=flat[0].item(), median_score=flat.median().item())
+        return cls(
+            k=k,
+            total=count,
+            top_share=flat[:k].sum().item() / total if total > 0 else 0.0,
+            uniform_share=k / count,
+            near_zero=int((flat < NEAR_ZERO * flat[0]).sum()),
+            exact_zero=int((flat == 0).sum()),
+            effective_heads=total**2 / squares if squares > 0 else 0.0,
+            max_score=flat[0].item(),
+            median_score=flat.median().item(),
+        )
 
     @property
     def threshold(self) -> float:
@@ -68,19 +75,27 @@ class Localization:
 
     def summary(self) -> str:
         """One line of figures."""
-        return (f"top {self.k} of {self.total} heads hold {100 * self.top_share:.1f}% of the total score "
-                f"({100 * self.uniform_share:.1f}% if all scored the same; localized from {100 * self.threshold:.1f}%), "
-                f"effective heads {self.effective_heads:.0f} of {self.total}, {self.near_zero} heads below "
-                f"{NEAR_ZERO:.0%} of the largest score ({self.exact_zero} exactly 0)")
+        return (
+            f"top {self.k} of {self.total} heads hold {100 * self.top_share:.1f}% of the total score "
+            f"({100 * self.uniform_share:.1f}% if all scored the same; localized from {100 * self.threshold:.1f}%), "
+            f"effective heads {self.effective_heads:.0f} of {self.total}, {self.near_zero} heads below "
+            f"{NEAR_ZERO:.0%} of the largest score ({self.exact_zero} exactly 0)"
+        )
 
     def verdict(self, selection: str | None = None) -> str:
         """The summary, preceded by whether the selection is localized and, when not, what to change."""
         if self.localized:
             return f"step 1 localized: {self.summary()}"
-        advice = {"l1": "raise --l1-lambda, or use --selection group (a head-level proximal penalty that sets heads "
-                        "exactly to zero)",
-                  "group": "raise --group-lambda"}.get(selection or "", "this ranking barely prefers its top heads")
+        advice = {
+            "l1": "raise --l1-lambda, or use --selection group (a head-level proximal penalty that sets heads "
+            "exactly to zero)",
+            "group": "raise --group-lambda",
+        }.get(selection or "", "this ranking barely prefers its top heads")
         return f"step 1 did not localize: {self.summary()}; {advice}"
 
     def to_json(self) -> dict:
-        return asdict(self) | {"threshold": self.threshold, "localized": self.localized, "near_zero_fraction": NEAR_ZERO}
+        return asdict(self) | {
+            "threshold": self.threshold,
+            "localized": self.localized,
+            "near_zero_fraction": NEAR_ZERO,
+        }

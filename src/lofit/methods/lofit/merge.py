@@ -65,7 +65,9 @@ def _merged_projection(model: HeadAdapter, layer: int) -> _MergedProjection:
     weight = projection_weight(proj)  # (out, in), a view of the stored weight
     columns = scale.nonzero().flatten().to(weight.device)
     shift = weight.double() @ bias.to(weight.device).double()
-    old_bias = proj.bias if proj.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    old_bias = (
+        proj.bias if proj.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    )
     scaled = weight[:, columns] * (1 + scale.to(weight.device)[columns]).to(weight.dtype)
     merged = _MergedProjection(columns, scaled, old_bias + shift.to(old_bias.dtype))
     if not (torch.isfinite(merged.weight_columns).all() and torch.isfinite(merged.bias).all()):
@@ -84,8 +86,11 @@ def fold_adapter(model: HeadAdapter) -> list[ProjectionBackup]:
     backups = []
     for proj, plan in zip(model.layout.out_projs, plans):
         weight = projection_weight(proj)
-        backups.append(ProjectionBackup(plan.columns, weight[:, plan.columns].clone(),
-                                        None if proj.bias is None else proj.bias.detach().clone()))
+        backups.append(
+            ProjectionBackup(
+                plan.columns, weight[:, plan.columns].clone(), None if proj.bias is None else proj.bias.detach().clone()
+            )
+        )
         weight[:, plan.columns] = plan.weight_columns
         if proj.bias is None:
             proj.bias = nn.Parameter(plan.bias, requires_grad=False)
@@ -150,4 +155,6 @@ def _add_zero_biases_the_flag_expects(merged: PreTrainedModel) -> None:
             raise NotExportableError(f"cannot export: the bias-enabled architecture also expects {name!r}")
         module = modules[module_name]
         weight = module.weight
-        module.bias = nn.Parameter(torch.zeros(parameter.shape, dtype=weight.dtype, device=weight.device), requires_grad=False)
+        module.bias = nn.Parameter(
+            torch.zeros(parameter.shape, dtype=weight.dtype, device=weight.device), requires_grad=False
+        )

@@ -8,14 +8,16 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from lofit.utils.atomic import staged_folder
-from lofit.methods.lofit.selectors import rank_heads
-from lofit.methods.lofit.model import LofitModel, get_lofit_model
-from lofit.training.objectives import Objective
-from lofit.methods.lofit.ranking import HeadRanking
-from lofit.methods.lofit.steps import tune_biases
-from lofit.training.loop import TrainingLog
 from lofit.methods.base import FitContext, FitResult, Method, training_warnings, write_method_file
+from lofit.methods.lofit.adapter_io import write_adapter
+from lofit.methods.lofit.model import LofitModel, get_lofit_model
+from lofit.methods.lofit.ranking import HeadRanking
+from lofit.methods.lofit.selectors import rank_heads
+from lofit.methods.lofit.steps import tune_biases
+from lofit.models.identity import identity
+from lofit.training.loop import TrainingLog
+from lofit.training.objectives import Objective
+from lofit.utils.atomic import staged_folder
 
 
 class HeadAdapterMethod(Method):
@@ -23,9 +25,12 @@ class HeadAdapterMethod(Method):
     and merged as one."""
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        with staged_folder(directory) as staging:  # all files appear together, none half-written
-            result.model.save_pretrained(staging, metrics)
-            write_method_file(staging, self, result.model.base_model, metrics)
+        """The adapter's files and :data:`~lofit.methods.base.METHOD_FILE`, in one staging folder
+        (all appear together, none half-written), the base model fingerprinted once."""
+        base_identity = identity(result.model.base_model)
+        with staged_folder(directory) as staging:
+            write_adapter(result.model, staging, metrics, base_identity)
+            write_method_file(staging, self, result.model.base_model, metrics, base_identity)
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
@@ -37,12 +42,22 @@ def select_step(model: LofitModel, context: FitContext, objective: Objective) ->
     the ranking, the log of the training it took, and its wall time in seconds."""
     config = context.lofit
     start = time.perf_counter()
-    ranking, log = rank_heads(config.heads, model, context.tokenizer, context.examples, objective, config.heads_file,
-                              context.progress, context.setup)
+    ranking, log = rank_heads(
+        config.heads,
+        model,
+        context.tokenizer,
+        context.examples,
+        objective,
+        config.heads_file,
+        context.progress,
+        context.setup,
+    )
     return ranking, log, time.perf_counter() - start
 
 
-def tune_step(model: LofitModel, context: FitContext, objective: Objective, ranking: HeadRanking) -> tuple[TrainingLog, float]:
+def tune_step(
+    model: LofitModel, context: FitContext, objective: Objective, ranking: HeadRanking
+) -> tuple[TrainingLog, float]:
     """Step 2 on the top K = ``num_heads_to_tune`` heads of ``ranking``: its log and wall time in seconds."""
     start = time.perf_counter()
     heads = ranking.top(context.lofit.num_heads_to_tune(len(ranking.order)))
@@ -60,8 +75,16 @@ class Lofit(HeadAdapterMethod):
         objective = context.objective(model)
         ranking, select_log, select_seconds = select_step(model, context, objective)
         tune_log, tune_seconds = tune_step(model, context, objective, ranking)
-        return FitResult(model, model.num_adapter_parameters(), {
-            "select_seconds": select_seconds, "tune_seconds": tune_seconds,
-            "select_losses": select_log.epoch_losses, "tune_losses": tune_log.epoch_losses,
-        } | ({"localization": select_log.localization} if select_log.localization else {})
-          | training_warnings(select_log, tune_log), ranking)
+        return FitResult(
+            model,
+            model.num_adapter_parameters(),
+            {
+                "select_seconds": select_seconds,
+                "tune_seconds": tune_seconds,
+                "select_losses": select_log.epoch_losses,
+                "tune_losses": tune_log.epoch_losses,
+            }
+            | ({"localization": select_log.localization} if select_log.localization else {})
+            | training_warnings(select_log, tune_log),
+            ranking,
+        )

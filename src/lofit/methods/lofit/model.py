@@ -42,7 +42,9 @@ class LofitModel(InterventionModel):
 
     def __init__(self, base_model: PreTrainedModel, config: LofitConfig | None = None):
         layout = head_layout(base_model)
-        if any(isinstance(hook, HeadIntervention) for proj in layout.out_projs for hook in proj._forward_pre_hooks.values()):
+        if any(
+            isinstance(hook, HeadIntervention) for proj in layout.out_projs for hook in proj._forward_pre_hooks.values()
+        ):
             raise ValueError(
                 "this model already carries a LoFiT adapter; call unload() or merge_and_unload() on the "
                 "existing LofitModel, or load a fresh base model, before wrapping it again"
@@ -58,7 +60,9 @@ class LofitModel(InterventionModel):
         self._merge_backups: list[ProjectionBackup] | None = None
         self._hooks = [
             proj.register_forward_pre_hook(
-                HeadIntervention(layer, self.layout.num_heads, self.layout.head_dim, self.effective_params, self._is_enabled)
+                HeadIntervention(
+                    layer, self.layout.num_heads, self.layout.head_dim, self.effective_params, self._is_enabled
+                )
             )
             for layer, proj in enumerate(self.layout.out_projs)
         ]
@@ -144,8 +148,9 @@ class LofitModel(InterventionModel):
             return upload_folder(folder, repo_id, "lofit", **hub_options)
 
     @classmethod
-    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | Path, revision: str | None = None,
-                        token: str | None = None) -> "LofitModel":
+    def from_pretrained(
+        cls, base_model: PreTrainedModel, directory: str | Path, revision: str | None = None, token: str | None = None
+    ) -> LofitModel:
         """Wrap ``base_model`` and load the adapter saved in ``directory``, a local folder or a
         hub id (downloaded, see :func:`lofit.models.hub.adapter_folder`); no unpickling."""
         return load_adapter(base_model, adapter_folder(directory, revision=revision, token=token))
@@ -162,7 +167,9 @@ class LofitModel(InterventionModel):
         merged weight would not be finite."""
         self._require_attached("merge")
         if self._merged:
-            raise AdapterStateError("the adapter is already merged into the base weights; merging it again would apply it twice")
+            raise AdapterStateError(
+                "the adapter is already merged into the base weights; merging it again would apply it twice"
+            )
         self._merge_backups = fold_adapter(self)
         self._merged = True
 
@@ -209,7 +216,7 @@ def _base_weights_not_missing(module: LofitModel, incompatible_keys: Any) -> Non
     base_keys = {f"base_model.{name}" for name in module.base_model.state_dict()}
 
     def is_base(key: str) -> bool:
-        return key in base_keys or any(key[i + 1:] in base_keys for i, char in enumerate(key) if char == ".")
+        return key in base_keys or any(key[i + 1 :] in base_keys for i, char in enumerate(key) if char == ".")
 
     incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not is_base(key)]
 

@@ -30,14 +30,14 @@ class HeadRanking:
     """K, the heads the run that saved this ranking selected, when known (a saved ``localization``)."""
 
     @classmethod
-    def from_scores(cls, scores: torch.Tensor) -> "HeadRanking":
+    def from_scores(cls, scores: torch.Tensor) -> HeadRanking:
         num_heads = scores.shape[1]
         flat = scores.flatten()
         # stable sort on the negated scores: equal scores keep index order
         ranked = torch.sort(-flat, stable=True).indices.tolist()
         return cls(scores.detach().cpu().float(), [(i // num_heads, i % num_heads) for i in ranked])
 
-    def localization(self, k: int) -> "Localization":
+    def localization(self, k: int) -> Localization:
         """How concentrated the scores are, judged for a selection of the top ``k`` heads."""
         return Localization.of(self.scores, k)
 
@@ -65,7 +65,7 @@ class HeadRanking:
         write_json(path, self.to_json(k), indent=1)
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadRanking":
+    def load(cls, path: str | Path) -> HeadRanking:
         """The ranking :meth:`save` wrote to ``path``: FileNotFoundError when it is absent, a
         ValueError naming the file unless it is UTF-8 JSON holding an object with integer
         ``num_layers`` and ``num_heads`` (>= 1) and a ``ranking`` list naming every head once
@@ -87,6 +87,7 @@ class HeadRanking:
     @staticmethod
     def _scores_from_json(data: object, path: Path) -> torch.Tensor:
         """The (num_layers, num_heads) scores of a saved ranking, or a ValueError naming ``path``."""
+
         def refuse(problem: str) -> ValueError:
             return ValueError(f"{path} is not a lofit head ranking: {problem}")
 
@@ -106,7 +107,9 @@ class HeadRanking:
                 raise refuse(f"ranking entry {number} is not an object")
             layer, head, score = entry.get("layer"), entry.get("head"), entry.get("score")
             if not (integer(layer, 0, num_layers) and integer(head, 0, num_heads)):
-                raise refuse(f"ranking entry {number} needs an integer layer below {num_layers} and head below {num_heads}")
+                raise refuse(
+                    f"ranking entry {number} needs an integer layer below {num_layers} and head below {num_heads}"
+                )
             if not finite_number(score):
                 raise refuse(f"ranking entry {number} needs a finite number score")
             if (layer, head) in seen:

@@ -29,22 +29,16 @@ A is trained too. The adapter is then K x head_dim numbers (2x with ``tune_scale
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from lofit.utils.atomic import write_json
-from lofit.data.files import finite_number
-from lofit.utils.distributed import process_index
-from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.model import LofitModel
-from lofit.training.objectives import Objective, Regularized
+from lofit.methods.lofit.ranking import HeadRanking
 from lofit.training.loop import TrainingLog, TrainingRun, TrainingSetup, train
+from lofit.training.objectives import Objective, Regularized
+from lofit.utils.distributed import process_index
 
 
 def shrink_heads(scale: torch.Tensor, threshold: torch.Tensor | float) -> None:
@@ -63,8 +57,9 @@ def adam_head_metric(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) 
     return (v_hat.sqrt() + group["eps"]).mean(dim=-1, keepdim=True)
 
 
-def select_heads(model: LofitModel, objective: Objective, progress: bool = True,
-                 setup: TrainingSetup | None = None) -> tuple[HeadRanking, TrainingLog]:
+def select_heads(
+    model: LofitModel, objective: Objective, progress: bool = True, setup: TrainingSetup | None = None
+) -> tuple[HeadRanking, TrainingLog]:
     """Step 1: train A on all heads with the configured sparsity (see the module docstring) and
     rank heads by ||A||_2. The log's ``localization`` holds :class:`Localization`'s figures for
     the configured K, and a warning says so when the result is not localized."""
@@ -81,15 +76,26 @@ def select_heads(model: LofitModel, objective: Objective, progress: bool = True,
     if config.selection == "l1":
         objective_to_train = Regularized(objective, model.l1_penalty)
     else:
+
         def after_step(lr: float, optimizer: torch.optim.Optimizer) -> None:
             metric = adam_head_metric(optimizer, model.lofit_scale)
             shrink_heads(model.lofit_scale, lr * config.group_lambda / metric)
 
     run = TrainingRun(
-        parameters=[model.lofit_scale], lr=config.scale_lr, epochs=config.select_epochs, batch_size=config.batch_size,
-        seed=config.seed, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
-        description="step 1: selecting heads", progress=progress, stage="select", lr_name="--scale-lr",
-        setup=setup or TrainingSetup(), max_grad_norm=config.max_grad_norm, after_step=after_step,
+        parameters=[model.lofit_scale],
+        lr=config.scale_lr,
+        epochs=config.select_epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        description="step 1: selecting heads",
+        progress=progress,
+        stage="select",
+        lr_name="--scale-lr",
+        setup=setup or TrainingSetup(),
+        max_grad_norm=config.max_grad_norm,
+        after_step=after_step,
     )
     log = train(model, objective_to_train, run)
     model.train_only("none")
@@ -105,9 +111,17 @@ def select_heads(model: LofitModel, objective: Objective, progress: bool = True,
     return ranking, log
 
 
-def _train_biases(model: LofitModel, objective: Objective, heads: list[tuple[int, int]] | None, epochs: int,
-                  description: str, stage: str, progress: bool, setup: TrainingSetup | None,
-                  with_scales: bool = False) -> TrainingLog:
+def _train_biases(
+    model: LofitModel,
+    objective: Objective,
+    heads: list[tuple[int, int]] | None,
+    epochs: int,
+    description: str,
+    stage: str,
+    progress: bool,
+    setup: TrainingSetup | None,
+    with_scales: bool = False,
+) -> TrainingLog:
     """Reset A to 0 and v to N(0, bias_init_std), then train v (and A with ``with_scales``) on
     ``heads`` (all heads when None)."""
     config = model.lofit_config
@@ -119,10 +133,19 @@ def _train_biases(model: LofitModel, objective: Objective, heads: list[tuple[int
         model.lofit_bias.mul_(model.active_heads[..., None])  # heads outside the selection keep v = 0
     model.train_only("both" if with_scales else "bias")
     run = TrainingRun(
-        parameters=[model.lofit_bias, model.lofit_scale] if with_scales else [model.lofit_bias], lr=config.bias_lr,
-        epochs=epochs, batch_size=config.batch_size, seed=config.seed, weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio, description=description, progress=progress, stage=stage, lr_name="--bias-lr",
-        setup=setup or TrainingSetup(), first_trained_layer=min(layer for layer, _ in heads) if heads else 0,
+        parameters=[model.lofit_bias, model.lofit_scale] if with_scales else [model.lofit_bias],
+        lr=config.bias_lr,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        description=description,
+        progress=progress,
+        stage=stage,
+        lr_name="--bias-lr",
+        setup=setup or TrainingSetup(),
+        first_trained_layer=min(layer for layer, _ in heads) if heads else 0,
         max_grad_norm=config.max_grad_norm,
     )
     log = train(model, objective, run)
@@ -130,24 +153,47 @@ def _train_biases(model: LofitModel, objective: Objective, heads: list[tuple[int
     return log
 
 
-def select_heads_by_bias(model: LofitModel, objective: Objective, progress: bool = True,
-                         setup: TrainingSetup | None = None) -> tuple[HeadRanking, TrainingLog]:
+def select_heads_by_bias(
+    model: LofitModel, objective: Objective, progress: bool = True, setup: TrainingSetup | None = None
+) -> tuple[HeadRanking, TrainingLog]:
     """The bias-based selection baseline: train v on all heads (A = 0, no L1) for the step-1
     epochs at the bias learning rate, and rank heads by ||v[l, h]||_2. Leaves v at 0."""
-    log = _train_biases(model, objective, None, model.lofit_config.select_epochs, "selecting heads by bias", "select-by-bias",
-                        progress, setup)
+    log = _train_biases(
+        model,
+        objective,
+        None,
+        model.lofit_config.select_epochs,
+        "selecting heads by bias",
+        "select-by-bias",
+        progress,
+        setup,
+    )
     ranking = HeadRanking.from_scores(model.lofit_bias.detach().norm(dim=-1))
     with torch.no_grad():
         model.lofit_bias.zero_()
     return ranking, log
 
 
-def tune_biases(model: LofitModel, objective: Objective, heads: Sequence[tuple[int, int]], progress: bool = True,
-                setup: TrainingSetup | None = None) -> TrainingLog:
+def tune_biases(
+    model: LofitModel,
+    objective: Objective,
+    heads: Sequence[tuple[int, int]],
+    progress: bool = True,
+    setup: TrainingSetup | None = None,
+) -> TrainingLog:
     """Step 2: reset A to 0 and train the biases v of ``heads`` (and their A with ``tune_scales``)."""
     heads = [(int(layer), int(head)) for layer, head in heads]
     config = model.lofit_config
-    log = _train_biases(model, objective, heads, config.tune_epochs, "step 2: tuning biases", "tune", progress, setup,
-                        with_scales=config.tune_scales)
+    log = _train_biases(
+        model,
+        objective,
+        heads,
+        config.tune_epochs,
+        "step 2: tuning biases",
+        "tune",
+        progress,
+        setup,
+        with_scales=config.tune_scales,
+    )
     model.head_ranking = heads
     return log
