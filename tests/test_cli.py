@@ -10,7 +10,7 @@ import yaml
 
 from lofit.cli import OptionsError, _configs, build_parser, main
 from lofit.methods.lofit.ranking import HeadRanking
-from lofit.runs.pipeline import RunConfig
+from lofit.runs.config import RunConfig
 
 
 def parse(argv):

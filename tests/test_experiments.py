@@ -23,7 +23,8 @@ from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
 from lofit.methods.lofit.config import LofitConfig
 from lofit.runs import plots
-from lofit.runs.pipeline import CellConfig, RunConfig, load_fresh, run_cell
+from lofit.runs.config import CellConfig, RunConfig
+from lofit.runs.pipeline import load_fresh, run_cell
 from lofit.utils.compute import hardware, resolve_device
 
 from .tiny_run import tiny_model_folder, write_task

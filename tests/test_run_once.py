@@ -15,7 +15,7 @@ from lofit.methods import METHODS
 from lofit.methods.lofit import method as lofit_method
 from lofit.methods.lofit.config import SELECTORS
 from lofit.models import identity
-from lofit.runs.pipeline import RESUME_IGNORES, CellConfig, RunConfig, cell_config
+from lofit.runs.config import RESUME_IGNORES, CellConfig, RunConfig, cell_config
 from lofit.tasks import clutrr, user_file
 from lofit.training import TrainingRun
 
@@ -159,3 +159,10 @@ def test_what_the_model_config_rules_out_is_refused_before_loading(tmp_path, tin
     assert main([*common, "--method", "iti", "--iti-num-heads", "13"]) == 2
     assert "asked for 13 heads" in capsys.readouterr().err
     assert not folder.exists()  # no run folder, config.yaml or checkpoints/ left behind
+
+
+def test_the_run_folder_is_the_one_writer_of_a_run():
+    import lofit.runs.pipeline
+
+    writers = {"write_json", "write_text", "save_safetensors", "staged_folder", "replacing"}
+    assert not writers & set(vars(lofit.runs.pipeline))

@@ -26,7 +26,8 @@ from lofit.methods import METHOD_CONFIGS
 from lofit.methods.lofit.config import LofitConfig
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.comparison import comparison_table, run_compare
-from lofit.runs.pipeline import RunConfig, build_configs, run_all, run_eval, run_merge, run_select, run_tune
+from lofit.runs.config import RunConfig, build_configs
+from lofit.runs.pipeline import run_all, run_eval, run_merge, run_select, run_tune
 from lofit.runs.plots import head_heatmap
 from lofit.runs.recipes import with_recipe
 from lofit.tasks import TASKS
@@ -102,7 +103,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
 
 
 def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig, ComputeConfig, dict[str, object | None]]:
-    """Every config of the command, each method's included (:func:`lofit.runs.pipeline.build_configs`);
+    """Every config of the command, each method's included (:func:`lofit.runs.config.build_configs`);
     all problems are gathered into one OptionsError."""
     methods = _methods(args)
     return build_configs(_values(args), methods)

@@ -9,7 +9,7 @@ more tuning than another. A numeric tuned option is a log grid (a list with a co
 ratio between consecutive sorted values, or ``{low, high, points}``); where the best trial
 sits at an edge of the range explored, :func:`search` adds trials one log step beyond it.
 
-A cell's options are flat names of :class:`~lofit.runs.pipeline.RunConfig`,
+A cell's options are flat names of :class:`~lofit.runs.config.RunConfig`,
 :class:`~lofit.methods.lofit.config.LofitConfig`, :class:`~lofit.utils.compute.ComputeConfig` and the
 method's config, plus two of the runner's own:
 
@@ -37,8 +37,8 @@ import yaml
 
 from lofit.methods import METHODS
 from lofit.methods.lofit.config import LofitConfig
-from lofit.runs.pipeline import OPTION_OWNERS, CellConfig, RunConfig
-from lofit.runs.pipeline import cell_config as build_cell_config
+from lofit.runs.config import OPTION_OWNERS, CellConfig, RunConfig
+from lofit.runs.config import cell_config as build_cell_config
 from lofit.runs.recipes import recipe_options
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.options import option_group
@@ -310,7 +310,7 @@ def ranking_key(options: dict[str, Any]) -> str:
 
 
 def cell_config(cell: Cell, total_heads: int | None = None) -> CellConfig:
-    """The :class:`~lofit.runs.pipeline.CellConfig` of ``cell``; ``num_heads: all`` becomes ``total_heads``."""
+    """The :class:`~lofit.runs.config.CellConfig` of ``cell``; ``num_heads: all`` becomes ``total_heads``."""
     options = {k: v for k, v in cell.config.items() if k not in RUNNER_OPTIONS}
     if options.get("num_heads") == ALL_HEADS:
         if total_heads is None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lofit.methods import get_method
 from lofit.methods.lofit.config import LofitConfig
-from lofit.runs.pipeline import RunConfig, run_all
+from lofit.runs.config import RunConfig
+from lofit.runs.pipeline import run_all
 from lofit.utils.atomic import write_json, write_text
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.distributed import is_main_process

@@ -1,6 +1,7 @@
 """The jobs behind the command line: select, tune, run, evaluate, merge.
 
-The unit of work is :func:`run_cell`: one resolved configuration (:class:`CellConfig`)
+The unit of work is :func:`run_cell`: one resolved configuration
+(:class:`~lofit.runs.config.CellConfig`)
 fitted and evaluated into one run folder, returning its summary. ``lofit run`` is one
 cell per fold, ``lofit compare`` one per method, and ``lofit experiment`` one per grid
 point. A cell may borrow an already loaded model (a :data:`ModelSource`); whatever it
@@ -19,18 +20,13 @@ Each writes into a run folder:
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
-import yaml
 from torch import nn
 
-from lofit.data.files import resolve_data_dir
 from lofit.methods import METHODS, FitContext, FitResult, get_method, load_adapted, saved_method
 from lofit.methods.base import METHOD_FILE, read_method_file
 from lofit.methods.lofit.config import LofitConfig, head_count
@@ -42,138 +38,18 @@ from lofit.methods.lofit.selectors import ranking_from_file
 from lofit.models.identity import portable_name
 from lofit.models.loading import load_model, model_config
 from lofit.models.wrapper import InterventionModel
-from lofit.runs.plots import head_heatmap
-from lofit.runs.recipes import RECIPES
-from lofit.tasks import Evaluation, get_task
-from lofit.training.loop import CheckpointPolicy, TrainingSetup, make_accelerator
+from lofit.runs.config import (
+    RESUME_IGNORES,
+    CellConfig,
+    RunConfig,
+)
+from lofit.runs.data import RunData
+from lofit.runs.folder import RunFolder
+from lofit.tasks import Evaluation
+from lofit.training.loop import TrainingSetup, make_accelerator
 from lofit.training.objectives import Objective, build_objective
-from lofit.utils.atomic import write_json, write_text
 from lofit.utils.compute import ComputeConfig
-from lofit.utils.distributed import is_main_process, wait_for_everyone
-from lofit.utils.options import OptionsError, build_config, option_group
-
-
-@dataclass
-class RunConfig:
-    """What to train and evaluate, and where to write it."""
-
-    task: str = field(
-        default="clutrr",
-        metadata={
-            "help": (
-                "task name, or data of your own: a .jsonl/.csv/.parquet file or a datasets dataset "
-                "(owner/name[:split] or a folder; see docs/data.md)"
-            )
-        },
-    )
-    eval_file: str | None = field(
-        default=None,
-        metadata={
-            "step": 2,
-            "help": "with your own data: the file or dataset to evaluate on (default: the training data)",
-        },
-    )
-    match: str = field(
-        default="exact",
-        metadata={
-            "step": 2,
-            "help": "with a file task of prompt/completion rows: 'exact' or 'contains' (default: exact)",
-        },
-    )
-    method: str = field(default="lofit", metadata={"step": 2, "help": "the method", "choices": METHODS})
-    recipe: str | None = field(
-        default=None,
-        metadata={
-            "step": 2,
-            "help": "start from a preset of option values: 'paper' (the "
-            "original code's settings for the task; see docs/method.md); "
-            "options given explicitly override it",
-        },
-    )
-    model: str = field(
-        default="default",
-        metadata={"help": "'default' (SmolLM2-135M), 'gemma3-270m', a folder, a .gguf file or a hub id"},
-    )
-    data_dir: str | None = field(default=None, metadata={"hashed": False, "help": "data folder (default: $LOFIT_DATA)"})
-    output_dir: str | None = field(
-        default=None, metadata={"hashed": False, "help": "run folder (default: runs/<task>-<model>)"}
-    )
-    train_size: int | None = field(
-        default=None, metadata={"help": "training examples sampled (default: the task's, 300 for CLUTRR)"}
-    )
-    eval_split: str = field(default="test", metadata={"step": 2, "help": "split to evaluate: val or test"})
-    eval_batch_size: int = field(
-        default=16, metadata={"resume": "may change", "hashed": False, "help": "prompts per generation batch"}
-    )
-    limit: int | None = field(
-        default=None, metadata={"resume": "may change", "step": 2, "help": "evaluate only the first N examples"}
-    )
-    beta: float = field(default=0.5, metadata={"help": "DPO beta, for tasks trained on preferences"})
-    chat_template: bool = field(
-        default=False, metadata={"help": "wrap prompts in the tokenizer's chat template (instruct models)"}
-    )
-    fold: str = field(
-        default="0", metadata={"help": "TruthfulQA fold: 0, 1, or all (each fold, then the mean; default: 0)"}
-    )
-    all_pairs: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "TruthfulQA: train on the best answer against every incorrect answer, not only the first "
-                "(default: False)"
-            )
-        },
-    )
-
-    save_steps: int | None = field(
-        default=None,
-        metadata={
-            "resume": "may change",
-            "hashed": False,
-            "help": "also checkpoint every N optimiser steps (default: at the end of each epoch only)",
-        },
-    )
-    resume: bool = field(
-        default=False,
-        metadata={
-            "resume": "may change",
-            "hashed": False,
-            "help": "continue the interrupted run in the output folder from its newest checkpoint",
-        },
-    )
-    progress: bool = field(
-        default=True, metadata={"resume": "may change", "hashed": False, "help": "show progress bars"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ValueError(f"save_steps must be >= 1; got {self.save_steps}")
-        self.folds()
-
-    def folds(self) -> list[int]:
-        if self.fold == "all":
-            return [0, 1]
-        if self.fold not in ("0", "1"):
-            raise ValueError(f"fold must be 0, 1 or all; got {self.fold!r}")
-        return [int(self.fold)]
-
-    def resolved_output_dir(self) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        model_name = Path(self.model).name.removesuffix(".gguf").replace("/", "_")
-        is_file = self.task.endswith(
-            (".jsonl", ".csv", ".parquet")
-        )  # a dataset id owner/name[:split] becomes owner_name_split
-        task_name = Path(self.task).stem if is_file else self.task.replace("/", "_").replace(":", "_")
-        method = "" if self.method == "lofit" else f"-{self.method}"
-        return Path("runs") / f"{task_name}-{model_name}{method}"
-
-
-RESUME_IGNORES = option_group([RunConfig], "resume", "may change")
-"""Run options that may change between an interrupted run and its resumption (``"resume": "may
-change"`` in a field's metadata)."""
+from lofit.utils.distributed import wait_for_everyone
 
 ModelSource = Callable[[str, ComputeConfig], tuple]
 """Gives the (model, tokenizer) of a model name under a compute config."""
@@ -193,11 +69,37 @@ def release(adapted: nn.Module) -> None:
         adapted.unload()
 
 
-class Job:
-    """A task with its data checked, then a loaded model and tokenizer, and the run folder they write into.
+def check_against_model_config(
+    run: RunConfig, lofit: LofitConfig, method_options: dict | None, ranking: HeadRanking | None
+) -> None:
+    """Refuse, before the model loads and before anything is written, what the model's
+    configuration (:func:`~lofit.models.loading.model_config`, no weights) rules out: more heads
+    to tune than the model has (LoFiT, ITI), a head ranking made for another shape."""
+    config = model_config(run.model)
+    if config is None:
+        return
+    text = config.get_text_config()
+    shape = (text.num_hidden_layers, text.num_attention_heads)
+    if ranking is not None and tuple(ranking.scores.shape) != shape:
+        raise ValueError(
+            f"{lofit.heads_file} ranks {tuple(ranking.scores.shape)} layers x heads, but this model has "
+            f"{shape}: it was made for another model"
+        )
+    if run.method == "lofit":
+        lofit.num_heads_to_tune(shape[0] * shape[1])
+    elif run.method == "iti":
+        amount = (method_options or {}).get("iti_num_heads")
+        head_count(lofit.num_heads if amount is None else amount, shape[0] * shape[1])
 
-    Every data row the job needs is read and validated before the model loads, so bad data
-    fails in a second, not after a model load. Only the main process writes files.
+
+class Job:
+    """One run: its data (:class:`~lofit.runs.data.RunData`, checked first), its options checked
+    against the model's configuration, then the loaded model and tokenizer; its files go through
+    its :class:`~lofit.runs.folder.RunFolder`, the one writer.
+
+    Every data row the job needs is read and validated (once: the task keeps the parsed rows)
+    and the options are checked against the model's configuration before the model loads, so
+    bad data or options fail in a second, not after a model load, and leave no folder behind.
     """
 
     def __init__(
@@ -213,101 +115,36 @@ class Job:
         self.lofit = lofit
         self.compute = compute or ComputeConfig()
         self.method_options = method_options
-        self.task = get_task(
-            run.task, fold=run.folds()[0], all_pairs=run.all_pairs, eval_file=run.eval_file, match=run.match
-        )
-        self.data_dir = resolve_data_dir(run.data_dir) if self.task.needs_data_dir else None
-        self.output_dir = run.resolved_output_dir()
+        self.data = RunData(run, lofit.seed, needs)
+        self.task = self.data.task
+        self.folder = RunFolder(run.resolved_output_dir(), run.resume, run.save_steps)
         self.timings: dict[str, float] = {}
-        if "train" in needs:
-            self.train_examples()
-        if "eval" in needs:
-            self.eval_examples()
         ranking = HeadRanking.load(lofit.heads_file) if lofit.heads == "file" else None  # refused before loading
-        self._check_against_model_config(ranking)
+        check_against_model_config(run, lofit, method_options, ranking)
         if run.resume:
-            self._check_resumable()
+            self.folder.check_resumable(self.resolved_config(), RESUME_IGNORES)
         self.model, self.tokenizer = models(run.model, self.compute)
         if run.chat_template:
             self.task.chat_tokenizer = self.tokenizer
-
-    def _check_against_model_config(self, ranking: HeadRanking | None) -> None:
-        """Refuse, before the model loads and before anything is written, what the model's
-        configuration (:func:`~lofit.models.loading.model_config`, no weights) rules out: more
-        heads to tune than the model has, a head ranking made for another shape."""
-        config = model_config(self.run.model)
-        if config is None:
-            return
-        text = config.get_text_config()
-        shape = (text.num_hidden_layers, text.num_attention_heads)
-        if ranking is not None and tuple(ranking.scores.shape) != shape:
-            raise ValueError(
-                f"{self.lofit.heads_file} ranks {tuple(ranking.scores.shape)} layers x heads, but this model has "
-                f"{shape}: it was made for another model"
-            )
-        if self.run.method == "lofit":
-            self.lofit.num_heads_to_tune(shape[0] * shape[1])
-        elif self.run.method == "iti":
-            amount = (self.method_options or {}).get("iti_num_heads")
-            head_count(self.lofit.num_heads if amount is None else amount, shape[0] * shape[1])
 
     def resolved_config(self) -> dict:
         return {"run": asdict(self.run), "lofit": self.lofit.to_dict(), "compute": asdict(self.compute)} | (
             {"method_options": self.method_options} if self.method_options else {}
         )
 
-    def write_config(self) -> None:
-        if is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_text(self.output_dir / "config.yaml", yaml.safe_dump(self.resolved_config(), sort_keys=False))
-
-    def training_setup(self) -> TrainingSetup:
-        """Checkpoints in ``<run folder>/checkpoints``: resumed with ``--resume`` (the folder's run
-        was checked to have the same settings), cleared otherwise."""
-        folder = self.output_dir / "checkpoints"
-        if not self.run.resume and is_main_process() and folder.exists():
-            shutil.rmtree(folder)
-        wait_for_everyone()
-        return TrainingSetup(self.compute, CheckpointPolicy(folder, self.run.save_steps, self.run.resume))
-
-    def _check_resumable(self) -> None:
-        path = self.output_dir / "config.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--resume: {path} does not exist, so there is no run to continue in {self.output_dir}"
-            )
-        saved = yaml.safe_load(path.read_text()) or {}
-        now = self.resolved_config()
-        differences = []
-        for section in ("run", "lofit", "method_options"):
-            before, after = saved.get(section) or {}, now.get(section) or {}
-            differences += [
-                f"{key}: {before.get(key)!r} then, {after.get(key)!r} now"
-                for key in sorted(set(before) | set(after))
-                if key not in RESUME_IGNORES and before.get(key) != after.get(key)
-            ]
-        if differences:
-            raise ValueError(
-                f"--resume: the run in {self.output_dir} had other settings ({'; '.join(differences)}); "
-                "resume with the same options, or start a new run without --resume"
-            )
+    @property
+    def output_dir(self) -> Path:
+        return self.folder.path
 
     def train_examples(self) -> list:
-        size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
-        return self.task.sample_train(self.data_dir, size, self.lofit.seed)
+        return self.data.train_examples()
 
     def eval_examples(self) -> list:
-        return self.task.eval_examples(self.data_dir, self.run.eval_split)[: self.run.limit]
+        return self.data.eval_examples()
 
     def objective(self, lofit_model: LofitModel) -> Objective:
         """The task's training examples as an SFT or DPO objective."""
         return build_objective(lofit_model, self.tokenizer, self.train_examples(), self.run.beta)
-
-    def save_ranking(self, ranking: HeadRanking, k: int) -> None:
-        if is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            ranking.save(self.output_dir / "head_ranking.json", k)
-            head_heatmap(ranking.scores, ranking.top(k), self.output_dir / "heads.png")
 
     def context(self, examples: list, setup: TrainingSetup) -> FitContext:
         return FitContext(
@@ -331,7 +168,7 @@ class Job:
             self.timings["localization"] = log.localization
         if log.warnings:
             self.timings["warnings"] = log.warnings
-        self.save_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
+        self.folder.write_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
     def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking, setup: TrainingSetup) -> None:
@@ -347,17 +184,8 @@ class Job:
                 model, self.tokenizer, self.eval_examples(), self.run.eval_batch_size, self.run.progress
             )
         self.timings["eval_seconds"] = time.perf_counter() - start
-        if is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_text(
-                self.output_dir / "predictions.jsonl",
-                "".join(json.dumps(record) + "\n" for record in evaluation.records),
-            )
+        self.folder.write_predictions(evaluation.records)
         return evaluation
-
-    def write_metrics(self, metrics: dict) -> None:
-        if is_main_process():
-            write_json(self.output_dir / "metrics.json", metrics)
 
 
 def _summary(
@@ -395,8 +223,8 @@ def run_select(
 ) -> HeadRanking:
     """Step 1 only: write head_ranking.json and heads.png."""
     job = Job(run, lofit, compute, needs=("train",), models=models)
-    setup = job.training_setup()
-    job.write_config()
+    setup = job.folder.training_setup(job.compute)
+    job.folder.write_config(job.resolved_config())
     lofit_model = get_lofit_model(job.model, lofit)
     try:
         examples = job.train_examples()
@@ -413,16 +241,15 @@ def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path, compute: Co
     """Step 2 only, on the top heads of a saved ranking: write the adapter."""
     HeadRanking.load(ranking_path)  # refused before the model loads
     job = Job(run, lofit, compute, needs=("train",))
-    setup = job.training_setup()
-    job.write_config()
+    setup = job.folder.training_setup(job.compute)
+    job.folder.write_config(job.resolved_config())
     lofit_model = get_lofit_model(job.model, lofit)
     ranking = ranking_from_file(ranking_path, lofit_model)
     job.tune(lofit_model, job.objective(lofit_model), ranking, setup)
     summary = _summary(job, None, lofit_model)
-    if is_main_process():
-        get_method("lofit").save(
-            FitResult(lofit_model, lofit_model.num_adapter_parameters()), job.output_dir / "adapter", portable(summary)
-        )
+    job.folder.write_result(
+        get_method("lofit"), FitResult(lofit_model, lofit_model.num_adapter_parameters()), portable(summary)
+    )
     wait_for_everyone()
     return summary
 
@@ -465,65 +292,8 @@ def run_all(
     summary = {"task": run.task, "model": run.model, "method": run.method, "run_folder": str(base), "folds": summaries}
     summary |= {f"mean_{k}": v for k, v in mean.items()}
     summary["metric_keys"] = [f"mean_{key}" for key in summaries[0].get("metric_keys", [])]
-    if is_main_process():
-        write_json(base / "metrics.json", summary)
+    RunFolder(base).write_metrics(summary)
     return summary
-
-
-@dataclass(kw_only=True)
-class CellConfig:
-    """One fully resolved unit of work: what to run (one fold), how to fit it, where to compute it."""
-
-    run: RunConfig
-    lofit: LofitConfig = field(default_factory=LofitConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    method: object | None = None
-    """The config dataclass of ``run.method`` (None: its defaults, or a method without options)."""
-
-
-OPTION_OWNERS: dict[str, str] = {
-    f.name: name for name, method in METHODS.items() if method.config_class for f in fields(method.config_class)
-}
-"""Each method-specific option and the method it belongs to."""
-
-
-def build_configs(
-    values: dict[str, Any], methods: Sequence[str]
-) -> tuple[RunConfig, LofitConfig, ComputeConfig, dict[str, object | None]]:
-    """The one conversion of flat option values (flags, a ``--config`` file, an experiment cell)
-    into configs: RunConfig, LofitConfig, ComputeConfig and each of ``methods``' own config (None
-    for a method without options). Options of a method not in ``methods`` are refused first, on
-    their own; then every value a config refuses, all in one OptionsError, a problem per line."""
-    problems = [
-        f"--{name.replace('_', '-')} is an option of --method {OPTION_OWNERS[name]}; this run uses {', '.join(methods)}"
-        for name in sorted(values)
-        if name in OPTION_OWNERS and OPTION_OWNERS[name] not in methods
-    ]
-    if problems:
-        raise OptionsError(problems)
-    built = []
-    for cls in (RunConfig, LofitConfig, ComputeConfig):
-        try:
-            built.append(build_config(cls, values))
-        except ValueError as error:
-            problems.append(str(error))
-    method_configs: dict[str, object | None] = {}
-    for name in methods:
-        try:
-            config_class = get_method(name).config_class
-            method_configs[name] = build_config(config_class, values) if config_class is not None else None
-        except (ValueError, TypeError) as error:
-            problems.append(str(error))
-    if problems:
-        raise OptionsError(problems)
-    run, lofit, compute = built
-    return run, lofit, compute, method_configs
-
-
-def cell_config(values: dict[str, Any], method: str) -> CellConfig:
-    """The :class:`CellConfig` of one ``method`` run from flat option values (:func:`build_configs`)."""
-    run, lofit, compute, method_configs = build_configs(values, [method])
-    return CellConfig(run=run, lofit=lofit, compute=compute, method=method_configs[method])
 
 
 def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
@@ -536,8 +306,8 @@ def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
     start = time.perf_counter()
     method = get_method(run.method, cell.method)
     job = Job(run, lofit, compute, method_options=method.options(), models=models)
-    setup = job.training_setup()
-    job.write_config()
+    setup = job.folder.training_setup(job.compute)
+    job.folder.write_config(job.resolved_config())
     fit_start = time.perf_counter()
     result: FitResult | None = None
     try:
@@ -545,22 +315,19 @@ def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
         job.timings["fit_seconds"] = time.perf_counter() - fit_start
         job.timings |= result.log
         if result.ranking is not None:  # methods that rank heads return a LofitModel
-            job.save_ranking(result.ranking, len(result.model.selected_heads))
+            job.folder.write_ranking(result.ranking, len(result.model.selected_heads))
         try:
             evaluation = job.evaluate(result.model)
         except BaseException:
-            if is_main_process():  # a crash in evaluation loses no training: the adapter, without metrics
-                method.save(
-                    result,
-                    job.output_dir / "adapter",
-                    portable(_summary(job, None, result.model, result.trained_parameters)),
-                )
+            # a crash in evaluation loses no training: the adapter, without metrics
+            job.folder.write_result(
+                method, result, portable(_summary(job, None, result.model, result.trained_parameters))
+            )
             raise
         job.timings["total_seconds"] = time.perf_counter() - start
         summary = _summary(job, evaluation, result.model, result.trained_parameters)
-        if is_main_process():  # written once, with the evaluation's metrics
-            method.save(result, job.output_dir / "adapter", portable(summary))
-        job.write_metrics(summary)
+        job.folder.write_result(method, result, portable(summary))  # written once, with the evaluation's metrics
+        job.folder.write_metrics(summary)
     finally:
         if result is not None:
             release(result.model)
@@ -574,7 +341,7 @@ def run_eval(run: RunConfig, adapter: Path | None, compute: ComputeConfig | None
         replace(run, method=saved_method(adapter) if adapter else "zero-shot"), LofitConfig(), compute, needs=("eval",)
     )
     if run.output_dir is None:
-        job.output_dir = (adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}"
+        job.folder = RunFolder((adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}")
     model = load_adapted(job.model, adapter) if adapter else job.model
     evaluation = job.evaluate(model)
     trained = None
@@ -583,7 +350,7 @@ def run_eval(run: RunConfig, adapter: Path | None, compute: ComputeConfig | None
     summary = _summary(job, evaluation, model if adapter else None, trained) | {
         "adapter": str(adapter) if adapter else None
     }
-    job.write_metrics(summary)
+    job.folder.write_metrics(summary)
     wait_for_everyone()
     return summary
 

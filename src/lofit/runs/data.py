@@ -1,0 +1,39 @@
+"""A run's data: its task and examples, read and checked before the model loads.
+
+The task keeps the rows it parsed (:meth:`~lofit.tasks.base.Task.parsed`), so asking for the
+examples again (to train, to evaluate) reads no file a second time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from lofit.data.files import resolve_data_dir
+from lofit.runs.config import RunConfig
+from lofit.tasks import Task, get_task
+
+
+class RunData:
+    """The task of ``run`` and its examples; the splits named in ``needs`` ("train", "eval") are
+    read and checked now, so bad data fails before a model loads."""
+
+    def __init__(self, run: RunConfig, seed: int, needs: Collection[str] = ("train", "eval")):
+        self.run = run
+        self.seed = seed
+        self.task: Task = get_task(
+            run.task, fold=run.folds()[0], all_pairs=run.all_pairs, eval_file=run.eval_file, match=run.match
+        )
+        self.data_dir = resolve_data_dir(run.data_dir) if self.task.needs_data_dir else None
+        if "train" in needs:
+            self.train_examples()
+        if "eval" in needs:
+            self.eval_examples()
+
+    def train_examples(self) -> list:
+        """``--train-size`` training examples (the task's default size), sampled with the seed."""
+        size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
+        return self.task.sample_train(self.data_dir, size, self.seed)
+
+    def eval_examples(self) -> list:
+        """The ``--eval-split`` examples, the first ``--limit`` of them."""
+        return self.task.eval_examples(self.data_dir, self.run.eval_split)[: self.run.limit]
