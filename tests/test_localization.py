@@ -42,7 +42,7 @@ def test_equal_scores_are_not_localized_and_one_head_is():
     )
     single = torch.zeros(4, 5)
     single[2, 3] = 0.7
-    one = Localization.of(single, k=2)
+    one = Localization.of(single, k=1)
     assert one.top_share == 1.0 and one.effective_heads == pytest.approx(1.0)
     assert (
         (one.near_zero, one.exact_zero) == (19, 19) and one.localized and one.verdict().startswith("step 1 localized")
@@ -286,3 +286,21 @@ def test_grid_cells_take_a_recipe_below_their_own_options_and_share_rankings_whe
     assert own["bias_lr"] == 0.3 and own["scale_lr"] == 5e-4
     assert ranking_key(paper) == ranking_key(own) == ranking_key(scales)  # step 2's options do not change step 1
     assert ranking_key(group) == ranking_key(group_too) != ranking_key(paper)  # the group objective ignores l1_lambda
+
+
+def test_a_penalty_that_leaves_fewer_than_k_heads_says_to_lower_it():
+    scores = torch.zeros(3, 4)
+    scores[1, 2] = 0.4
+    figures = Localization.of(scores, k=3)
+    assert figures.localized and figures.kept == 1 and not figures.a_choice
+    assert figures.verdict("group").startswith("step 1 kept only 1 heads, fewer than K = 3")
+    assert "lower --group-lambda" in figures.verdict("group")
+    with pytest.warns(UserWarning, match="step 1 kept only 0 heads, fewer than K = 3"):
+        _, log = select_heads(
+            get_lofit_model(
+                tiny_model("llama"), LofitConfig(**CONFIG.to_dict() | {"selection": "group", "group_lambda": 10.0})
+            ),
+            SFT(synthetic_pairs(16), PAD),
+            progress=False,
+        )
+    assert log.localization["kept"] == 0

@@ -73,6 +73,16 @@ class Localization:
     def localized(self) -> bool:
         return self.max_score > 0 and self.top_share >= self.threshold
 
+    @property
+    def kept(self) -> int:
+        """Heads with a non-zero score: fewer than K means the top K include heads at zero, in index order."""
+        return self.total - self.exact_zero
+
+    @property
+    def a_choice(self) -> bool:
+        """Localized, and every one of the top K heads kept a non-zero score."""
+        return self.localized and self.kept >= self.k
+
     def summary(self) -> str:
         """One line of figures."""
         return (
@@ -83,7 +93,13 @@ class Localization:
         )
 
     def verdict(self, selection: str | None = None) -> str:
-        """The summary, preceded by whether the selection is localized and, when not, what to change."""
+        """The summary, preceded by whether the top K are a choice and, when not, what to change."""
+        lower = {"l1": "lower --l1-lambda", "group": "lower --group-lambda"}.get(selection or "", "lower the penalty")
+        if self.kept < self.k:
+            return (
+                f"step 1 kept only {self.kept} heads, fewer than K = {self.k}: the other {self.k - self.kept} of the "
+                f"top K are heads at zero, taken in index order; {lower}, or choose fewer heads"
+            )
         if self.localized:
             return f"step 1 localized: {self.summary()}"
         advice = {
@@ -97,5 +113,6 @@ class Localization:
         return asdict(self) | {
             "threshold": self.threshold,
             "localized": self.localized,
+            "kept": self.kept,
             "near_zero_fraction": NEAR_ZERO,
         }

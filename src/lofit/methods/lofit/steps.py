@@ -62,7 +62,8 @@ def select_heads(
 ) -> tuple[HeadRanking, TrainingLog]:
     """Step 1: train A on all heads with the configured sparsity (see the module docstring) and
     rank heads by ||A||_2. The log's ``localization`` holds :class:`Localization`'s figures for
-    the configured K, and a warning says so when the result is not localized."""
+    the configured K, and a warning says so when the result is not localized, or when fewer
+    than K heads kept a non-zero scale."""
     config = model.lofit_config
     generator = torch.Generator().manual_seed(config.seed)
     model.set_active_heads(None)
@@ -103,7 +104,7 @@ def select_heads(
     model.head_ranking = ranking.order
     localization = ranking.localization(config.num_heads_to_tune(len(ranking.order)))
     log.localization = localization.to_json()
-    if not localization.localized:
+    if not localization.a_choice:
         message = localization.verdict(config.selection)
         log.warnings.append(message)
         if process_index() == 0:
