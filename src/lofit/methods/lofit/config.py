@@ -68,10 +68,11 @@ class LofitConfig:
         default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)"}
     )
     group_lambda: float = field(
-        default=0.1,
+        default=0.02,
         metadata={
             "help": "mu of the head-level penalty mu * sum_h ||A_h||_2 of --selection group: a head keeps a "
-            "non-zero scale only while its averaged task gradient exceeds mu in norm"
+            "non-zero scale only while its averaged task gradient exceeds mu in norm (0.02: on CLUTRR 125 of "
+            "270 heads end at exactly 0; 0.1 removes every head)"
         },
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
