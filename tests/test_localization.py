@@ -304,3 +304,14 @@ def test_a_penalty_that_leaves_fewer_than_k_heads_says_to_lower_it():
             progress=False,
         )
     assert log.localization["kept"] == 0
+
+
+def test_a_cell_key_ignores_the_strength_its_objective_does_not_read():
+    from lofit.experiments.grid import config_key
+
+    l1 = {"task": "clutrr", "selection": "l1", "l1_lambda": 1e-3, "group_lambda": 0.1}
+    group = {"task": "clutrr", "selection": "group", "l1_lambda": 1e-3, "group_lambda": 0.02}
+    assert config_key("lofit", l1) == config_key("lofit", l1 | {"group_lambda": 0.02})
+    assert config_key("lofit", l1) != config_key("lofit", l1 | {"l1_lambda": 5e-3})
+    assert config_key("lofit", group) == config_key("lofit", group | {"l1_lambda": 5e-3})
+    assert config_key("lofit", group) != config_key("lofit", group | {"group_lambda": 0.01})

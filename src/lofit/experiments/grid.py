@@ -283,17 +283,22 @@ def resolve(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return resolved | options | {"method": method}
 
 
+UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
+"""The sparsity strength each step-1 objective (``selection``) does not read."""
+
+
 def config_key(method: str, options: dict[str, Any]) -> str:
-    """SHA-256 (hex, 16 digits) of the resolved configuration without :data:`UNHASHED`."""
-    kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED} | {"method": method}
+    """SHA-256 (hex, 16 digits) of the resolved configuration without :data:`UNHASHED` and
+    without the sparsity strength its step-1 objective does not read (:data:`UNUSED_BY_OBJECTIVE`:
+    a new default of ``group_lambda`` does not turn finished L1 cells into new ones)."""
+    unread = UNUSED_BY_OBJECTIVE.get(options.get("selection", "l1"), "")
+    kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED and k != unread} | {"method": method}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 STEP2_ONLY = option_group([RunConfig, LofitConfig], "step", 2)
 """Options step 1 does not read (``"step": 2`` in a field's metadata): cells differing only in
 these share one head ranking (a recipe's values are in the options themselves)."""
-UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
-"""The sparsity strength each step-1 objective (``selection``) does not read."""
 
 
 def ranking_key(options: dict[str, Any]) -> str:
@@ -305,7 +310,6 @@ def ranking_key(options: dict[str, Any]) -> str:
     kept["task"] = options.get("heads_task") or options["task"]
     if kept.get("heads") != "bias-based":
         kept.pop("bias_lr", None)
-    kept.pop(UNUSED_BY_OBJECTIVE.get(kept.get("selection", "l1"), ""), None)
     return config_key("ranking", kept)
 
 
