@@ -39,7 +39,7 @@ from lofit.methods import METHODS
 from lofit.methods.lofit.config import LofitConfig
 from lofit.runs.config import OPTION_OWNERS, CellConfig, RunConfig
 from lofit.runs.config import cell_config as build_cell_config
-from lofit.runs.recipes import recipe_options
+from lofit.runs.recipes import with_recipe
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.options import option_group
 
@@ -362,7 +362,7 @@ def make_cell(
     options |= {k: v for k, v in overrides.items() if k in shared}
     if phase == "tune":
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
-    options = recipe_options(options.get("recipe"), task) | options  # a recipe's values lie below every given option
+    options = with_recipe(options, task)  # a recipe's values lie below every given option
     options["method"] = arm.method
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
     cell = Cell(
