@@ -42,6 +42,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture(autouse=True)
+def float32_unless_asked(monkeypatch):
+    """Pin float32 autocast (accelerate launch's variable, which the default ``auto`` defers to):
+    tests that compare two trainings to 1e-5 must not run in bf16 on CPUs that support it.
+    Tests of the default delete the variable."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+
+
+@pytest.fixture(autouse=True)
 def one_thread_for_tiny_models(request):
     """The models here are tiny: one thread per op is faster than handing each small matmul to
     a pool, several times so when other processes share the cores. Integration tests on the

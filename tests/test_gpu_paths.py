@@ -414,7 +414,13 @@ def test_auto_mixed_precision_is_bf16_where_the_hardware_runs_it_faster(monkeypa
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
         assert training.resolve_mixed_precision("auto", cuda) == chosen
     assert training.resolve_mixed_precision("auto", torch.device("mps")) == "no"
-    assert training.resolve_mixed_precision(None, cpu) == "no"  # the default is unchanged
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # conftest pins float32 for the rest of the suite
+    for onednn, chosen in ((True, "bf16"), (False, "no")):  # the default is auto
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda onednn=onednn: onednn)
+        assert training.resolve_mixed_precision(None, cpu) == chosen
+        assert f"mixed precision: {chosen} (chosen by --mixed-precision auto)" in summary_printed(
+            monkeypatch, capsys, "--device", "cpu"
+        )
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert training.resolve_mixed_precision(None, cpu) == "bf16"
     assert "mixed precision: no\n" in summary_printed(monkeypatch, capsys, "--device", "cpu", "--mixed-precision", "no")

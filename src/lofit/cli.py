@@ -9,6 +9,7 @@ file may be flat (``bias_lr: 0.02``) or sectioned like a run's config.yaml
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -112,7 +113,8 @@ def _configs(args: argparse.Namespace) -> tuple[RunConfig, LofitConfig, ComputeC
 def _precision_line(compute: ComputeConfig) -> str:
     """The mixed precision the run computed under, and whether ``--mixed-precision auto`` chose it."""
     chosen = resolve_mixed_precision(compute.mixed_precision, run_device(compute))
-    chooser = " (chosen by --mixed-precision auto)" if compute.mixed_precision == "auto" else ""
+    requested = compute.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "auto")
+    chooser = " (chosen by --mixed-precision auto)" if requested == "auto" else ""
     return f"mixed precision: {chosen}{chooser}"
 
 

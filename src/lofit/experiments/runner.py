@@ -36,6 +36,7 @@ from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.pipeline import load_fresh, run_cell, run_select
 from lofit.tasks import get_task
+from lofit.training.loop import resolve_mixed_precision
 from lofit.utils.compute import ComputeConfig, hardware, resolve_device
 from lofit.utils.distributed import is_main_process
 
@@ -265,7 +266,10 @@ class Runner:
         return cell_config(cell, total_heads=1).compute
 
     def _hardware(self, cell: Cell) -> str:
-        return hardware(resolve_device(self._compute(cell).device))
+        """Where ``cell`` runs and in which autocast precision (``auto`` resolves per machine)."""
+        compute = self._compute(cell)
+        device = resolve_device(compute.device)
+        return f"{hardware(device)}, {resolve_mixed_precision(compute.mixed_precision, device)}"
 
     def _cell_config(self, cell: Cell, output_dir: Path):
         config = cell_config(cell, self.pool.total_heads(cell.config["model"], self._compute(cell)))

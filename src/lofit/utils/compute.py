@@ -71,10 +71,8 @@ class ComputeConfig:
         metadata={
             "help": (
                 "autocast forward passes: no, bf16, fp16 (needs a GPU) or auto (bf16 where the hardware runs it "
-                "faster: a CUDA "
-                "GPU with bf16 units, a CPU with oneDNN bf16 support; else no); adapters stay float32 (default: "
-                "accelerate "
-                "launch's setting, else no)"
+                "faster: a CUDA GPU with bf16 units, a CPU with oneDNN bf16 support; else no); adapters stay "
+                "float32 (default: accelerate launch's setting, else auto)"
             )
         },
     )
