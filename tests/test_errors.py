@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lofit import LofitConfig, LofitModel, get_lofit_model
 from lofit.data.files import DataError, resolve_data_dir
 from lofit.methods import FitResult, get_method, load_adapted
+from lofit.methods.lofit import adapter_io
 from lofit.methods.lofit.adapter_io import AdapterError, AdapterMismatchError
 from lofit.methods.lofit.merge import MergeError
 from lofit.methods.lofit.ranking import HeadRanking
@@ -263,6 +265,12 @@ def first_float(tensors: dict) -> str:
     return next(name for name, tensor in sorted(tensors.items()) if tensor.is_floating_point())
 
 
+def record_file(directory: Path) -> Path:
+    """The one metadata record of a saved result: lofit_method.json, or a per-head adapter's adapter_config.json."""
+    method_file = directory / "lofit_method.json"
+    return method_file if method_file.is_file() else directory / "adapter_config.json"
+
+
 BREAKAGES = {
     "truncated weights": (
         lambda d, w: (d / w).write_bytes((d / w).read_bytes()[:-7]),
@@ -291,23 +299,23 @@ BREAKAGES = {
         "unexpected tensor",
     ),
     "method file not JSON": (
-        lambda d, w: (d / "lofit_method.json").write_text("{not json"),
-        "lofit_method.json is not valid JSON",
+        lambda d, w: record_file(d).write_text("{not json"),
+        ".json is not valid JSON",
     ),
     "method file not an object": (
-        lambda d, w: (d / "lofit_method.json").write_text("[1, 2]"),
+        lambda d, w: record_file(d).write_text("[1, 2]"),
         "must hold a JSON object",
     ),
     "method file not UTF-8": (
-        lambda d, w: (d / "lofit_method.json").write_bytes(b'{"method": "\xff"}'),
+        lambda d, w: record_file(d).write_bytes(b'{"method": "\xff"}'),
         "is not valid JSON",
     ),
     "unknown method": (
-        lambda d, w: edit_json(d / "lofit_method.json", lambda r: r.update(method="sorcery")),
+        lambda d, w: edit_json(record_file(d), lambda r: r.update(method="sorcery")),
         "names an unknown method 'sorcery'",
     ),
     "method of another type": (
-        lambda d, w: edit_json(d / "lofit_method.json", lambda r: r.update(method=["lofit"])),
+        lambda d, w: edit_json(record_file(d), lambda r: r.update(method=["lofit"])),
         "names an unknown method",
     ),
 }
@@ -599,7 +607,10 @@ def test_an_interrupted_save_leaves_the_previous_result_whole(name, tmp_path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "write_method_file", interrupted)
+    if hasattr(module, "write_method_file"):
+        monkeypatch.setattr(module, "write_method_file", interrupted)
+    else:  # a per-head adapter: interrupted at its last file, the model card, after the others are staged
+        monkeypatch.setattr(adapter_io, "write_text", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_result(name, directory)
     assert folder_bytes(directory) == before

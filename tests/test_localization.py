@@ -15,13 +15,14 @@ from accelerate import Accelerator
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.cli import OptionsError, _configs, build_parser, main
+from lofit.experiments.grid import Arm, Grid, expand
 from lofit.methods import get_method
 from lofit.methods.base import FitContext
 from lofit.methods.lofit.localization import Localization
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.steps import select_heads, shrink_heads, tune_biases
 from lofit.methods.red import RedConfig
-from lofit.runs.recipes import RECIPES
+from lofit.runs.recipes import RECIPES, TASK_DEFAULTS
 from lofit.training.loop import TrainingLog
 from lofit.training.objectives import SFT
 
@@ -202,8 +203,32 @@ def test_paper_recipe_fills_the_scripts_values_below_explicit_options(tmp_path):
     assert set(RECIPES["paper"]) == {"clutrr", "mquake", "truthfulqa"}
 
 
+def test_a_task_with_measured_step_1_defaults_starts_from_them_below_every_given_option(tmp_path):
+    _, clutrr, _, _ = parse(["run", "--task", "clutrr"])
+    assert (clutrr.selection, clutrr.group_lambda) == (TASK_DEFAULTS["clutrr"]["selection"], 0.05)
+    assert parse(["run", "--task", "clutrr", "--selection", "l1"])[1].selection == "l1"
+    assert parse(["run", "--task", "clutrr:mmlu"])[1].group_lambda == 0.05  # trains as CLUTRR does
+    assert parse(["run", "--task", "clutrr", "--group-lambda", "0.02"])[1].group_lambda == 0.02
+    plain = LofitConfig()
+    for argv in (["--task", "clutrr", "--recipe", "none"], ["--task", "clutrr", "--recipe", "paper"]):
+        assert parse(["run", *argv])[1].selection == plain.selection
+    user_task = write_task(tmp_path / "mine.jsonl")
+    assert parse(["run", "--task", str(user_task)])[1] == plain
+    grid = Grid(
+        name="g",
+        description="",
+        tasks=["clutrr"],
+        seeds=[1],
+        arms=[Arm("LoFiT", "lofit"), Arm("L1", "lofit", {"selection": "l1"}), Arm("LoRA", "lora")],
+    )
+    options = {cell.label: dict(cell.options) for cell in expand(grid, "test", {})}
+    assert (options["LoFiT"]["selection"], options["LoFiT"]["group_lambda"]) == ("group", 0.05)
+    assert options["L1"]["selection"] == "l1"
+    assert options["LoRA"]["selection"] == plain.selection  # another method's cells keep their keys
+
+
 def test_bad_recipes_and_values_are_refused_before_anything_loads(tmp_path, capsys):
-    with pytest.raises(OptionsError, match="unknown recipe 'papr'; choose one of: paper"):
+    with pytest.raises(OptionsError, match="unknown recipe 'papr'; choose one of: paper, none"):
         parse(["run", "--recipe", "papr"])
     with pytest.raises(OptionsError, match="recipe 'paper' covers the tasks clutrr, mquake, truthfulqa"):
         parse(["run", "--recipe", "paper", "--task", str(tmp_path / "mine.jsonl")])

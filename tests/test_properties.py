@@ -336,9 +336,15 @@ METHOD_KEYS = [
 PEFT_KEYS = ["peft_type", "r", "lora_alpha", "target_modules", "task_type", "bias", "lora_dropout", "fan_in_fan_out"]
 
 
+RECORD = "lofit_method.json"
+"""The metadata record the method-file edits target (adapter_config.json for LoFiT and ITI, which have no other)."""
+
+
 def apply_edit(directory: Path, edit: tuple) -> None:
     file_name, path, value, delete = edit
     target = directory / file_name
+    if file_name == RECORD and not target.is_file():  # a per-head adapter's one record
+        target = directory / "adapter_config.json"
     if path is None:
         target.write_text(json.dumps(value))
     else:
@@ -346,7 +352,7 @@ def apply_edit(directory: Path, edit: tuple) -> None:
 
 
 @MODEL_LOADS
-@given(name=st.sampled_from(SAVED_METHODS), edit=config_edits("lofit_method.json", METHOD_KEYS))
+@given(name=st.sampled_from(SAVED_METHODS), edit=config_edits(RECORD, METHOD_KEYS))
 def test_any_method_file_loads_or_raises_an_adapter_error(saved, name, edit):
     EXAMPLES["lofit_method.json edits"] += 1
     load_damaged(saved[name], lambda directory: apply_edit(directory, edit))

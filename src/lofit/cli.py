@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import yaml
 
 from lofit.experiments import shipped_grids
 from lofit.experiments.command import run_experiment_command
+from lofit.experiments.executors import EXECUTORS
 from lofit.experiments.report import write_report
 from lofit.methods import METHOD_CONFIGS
 from lofit.methods.lofit.config import LofitConfig
@@ -33,7 +34,8 @@ from lofit.runs.plots import head_heatmap
 from lofit.runs.recipes import with_recipe
 from lofit.tasks import TASKS
 from lofit.training.loop import NonFiniteLossError, resolve_mixed_precision
-from lofit.utils.compute import ComputeConfig, run_device
+from lofit.training.trackers import TrackerRun, tracking
+from lofit.utils.compute import TRACKERS, ComputeConfig, report_to_list, run_device
 from lofit.utils.distributed import is_main_process
 from lofit.utils.options import OptionsError, field_type
 
@@ -52,8 +54,32 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: st
             group.add_argument(
                 option, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
+        elif f.metadata.get("repeatable"):
+            group.add_argument(option, dest=f.name, action=_JoinAction, default=argparse.SUPPRESS, help=help_text)
         else:
             group.add_argument(option, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+class _JoinAction(argparse.Action):
+    """A repeatable option whose values are joined by commas: ``--report-to a --report-to b`` is ``a,b``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
+def _tracker_run(
+    command: str, run: RunConfig, lofit: LofitConfig, compute: ComputeConfig, method_configs: dict
+) -> TrackerRun:
+    """The tracker run of a training command (``--report-to``): written under ``<run folder>/trackers``
+    (compare: its comparison folder), named after that folder, configured with every resolved option."""
+    folder = run.resolved_output_dir()
+    if command == "compare" and not run.output_dir:
+        folder = Path(f"{folder}-compare")
+    config = {"command": command} | asdict(run) | lofit.to_dict() | asdict(compute)
+    for method_config in method_configs.values():
+        config |= asdict(method_config) if method_config is not None else {}
+    return TrackerRun(compute.report_to, folder / "trackers", project="lofit", name=folder.name, config=config)
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
@@ -246,6 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the cells, which are done, and estimated times; run nothing"
     )
     experiment.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    experiment.add_argument(
+        "--status",
+        action="store_true",
+        help="show which cells are done, running, failed or waiting, with elapsed and estimated times "
+        "(readable while another process runs the experiment); run nothing",
+    )
+    experiment.add_argument(
+        "--report-to",
+        action="append",
+        choices=TRACKERS,
+        help="log every cell (one tracker run per cell, grouped by experiment) to a tracker (repeatable)",
+    )
+    engine = experiment.add_argument_group("where the cells run (see docs/experiments.md)")
+    engine.add_argument(
+        "--executor",
+        default="local",
+        choices=EXECUTORS,
+        help="local: on this machine (default); ray: each cell a Ray task (lofit[ray]); slurm: each cell a "
+        "Slurm job through submitit (lofit[slurm])",
+    )
+    engine.add_argument(
+        "--workers",
+        type=int,
+        help="cells at once: local processes (default 1: in this process); with ray or slurm, at most this many "
+        "cells submitted at a time (default: every ready cell)",
+    )
+    engine.add_argument("--cell-cpus", type=float, help="ray, slurm: CPUs per cell (default: 1)")
+    engine.add_argument("--cell-gpus", type=float, help="ray, slurm: GPUs per cell (default: 0)")
+    engine.add_argument(
+        "--ray-address", help="ray: the cluster to join (e.g. auto, ray://host:10001; default: a local Ray for the run)"
+    )
+    engine.add_argument("--slurm-partition", help="slurm: the partition (default: the cluster's)")
+    engine.add_argument("--slurm-time", type=int, help="slurm: minutes a cell's job may run (default: 240)")
     report = commands.add_parser(
         "report", help="Rebuild an experiment's report.md, report.csv and figures from its results.jsonl."
     )
@@ -259,7 +318,52 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the K of the run that saved the ranking, else 20)",
     )
     heads.add_argument("--output", help="PNG path (default: heads.png beside the ranking)")
+    serve = commands.add_parser(
+        "serve",
+        help="Serve a base model and many adapters over an OpenAI-compatible HTTP API (needs lofit[serve]).",
+        description="See docs/serving.md.",
+    )
+    serve.add_argument("--model", default="default", help="the base model (default: default)")
+    serve.add_argument("--adapters", help="folder whose subfolders are adapters or run folders, named by subfolder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("LOFIT_API_KEY"),
+        help="bearer key every /v1 request must send (default: $LOFIT_API_KEY); without one, only 127.0.0.1",
+    )
+    serve.add_argument("--max-batch", type=int, default=16, help="rows per batch (default: 16)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests queued or running; then 429 (default: 64)")
+    serve.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens of a request (default: 512)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt in tokens (default: 2048)")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (default: 120)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """``lofit serve``: FastAPI and uvicorn are the optional extra lofit[serve], imported only here."""
+    try:
+        from lofit.serving.app import ServerLimits
+        from lofit.serving.server import serve
+    except ImportError as error:
+        raise ValueError(f"lofit serve needs FastAPI and uvicorn: pip install 'lofit[serve]' ({error})") from None
+    limits = ServerLimits(
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, request_timeout=args.timeout
+    )
+    serve(
+        args.model,
+        Path(args.adapters) if args.adapters else None,
+        args.host,
+        args.port,
+        args.api_key,
+        limits,
+        args.max_batch,
+        args.max_queue,
+        args.device,
+        args.dtype,
+    )
 
 
 def _silence_library_progress_bars() -> None:
@@ -285,29 +389,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             head_heatmap(ranking.scores, ranking.top(top), output)
             print(f"heatmap: {output}")
         elif args.command == "experiment":
-            run_experiment_command(args)
+            if run_experiment_command(args):
+                return 1
         elif args.command == "report":
             print(f"report: {write_report(Path(args.folder))}")
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "merge":
             compute = ComputeConfig(device=args.device, dtype=args.dtype, device_map=args.device_map)
             run_merge(args.model, Path(args.adapter), Path(args.output_dir), compute)
             print(f"merged checkpoint: {args.output_dir}")
         else:
             run, lofit, compute, method_configs = _configs(args)
-            if args.command == "select":
-                ranking = run_select(run, lofit, compute)
-                if is_main_process():
-                    _print_ranking(ranking, lofit.num_heads_to_tune(len(ranking.order)))
-                    print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
-            elif args.command == "tune":
-                _print_summary(run_tune(run, lofit, Path(args.ranking), compute), compute)
-            elif args.command == "run":
-                _print_summary(run_all(run, lofit, method_configs[run.method], compute), compute)
-            elif args.command == "compare":
-                summaries, folder = run_compare(run, lofit, list(method_configs), method_configs, compute)
-                if is_main_process():
-                    print(comparison_table(summaries))
-                    print(f"comparison folder: {folder}")
+            if args.command == "eval" and report_to_list(compute.report_to):
+                raise OptionsError(
+                    ["--report-to logs training: lofit eval trains nothing (use it with run, select, tune or compare)"]
+                )
+            if args.command in ("select", "tune", "run", "compare"):
+                with tracking(_tracker_run(args.command, run, lofit, compute, method_configs)) as session:
+                    if args.command == "select":
+                        ranking = run_select(run, lofit, compute)
+                        top = lofit.num_heads_to_tune(len(ranking.order))
+                        if session is not None:
+                            session.log_summary({"localization": ranking.localization(top).to_json()})
+                        if is_main_process():
+                            _print_ranking(ranking, top)
+                            print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
+                    elif args.command == "compare":
+                        summaries, folder = run_compare(run, lofit, list(method_configs), method_configs, compute)
+                        for summary in summaries if session is not None else []:
+                            session.log(f"final/{summary['method']}", summary)
+                        if is_main_process():
+                            print(comparison_table(summaries))
+                            print(f"comparison folder: {folder}")
+                    else:
+                        if args.command == "tune":
+                            summary = run_tune(run, lofit, Path(args.ranking), compute)
+                        else:
+                            summary = run_all(run, lofit, method_configs[run.method], compute)
+                        if session is not None:
+                            session.log_summary(summary)
+                        _print_summary(summary, compute)
             elif args.command == "eval" and args.harness_tasks:
                 from lofit.harness import harness_command  # lm-eval is optional: imported only when asked for
 

@@ -23,6 +23,14 @@ HOW_TO_GET_DATA = (
 )
 
 
+OOD_FOLDER = "ood"
+"""The data folder's sub-folder of the out-of-domain evaluation sets (nq_open/, triviaqa/, mmlu/)."""
+HOW_TO_GET_OOD_DATA = (
+    "the out-of-domain sets (NQ-open, TriviaQA, MMLU; evaluation only) live in the data folder's ood/, written by "
+    "its make_ood_data.py from public repositories at pinned commits (see docs/tasks.md)"
+)
+
+
 class DataError(ValueError):
     """A data file that is missing or malformed; the message names the file and the row."""
 
@@ -64,9 +72,10 @@ def finite_number(value: Any) -> bool:
 
 def require_file(path: Path) -> Path:
     """``path`` if it is a file; else a DataError, which for a file of a built-in task's
-    folder (:data:`TASK_FOLDERS`) also says where the data come from."""
+    folder (:data:`TASK_FOLDERS`, or one under :data:`OOD_FOLDER`) also says where the data come from."""
     if not path.is_file():
         hint = f"; {HOW_TO_GET_DATA}" if path.parent.name in TASK_FOLDERS else ""
+        hint = f"; {HOW_TO_GET_OOD_DATA}" if path.parent.parent.name == OOD_FOLDER else hint
         raise DataError(f"data file {path} is missing{hint}")
     return path
 

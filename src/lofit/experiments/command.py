@@ -1,16 +1,23 @@
-"""``lofit experiment``: the command-line options turned into a grid, overrides and a run."""
+"""``lofit experiment``: the command-line options turned into a grid, overrides, an executor and a run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lofit.experiments.executors import EXECUTORS, Executor, LocalExecutor, RayExecutor, SlurmExecutor
 from lofit.experiments.grid import Grid, load_grid
+from lofit.experiments.progress import FAILURES
 from lofit.experiments.report import report_kind, write_report
-from lofit.experiments.runner import Runner
+from lofit.experiments.results import RESULTS
+from lofit.experiments.runner import Runner, run_job
+from lofit.training.trackers import check_trackers
 from lofit.utils.distributed import is_main_process
 
 
@@ -50,17 +57,89 @@ def configure(args: argparse.Namespace) -> tuple[Grid, dict[str, Any], Path]:
         k: v for k, v in (("model", args.model), ("limit", args.limit), ("data_dir", args.data_dir)) if v is not None
     }
     overrides["progress"] = args.progress
+    if args.report_to:
+        overrides["report_to"] = ",".join(args.report_to)
+    check_trackers(overrides.get("report_to", grid.options.get("report_to")))
     model = Path(str(overrides.get("model", grid.options.get("model", "default")))).name.removesuffix(".gguf")
     folder = Path(args.output_dir) if args.output_dir else Path("runs") / "experiments" / f"{grid.name}-{model}"
     return grid, overrides, folder
 
 
-def run_experiment_command(args: argparse.Namespace) -> None:
+def make_executor(args: argparse.Namespace, folder: Path) -> Executor | None:
+    """The executor of ``--executor`` (None: the cells one after another in this process), its
+    options checked: each option of one executor is refused with another."""
+    if args.executor not in EXECUTORS:
+        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {args.executor!r}")
+    given = {
+        "--workers": args.workers,
+        "--cell-cpus": args.cell_cpus,
+        "--cell-gpus": args.cell_gpus,
+        "--ray-address": args.ray_address,
+        "--slurm-partition": args.slurm_partition,
+        "--slurm-time": args.slurm_time,
+    }
+    allowed = {
+        "local": {"--workers"},
+        "ray": {"--workers", "--cell-cpus", "--cell-gpus", "--ray-address"},
+        "slurm": {"--workers", "--cell-cpus", "--cell-gpus", "--slurm-partition", "--slurm-time"},
+    }[args.executor]
+    refused = [option for option, value in given.items() if value is not None and option not in allowed]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} do(es) not apply to --executor {args.executor}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}")
+    if args.executor == "local":
+        return LocalExecutor(run_job, args.workers) if args.workers and args.workers > 1 else None
+    if args.executor == "ray":
+        return RayExecutor(run_job, args.ray_address, args.cell_cpus or 1, args.cell_gpus or 0, capacity=args.workers)
+    return SlurmExecutor(
+        run_job,
+        folder / "slurm",
+        args.slurm_partition,
+        args.slurm_time or 240,
+        gpus=int(args.cell_gpus or 0),
+        cpus=int(args.cell_cpus or 1),
+        capacity=args.workers,
+    )
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler ending the driver's job, ``kill``) handled like Ctrl-C for the ``with``
+    block: the jobs in flight are cancelled and their running markers removed."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """``lofit experiment``: list (``--dry-run``), show progress (``--status``) or run; 1 when
+    cells failed (they run again next time), else 0."""
     grid, overrides, folder = configure(args)
+    if args.dry_run and args.status:
+        raise ValueError("give --dry-run or --status, not both")
+    if (args.dry_run or args.status) and (args.executor != "local" or args.workers is not None):
+        raise ValueError("--dry-run and --status run nothing: --executor and its options do not apply")
     runner = Runner(grid, folder, overrides, tune=args.tune)
-    if args.dry_run:
-        print(runner.listing())
-        return
-    runner.run()
-    if is_main_process():
-        print(f"results: {folder / 'results.jsonl'}\nreport: {write_report(folder)}")
+    if args.dry_run or args.status:
+        print(runner.listing() if args.dry_run else runner.status())
+        return 0
+    runner.executor = make_executor(args, folder)
+    with _terminate_as_interrupt():
+        runner.run()
+    if not is_main_process():
+        return 0
+    print(f"results: {folder / RESULTS}\nreport: {write_report(folder)}")
+    if runner.failed:
+        print(
+            f"{len(runner.failed)} cell(s) or step-1 ranking(s) failed (errors in {folder / FAILURES / RESULTS}); "
+            "run the same command again to retry them"
+        )
+        return 1
+    return 0

@@ -45,7 +45,7 @@ from lofit.utils.options import option_group
 
 RUNNER_OPTIONS = {"heads_task": None, "select_only": False}
 """The runner's own cell options and their defaults."""
-UNHASHED = option_group([RunConfig], "hashed", False)
+UNHASHED = option_group([RunConfig, ComputeConfig], "hashed", False)
 """Options that do not change a cell's result, left out of its key (``"hashed": False`` in a
 field's metadata)."""
 ALL_HEADS = "all"
@@ -362,8 +362,7 @@ def make_cell(
     options |= {k: v for k, v in overrides.items() if k in shared}
     if phase == "tune":
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
-    options = with_recipe(options, task)  # a recipe's values lie below every given option
-    options["method"] = arm.method
+    options = with_recipe(options | {"method": arm.method}, task)  # a recipe's values lie below every given option
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
     cell = Cell(
         experiment=grid.name,

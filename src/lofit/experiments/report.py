@@ -382,6 +382,68 @@ def cross_task(records: list[dict], folder: Path) -> str:
     return "\n".join(lines) + "\n\nFigure: `cross_task.png`.\n"
 
 
+def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
+    """Each arm's main metric on each evaluation task (the part of a ``TRAIN:EVAL`` task after
+    the colon) against the baseline arm (``baseline`` in the grid's report spec, default
+    ``No-FT``): the baseline's absolute score, every other arm's change in points with the
+    paired bootstrap test against the baseline, per example (and seed: the seeds the two cells
+    share, concatenated), as in the paper's Table 5."""
+    baseline = spec.get("baseline", "No-FT")
+    by_cell: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        if r.get("phase") == "test":
+            by_cell[(r["label"], r["task"])][r["seed"]] = r
+    if not by_cell:
+        return ""
+    labels = list(dict.fromkeys(label for label, _ in by_cell))
+    tasks = list(dict.fromkeys(task for _, task in by_cell))
+    if baseline not in labels:
+        return f"## Out-of-domain change\n\nNo {baseline} (baseline) runs yet: no comparison.\n"
+    labels = [baseline] + [label for label in labels if label != baseline]
+    metrics = {task: next(iter(runs.values()))["metric"] for (_, task), runs in by_cell.items()}
+    names = [task.partition(":")[2] or task for task in tasks]
+    columns = [f"{name} ({metrics[task]})" for name, task in zip(names, tasks)]
+    lines = [
+        f"## Out-of-domain change: each arm against {baseline}",
+        "",
+        f"Cells: the main metric (mean over seeds) and its change in points against {baseline} on the same "
+        "questions [95% interval], p: paired bootstrap test, 10,000 resamples. A task `TRAIN:EVAL` was "
+        "trained on TRAIN and evaluated on EVAL.",
+        "",
+        "| arm | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    matrix = []
+    for label in labels:
+        cells, values = [], []
+        for task in tasks:
+            runs, base = by_cell.get((label, task), {}), by_cell.get((baseline, task), {})
+            if not runs:
+                cells.append("missing")
+                values.append(None)
+                continue
+            score = statistics.fmean(r["score"] for r in runs.values())
+            seeds = sorted(set(runs) & set(base))
+            if label == baseline or not seeds:
+                cells.append(f"**{100 * score:.1f}**" if label == baseline else f"{100 * score:.1f} (no {baseline})")
+                values.append(0.0 if label == baseline else None)
+                continue
+            test = paired_bootstrap(
+                [v for s in seeds for v in runs[s]["per_example"]], [v for s in seeds for v in base[s]["per_example"]]
+            )
+            cells.append(
+                f"{100 * score:.1f} ({100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], "
+                f"p={test.p_value:.3f})"
+            )
+            values.append(100 * test.difference)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        matrix.append(values)
+    matrix_plot(
+        matrix, labels, names, folder / "out_of_domain.png", f"change vs. {baseline} (points)", "arm", "evaluated on"
+    )
+    return "\n".join(lines) + "\n\nFigure: `out_of_domain.png`.\n"
+
+
 def jaccard(a: set, b: set) -> float:
     """|A ∩ B| / |A ∪ B|: 1 for equal head sets, 0 for disjoint ones."""
     return len(a & b) / len(a | b) if a | b else 1.0
@@ -547,6 +609,7 @@ REPORT_KINDS: dict[str, ReportSection] = {
     "cross-task": lambda records, rows, folder, spec: cross_task(records, folder),
     "layers": lambda records, rows, folder, spec: layers(records, folder),
     "curve": lambda records, rows, folder, spec: curve(rows, folder, spec["x"]),
+    "ood": lambda records, rows, folder, spec: out_of_domain(records, folder, spec),
 }
 """A grid's ``report: {kind: NAME}`` -> the section it adds below the results table."""
 

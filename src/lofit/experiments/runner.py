@@ -10,6 +10,12 @@
   by another experiment folder beside this one (same parent) is copied, not recomputed.
 - The model is loaded once per process (:class:`ModelPool`) and lent to each cell; each
   cell takes its adapter off again, which the pool checks before lending it out.
+- Cells run on an :class:`~lofit.experiments.executors.Executor` (this process by default;
+  local worker processes, Ray tasks or Slurm jobs) as :class:`Job` s: each step-1 ranking
+  before the cells that need it. Only this driver appends to ``results.jsonl``; a job that
+  fails is recorded in ``failures/results.jsonl`` and runs again on the next run, and the
+  jobs in flight are marked in ``running/`` for :meth:`Runner.status`
+  (:mod:`~lofit.experiments.progress`). A cell opens one tracker run (``report_to``).
 - With ``tune``, every arm's trials run first on the validation split with the first
   seed; where the best trial of a (task, arm, sweep point) sits at an edge of a numeric
   option's explored range, trials one log step beyond are added (:func:`~.grid.search`,
@@ -19,11 +25,13 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,12 +39,24 @@ from typing import Any
 import torch
 
 from lofit.data.files import resolve_data_dir
+from lofit.experiments.executors import Executor, InlineExecutor
 from lofit.experiments.grid import Cell, Grid, Search, cell_config, check_tuning, expand, ranking_key, search
+from lofit.experiments.progress import (
+    clear_stale_markers,
+    elapsed_seconds,
+    read_failures,
+    read_markers,
+    record_failure,
+    remove_marker,
+    write_marker,
+)
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods.lofit.ranking import HeadRanking
+from lofit.runs.config import CellConfig
 from lofit.runs.pipeline import load_fresh, run_cell, run_select
 from lofit.tasks import get_task
 from lofit.training.loop import resolve_mixed_precision
+from lofit.training.trackers import TrackerRun, TrackerSession, tracking
 from lofit.utils.compute import ComputeConfig, hardware, resolve_device
 from lofit.utils.distributed import is_main_process
 
@@ -108,11 +128,17 @@ class Runner:
         tune: bool = False,
         pool: ModelPool | None = None,
         log: Callable[[str], None] = print,
+        executor: Executor | None = None,
     ):
+        """``executor`` runs the cells (default: one after another in this process, on ``pool``'s
+        models); :meth:`run` closes it when it ends."""
         self.grid, self.folder, self.tune, self.log = grid, Path(folder), tune, log
         self.overrides = dict(overrides or {})
         self.pool = pool or ModelPool()
+        self.executor = executor
         self.done = {record["key"]: record for record in read_results(self.folder)}
+        self.failed: dict[str, str] = {}
+        """The jobs (by key) that failed in this process's :meth:`run`, with their errors."""
         if tune:
             check_tuning(grid)
         for cell in self.trials() + self.test_cells():
@@ -174,7 +200,7 @@ class Runner:
         """Seconds a cell should take, and whether they were measured: the mean of finished
         cells of its method, task and phase on this hardware (or of unrecorded hardware),
         else a rough rate for the default model on 2 CPU cores."""
-        here = self._hardware(cell)
+        here = cell_hardware(cell)
         similar = [
             r["seconds"]
             for r in self.done.values()
@@ -231,25 +257,171 @@ class Runner:
         lines.append(summary)
         return "\n".join(lines)
 
+    def status(self) -> str:
+        """Every cell as done (with its time), running (elapsed, and the estimate left), failed
+        (with the last line of its error) or waiting (estimated), from the files the driver keeps
+        (:mod:`~lofit.experiments.progress`): readable while another process runs the experiment."""
+        running, failures = read_markers(self.folder), read_failures(self.folder)
+        counts = dict.fromkeys(("done", "running", "failed", "waiting"), 0)
+        lines, left = [], 0.0
+        cells = self.trials() + self.test_cells()
+        for cell in cells:
+            if cell.key in self.done:
+                state, note = "done", f"{self.done[cell.key]['seconds'] / 60:.1f} min"
+            elif cell.key in running:
+                elapsed = elapsed_seconds(running[cell.key])
+                estimate = self.estimate(cell)[0]
+                left += max(0.0, estimate - elapsed)
+                state, note = "running", f"{elapsed / 60:.1f} min, ~{max(0.0, estimate - elapsed) / 60:.0f} min left"
+            elif cell.key in failures:
+                left += self.estimate(cell)[0]
+                state, note = "failed", failures[cell.key]["error"].strip().splitlines()[-1]
+            else:
+                left += self.estimate(cell)[0]
+                state, note = "waiting", f"~{self.estimate(cell)[0] / 60:.0f} min"
+            counts[state] += 1
+            lines.append(f"{cell.key}  {state:<8} {cell.describe()}: {note}")
+        keys = {cell.key for cell in cells}
+        for key, marker in running.items():  # step-1 rankings, which are not cells of the grid
+            if key not in keys:
+                lines.append(f"{key}  running  {marker['cell']}: {elapsed_seconds(marker) / 60:.1f} min")
+        for key, failure in failures.items():
+            if key not in keys and key not in self.done and key not in running:
+                lines.append(f"{key}  failed   {failure['cell']}: {failure['error'].strip().splitlines()[-1]}")
+        executors = sorted({marker["executor"] for marker in running.values()})
+        lines.append(
+            f"{len(cells)} cells: {counts['done']} done, {counts['running']} running, {counts['failed']} failed "
+            f"(retried by the next run), {counts['waiting']} waiting; about {left / 3600:.1f} h of cell time left"
+            + (f" (running on {', '.join(executors)})" if executors else "")
+        )
+        return "\n".join(lines)
+
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> list[dict]:
-        """Run every cell not yet in results.jsonl: the tuning trials, extension trials included,
-        until every group has settled, then the test cells; return all of this grid's records."""
-        while todo := [cell for cell in self.trials() if cell.key not in self.done]:
-            for cell in todo:
-                self._run(cell)
-        tests = self.test_cells()
-        for cell in tests:
-            self._run(cell)
-        return [self.done[c.key] for c in self.trials() + tests if c.key in self.done]
+        """Run every cell not yet in results.jsonl on the executor: the tuning trials, extension
+        trials included, until every group has settled, then the test cells; return all of this
+        grid's records. A cell that fails is recorded in ``failures/results.jsonl`` (it runs again
+        on the next run) and the others go on; test cells wait for their group's tuning to settle."""
+        self.failed = {}
+        clear_stale_markers(self.folder)
+        executor = self.executor or InlineExecutor(functools.partial(run_job, pool=self.pool))
+        interrupted = True
+        try:
+            while todo := [cell for cell in self.trials() if cell.key not in self.done and cell.key not in self.failed]:
+                self._execute(todo, executor)
+            unsettled = {group for group, s in self.searches().items() if not s.settled}
+            self._execute([c for c in self.test_cells() if (c.task, c.label, c.point) not in unsettled], executor)
+            interrupted = False
+        finally:
+            executor.close(cancel=interrupted)
+        return [self.done[c.key] for c in self.trials() + self.test_cells() if c.key in self.done]
 
-    def _run(self, cell: Cell) -> None:
-        if cell.key in self.done:
-            return
-        self.log(f"[{cell.key}] {cell.describe()}")
-        record = self._ranking_record(cell) if cell.phase == "ranking" else self._fit(cell)
-        self._record(record)
+    def _execute(self, cells: list[Cell], executor: Executor) -> None:
+        """Run ``cells`` on ``executor``, each step-1 ranking they need first (once per key), as
+        many at once as it takes, in the order of ``cells`` where it runs one at a time."""
+        queue: list[tuple[tuple[int, int], Job]] = []
+        blocked: dict[str, list[tuple[int, Cell]]] = {}  # ranking key -> the cells waiting for it
+        for index, cell in enumerate(cells):
+            if cell.key in self.done or cell.key in self.failed:
+                continue
+            if cell.phase == "ranking":  # step 1 alone: its own ranking job, which later cells may wait for
+                if cell.key not in blocked and self._needs_ranking(cell):
+                    blocked[cell.key] = []
+                    queue.append(((index, 0), self._ranking_job(cell)))
+                continue
+            key = ranking_key(cell.config)
+            if cell.method != "lofit" or cell.config["heads"] == "file" or key in self.done:
+                queue.append(((index, 1), self._cell_job(cell)))
+            elif key in self.failed:
+                self._fail(
+                    Job("cell", cell, self.folder, cell.key), f"its step-1 ranking {key} failed: {self.failed[key]}"
+                )
+            elif key in blocked:
+                blocked[key].append((index, cell))
+            elif self._needs_ranking(cell):
+                blocked[key] = [(index, cell)]
+                queue.append(((index, 0), self._ranking_job(cell)))
+            else:  # a sibling experiment's ranking, recorded just now
+                queue.append(((index, 1), self._cell_job(cell)))
+        running: dict[int, Job] = {}
+        ids = itertools.count()
+        try:
+            while queue or running:
+                queue.sort(key=lambda entry: entry[0])
+                while queue and (executor.capacity is None or len(running) < executor.capacity):
+                    job = queue.pop(0)[1]
+                    running[job_id := next(ids)] = job
+                    write_marker(self.folder, job.key, job.describe(), executor.name)
+                    self.log(f"[{job.key}] {job.describe()}")
+                    executor.submit(job_id, job)
+                job_id, record, error = executor.wait()
+                job = running.pop(job_id)
+                remove_marker(self.folder, job.key)
+                waiting = blocked.pop(job.key, []) if job.kind == "ranking" else []
+                if error is None:
+                    self._record(record)
+                    queue += [((index, 1), self._cell_job(cell)) for index, cell in waiting]
+                    continue
+                self._fail(job, error)
+                for _, cell in waiting:
+                    self._fail(
+                        Job("cell", cell, self.folder, cell.key), f"its step-1 ranking {job.key} failed: {error}"
+                    )
+        finally:
+            for job in running.values():  # interrupted: these jobs did not finish
+                remove_marker(self.folder, job.key)
+
+    def _needs_ranking(self, cell: Cell) -> bool:
+        """Whether the step-1 ranking of ``cell`` must be computed: not when this experiment has
+        recorded it, nor when a sibling experiment has (its record is copied now, with this
+        experiment's K as its top_k: step 1 does not depend on K)."""
+        key = ranking_key(cell.config)
+        if key in self.done:
+            return False
+        shared = self._shared_ranking(key)
+        if shared is None:
+            return True
+        self.log(f"[{key}] ranking reused from {shared['reused_from']}")
+        self._record(shared | {"label": cell.label, "top_k": _top_k(cell, torch.tensor(shared["scores"]).numel())})
+        return False
+
+    def _ranking_job(self, cell: Cell) -> Job:
+        return Job("ranking", cell, self.folder, f"ranking-{ranking_key(cell.config)}")
+
+    def _cell_job(self, cell: Cell) -> Job:
+        """The job of a fit cell; a LoFiT cell gets its recorded ranking as a file (rebuilt from
+        the record when the file is missing)."""
+        ranking = None
+        if cell.method == "lofit" and cell.config["heads"] != "file":
+            record = self.done[ranking_key(cell.config)]
+            path = self.folder / "rankings" / record["key"] / "head_ranking.json"
+            if not path.is_file():
+                HeadRanking.from_scores(torch.tensor(record["scores"])).save(path)
+            ranking = {"key": record["key"], "seconds": record["seconds"], "path": str(path)}
+        name = f"{cell.phase}-{cell.label}-{cell.key}".replace("/", "_")
+        return Job("cell", cell, self.folder, name, ranking, self._tuning_fields(cell))
+
+    def _fail(self, job: Job, error: str) -> None:
+        """Record ``job`` as failed with ``error``; it runs again on the next run of the experiment."""
+        self.log(f"[{job.key}] failed: {error.strip().splitlines()[-1]}")
+        self.failed[job.key] = error
+        cell = job.cell
+        if is_main_process():
+            record_failure(
+                self.folder,
+                {
+                    "key": job.key,
+                    "phase": "ranking" if job.kind == "ranking" else cell.phase,
+                    "label": cell.label,
+                    "task": cell.task,
+                    "seed": cell.seed,
+                    "method": cell.method,
+                    "cell": job.describe(),
+                    "error": error,
+                    "experiment": self.grid.name,
+                },
+            )
 
     def _record(self, record: dict) -> None:
         record |= {
@@ -261,48 +433,6 @@ class Runner:
         if is_main_process():
             append_result(self.folder, record)
         self.done[record["key"]] = record
-
-    def _compute(self, cell: Cell) -> ComputeConfig:
-        return cell_config(cell, total_heads=1).compute
-
-    def _hardware(self, cell: Cell) -> str:
-        """Where ``cell`` runs and in which autocast precision (``auto`` resolves per machine)."""
-        compute = self._compute(cell)
-        device = resolve_device(compute.device)
-        return f"{hardware(device)}, {resolve_mixed_precision(compute.mixed_precision, device)}"
-
-    def _cell_config(self, cell: Cell, output_dir: Path):
-        config = cell_config(cell, self.pool.total_heads(cell.config["model"], self._compute(cell)))
-        resume = (output_dir / "checkpoints").is_dir() and (output_dir / "config.yaml").is_file()
-        return replace(config, run=replace(config.run, output_dir=str(output_dir), resume=resume))
-
-    def _ranking(self, cell: Cell) -> dict:
-        """Step 1 for ``cell`` (on its ``heads_task``): head_ranking.json in ``rankings/<key>/``, and its record."""
-        key = ranking_key(cell.config)
-        folder = self.folder / "rankings" / key
-        task = cell.config.get("heads_task") or cell.task
-        ranking_cell = replace(
-            cell, phase="ranking", options=tuple(sorted((cell.config | {"task": task, "limit": None}).items()))
-        )
-        config = self._cell_config(ranking_cell, folder)
-        start = time.perf_counter()
-        ranking = run_select(config.run, config.lofit, config.compute, self.pool)
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        return {
-            "key": key,
-            "phase": "ranking",
-            "label": cell.label,
-            "task": task,
-            "seed": cell.seed,
-            "method": "lofit",
-            "selector": config.lofit.heads,
-            "options": ranking_cell.config,
-            "top_k": _top_k(cell, len(ranking.order)),
-            "scores": ranking.scores.tolist(),
-            "seconds": time.perf_counter() - start,
-            "hardware": self._hardware(cell),
-            "run_folder": str(folder),
-        }
 
     def _shared_ranking(self, key: str) -> dict | None:
         """A ranking with ``key`` recorded by another experiment in a sibling folder (the
@@ -319,31 +449,6 @@ class Runner:
                     } | {"reused_from": str(results.parent), "run_folder": str(self.folder / "rankings" / key)}
         return None
 
-    def _ranking_record(self, cell: Cell) -> dict:
-        """The step-1 record of ``cell``: a sibling experiment's when one has it (with this
-        experiment's K as its top_k: step 1 does not depend on K), else computed now."""
-        shared = self._shared_ranking(ranking_key(cell.config))
-        if shared is None:
-            return self._ranking(cell)
-        self.log(f"  reused from {shared['reused_from']}")
-        return shared | {"label": cell.label, "top_k": _top_k(cell, torch.tensor(shared["scores"]).numel())}
-
-    def _ranking_file(self, cell: Cell) -> tuple[Path, dict]:
-        """The cached ranking a LoFiT cell uses: this experiment's, a sibling experiment's, or
-        computed and recorded now."""
-        key = ranking_key(cell.config)
-        if key not in self.done:
-            self.log(
-                f"[{key}] ranking {cell.config.get('heads_task') or cell.task} seed {cell.seed} "
-                f"({cell.config['heads']})"
-            )
-            self._record(self._ranking_record(cell))
-        record = self.done[key]
-        path = self.folder / "rankings" / key / "head_ranking.json"
-        if not path.is_file():  # rebuilt from the record alone
-            HeadRanking.from_scores(torch.tensor(record["scores"])).save(path)
-        return path, record
-
     def _tuning_fields(self, cell: Cell) -> dict:
         """What the report needs of a tuning trial: the option it extends (None for a base
         trial), its arm's base tune grid and the grid's extension cap."""
@@ -352,43 +457,149 @@ class Runner:
         arm = next(arm for arm in self.grid.arms if arm.label == cell.label)
         return {"extends": cell.extends, "tune_grid": arm.tune, "tune_extend": self.grid.tune_extend}
 
-    def _fit(self, cell: Cell) -> dict:
-        options, key = cell.config, cell.key
-        ranking: dict = {}
-        if cell.method == "lofit" and options["heads"] != "file":
-            path, ranking = self._ranking_file(cell)
-            cell = replace(cell, options=tuple(sorted((options | {"heads": "file", "heads_file": str(path)}).items())))
-        run_folder = self.folder / "cells" / f"{cell.phase}-{cell.label}-{key}".replace("/", "_")
-        start = time.perf_counter()
-        summary = run_cell(self._cell_config(cell, run_folder), self.pool)
-        seconds = time.perf_counter() - start
-        shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
-        split = options["eval_split"]
-        metric = primary_metric(summary)
-        metrics = {k.removeprefix(f"{split}_"): v for k, v in summary.items() if k.startswith(f"{split}_")}
-        return {
-            "key": key,
-            "phase": cell.phase,
-            **self._tuning_fields(cell),
-            "label": cell.label,
-            "task": cell.task,
-            "seed": cell.seed,
-            "method": cell.method,
-            "point": dict(cell.point),
-            "trial": dict(cell.trial),
-            "options": options,
-            "metric": metric.removeprefix(f"{split}_") if metric else None,
-            "score": summary.get(metric),
-            "metrics": metrics,
-            "per_example": example_scores(run_folder, metric) if metric else [],
-            "trained_parameters": summary.get("trained_parameters"),
-            "selected_heads": summary.get("selected_heads"),
-            "seconds": seconds,
-            "fit_seconds": summary.get("fit_seconds"),
-            "eval_seconds": summary.get("eval_seconds"),
-            "hardware": self._hardware(cell),
-            "ranking_key": ranking.get("key"),
-            "ranking_seconds": ranking.get("seconds"),
-            "warnings": summary.get("warnings", []),
-            "run_folder": str(run_folder),
-        }
+
+# --- the jobs, wherever they run --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for an executor: a LoFiT step-1 ``ranking`` (for ``cell``), or a
+    ``cell``, with what it needs from the driver (the recorded ranking: key, seconds, file)."""
+
+    kind: str
+    cell: Cell
+    folder: Path
+    name: str
+    """The job's folder under ``rankings/`` or ``cells/``, and its tracker run's name."""
+    ranking: dict | None = None
+    tuning: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return ranking_key(self.cell.config) if self.kind == "ranking" else self.cell.key
+
+    def describe(self) -> str:
+        if self.kind == "cell":
+            return self.cell.describe()
+        options = self.cell.config
+        return f"ranking {options.get('heads_task') or self.cell.task} seed {self.cell.seed} ({options['heads']})"
+
+
+_WORKER_POOL: list[ModelPool] = []
+
+
+def run_job(job: Job, pool: ModelPool | None = None) -> dict:
+    """Run ``job`` (in any process) and return its record, in one tracker run when the cell's
+    ``report_to`` names trackers (grouped by experiment: ``<experiment folder>/trackers/<job name>``
+    for TensorBoard). Without ``pool``, this process's own pool (created on first use) lends the model."""
+    if pool is None:
+        if not _WORKER_POOL:
+            _WORKER_POOL.append(ModelPool())
+        pool = _WORKER_POOL[0]
+    cell = job.cell
+    spec = TrackerRun(
+        report_to=cell.config.get("report_to"),
+        directory=job.folder / "trackers",
+        project=cell.experiment,
+        name=job.name,
+        group=cell.experiment,
+        config=cell.config | {"phase": "ranking" if job.kind == "ranking" else cell.phase, "label": cell.label},
+    )
+    with tracking(spec) as session:
+        return _rank(job, pool, session) if job.kind == "ranking" else _fit(job, pool, session)
+
+
+def cell_hardware(cell: Cell) -> str:
+    """Where ``cell`` runs (in this process) and in which autocast precision (``auto`` resolves per machine)."""
+    compute = cell_config(cell, total_heads=1).compute
+    device = resolve_device(compute.device)
+    return f"{hardware(device)}, {resolve_mixed_precision(compute.mixed_precision, device)}"
+
+
+def _run_config(cell: Cell, output_dir: Path, pool: ModelPool) -> CellConfig:
+    compute = cell_config(cell, total_heads=1).compute
+    config = cell_config(cell, pool.total_heads(cell.config["model"], compute))
+    resume = (output_dir / "checkpoints").is_dir() and (output_dir / "config.yaml").is_file()
+    return replace(config, run=replace(config.run, output_dir=str(output_dir), resume=resume))
+
+
+def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
+    """Step 1 for ``job.cell`` (on its ``heads_task``): head_ranking.json in ``rankings/<key>/``, and its record."""
+    cell, key = job.cell, job.key
+    folder = job.folder / "rankings" / key
+    task = cell.config.get("heads_task") or cell.task
+    ranking_cell = replace(
+        cell, phase="ranking", options=tuple(sorted((cell.config | {"task": task, "limit": None}).items()))
+    )
+    config = _run_config(ranking_cell, folder, pool)
+    start = time.perf_counter()
+    ranking = run_select(config.run, config.lofit, config.compute, pool)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    top_k = _top_k(cell, len(ranking.order))
+    if session is not None:
+        session.log_summary({"localization": ranking.localization(top_k).to_json(), "select_seconds": seconds})
+    return {
+        "key": key,
+        "phase": "ranking",
+        "label": cell.label,
+        "task": task,
+        "seed": cell.seed,
+        "method": "lofit",
+        "selector": config.lofit.heads,
+        "options": ranking_cell.config,
+        "top_k": top_k,
+        "scores": ranking.scores.tolist(),
+        "seconds": seconds,
+        "hardware": cell_hardware(cell),
+        "run_folder": str(folder),
+    }
+
+
+def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
+    """``job.cell`` through :func:`~lofit.runs.pipeline.run_cell` into ``cells/<job name>/``, and its record."""
+    cell = job.cell
+    options, key = cell.config, cell.key
+    if job.ranking is not None:
+        ranked = options | {"heads": "file", "heads_file": job.ranking["path"]}
+        cell = replace(cell, options=tuple(sorted(ranked.items())))
+    run_folder = job.folder / "cells" / job.name
+    start = time.perf_counter()
+    summary = run_cell(_run_config(cell, run_folder, pool), pool)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
+    split = options["eval_split"]
+    metric = primary_metric(summary)
+    metrics = {k.removeprefix(f"{split}_"): v for k, v in summary.items() if k.startswith(f"{split}_")}
+    if session is not None:
+        if job.ranking is not None and summary.get("selected_heads") and "localization" not in summary:
+            ranking = HeadRanking.load(job.ranking["path"])
+            summary = summary | {"localization": ranking.localization(len(summary["selected_heads"])).to_json()}
+        session.log_summary(summary)
+    ranking = job.ranking or {}
+    return {
+        "key": key,
+        "phase": cell.phase,
+        **job.tuning,
+        "label": cell.label,
+        "task": cell.task,
+        "seed": cell.seed,
+        "method": cell.method,
+        "point": dict(cell.point),
+        "trial": dict(cell.trial),
+        "options": options,
+        "metric": metric.removeprefix(f"{split}_") if metric else None,
+        "score": summary.get(metric),
+        "metrics": metrics,
+        "per_example": example_scores(run_folder, metric) if metric else [],
+        "trained_parameters": summary.get("trained_parameters"),
+        "selected_heads": summary.get("selected_heads"),
+        "seconds": seconds,
+        "fit_seconds": summary.get("fit_seconds"),
+        "eval_seconds": summary.get("eval_seconds"),
+        "hardware": cell_hardware(cell),
+        "ranking_key": ranking.get("key"),
+        "ranking_seconds": ranking.get("seconds"),
+        "warnings": summary.get("warnings", []),
+        "run_folder": str(run_folder),
+    }

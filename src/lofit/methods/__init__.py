@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from lofit.data.files import short_repr
 from lofit.methods.base import METHOD_FILE, METHODS, FitContext, FitResult, Method, read_method_file
-from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError
+from lofit.methods.lofit.adapter_io import CONFIG_NAME, AdapterError, read_json_object
 
 # Each method's class registers itself in METHODS when its module is imported; the order of
 # these imports is the order of METHODS (LoFiT first, then the baselines).
@@ -34,22 +34,30 @@ def get_method(name: str, config: object | None = None) -> Method:
     return METHODS[name](config)
 
 
-def saved_method(directory: str | Path) -> str:
-    """The method that saved ``directory`` (a LoFiT adapter from before methods existed counts
-    as lofit); FileNotFoundError when nothing lofit saved is there, AdapterError when the
-    method file is broken or names no known method."""
+def saved_record(directory: str | Path) -> dict:
+    """The one metadata record of a saved result: ``lofit_method.json`` (the baselines, and
+    LoFiT adapters saved before version 0.2), else a per-head adapter's ``adapter_config.json``
+    (whose ``method`` defaults to lofit); FileNotFoundError when lofit saved nothing there,
+    AdapterError when the record is broken or names no known method."""
     directory = Path(directory)
     if (directory / METHOD_FILE).is_file():
-        name = read_method_file(directory).get("method")
-        if not isinstance(name, str) or name not in METHODS:
-            raise AdapterError(
-                f"{directory / METHOD_FILE} names an unknown method {short_repr(name)}; "
-                f"known methods: {', '.join(METHODS)}"
-            )
-        return name
-    if (directory / CONFIG_NAME).is_file():
-        return "lofit"
-    raise FileNotFoundError(f"nothing saved by lofit in {directory}: neither {METHOD_FILE} nor {CONFIG_NAME} is there")
+        path, record = directory / METHOD_FILE, read_method_file(directory)
+    elif (directory / CONFIG_NAME).is_file():
+        path = directory / CONFIG_NAME
+        record = {"method": "lofit"} | read_json_object(path)
+    else:
+        raise FileNotFoundError(
+            f"nothing saved by lofit in {directory}: neither {METHOD_FILE} nor {CONFIG_NAME} is there"
+        )
+    name = record.get("method")
+    if not isinstance(name, str) or name not in METHODS:
+        raise AdapterError(f"{path} names an unknown method {short_repr(name)}; known methods: {', '.join(METHODS)}")
+    return record
+
+
+def saved_method(directory: str | Path) -> str:
+    """The method that saved ``directory`` (:func:`saved_record`'s ``method``)."""
+    return saved_record(directory)["method"]
 
 
 def load_adapted(model: PreTrainedModel, directory: str | Path) -> nn.Module:
@@ -70,4 +78,5 @@ __all__ = [
     "get_method",
     "load_adapted",
     "saved_method",
+    "saved_record",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 from lofit.methods import METHODS, get_method
 from lofit.methods.lofit.config import LofitConfig
-from lofit.runs.recipes import RECIPES
+from lofit.runs.recipes import NO_RECIPE, RECIPES
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.options import OptionsError, build_config, option_group
 
@@ -49,9 +49,9 @@ class RunConfig:
         default=None,
         metadata={
             "step": 2,
-            "help": "start from a preset of option values: 'paper' (the "
-            "original code's settings for the task; see docs/method.md); "
-            "options given explicitly override it",
+            "help": "start from a preset of option values: 'paper' (the original code's settings for the task; "
+            "see docs/method.md) or 'none' (the plain defaults); options given explicitly override it "
+            "(default: LoFiT's step-1 settings measured to localize on the task, where there are some)",
         },
     )
     model: str = field(
@@ -110,8 +110,8 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if self.recipe is not None and self.recipe not in (*RECIPES, NO_RECIPE):
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join([*RECIPES, NO_RECIPE])}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"save_steps must be >= 1; got {self.save_steps}")
         self.folds()

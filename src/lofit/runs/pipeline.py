@@ -21,17 +21,17 @@ Each writes into a run folder:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from torch import nn
 
-from lofit.methods import METHODS, FitContext, FitResult, get_method, load_adapted, saved_method
-from lofit.methods.base import METHOD_FILE, read_method_file
+from lofit.methods import METHODS, FitContext, FitResult, get_method, load_adapted, saved_method, saved_record
 from lofit.methods.lofit.config import LofitConfig, head_count
 from lofit.methods.lofit.merge import save_merged
-from lofit.methods.lofit.method import HeadAdapterMethod, select_step, tune_step
+from lofit.methods.lofit.method import HeadAdapterMethod, select_step, step_summary, tune_step
 from lofit.methods.lofit.model import LofitModel, get_lofit_model
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.selectors import ranking_from_file
@@ -93,14 +93,17 @@ def check_against_model_config(
 
 
 class Job:
-    """One run: its data (:class:`~lofit.runs.data.RunData`, checked first), its options checked
-    against the model's configuration, then the loaded model and tokenizer; its files go through
-    its :class:`~lofit.runs.folder.RunFolder`, the one writer.
+    """One run, checked: its data (:class:`~lofit.runs.data.RunData`), its options against the
+    model's configuration and, on ``--resume``, against the folder's; its files go through its
+    :class:`~lofit.runs.folder.RunFolder`, the one writer. :func:`opened_job` gives it its model.
 
     Every data row the job needs is read and validated (once: the task keeps the parsed rows)
     and the options are checked against the model's configuration before the model loads, so
     bad data or options fail in a second, not after a model load, and leave no folder behind.
     """
+
+    model: nn.Module
+    tokenizer: object
 
     def __init__(
         self,
@@ -109,7 +112,6 @@ class Job:
         compute: ComputeConfig | None = None,
         needs: tuple[str, ...] = ("train", "eval"),
         method_options: dict | None = None,
-        models: ModelSource = load_fresh,
     ):
         self.run = run
         self.lofit = lofit
@@ -123,9 +125,17 @@ class Job:
         check_against_model_config(run, lofit, method_options, ranking)
         if run.resume:
             self.folder.check_resumable(self.resolved_config(), RESUME_IGNORES)
-        self.model, self.tokenizer = models(run.model, self.compute)
-        if run.chat_template:
-            self.task.chat_tokenizer = self.tokenizer
+        self.attached: list[nn.Module] = []
+
+    def use_model(self, model: nn.Module, tokenizer: object) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        if self.run.chat_template:
+            self.task.chat_tokenizer = tokenizer
+
+    def attach(self, adapted: nn.Module) -> nn.Module:
+        """``adapted`` (the model with an adapter on it), released when the job closes."""
+        self.attached.append(adapted)
+        return adapted
 
     def resolved_config(self) -> dict:
         return {"run": asdict(self.run), "lofit": self.lofit.to_dict(), "compute": asdict(self.compute)} | (
@@ -162,19 +172,13 @@ class Job:
     ) -> HeadRanking:
         """Rank heads with the configured selector (``--heads``), as LoFiT's fit does."""
         ranking, log, seconds = select_step(lofit_model, self.context(examples, setup), objective)
-        self.timings["select_seconds"] = seconds
-        self.timings["select_losses"] = log.epoch_losses
-        if log.localization is not None:
-            self.timings["localization"] = log.localization
-        if log.warnings:
-            self.timings["warnings"] = log.warnings
+        self.timings |= step_summary(select=(log, seconds))
         self.folder.write_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
     def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking, setup: TrainingSetup) -> None:
         log, seconds = tune_step(lofit_model, self.context(self.train_examples(), setup), objective, ranking)
-        self.timings["tune_seconds"] = seconds
-        self.timings["tune_losses"] = log.epoch_losses
+        self.timings |= step_summary(tune=(log, seconds))
 
     def evaluate(self, model) -> Evaluation:
         """Evaluate (split across processes when there are several), under the run's mixed precision."""
@@ -186,6 +190,33 @@ class Job:
         self.timings["eval_seconds"] = time.perf_counter() - start
         self.folder.write_predictions(evaluation.records)
         return evaluation
+
+
+@contextmanager
+def opened_job(
+    run: RunConfig,
+    lofit: LofitConfig,
+    compute: ComputeConfig | None = None,
+    *,
+    needs: tuple[str, ...] = ("train", "eval"),
+    method_options: dict | None = None,
+    models: ModelSource = load_fresh,
+    trains: bool = True,
+) -> Iterator[Job]:
+    """The frame of every command (select, tune, run, eval): the checked :class:`Job`, then its
+    model from ``models``; a training job's config.yaml written. On leaving, whatever the job
+    attached (:meth:`Job.attach`) is taken off the model (:func:`release`), finished or not,
+    and the processes wait for each other."""
+    job = Job(run, lofit, compute, needs, method_options)
+    job.use_model(*models(run.model, job.compute))
+    if trains:
+        job.folder.write_config(job.resolved_config())
+    try:
+        yield job
+    finally:
+        for adapted in reversed(job.attached):
+            release(adapted)
+    wait_for_everyone()
 
 
 def _summary(
@@ -222,36 +253,27 @@ def run_select(
     run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None, models: ModelSource = load_fresh
 ) -> HeadRanking:
     """Step 1 only: write head_ranking.json and heads.png."""
-    job = Job(run, lofit, compute, needs=("train",), models=models)
-    setup = job.folder.training_setup(job.compute)
-    job.folder.write_config(job.resolved_config())
-    lofit_model = get_lofit_model(job.model, lofit)
-    try:
+    with opened_job(run, lofit, compute, needs=("train",), models=models) as job:
+        setup = job.folder.training_setup(job.compute)
+        lofit_model = job.attach(get_lofit_model(job.model, lofit))
         examples = job.train_examples()
-        ranking = job.select(
-            lofit_model, examples, build_objective(lofit_model, job.tokenizer, examples, run.beta), setup
-        )
-    finally:
-        release(lofit_model)
-    wait_for_everyone()
-    return ranking
+        objective = build_objective(lofit_model, job.tokenizer, examples, run.beta)
+        return job.select(lofit_model, examples, objective, setup)
 
 
 def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path, compute: ComputeConfig | None = None) -> dict:
     """Step 2 only, on the top heads of a saved ranking: write the adapter."""
     HeadRanking.load(ranking_path)  # refused before the model loads
-    job = Job(run, lofit, compute, needs=("train",))
-    setup = job.folder.training_setup(job.compute)
-    job.folder.write_config(job.resolved_config())
-    lofit_model = get_lofit_model(job.model, lofit)
-    ranking = ranking_from_file(ranking_path, lofit_model)
-    job.tune(lofit_model, job.objective(lofit_model), ranking, setup)
-    summary = _summary(job, None, lofit_model)
-    job.folder.write_result(
-        get_method("lofit"), FitResult(lofit_model, lofit_model.num_adapter_parameters()), portable(summary)
-    )
-    wait_for_everyone()
-    return summary
+    with opened_job(run, lofit, compute, needs=("train",)) as job:
+        setup = job.folder.training_setup(job.compute)
+        lofit_model = job.attach(get_lofit_model(job.model, lofit))
+        ranking = ranking_from_file(ranking_path, lofit_model)
+        job.tune(lofit_model, job.objective(lofit_model), ranking, setup)
+        summary = _summary(job, None, lofit_model)
+        job.folder.write_result(
+            get_method("lofit"), FitResult(lofit_model, lofit_model.num_adapter_parameters()), portable(summary)
+        )
+        return summary
 
 
 def run_all(
@@ -300,18 +322,16 @@ def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
     """Fit ``cell.run.method``, write the adapter, then evaluate: one run folder, its summary
     returned. A crash in evaluation loses no training. The adapter is taken off the model
     (:func:`release`) when the cell ends, finished or not."""
-    run, lofit, compute = cell.run, cell.lofit, cell.compute
+    run = cell.run
     if len(run.folds()) != 1:
         raise ValueError("a cell evaluates one fold; run_all runs --fold all fold by fold")
     start = time.perf_counter()
     method = get_method(run.method, cell.method)
-    job = Job(run, lofit, compute, method_options=method.options(), models=models)
-    setup = job.folder.training_setup(job.compute)
-    job.folder.write_config(job.resolved_config())
-    fit_start = time.perf_counter()
-    result: FitResult | None = None
-    try:
+    with opened_job(run, cell.lofit, cell.compute, method_options=method.options(), models=models) as job:
+        setup = job.folder.training_setup(job.compute)
+        fit_start = time.perf_counter()
         result = method.fit(job.context(job.train_examples(), setup))
+        job.attach(result.model)
         job.timings["fit_seconds"] = time.perf_counter() - fit_start
         job.timings |= result.log
         if result.ranking is not None:  # methods that rank heads return a LofitModel
@@ -328,31 +348,23 @@ def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
         summary = _summary(job, evaluation, result.model, result.trained_parameters)
         job.folder.write_result(method, result, portable(summary))  # written once, with the evaluation's metrics
         job.folder.write_metrics(summary)
-    finally:
-        if result is not None:
-            release(result.model)
-    wait_for_everyone()
-    return summary
+        return summary
 
 
 def run_eval(run: RunConfig, adapter: Path | None, compute: ComputeConfig | None = None) -> dict:
     """Evaluate the model, or the model with a saved adapter."""
-    job = Job(
-        replace(run, method=saved_method(adapter) if adapter else "zero-shot"), LofitConfig(), compute, needs=("eval",)
-    )
-    if run.output_dir is None:
-        job.folder = RunFolder((adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}")
-    model = load_adapted(job.model, adapter) if adapter else job.model
-    evaluation = job.evaluate(model)
-    trained = None
-    if adapter and (adapter / METHOD_FILE).is_file():
-        trained = read_method_file(adapter).get("metrics", {}).get("trained_parameters")
-    summary = _summary(job, evaluation, model if adapter else None, trained) | {
-        "adapter": str(adapter) if adapter else None
-    }
-    job.folder.write_metrics(summary)
-    wait_for_everyone()
-    return summary
+    run = replace(run, method=saved_method(adapter) if adapter else "zero-shot")
+    with opened_job(run, LofitConfig(), compute, needs=("eval",), trains=False) as job:
+        if run.output_dir is None:
+            job.folder = RunFolder((adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}")
+        model = job.attach(load_adapted(job.model, adapter)) if adapter else job.model
+        evaluation = job.evaluate(model)
+        trained = saved_record(adapter).get("metrics", {}).get("trained_parameters") if adapter else None
+        summary = _summary(job, evaluation, model if adapter else None, trained) | {
+            "adapter": str(adapter) if adapter else None
+        }
+        job.folder.write_metrics(summary)
+        return summary
 
 
 def run_merge(model_name: str, adapter: Path, output_dir: Path, compute: ComputeConfig | None = None) -> None:

@@ -30,6 +30,9 @@ the end of every epoch and every ``save_steps`` steps (see :mod:`lofit.training.
 ``resume`` restores the newest one and skips the steps it covers, so an interrupted and
 resumed stage ends with the same tensors as an uninterrupted one.
 
+**Trackers.** Inside an open tracker run (:func:`lofit.training.trackers.tracking`, ``--report-to``)
+every optimiser step's loss and learning rate are logged as ``<stage>/loss`` and ``<stage>/lr``.
+
 **Gradient clipping.** With ``max_grad_norm`` > 0 the gradient g of all trained tensors
 together is rescaled to g * min(1, max_grad_norm / ||g||_2) before each optimiser step, as
 the Hugging Face Trainer does (its default, 1.0, is what the paper's code trained with).
@@ -69,6 +72,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 from lofit.training.checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lofit.training.objectives import Objective
 from lofit.training.prefix_cache import PrefixCache
+from lofit.training.trackers import log_training_step
 from lofit.utils.compute import ComputeConfig, check_launcher
 from lofit.utils.distributed import (
     is_main_process,
@@ -399,6 +403,7 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
                 run.after_step(step_lr, optimizer.optimizer)
             state.step += 1
             state.step_losses.append(loss)
+            log_training_step(run.stage, state.step, loss, step_lr)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             end_of_epoch = state.step % steps_per_epoch == 0

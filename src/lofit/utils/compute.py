@@ -42,11 +42,14 @@ UNSUPPORTED_LAUNCHES = {
     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
 }
 """Environment flags ``accelerate launch`` sets for engines that shard or wrap the model itself."""
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+"""What ``--report-to`` may name (see :mod:`lofit.training.trackers`)."""
 
 
 @dataclass
 class ComputeConfig:
-    """Placement, precision and memory options of a run (see the module docstring)."""
+    """Placement, precision and memory options of a run (see the module docstring), and the
+    trackers its training reports to (``report_to``, :mod:`lofit.training.trackers`)."""
 
     device: str = field(
         default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (default: auto, the best available)"}
@@ -103,6 +106,18 @@ class ComputeConfig:
             "help": "batch training examples of similar length together (less padding; batches in seeded random order)"
         },
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "hashed": False,
+            "resume": "may change",
+            "repeatable": True,
+            "help": (
+                "log losses, learning rates, step 1's localization and the final metrics to trackers: none, "
+                "tensorboard, wandb or mlflow (repeatable, or comma-separated; default: none)"
+            ),
+        },
+    )
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -124,6 +139,19 @@ class ComputeConfig:
             raise ValueError("give either --device or --device-map, not both: a device map places the model itself")
         check_single_process_device_map(self.device_map)
         check_launcher()
+        report_to_list(self.report_to)
+
+
+def report_to_list(report_to: str | None) -> list[str]:
+    """The trackers of a ``report_to`` value (comma-separated names; ``none`` or empty: none);
+    a ValueError for a name that is not a tracker, or ``none`` beside a tracker."""
+    names = [name.strip() for name in (report_to or "none").split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"report_to: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"report_to: 'none' cannot be combined with trackers; got {report_to!r}")
+    return list(dict.fromkeys(name for name in names if name != "none"))
 
 
 def check_device(spec: str) -> None:

@@ -4,9 +4,11 @@ An adapter directory holds:
 
 - ``adapter_model.safetensors``: ``heads`` (K, 2) int64 (layer, head) pairs in ranking
   order, and ``lofit_scale`` / ``lofit_bias`` (K, head_dim): A and v of those heads only.
-- ``adapter_config.json``: the base model's identity (its portable name and the fingerprint
-  of its weights, see :mod:`lofit.models.identity`) and geometry, the hyper-parameters, the
-  selected heads and any metrics.
+- ``adapter_config.json``: the one metadata record: the method that fitted it (``lofit``, or
+  ``iti``, whose result is a LoFiT adapter too) and its options, the base model's identity
+  (its portable name and the fingerprint of its weights, see :mod:`lofit.models.identity`)
+  and geometry, the hyper-parameters, the selected heads and any metrics. (Adapters saved
+  before version 0.2 also hold a ``lofit_method.json``; it is read when present.)
 - ``README.md``: a short model card.
 
 Saving writes the three files into a staging folder and moves them into place (see
@@ -174,11 +176,19 @@ def save_adapter(model: HeadAdapter, directory: Path, metrics: dict | None = Non
 
 
 def write_adapter(
-    model: HeadAdapter, folder: Path, metrics: dict | None = None, base_identity: dict[str, str] | None = None
+    model: HeadAdapter,
+    folder: Path,
+    metrics: dict | None = None,
+    base_identity: dict[str, str] | None = None,
+    *,
+    method: str = "lofit",
+    options: dict | None = None,
 ) -> None:
     """Write the adapter's three files into ``folder``, a staging folder (:func:`save_adapter`, or a
-    method's own save that adds files beside them); ``base_identity`` is the base model's
-    :func:`~lofit.models.identity.identity` when the caller has it already."""
+    method's own save); ``base_identity`` is the base model's :func:`~lofit.models.identity.identity`
+    when the caller has it already. ``method`` and its ``options`` name what fitted the adapter
+    (LoFiT, or ITI, whose result is a LoFiT adapter too): adapter_config.json is the one record
+    of a per-head adapter, with no second method file beside it."""
     heads = model.selected_heads
     index = torch.tensor(heads, dtype=torch.int64).reshape(-1, 2)
     layers, head_ids = index[:, 0], index[:, 1]
@@ -188,11 +198,13 @@ def write_adapter(
         "lofit_bias": model.lofit_bias.detach()[layers, head_ids].float().cpu().contiguous(),
     }
     config = {
+        "method": method,
         "lofit_version": __version__,
         **(base_identity or identity(model.base_model)),
         **_geometry(model.layout),
         "selected_heads": [list(pair) for pair in heads],
         "lofit_config": model.lofit_config.to_dict(),
+        "options": options or {},
         "metrics": metrics or {},
     }
     save_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lofit_version": __version__})
@@ -235,6 +247,8 @@ def read_adapter_config(directory: Path) -> dict:
     for key in GEOMETRY_KEYS[1:]:
         if not _KINDS["int"](config[key]):
             raise AdapterError(f"{path}: {key} must be an integer, got {short_repr(config[key])}")
+    if not isinstance(config.get("method", "lofit"), str):
+        raise AdapterError(f"{path}: method must be a string, got {short_repr(config['method'])}")
     problem = identity_problem(config)
     if problem:
         raise AdapterError(f"{path}: {problem}")

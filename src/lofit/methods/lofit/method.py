@@ -8,13 +8,12 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from lofit.methods.base import FitContext, FitResult, Method, training_warnings, write_method_file
+from lofit.methods.base import FitContext, FitResult, Method, training_warnings
 from lofit.methods.lofit.adapter_io import write_adapter
 from lofit.methods.lofit.model import LofitModel, get_lofit_model
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.methods.lofit.selectors import rank_heads
 from lofit.methods.lofit.steps import tune_biases
-from lofit.models.identity import identity
 from lofit.training.loop import TrainingLog
 from lofit.training.objectives import Objective
 from lofit.utils.atomic import staged_folder
@@ -25,12 +24,10 @@ class HeadAdapterMethod(Method):
     and merged as one."""
 
     def save(self, result: FitResult, directory: Path, metrics: dict | None = None) -> None:
-        """The adapter's files and :data:`~lofit.methods.base.METHOD_FILE`, in one staging folder
-        (all appear together, none half-written), the base model fingerprinted once."""
-        base_identity = identity(result.model.base_model)
+        """The adapter's files, adapter_config.json naming this method and its options (the one
+        metadata record), in one staging folder: all appear together, none half-written."""
         with staged_folder(directory) as staging:
-            write_adapter(result.model, staging, metrics, base_identity)
-            write_method_file(staging, self, result.model.base_model, metrics, base_identity)
+            write_adapter(result.model, staging, metrics, method=self.name, options=self.options())
 
     @classmethod
     def load(cls, model: PreTrainedModel, directory: Path) -> nn.Module:
@@ -65,6 +62,22 @@ def tune_step(
     return log, time.perf_counter() - start
 
 
+def step_summary(
+    select: tuple[TrainingLog, float] | None = None, tune: tuple[TrainingLog, float] | None = None
+) -> dict:
+    """The summary entries of step 1 and/or step 2, each given as (log, wall seconds): their
+    times, per-epoch losses, step 1's localization figures, and every training warning."""
+    entries: dict = {}
+    if select is not None:
+        log, seconds = select
+        entries |= {"select_seconds": seconds, "select_losses": log.epoch_losses}
+        entries |= {"localization": log.localization} if log.localization is not None else {}
+    if tune is not None:
+        log, seconds = tune
+        entries |= {"tune_seconds": seconds, "tune_losses": log.epoch_losses}
+    return entries | training_warnings(*(step[0] for step in (select, tune) if step is not None))
+
+
 class Lofit(HeadAdapterMethod):
     """Step 1 (or another head selector), then step 2 on the top K heads; options in LofitConfig."""
 
@@ -78,13 +91,6 @@ class Lofit(HeadAdapterMethod):
         return FitResult(
             model,
             model.num_adapter_parameters(),
-            {
-                "select_seconds": select_seconds,
-                "tune_seconds": tune_seconds,
-                "select_losses": select_log.epoch_losses,
-                "tune_losses": tune_log.epoch_losses,
-            }
-            | ({"localization": select_log.localization} if select_log.localization else {})
-            | training_warnings(select_log, tune_log),
+            step_summary((select_log, select_seconds), (tune_log, tune_seconds)),
             ranking,
         )
