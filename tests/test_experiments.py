@@ -41,8 +41,10 @@ def setting(tmp_path_factory):
     return {"model": str(model), "task": str(write_task(folder / "task.jsonl", rows=12)), "folder": folder}
 
 
-HERE = f"{hardware(resolve_device('auto'))}, no"
-"""The hardware a cell records here: the device and the autocast precision (conftest pins float32)."""
+def here() -> str:
+    """The hardware a cell records here and now: the device, its threads and the autocast precision
+    (conftest pins float32)."""
+    return f"{hardware(resolve_device('auto'))}, no"
 
 
 def grid_file(setting, tmp_path, **changes):
@@ -183,7 +185,7 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
     assert [len(r["selected_heads"]) for r in lofit] == [2, 4]
     assert all(len(r["per_example"]) == 12 and r["score"] == sum(r["per_example"]) / 12 for r in resumed)
     assert not any((folder / "cells").glob("*/checkpoints"))
-    assert all(r["hardware"] == HERE for r in [records[0], *resumed])
+    assert all(r["hardware"] == here() for r in [records[0], *resumed])
     assert torch.equal(base(probe).logits, before)
     assert (
         Runner(grid, folder, pool=pool, log=lambda _: None)
@@ -541,9 +543,9 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     grid = load_grid(str(grid_file(setting, tmp_path)))
     runner = Runner(grid, tmp_path / "out", log=lambda _: None)
     cell = runner.test_cells()[0]
-    here = HERE
+    current = here()
     runner.done = {
-        "a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": here},
+        "a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": current},
         "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"},
     }
     assert runner.estimate(cell) == (100.0, True)

@@ -76,7 +76,7 @@ def recipe_options(name: str | None, task: str, method: str = "lofit") -> dict[s
     """The option values of recipe ``name`` for ``task``: without a recipe, LoFiT's
     :data:`TASK_DEFAULTS` of the task (none for other methods); ``none``: {}. A ValueError
     naming the recipes, or the tasks a recipe covers."""
-    trains_as = task.partition(":")[0]  # a built-in TRAIN:EVAL task trains as TRAIN does
+    trains_as = str(task).partition(":")[0]  # a built-in TRAIN:EVAL task trains as TRAIN does
     if trains_as in TASK_DEFAULTS or trains_as in RECIPES["paper"]:
         task = trains_as
     if name is None:
