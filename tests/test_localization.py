@@ -234,6 +234,11 @@ def test_bad_recipes_and_values_are_refused_before_anything_loads(tmp_path, caps
         parse(["run", "--recipe", "paper", "--task", str(tmp_path / "mine.jsonl")])
     with pytest.raises(OptionsError, match="bias_lr must be a finite number"):
         parse(["run", "--bias-lr", "nan"])
+    (tmp_path / "bad.yaml").write_text("recipe: [paper]\n")  # a wrong type reaches the option's own check
+    with pytest.raises(OptionsError, match="unknown recipe"):
+        parse(["run", "--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "bad.yaml").write_text("task: []\n")  # no recipe lookup on it (the property test's case)
+    parse(["run", "--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(OptionsError, match="unknown step-1 objective 'lasso'"):
         parse(["run", "--selection", "lasso"])
     with pytest.raises(OptionsError, match="max_grad_norm must be >= 0"):

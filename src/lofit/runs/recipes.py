@@ -76,7 +76,7 @@ def recipe_options(name: str | None, task: str, method: str = "lofit") -> dict[s
     """The option values of recipe ``name`` for ``task``: without a recipe, LoFiT's
     :data:`TASK_DEFAULTS` of the task (none for other methods); ``none``: {}. A ValueError
     naming the recipes, or the tasks a recipe covers."""
-    trains_as = str(task).partition(":")[0]  # a built-in TRAIN:EVAL task trains as TRAIN does
+    trains_as = task.partition(":")[0]  # a built-in TRAIN:EVAL task trains as TRAIN does
     if trains_as in TASK_DEFAULTS or trains_as in RECIPES["paper"]:
         task = trains_as
     if name is None:
@@ -93,5 +93,7 @@ def recipe_options(name: str | None, task: str, method: str = "lofit") -> dict[s
 def with_recipe(options: dict[str, Any], default_task: str) -> dict[str, Any]:
     """``options`` over the values of the recipe they name (``recipe``; none named: the task's
     defaults, :data:`TASK_DEFAULTS`): a value given explicitly always wins over the recipe's."""
-    task, method = options.get("task", default_task), options.get("method", "lofit")
-    return recipe_options(options.get("recipe"), task, method) | options
+    task, method, recipe = options.get("task", default_task), options.get("method", "lofit"), options.get("recipe")
+    if not isinstance(task, str) or not isinstance(recipe, str | None):
+        return options  # a value of the wrong type, refused with its option's name when the configs are built
+    return recipe_options(recipe, task, method) | options
