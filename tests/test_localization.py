@@ -239,6 +239,7 @@ def test_bad_recipes_and_values_are_refused_before_anything_loads(tmp_path, caps
         parse(["run", "--config", str(tmp_path / "bad.yaml")])
     (tmp_path / "bad.yaml").write_text("task: []\n")  # no recipe lookup on it (the property test's case)
     parse(["run", "--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "bad.yaml").unlink()
     with pytest.raises(OptionsError, match="unknown step-1 objective 'lasso'"):
         parse(["run", "--selection", "lasso"])
     with pytest.raises(OptionsError, match="max_grad_norm must be >= 0"):
