@@ -103,6 +103,21 @@ def parse_json(text: str, where: str) -> Any:
         raise DataError(f"{where}: not valid JSON ({shorten(getattr(error, 'msg', str(error)))})") from None
 
 
+def read_json_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) of every non-blank line of the JSON-lines file ``path``, ``where`` naming the file
+    and line; a DataError there for a line that is not JSON or not an object."""
+    rows = []
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        row = parse_json(line, where)
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, found {type(row).__name__}")
+        rows.append((where, row))
+    return rows
+
+
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON file holding a list of objects."""
     rows = parse_json(read_text(path), str(path))

@@ -37,7 +37,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lofit.data.files import OOD_FOLDER, DataError, parse_json, read_text
+from lofit.data.files import OOD_FOLDER, DataError, read_json_lines
 from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs
 from lofit.tasks.base import Evaluation, Task
 from lofit.tasks.open_qa import evaluation_only, only_test_split
@@ -170,13 +170,7 @@ class MMLUFiveShot(MMLU):
 def _parse(path: Path) -> list[Question]:
     """The questions of ``path``, checked: a known subject, a question, four choices, an answer 0-3."""
     questions = []
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        row = parse_json(line, where)
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object, found {type(row).__name__}")
+    for where, row in read_json_lines(path):
         if row.get("subject") not in GROUP_OF:
             raise DataError(f"{where}: unknown subject {row.get('subject')!r} (one of the 57 MMLU subjects expected)")
         if not isinstance(row.get("question"), str) or not row["question"].strip():

@@ -39,7 +39,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lofit.data.files import OOD_FOLDER, DataError, parse_json, read_text
+from lofit.data.files import OOD_FOLDER, DataError, read_json_lines
 from lofit.evaluation.generation import greedy_completions
 from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs
 from lofit.tasks.base import Evaluation, Task
@@ -172,13 +172,7 @@ class TriviaQA(OpenQATask):
 def _parse(path: Path) -> list[tuple[str, tuple[str, ...], str, bool]]:
     """(question, answers, false answer, false answer is a gold answer) of every line of ``path``, checked."""
     rows = []
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        row = parse_json(line, where)
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object, found {type(row).__name__}")
+    for where, row in read_json_lines(path):
         for name in ("question", "false_answer"):
             if not isinstance(row.get(name), str) or not row[name].strip():
                 raise DataError(f"{where}: field {name!r} must be a non-empty string")
