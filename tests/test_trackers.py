@@ -1,10 +1,12 @@
-"""--report-to: tracker runs through accelerate, read back from TensorBoard's event files: losses and
-learning rates per step, step 1's localization figures, the final metrics and the configuration, for
-`lofit run` and for each cell of an experiment; bad tracker names and missing packages refused."""
+"""--report-to: tracker runs through accelerate, read back from TensorBoard's event files, wandb's offline
+run files and an MLflow file store: losses and learning rates per step, step 1's localization figures,
+the final metrics and the configuration, for `lofit run` and for each cell of an experiment; bad
+tracker names, missing packages and trackers that cannot start refused."""
 
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
@@ -27,6 +29,80 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
     reader = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
     reader.Reload()
     return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+def wandb_runs(directory) -> list[dict]:
+    """Every offline wandb run under ``directory``: its group, name and project, its configuration
+    and its history rows (``{"_step": n, "select/loss": ...}``), read from the run's ``.wandb`` file
+    (a LevelDB log of wandb's protobuf records after a 7-byte header; wandb has no reader of its own
+    for it any more)."""
+    wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+    runs = []
+    for path in sorted(directory.glob("wandb/offline-run-*/run-*.wandb")):
+        data, position, block, chunks = path.read_bytes(), 7, 32768, []
+        run = {"history": [], "config": {}}
+        assert data[:4] == b":W&B"
+        while position + 7 <= len(data):
+            if block - position % block < 7:  # a block's tail too short for a record header is padding
+                position += block - position % block
+                continue
+            _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+            chunks.append(data[position + 7 : position + 7 + length])
+            position += 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(b"".join(chunks))
+                chunks = []
+                kind = record.WhichOneof("record_type")
+                if kind == "run":
+                    run |= {"group": record.run.run_group, "name": record.run.display_name}
+                    run["project"] = record.run.project
+                elif kind in ("history", "config"):
+                    items = record.history.item if kind == "history" else record.config.update
+                    values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+                    if kind == "history":
+                        run["history"].append(values)
+                    else:
+                        run["config"] |= values
+        runs.append(run)
+    return runs
+
+
+def history(rows: list[dict], name: str) -> list[tuple[int, float]]:
+    """``name``'s (step, value) pairs in wandb history ``rows``."""
+    return [(row["_step"], row[name]) for row in rows if name in row]
+
+
+def mlflow_runs(uri: str) -> dict[str, dict]:
+    """Every MLflow run in the store at ``uri``, by run name: its experiment, tags, parameters and
+    each metric's (step, value) history."""
+    tracking = pytest.importorskip("mlflow.tracking")
+    client = tracking.MlflowClient(uri)
+    runs = {}
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            metrics = {
+                name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+                for name in run.data.metrics
+            }
+            runs[run.info.run_name] = {
+                "experiment": experiment.name,
+                "tags": run.data.tags,
+                "params": run.data.params,
+                "metrics": metrics,
+            }
+    return runs
+
+
+@pytest.fixture
+def offline_trackers(monkeypatch, tmp_path):
+    """wandb offline and an MLflow file store under ``tmp_path``: the store's URI."""
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +129,27 @@ def test_lofit_run_reports_steps_localization_metrics_and_config_to_tensorboard(
     hparams = list((out / "trackers" / "run").glob("*/hparams.yml"))
     assert len(hparams) == 1 and "select_epochs: 2" in hparams[0].read_text()  # the run configuration
     assert "report_to: tensorboard" in (out / "config.yaml").read_text()
+
+
+def test_lofit_run_reports_to_wandb_offline_and_an_mlflow_file_store(setting, tmp_path, offline_trackers):
+    out = tmp_path / "run"
+    args = ["run", "--task", setting["task"], "--model", setting["model"], "--output-dir", str(out)]
+    args += ["--select-epochs", "2", "--tune-epochs", "1", "--batch-size", "8", "--num-heads", "2", "--no-progress"]
+    assert main([*args, "--report-to", "wandb", "--report-to", "mlflow"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    (run,) = wandb_runs(out / "trackers")
+    assert run["name"] == "run" and run["project"] == "lofit"
+    assert [step for step, _ in history(run["history"], "select/loss")] == [1, 2, 3, 4]
+    assert [step for step, _ in history(run["history"], "tune/loss")] == [5, 6]
+    assert history(run["history"], "localization/k") == [(6, 2)]
+    assert history(run["history"], "final/test_exact_match")[0][1] == pytest.approx(metrics["test_exact_match"])
+    assert run["config"]["select_epochs"] == 2 and run["config"]["report_to"] == "wandb,mlflow"
+    stored = mlflow_runs(offline_trackers)["run"]
+    assert stored["experiment"] == "lofit" and stored["params"]["select_epochs"] == "2"
+    assert [step for step, _ in stored["metrics"]["select/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in stored["metrics"]["tune/loss"]] == [5, 6]
+    assert stored["metrics"]["tune/loss"] == history(run["history"], "tune/loss")  # the same values in both
+    assert stored["metrics"]["final/test_exact_match"][0][1] == pytest.approx(metrics["test_exact_match"])
 
 
 def test_select_and_compare_report_too(setting, tmp_path):
@@ -105,6 +202,45 @@ def test_each_experiment_cell_is_one_tensorboard_run(setting, tmp_path):
     assert lofit["key"] == expand(grid, "test", {})[0].key  # trackers do not change a cell's key
 
 
+def test_each_experiment_cell_is_one_wandb_and_one_mlflow_run_grouped_by_the_experiment(
+    setting, tmp_path, offline_trackers
+):
+    arms = [
+        {"label": "LoFiT", "method": "lofit", "options": {"num_heads": 2}},
+        {"label": "zero", "method": "zero-shot"},
+    ]
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
+    folder = tmp_path / "tiny"
+    Runner(grid, folder, {"report_to": "wandb,mlflow"}, log=lambda _: None).run()
+    records = {r["phase"] + "-" + r.get("label", ""): r for r in read_results(folder)}
+    names = sorted(f"{r['phase']}-{r['label']}-{r['key']}" for r in records.values() if r["phase"] == "test")
+    names = sorted([*names, f"ranking-{records['ranking-LoFiT']['key']}"])
+    runs = {run["name"]: run for run in wandb_runs(folder / "trackers")}
+    assert sorted(runs) == names
+    assert {(run["group"], run["project"]) for run in runs.values()} == {(grid.name, grid.name)}
+    lofit = records["test-LoFiT"]
+    cell = runs[f"test-LoFiT-{lofit['key']}"]
+    assert history(cell["history"], "final/test_exact_match")[0][1] == pytest.approx(lofit["score"])
+    assert cell["config"]["phase"] == "test" and cell["config"]["label"] == "LoFiT"
+    stored = mlflow_runs(offline_trackers)
+    assert sorted(stored) == names
+    assert {run["experiment"] for run in stored.values()} == {grid.name}
+    assert {run["tags"]["group"] for run in stored.values()} == {grid.name}
+    assert len(stored[f"ranking-{records['ranking-LoFiT']['key']}"]["metrics"]["select/loss"]) == 2
+
+
+def test_a_tracker_that_cannot_start_stops_the_command_before_training(setting, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nowhere://store")  # a store MLflow has no client for
+    out = tmp_path / "run"
+    args = ["run", "--task", setting["task"], "--model", setting["model"], "--output-dir", str(out), "--no-progress"]
+    assert main([*args, "--report-to", "mlflow"]) == 2
+    error = capsys.readouterr().err
+    assert "lofit: error: --report-to mlflow: a tracker could not start its run:" in error
+    assert "nowhere" in error  # MLflow's own message names the store it could not use
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
 def test_the_step_axis_grows_across_stages_and_restarts():
     class Recorder(trackers.TrackerSession):
         def __init__(self):
@@ -135,7 +271,7 @@ def test_report_to_names_are_checked(monkeypatch, tmp_path, setting, capsys):
     with tracking(TrackerRun("none", tmp_path, "p", "n")) as session:
         assert session is None and not any(tmp_path.iterdir())
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match=r"pip install lofit\[tensorboard\]; pip install wandb"):
+    with pytest.raises(ValueError, match=r"pip install lofit\[tensorboard\]; pip install lofit\[wandb\]"):
         check_trackers("tensorboard,wandb")
     assert main(["eval", "--task", setting["task"], "--model", setting["model"], "--report-to", "tensorboard"]) == 2
     assert "lofit eval trains nothing" in capsys.readouterr().err

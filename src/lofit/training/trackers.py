@@ -13,7 +13,11 @@ step 1's localization figures (``localization/<figure>``) and the final metrics
 - ``wandb``: project ``project``, group ``group``, run ``name``, files under ``<directory>``
   (``WANDB_MODE=offline`` keeps it offline; ``wandb sync`` uploads later).
 - ``mlflow``: experiment ``project``, run ``name`` (tag ``group``), in the store of
-  ``MLFLOW_TRACKING_URI`` (``file:<folder>`` for a file store).
+  ``MLFLOW_TRACKING_URI`` (a server, ``sqlite:///mlflow.db`` with the full ``mlflow``
+  package, or ``file:<folder>``, which MLflow 3 allows only with ``MLFLOW_ALLOW_FILE_STORE=true``).
+
+A tracker that cannot start its run (no store, a refused store, no login) stops the command
+before any training, with the tracker's own message.
 
 Steps are counted over the whole tracker run (step 1 then step 2 continue one axis), as
 wandb requires steps that only grow. Only the main process of a multi-process run reports.
@@ -38,8 +42,8 @@ from lofit.utils.distributed import is_main_process, num_processes
 
 TRACKER_PACKAGES = {
     "tensorboard": ("tensorboard", "lofit[tensorboard]"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "lofit[wandb]"),
+    "mlflow": ("mlflow", "lofit[mlflow]"),
 }
 """Each tracker's Python module and what to ``pip install`` for it."""
 
@@ -148,7 +152,12 @@ def tracking(spec: TrackerRun) -> Iterator[TrackerSession | None]:
     if not names or not is_main_process():
         yield None
         return
-    session = TrackerSession(spec, names)
+    try:
+        session = TrackerSession(spec, names)
+    except Exception as error:  # each tracker library raises its own exception types
+        raise ValueError(
+            f"--report-to {','.join(names)}: a tracker could not start its run: {type(error).__name__}: {error}"
+        ) from error
     _ACTIVE.append(session)
     try:
         yield session
