@@ -302,6 +302,24 @@ def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setti
     assert "RED: 1 (tuned); zero: none" in report  # the budgets as run
 
 
+def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path, monkeypatch):
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED], seeds=[1, 2])))
+    trained, evaluated = [], []
+    real_cell, real_eval = runner_module.run_cell, runner_module.run_eval
+    monkeypatch.setattr(runner_module, "run_cell", lambda c, m: trained.append(c.run.eval_split) or real_cell(c, m))
+    monkeypatch.setattr(
+        runner_module, "run_eval", lambda *a, **k: evaluated.append(a[0].eval_split) or real_eval(*a, **k)
+    )
+    records = Runner(grid, tmp_path / "out", tune=True, pool=ModelPool(), log=lambda _: None).run()
+    trials = {r["key"]: r for r in records if r["phase"] == "tune"}
+    first, second = (r for r in records if r["phase"] == "test")
+    best = max(trials.values(), key=lambda r: r["score"])  # the first of equal scores wins, as in tuning
+    assert first["seed"] == 1 and first["trial"] == best["trial"] and first["trained_by"] == best["key"]
+    assert second["seed"] == 2 and second["trained_by"] is None  # another seed trains anew
+    assert trained == ["val"] * len(trials) + ["test"] and evaluated == ["test"]  # one training per seed and trial
+    assert first["trained_parameters"] == best["trained_parameters"] and len(first["per_example"]) == 12
+
+
 def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeypatch):
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=1, arms=[RED_TUNED])))
     fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])  # higher is better for both

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from lofit.cli import main
 from lofit.data.files import DataError
 from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logprobs
-from lofit.experiments import load_grid
-from lofit.experiments.grid import expand, ranking_key
+from lofit.experiments import ModelPool, Runner, load_grid
+from lofit.experiments import runner as runner_module
+from lofit.experiments.grid import cell_config, expand, ranking_key
 from lofit.experiments.report import write_report
-from lofit.experiments.results import append_result
+from lofit.experiments.results import append_result, read_results
 from lofit.tasks import TASKS, TransferTask, get_task
 from lofit.tasks.mmlu import GROUP_OF, SUBJECT_GROUPS
 from lofit.tasks.open_qa import cut_answer, squad_normalize
@@ -231,16 +233,23 @@ def test_evaluation_only_tasks_refuse_training_and_transfer_tasks_train_on_the_f
     assert not (tmp_path / "r").exists()
 
 
-def test_a_transfer_run_trains_on_truthfulqa_and_evaluates_on_nq_open(tmp_path):
+def transfer_setting(tmp_path: Path) -> tuple[Path, str]:
+    """TruthfulQA fold 0 (4 training questions, the same 4 as its test split) and 3 NQ-open rows,
+    and a tiny model over their words: (data folder, model folder)."""
     data = tmp_path / "data"
     (data / "truthfulqa").mkdir(parents=True)
     lines = ["Question,Best Answer,Correct Answers,Incorrect Answers"]
     lines += [f"is sky {c} blue,yes it is,yes it is; yes,no it is not" for c in "abcd"]
-    (data / "truthfulqa" / "fold_0_train_seed_42.csv").write_text("\n".join(lines) + "\n")
+    for split in ("train", "test"):
+        (data / "truthfulqa" / f"fold_0_{split}_seed_42.csv").write_text("\n".join(lines) + "\n")
     write_rows(data / "ood" / "nq_open" / "test.jsonl", [qa_row(f"is {c} red", ["yes"], "no") for c in "xyz"])
-    texts = ["Q: is sky a blue\nA:", " yes it is.", " no it is not.", " yes."]
+    texts = [f"Q: is sky {c} blue\nA:" for c in "abcd"] + [" yes it is.", " no it is not.", " yes."]
     texts += [f"Answer these questions:\n\nQ: is {c} red?\nA:" for c in "xyz"] + [" yes", " no", ".", ","]
-    model = str(tiny_model_folder(tmp_path / "model", texts))
+    return data, str(tiny_model_folder(tmp_path / "model", texts))
+
+
+def test_a_transfer_run_trains_on_truthfulqa_and_evaluates_on_nq_open(tmp_path):
+    data, model = transfer_setting(tmp_path)
     out = tmp_path / "run"
     command = ["run", "--task", "truthfulqa:nq_open", "--model", model, "--data-dir", str(data), "--output-dir"]
     options = ["--num-heads", "2", "--select-epochs", "1", "--tune-epochs", "1", "--batch-size", "2", "--no-progress"]
@@ -249,6 +258,55 @@ def test_a_transfer_run_trains_on_truthfulqa_and_evaluates_on_nq_open(tmp_path):
     assert metrics["task"] == "truthfulqa:nq_open" and metrics["test_num_examples"] == 3
     assert metrics["metric_keys"] == ["test_true_false_accuracy", "test_exact_match"]
     assert (out / "adapter").is_dir() and len(metrics["selected_heads"]) == 2
+
+
+def test_an_experiment_trains_each_arm_once_and_evaluates_that_adapter_on_every_task(tmp_path, monkeypatch):
+    data, model = transfer_setting(tmp_path)
+    options = {"model": model, "data_dir": str(data), "num_heads": 2, "select_epochs": 1, "tune_epochs": 1}
+    options |= {"red_epochs": 1, "batch_size": 2, "progress": False, "heads_task": "truthfulqa"}
+    arms = [
+        {"label": "No-FT", "method": "zero-shot"},
+        {"label": "LoFiT", "method": "lofit"},
+        {"label": "RED", "method": "red"},
+    ]
+    grid = {"name": "ood-tiny", "description": "d", "tasks": ["truthfulqa", "truthfulqa:nq_open"], "seeds": [1]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        json.dumps(grid | {"report": {"kind": "ood", "baseline": "No-FT"}, "options": options, "arms": arms})
+    )
+    trained, evaluated = [], []
+    real_cell, real_eval = runner_module.run_cell, runner_module.run_eval
+    monkeypatch.setattr(runner_module, "run_cell", lambda c, m: trained.append(c.run.task) or real_cell(c, m))
+    monkeypatch.setattr(runner_module, "run_eval", lambda *a, **k: evaluated.append(a[0].task) or real_eval(*a, **k))
+    pool = ModelPool()
+    folder = tmp_path / "out"
+    runner = Runner(load_grid(str(path)), folder, pool=pool, log=lambda _: None)
+    cells = runner.test_cells()
+    reused_keys = {c.key for c in cells if c.method != "zero-shot" and ":" in c.task}
+    assert runner._trainers(cells) == {c.key for c in cells} - reused_keys  # estimated as evaluation only
+    records = runner.run()
+    by_cell = {(r["label"], r["task"]): r for r in records}
+    # each arm that trains does so once, on the first task; its adapter is evaluated on the second
+    assert trained == ["truthfulqa"] * 3 + ["truthfulqa:nq_open"]  # the last: No-FT, which trains nothing
+    assert evaluated == ["truthfulqa:nq_open"] * 2
+    for label in ("LoFiT", "RED"):
+        source, reused = by_cell[(label, "truthfulqa")], by_cell[(label, "truthfulqa:nq_open")]
+        assert source["trained_by"] is None and reused["trained_by"] == source["key"]
+        assert reused["trained_parameters"] == source["trained_parameters"] > 0
+        assert reused["metrics"]["num_examples"] == 3 and len(reused["per_example"]) == 3
+    assert (
+        by_cell[("LoFiT", "truthfulqa:nq_open")]["selected_heads"] == by_cell[("LoFiT", "truthfulqa")]["selected_heads"]
+    )
+    assert by_cell[("LoFiT", "truthfulqa:nq_open")]["ranking_key"] == by_cell[("LoFiT", "truthfulqa")]["ranking_key"]
+    assert by_cell[("No-FT", "truthfulqa:nq_open")]["trained_by"] is None
+    # the same scores as training the transfer cell anew (training on CPU is deterministic)
+    cell = next(c for c in cells if c.label == "RED" and ":" in c.task)
+    config = cell_config(cell, total_heads=8)
+    fresh = real_cell(replace(config, run=replace(config.run, output_dir=str(tmp_path / "anew"))), pool)
+    assert fresh["test_true_false_accuracy"] == by_cell[("RED", "truthfulqa:nq_open")]["score"]
+    predictions = Path(by_cell[("RED", "truthfulqa:nq_open")]["run_folder"]) / "predictions.jsonl"
+    assert (tmp_path / "anew" / "predictions.jsonl").read_text() == predictions.read_text()  # every log-probability
+    assert [r["trained_by"] for r in read_results(folder) if r["phase"] == "test"].count(None) == 4
 
 
 def test_mmlu_groups_prompts_and_the_fixed_shuffled_order(tmp_path):

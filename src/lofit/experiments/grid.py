@@ -40,6 +40,7 @@ from lofit.methods.lofit.config import LofitConfig
 from lofit.runs.config import OPTION_OWNERS, CellConfig, RunConfig
 from lofit.runs.config import cell_config as build_cell_config
 from lofit.runs.recipes import with_recipe
+from lofit.tasks import training_task_name
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.options import option_group
 
@@ -311,6 +312,24 @@ def ranking_key(options: dict[str, Any]) -> str:
     if kept.get("heads") != "bias-based":
         kept.pop("bias_lr", None)
     return config_key("ranking", kept)
+
+
+EVALUATION_ONLY = option_group([RunConfig], "evaluation", True)
+"""Options that shape only a cell's evaluation (``"evaluation": True`` in a field's metadata):
+which split, how many examples, which file, how answers are matched."""
+
+
+def training_key(method: str, options: dict[str, Any]) -> str | None:
+    """The key of what a ``method`` cell with ``options`` trains: its key without
+    :data:`EVALUATION_ONLY` and with a ``TRAIN:EVAL`` task as TRAIN. Cells with one training key
+    (a tuning trial and its test cell of the same seed; ``truthfulqa`` and ``truthfulqa:mmlu``)
+    train the same adapter, so one trains it and the others evaluate it. None for a method
+    that trains nothing."""
+    if not METHODS[method].trains:
+        return None
+    kept = {k: v for k, v in options.items() if k not in EVALUATION_ONLY}
+    kept["task"] = training_task_name(options["task"])
+    return config_key(f"{method}:trained", kept)
 
 
 def cell_config(cell: Cell, total_heads: int | None = None) -> CellConfig:

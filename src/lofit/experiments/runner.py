@@ -4,6 +4,11 @@
   metrics, per-example scores, trained parameters, wall time, seed); a rerun skips every
   cell whose key is already there, so a stopped experiment continues where it stopped (a
   cell stopped mid-training resumes from its newest checkpoint).
+- What a cell trains is trained once per key of :func:`~lofit.experiments.grid.training_key`
+  (the cell's options without those that shape only its evaluation, a ``TRAIN:EVAL`` task as
+  TRAIN): the first such cell trains and keeps its adapter; the others wait for it and
+  evaluate that adapter (``trained_by`` in their records). So a tuning trial's adapter is the
+  test cell's of the same seed, and ``ood`` trains each (arm, seed) once for its five tasks.
 - Step-1 rankings are computed once per key of :func:`~lofit.experiments.grid.ranking_key`
   (task, seed, model, step-1 options), recorded as ``ranking`` lines, and handed to every
   LoFiT cell that needs them as ``--heads file --heads-file``. A ranking already recorded
@@ -40,7 +45,17 @@ import torch
 
 from lofit.data.files import resolve_data_dir
 from lofit.experiments.executors import Executor, InlineExecutor
-from lofit.experiments.grid import Cell, Grid, Search, cell_config, check_tuning, expand, ranking_key, search
+from lofit.experiments.grid import (
+    Cell,
+    Grid,
+    Search,
+    cell_config,
+    check_tuning,
+    expand,
+    ranking_key,
+    search,
+    training_key,
+)
 from lofit.experiments.progress import (
     clear_stale_markers,
     elapsed_seconds,
@@ -53,8 +68,8 @@ from lofit.experiments.progress import (
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.config import CellConfig
-from lofit.runs.pipeline import load_fresh, run_cell, run_select
-from lofit.tasks import get_task
+from lofit.runs.pipeline import load_fresh, run_cell, run_eval, run_select
+from lofit.tasks import get_task, training_task_name
 from lofit.training.loop import resolve_mixed_precision
 from lofit.training.trackers import TrackerRun, TrackerSession, tracking
 from lofit.utils.compute import ComputeConfig, hardware, resolve_device
@@ -62,8 +77,8 @@ from lofit.utils.distributed import is_main_process
 
 TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
 """Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""
-EVAL_SECONDS = {"clutrr": 0.22, "mquake": 0.11, "truthfulqa": 0.41}
-"""Rough seconds per evaluated example, default model, 2 CPU cores."""
+EVAL_SECONDS = {"clutrr": 0.22, "mquake": 0.11, "truthfulqa": 0.41, "nq_open": 0.54, "triviaqa": 3.4, "mmlu": 0.30}
+"""Rough seconds per evaluated example, default model, 2 CPU cores (No-FT runs of the ood tasks)."""
 
 
 class ModelPool:
@@ -196,9 +211,10 @@ class Runner:
 
     # --- listing -----------------------------------------------------------------------
 
-    def estimate(self, cell: Cell) -> tuple[float, bool]:
-        """Seconds a cell should take, and whether they were measured: the mean of finished
-        cells of its method, task and phase on this hardware (or of unrecorded hardware),
+    def estimate(self, cell: Cell, trains: bool = True) -> tuple[float, bool]:
+        """Seconds a cell should take (evaluation alone when not ``trains``: another cell trains
+        its adapter), and whether they were measured: the mean of finished cells of its method,
+        task and phase on this hardware (or of unrecorded hardware) that trained or not alike,
         else a rough rate for the default model on 2 CPU cores."""
         here = cell_hardware(cell)
         similar = [
@@ -208,31 +224,36 @@ class Runner:
             and r.get("task") == cell.task
             and r.get("phase") == cell.phase
             and r.get("hardware", here) == here
+            and (r.get("trained_by") is None) == trains
         ]
         if similar:
             return sum(similar) / len(similar), True
         options = cell.config
+        evaluated_task = options["task"].rpartition(":")[2] if ":" in options["task"] else options["task"]
+        eval_rate = EVAL_SECONDS.get(evaluated_task, 0.15)
         task = get_task(
             options["task"], fold=int(options["fold"]), eval_file=options["eval_file"], match=options["match"]
         )
         data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
         size = options["train_size"] if options["train_size"] is not None else task.default_train_size
         train = len(task.sample_train(data_dir, size, options["seed"]))
-        rate = TRAIN_SECONDS.get(options["task"], 0.27)
+        rate = TRAIN_SECONDS.get(training_task_name(options["task"]), 0.27)
         if cell.phase == "ranking":
             return train * options["select_epochs"] * rate, False
         epochs = options.get(f"{cell.method}_epochs") or options["select_epochs"] + options["tune_epochs"]
         epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(cell.method, epochs)
+        epochs = epochs if trains else 0
         evaluated = len(task.eval_examples(data_dir, options["eval_split"])[: options["limit"]])
-        return train * epochs * rate + evaluated * EVAL_SECONDS.get(options["task"], 0.15), False
+        return train * epochs * rate + evaluated * eval_rate, False
 
     def listing(self) -> str:
         """Every cell with its key, state and estimated time, and the total still to run."""
         lines, remaining, timed, pending = [], 0.0, 0, 0
         cells = self.trials() + self.test_cells()
+        trains = self._trainers(cells)
         for cell in cells:
             finished = cell.key in self.done
-            seconds, measured = (0.0, False) if finished else self.estimate(cell)
+            seconds, measured = (0.0, False) if finished else self.estimate(cell, cell.key in trains)
             remaining += seconds
             pending += not finished
             timed += measured
@@ -265,20 +286,22 @@ class Runner:
         counts = dict.fromkeys(("done", "running", "failed", "waiting"), 0)
         lines, left = [], 0.0
         cells = self.trials() + self.test_cells()
+        trains = self._trainers(cells)
         for cell in cells:
             if cell.key in self.done:
                 state, note = "done", f"{self.done[cell.key]['seconds'] / 60:.1f} min"
             elif cell.key in running:
                 elapsed = elapsed_seconds(running[cell.key])
-                estimate = self.estimate(cell)[0]
+                estimate = self.estimate(cell, cell.key in trains)[0]
                 left += max(0.0, estimate - elapsed)
                 state, note = "running", f"{elapsed / 60:.1f} min, ~{max(0.0, estimate - elapsed) / 60:.0f} min left"
             elif cell.key in failures:
-                left += self.estimate(cell)[0]
+                left += self.estimate(cell, cell.key in trains)[0]
                 state, note = "failed", failures[cell.key]["error"].strip().splitlines()[-1]
             else:
-                left += self.estimate(cell)[0]
-                state, note = "waiting", f"~{self.estimate(cell)[0] / 60:.0f} min"
+                seconds = self.estimate(cell, cell.key in trains)[0]
+                left += seconds
+                state, note = "waiting", f"~{seconds / 60:.0f} min"
             counts[state] += 1
             lines.append(f"{cell.key}  {state:<8} {cell.describe()}: {note}")
         keys = {cell.key for cell in cells}
@@ -318,13 +341,24 @@ class Runner:
         return [self.done[c.key] for c in self.trials() + self.test_cells() if c.key in self.done]
 
     def _execute(self, cells: list[Cell], executor: Executor) -> None:
-        """Run ``cells`` on ``executor``, each step-1 ranking they need first (once per key), as
-        many at once as it takes, in the order of ``cells`` where it runs one at a time."""
+        """Run ``cells`` on ``executor``, each step-1 ranking they need first (once per key), and
+        each cell whose adapter another cell trains after that cell, as many at once as it
+        takes, in the order of ``cells`` where it runs one at a time."""
         queue: list[tuple[tuple[int, int], Job]] = []
-        blocked: dict[str, list[tuple[int, Cell]]] = {}  # ranking key -> the cells waiting for it
+        blocked: dict[str, list[tuple[int, Cell]]] = {}  # ranking or training cell key -> the cells waiting for it
+        trainers: dict[str, str] = {}  # training key -> the key of the cell that trains it here
         for index, cell in enumerate(cells):
             if cell.key in self.done or cell.key in self.failed:
                 continue
+            trained = training_key(cell.method, cell.config) if cell.phase != "ranking" else None
+            if trained is not None and self._trained_adapter(cell) is not None:
+                queue.append(((index, 1), self._cell_job(cell)))
+                continue
+            if trained in trainers:
+                blocked.setdefault(trainers[trained], []).append((index, cell))
+                continue
+            if trained is not None:
+                trainers[trained] = cell.key
             if cell.phase == "ranking":  # step 1 alone: its own ranking job, which later cells may wait for
                 if cell.key not in blocked and self._needs_ranking(cell):
                     blocked[cell.key] = []
@@ -358,16 +392,15 @@ class Runner:
                 job_id, record, error = executor.wait()
                 job = running.pop(job_id)
                 remove_marker(self.folder, job.key)
-                waiting = blocked.pop(job.key, []) if job.kind == "ranking" else []
+                waiting = blocked.pop(job.key, [])
                 if error is None:
                     self._record(record)
                     queue += [((index, 1), self._cell_job(cell)) for index, cell in waiting]
                     continue
                 self._fail(job, error)
+                what = "its step-1 ranking" if job.kind == "ranking" else "the cell that trains its adapter,"
                 for _, cell in waiting:
-                    self._fail(
-                        Job("cell", cell, self.folder, cell.key), f"its step-1 ranking {job.key} failed: {error}"
-                    )
+                    self._fail(Job("cell", cell, self.folder, cell.key), f"{what} {job.key} failed: {error}")
         finally:
             for job in running.values():  # interrupted: these jobs did not finish
                 remove_marker(self.folder, job.key)
@@ -389,9 +422,40 @@ class Runner:
     def _ranking_job(self, cell: Cell) -> Job:
         return Job("ranking", cell, self.folder, f"ranking-{ranking_key(cell.config)}")
 
+    def _trainers(self, cells: list[Cell]) -> set[str]:
+        """The keys of the unfinished ``cells`` that would train their adapter: no finished cell,
+        nor one before them in ``cells``, trains the same (the others are estimated as evaluation)."""
+        seen, trainers = set(), set()
+        for cell in cells:
+            trained = training_key(cell.method, cell.config) if cell.phase != "ranking" else None
+            shared = trained is not None and (trained in seen or self._trained_adapter(cell) is not None)
+            if cell.key not in self.done and not shared:
+                trainers.add(cell.key)
+            seen.add(trained)
+        return trainers
+
+    def _trained_adapter(self, cell: Cell) -> dict | None:
+        """The adapter that a finished cell of this experiment trained as ``cell`` would (one
+        training key), when its folder is still there: its cell's key, path and ranking."""
+        trained = training_key(cell.method, cell.config)
+        if trained is None:
+            return None
+        for record in self.done.values():
+            if record.get("phase") in ("tune", "test") and not record.get("trained_by") and record.get("run_folder"):
+                if training_key(record["method"], record["options"]) != trained:
+                    continue
+                path = Path(record["run_folder"]) / "adapter"
+                if path.is_dir():
+                    return {"key": record["key"], "path": str(path), "ranking_key": record.get("ranking_key")}
+        return None
+
     def _cell_job(self, cell: Cell) -> Job:
-        """The job of a fit cell; a LoFiT cell gets its recorded ranking as a file (rebuilt from
-        the record when the file is missing)."""
+        """The job of a fit cell: the adapter to evaluate when another cell trained it, else (a
+        LoFiT cell) its recorded ranking as a file (rebuilt from the record when the file is missing)."""
+        name = f"{cell.phase}-{cell.label}-{cell.key}".replace("/", "_")
+        adapter = self._trained_adapter(cell)
+        if adapter is not None:
+            return Job("cell", cell, self.folder, name, tuning=self._tuning_fields(cell), adapter=adapter)
         ranking = None
         if cell.method == "lofit" and cell.config["heads"] != "file":
             record = self.done[ranking_key(cell.config)]
@@ -399,7 +463,6 @@ class Runner:
             if not path.is_file():
                 HeadRanking.from_scores(torch.tensor(record["scores"])).save(path)
             ranking = {"key": record["key"], "seconds": record["seconds"], "path": str(path)}
-        name = f"{cell.phase}-{cell.label}-{cell.key}".replace("/", "_")
         return Job("cell", cell, self.folder, name, ranking, self._tuning_fields(cell))
 
     def _fail(self, job: Job, error: str) -> None:
@@ -473,6 +536,8 @@ class Job:
     """The job's folder under ``rankings/`` or ``cells/``, and its tracker run's name."""
     ranking: dict | None = None
     tuning: dict = field(default_factory=dict)
+    adapter: dict | None = None
+    """For a cell whose adapter another cell trained: that cell's key, the adapter's path and its ranking's key."""
 
     @property
     def key(self) -> str:
@@ -557,7 +622,9 @@ def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
 
 
 def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
-    """``job.cell`` through :func:`~lofit.runs.pipeline.run_cell` into ``cells/<job name>/``, and its record."""
+    """``job.cell`` through :func:`~lofit.runs.pipeline.run_cell` into ``cells/<job name>/`` (or,
+    when another cell trained its adapter, that adapter through :func:`~lofit.runs.pipeline.run_eval`),
+    and its record."""
     cell = job.cell
     options, key = cell.config, cell.key
     if job.ranking is not None:
@@ -565,7 +632,11 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         cell = replace(cell, options=tuple(sorted(ranked.items())))
     run_folder = job.folder / "cells" / job.name
     start = time.perf_counter()
-    summary = run_cell(_run_config(cell, run_folder, pool), pool)
+    config = _run_config(cell, run_folder, pool)
+    if job.adapter is not None:
+        summary = run_eval(config.run, Path(job.adapter["path"]), config.compute, models=pool)
+    else:
+        summary = run_cell(config, pool)
     seconds = time.perf_counter() - start
     shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
     split = options["eval_split"]
@@ -577,6 +648,7 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
             summary = summary | {"localization": ranking.localization(len(summary["selected_heads"])).to_json()}
         session.log_summary(summary)
     ranking = job.ranking or {}
+    trained_by = job.adapter or {}
     return {
         "key": key,
         "phase": cell.phase,
@@ -598,7 +670,8 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "fit_seconds": summary.get("fit_seconds"),
         "eval_seconds": summary.get("eval_seconds"),
         "hardware": cell_hardware(cell),
-        "ranking_key": ranking.get("key"),
+        "ranking_key": ranking.get("key") or trained_by.get("ranking_key"),
+        "trained_by": trained_by.get("key"),
         "ranking_seconds": ranking.get("seconds"),
         "warnings": summary.get("warnings", []),
         "run_folder": str(run_folder),

@@ -91,6 +91,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type | None] = None
+    trains: ClassVar[bool] = True
+    """Whether ``fit`` learns anything from the training examples (the 0-shot baseline does not)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

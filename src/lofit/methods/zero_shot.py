@@ -14,6 +14,7 @@ class ZeroShot(Method):
     """No training: evaluates the base model as it is (0 trained parameters)."""
 
     name = "zero-shot"
+    trains = False
 
     def fit(self, context: FitContext) -> FitResult:
         return FitResult(context.model, 0)

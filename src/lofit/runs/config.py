@@ -34,6 +34,7 @@ class RunConfig:
         default=None,
         metadata={
             "step": 2,
+            "evaluation": True,
             "help": "with your own data: the file or dataset to evaluate on (default: the training data)",
         },
     )
@@ -41,6 +42,7 @@ class RunConfig:
         default="exact",
         metadata={
             "step": 2,
+            "evaluation": True,
             "help": "with a file task of prompt/completion rows: 'exact' or 'contains' (default: exact)",
         },
     )
@@ -65,12 +67,15 @@ class RunConfig:
     train_size: int | None = field(
         default=None, metadata={"help": "training examples sampled (default: the task's, 300 for CLUTRR)"}
     )
-    eval_split: str = field(default="test", metadata={"step": 2, "help": "split to evaluate: val or test"})
+    eval_split: str = field(
+        default="test", metadata={"step": 2, "evaluation": True, "help": "split to evaluate: val or test"}
+    )
     eval_batch_size: int = field(
         default=16, metadata={"resume": "may change", "hashed": False, "help": "prompts per generation batch"}
     )
     limit: int | None = field(
-        default=None, metadata={"resume": "may change", "step": 2, "help": "evaluate only the first N examples"}
+        default=None,
+        metadata={"resume": "may change", "step": 2, "evaluation": True, "help": "evaluate only the first N examples"},
     )
     beta: float = field(default=0.5, metadata={"help": "DPO beta, for tasks trained on preferences"})
     chat_template: bool = field(

@@ -351,10 +351,12 @@ def run_cell(cell: CellConfig, models: ModelSource = load_fresh) -> dict:
         return summary
 
 
-def run_eval(run: RunConfig, adapter: Path | None, compute: ComputeConfig | None = None) -> dict:
+def run_eval(
+    run: RunConfig, adapter: Path | None, compute: ComputeConfig | None = None, models: ModelSource = load_fresh
+) -> dict:
     """Evaluate the model, or the model with a saved adapter."""
     run = replace(run, method=saved_method(adapter) if adapter else "zero-shot")
-    with opened_job(run, LofitConfig(), compute, needs=("eval",), trains=False) as job:
+    with opened_job(run, LofitConfig(), compute, needs=("eval",), trains=False, models=models) as job:
         if run.output_dir is None:
             job.folder = RunFolder((adapter.parent if adapter else job.output_dir) / f"eval-{run.eval_split}")
         model = job.attach(load_adapted(job.model, adapter)) if adapter else job.model

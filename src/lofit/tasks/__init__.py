@@ -60,6 +60,13 @@ def get_task(name: str, **options: Any) -> Task:
     return task_class(**{k: v for k, v in options.items() if k in accepted})
 
 
+def training_task_name(name: str) -> str:
+    """The task whose training examples a run of task ``name`` trains on: TRAIN for a
+    ``TRAIN:EVAL`` task, else ``name`` itself."""
+    train, separator, evaluate = name.partition(SEPARATOR)
+    return train if separator and train in TASKS and evaluate in TASKS else name
+
+
 __all__ = [
     "TASKS",
     "Evaluation",
@@ -72,4 +79,5 @@ __all__ = [
     "UserFileTask",
     "get_task",
     "normalize_answer",
+    "training_task_name",
 ]

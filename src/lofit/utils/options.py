@@ -6,8 +6,10 @@ A value is converted to its field's type (YAML reads ``5e-2`` as a string: it be
 
 Groups of options are declared on the fields themselves, as metadata read by
 :func:`option_group`: ``"resume": "may change"`` (may differ when a run is resumed),
-``"hashed": False`` (does not change a result, so left out of an experiment cell's key) and
-``"step": 2`` (read by LoFiT's step 2 only: cells differing in it share one step-1 ranking).
+``"hashed": False`` (does not change a result, so left out of an experiment cell's key),
+``"step": 2`` (read by LoFiT's step 2 only: cells differing in it share one step-1 ranking)
+and ``"evaluation": True`` (shapes only the evaluation: cells differing in it share one
+trained adapter).
 """
 
 from __future__ import annotations
