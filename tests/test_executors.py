@@ -19,7 +19,7 @@ from lofit.experiments.executors import RayExecutor, SlurmExecutor
 from lofit.experiments.progress import read_failures, read_markers, write_marker
 from lofit.experiments.results import read_results
 
-from .test_experiments import grid_file
+from .test_experiments import RED_TUNED, grid_file
 from .tiny_run import tiny_model_folder, write_task
 
 ARMS = [
@@ -99,6 +99,20 @@ def test_two_local_workers_give_the_same_records(setting, tmp_path, sequential):
     assert order.index(("ranking", "lofit")) < order.index(("test", "lofit"))  # step 1 before its cells
     assert not read_markers(folder) and not (folder / "failures").exists()
     assert len(list((folder / "trackers").glob("*/events.out.tfevents.*"))) == 4  # one run per job, from the workers
+
+
+def test_on_two_workers_a_test_cell_waits_for_the_trial_that_trains_its_adapter(setting, tmp_path):
+    grid = grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED], tune_extend=0)
+    folder = tmp_path / "runs" / "tuned"
+    options = ["--output-dir", str(folder), "--tune", "--workers", "2", "--no-progress"]
+    assert main(["experiment", "--grid", str(grid), *options]) == 0
+    records = read_results(folder)
+    trials = [r for r in records if r["phase"] == "tune"]
+    (test,) = [r for r in records if r["phase"] == "test"]
+    best = max(trials, key=lambda r: r["score"])
+    assert len(trials) == 4 and test["trial"] == best["trial"] and test["trained_by"] == best["key"]
+    assert test["per_example"] and test["fit_seconds"] is None  # evaluation of the trial's adapter only
+    assert not read_markers(folder) and not (folder / "failures").exists()
 
 
 def test_a_local_ray_with_two_workers_gives_the_same_records(setting, tmp_path, sequential):
