@@ -21,6 +21,7 @@ from lofit.evaluation.multiple_choice import MultipleChoiceExample, choice_logpr
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import runner as runner_module
 from lofit.experiments.grid import cell_config, expand, ranking_key
+from lofit.experiments.progress import read_failures
 from lofit.experiments.report import write_report
 from lofit.experiments.results import append_result, read_results
 from lofit.tasks import TASKS, TransferTask, get_task
@@ -260,7 +261,8 @@ def test_a_transfer_run_trains_on_truthfulqa_and_evaluates_on_nq_open(tmp_path):
     assert (out / "adapter").is_dir() and len(metrics["selected_heads"]) == 2
 
 
-def test_an_experiment_trains_each_arm_once_and_evaluates_that_adapter_on_every_task(tmp_path, monkeypatch):
+def transfer_grid(tmp_path: Path) -> Path:
+    """A tiny ood grid: No-FT, LoFiT and RED trained on TruthfulQA, evaluated on it and on NQ-open."""
     data, model = transfer_setting(tmp_path)
     options = {"model": model, "data_dir": str(data), "num_heads": 2, "select_epochs": 1, "tune_epochs": 1}
     options |= {"red_epochs": 1, "batch_size": 2, "progress": False, "heads_task": "truthfulqa"}
@@ -274,6 +276,11 @@ def test_an_experiment_trains_each_arm_once_and_evaluates_that_adapter_on_every_
     path.write_text(
         json.dumps(grid | {"report": {"kind": "ood", "baseline": "No-FT"}, "options": options, "arms": arms})
     )
+    return path
+
+
+def test_an_experiment_trains_each_arm_once_and_evaluates_that_adapter_on_every_task(tmp_path, monkeypatch):
+    path = transfer_grid(tmp_path)
     trained, evaluated = [], []
     real_cell, real_eval = runner_module.run_cell, runner_module.run_eval
     monkeypatch.setattr(runner_module, "run_cell", lambda c, m: trained.append(c.run.task) or real_cell(c, m))
@@ -306,6 +313,39 @@ def test_an_experiment_trains_each_arm_once_and_evaluates_that_adapter_on_every_
     assert fresh["test_true_false_accuracy"] == by_cell[("RED", "truthfulqa:nq_open")]["score"]
     predictions = Path(by_cell[("RED", "truthfulqa:nq_open")]["run_folder"]) / "predictions.jsonl"
     assert (tmp_path / "anew" / "predictions.jsonl").read_text() == predictions.read_text()  # every log-probability
+    report = write_report(folder).read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| truthfulqa:nq_open | RED |")]
+    assert len(rows) == 1 and "(evaluation only: another cell trained the adapter)" in rows[0]
+    (ranking_row,) = [line for line in report.splitlines() if line.startswith("| truthfulqa | 1 |")]
+    own_task = by_cell[("LoFiT", "truthfulqa")]["score"]
+    assert ranking_row.endswith(f"| {100 * own_task:.1f}% (1) |")  # the score on its heads' own task only
+
+
+def test_on_two_workers_the_transfer_cells_wait_for_their_trainer_and_a_failed_trainer_fails_them(
+    tmp_path, monkeypatch
+):
+    path = transfer_grid(tmp_path)
+    folder = tmp_path / "out"
+    real_cell = runner_module.run_cell
+
+    def red_fails(config, models):
+        if config.run.method == "red":
+            raise RuntimeError("RED could not train")
+        return real_cell(config, models)
+
+    monkeypatch.setattr(runner_module, "run_cell", red_fails)
+    Runner(load_grid(str(path)), folder, log=lambda _: None).run()
+    failures = {f["label"] + " " + f["task"]: f["error"] for f in read_failures(folder).values()}
+    assert sorted(failures) == ["RED truthfulqa", "RED truthfulqa:nq_open"]
+    assert "the cell that trains its adapter," in failures["RED truthfulqa:nq_open"]
+    assert "RED could not train" in failures["RED truthfulqa:nq_open"]
+    monkeypatch.setattr(runner_module, "run_cell", real_cell)
+    command = ["experiment", "--grid", str(path), "--output-dir", str(folder), "--workers", "2", "--no-progress"]
+    assert main(command) == 0  # the next run retries both, on two workers
+    records = {(r["label"], r["task"]): r for r in read_results(folder) if r["phase"] == "test"}
+    assert records[("RED", "truthfulqa:nq_open")]["trained_by"] == records[("RED", "truthfulqa")]["key"]
+    assert records[("LoFiT", "truthfulqa:nq_open")]["trained_by"] == records[("LoFiT", "truthfulqa")]["key"]
+    assert len(records) == 6
     assert [r["trained_by"] for r in read_results(folder) if r["phase"] == "test"].count(None) == 4
 
 

@@ -229,16 +229,20 @@ def test_each_experiment_cell_is_one_wandb_and_one_mlflow_run_grouped_by_the_exp
     assert len(stored[f"ranking-{records['ranking-LoFiT']['key']}"]["metrics"]["select/loss"]) == 2
 
 
-def test_a_tracker_that_cannot_start_stops_the_command_before_training(setting, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("mlflow")
+def test_a_tracker_that_cannot_start_stops_the_command_before_training(
+    setting, tmp_path, monkeypatch, capsys, offline_trackers
+):
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nowhere://store")  # a store MLflow has no client for
     out = tmp_path / "run"
     args = ["run", "--task", setting["task"], "--model", setting["model"], "--output-dir", str(out), "--no-progress"]
-    assert main([*args, "--report-to", "mlflow"]) == 2
+    assert main([*args, "--report-to", "wandb,mlflow"]) == 2
     error = capsys.readouterr().err
-    assert "lofit: error: --report-to mlflow: a tracker could not start its run:" in error
+    assert "lofit: error: --report-to wandb,mlflow: a tracker could not start its run:" in error
     assert "nowhere" in error  # MLflow's own message names the store it could not use
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    assert wandb.run is None  # the wandb run started before MLflow failed was finished, not left open
+    assert len(wandb_runs(out / "trackers")) == 1
 
 
 def test_the_step_axis_grows_across_stages_and_restarts():

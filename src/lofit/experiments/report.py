@@ -28,6 +28,7 @@ from lofit.experiments.results import read_results
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.plots import curves, layer_histograms, matrix_plot
+from lofit.tasks import training_task_name
 from lofit.utils.atomic import write_text
 
 
@@ -45,13 +46,17 @@ UNRECORDED_HARDWARE = "not recorded"
 
 def _minutes(members: list[dict]) -> str:
     """Mean minutes per run, per hardware when the runs of one row ran on different hardware
-    (a GPU's minutes and a CPU's do not average)."""
+    (a GPU's minutes and a CPU's do not average), of the runs that trained their adapter: a
+    run that evaluated another cell's adapter (``trained_by``) counts only when no run of the
+    row trained, and then the row says so."""
+    trained = [record for record in members if not record.get("trained_by")]
     by_hardware: dict[str, list[float]] = defaultdict(list)
-    for record in members:
+    for record in trained or members:
         by_hardware[record.get("hardware", UNRECORDED_HARDWARE)].append(record["seconds"] / 60)
+    note = "" if trained else " (evaluation only: another cell trained the adapter)"
     if len(by_hardware) == 1:
-        return f"{statistics.fmean(next(iter(by_hardware.values()))):.1f}"
-    return "; ".join(f"{statistics.fmean(minutes):.1f} on {name}" for name, minutes in sorted(by_hardware.items()))
+        return f"{statistics.fmean(next(iter(by_hardware.values()))):.1f}{note}"
+    return "; ".join(f"{statistics.fmean(m):.1f} on {name}" for name, m in sorted(by_hardware.items())) + note
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -540,8 +545,8 @@ def localization(records: list[dict]) -> str:
     if not rankings:
         return ""
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in records:
-        if r.get("ranking_key") and r.get("score") is not None:
+    for r in records:  # a TRAIN:EVAL cell's score is another task's: not a score of its ranking's heads
+        if r.get("ranking_key") and r.get("score") is not None and training_task_name(r["task"]) == r["task"]:
             scores[(r["ranking_key"], r["phase"])].append(r["score"])
 
     def mean(key: str, phase: str) -> str:

@@ -8,7 +8,7 @@
   (the cell's options without those that shape only its evaluation, a ``TRAIN:EVAL`` task as
   TRAIN): the first such cell trains and keeps its adapter; the others wait for it and
   evaluate that adapter (``trained_by`` in their records). So a tuning trial's adapter is the
-  test cell's of the same seed, and ``ood`` trains each (arm, seed) once for its five tasks.
+  test cell's of the same seed, and ``ood`` trains each (arm, seed) once for its four tasks.
 - Step-1 rankings are computed once per key of :func:`~lofit.experiments.grid.ranking_key`
   (task, seed, model, step-1 options), recorded as ``ranking`` lines, and handed to every
   LoFiT cell that needs them as ``--heads file --heads-file``. A ranking already recorded
@@ -357,8 +357,6 @@ class Runner:
             if trained in trainers:
                 blocked.setdefault(trainers[trained], []).append((index, cell))
                 continue
-            if trained is not None:
-                trainers[trained] = cell.key
             if cell.phase == "ranking":  # step 1 alone: its own ranking job, which later cells may wait for
                 if cell.key not in blocked and self._needs_ranking(cell):
                     blocked[cell.key] = []
@@ -371,6 +369,7 @@ class Runner:
                 self._fail(
                     Job("cell", cell, self.folder, cell.key), f"its step-1 ranking {key} failed: {self.failed[key]}"
                 )
+                continue  # not a trainer: a later cell of its training key meets the same failure
             elif key in blocked:
                 blocked[key].append((index, cell))
             elif self._needs_ranking(cell):
@@ -378,6 +377,16 @@ class Runner:
                 queue.append(((index, 0), self._ranking_job(cell)))
             else:  # a sibling experiment's ranking, recorded just now
                 queue.append(((index, 1), self._cell_job(cell)))
+            if trained is not None:
+                trainers[trained] = cell.key
+
+        def fail_waiting(key: str, what: str, error: str) -> None:
+            """Fail the cells waiting for ``key`` (a ranking, or the cell that trains their
+            adapter), and in turn the cells waiting for those."""
+            for _, cell in blocked.pop(key, []):
+                self._fail(Job("cell", cell, self.folder, cell.key), f"{what} {key} failed: {error}")
+                fail_waiting(cell.key, "the cell that trains its adapter,", error)
+
         running: dict[int, Job] = {}
         ids = itertools.count()
         try:
@@ -392,15 +401,13 @@ class Runner:
                 job_id, record, error = executor.wait()
                 job = running.pop(job_id)
                 remove_marker(self.folder, job.key)
-                waiting = blocked.pop(job.key, [])
                 if error is None:
                     self._record(record)
-                    queue += [((index, 1), self._cell_job(cell)) for index, cell in waiting]
+                    queue += [((index, 1), self._cell_job(cell)) for index, cell in blocked.pop(job.key, [])]
                     continue
                 self._fail(job, error)
                 what = "its step-1 ranking" if job.kind == "ranking" else "the cell that trains its adapter,"
-                for _, cell in waiting:
-                    self._fail(Job("cell", cell, self.folder, cell.key), f"{what} {job.key} failed: {error}")
+                fail_waiting(job.key, what, error)
         finally:
             for job in running.values():  # interrupted: these jobs did not finish
                 remove_marker(self.folder, job.key)
@@ -427,10 +434,12 @@ class Runner:
         nor one before them in ``cells``, trains the same (the others are estimated as evaluation)."""
         seen, trainers = set(), set()
         for cell in cells:
+            if cell.key in self.done or cell.key in self.failed:
+                continue
             trained = training_key(cell.method, cell.config) if cell.phase != "ranking" else None
-            shared = trained is not None and (trained in seen or self._trained_adapter(cell) is not None)
-            if cell.key not in self.done and not shared:
-                trainers.add(cell.key)
+            if trained is not None and (trained in seen or self._trained_adapter(cell) is not None):
+                continue
+            trainers.add(cell.key)
             seen.add(trained)
         return trainers
 
@@ -631,6 +640,8 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         ranked = options | {"heads": "file", "heads_file": job.ranking["path"]}
         cell = replace(cell, options=tuple(sorted(ranked.items())))
     run_folder = job.folder / "cells" / job.name
+    if job.adapter is not None:  # whatever an unfinished attempt left (one that trained, under other code) goes
+        shutil.rmtree(run_folder, ignore_errors=True)
     start = time.perf_counter()
     config = _run_config(cell, run_folder, pool)
     if job.adapter is not None:

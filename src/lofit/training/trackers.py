@@ -105,7 +105,12 @@ class TrackerSession:
             "wandb": {"name": spec.name, "group": spec.group, "dir": str(spec.directory)},
             "mlflow": {"run_name": spec.name, "tags": {"group": spec.group} if spec.group else None},
         }
-        self.accelerator.init_trackers(spec.project, config=_scalars(spec.config), init_kwargs=init_kwargs)
+        try:
+            self.accelerator.init_trackers(spec.project, config=_scalars(spec.config), init_kwargs=init_kwargs)
+        except BaseException:
+            for tracker in self.accelerator.trackers:  # those started before the one that failed are finished
+                tracker.finish()
+            raise
         self.step = 0
         self.stage: tuple[str, int] | None = None
         """The stage being logged and the run step its step 0 sits at."""
