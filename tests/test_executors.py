@@ -101,7 +101,7 @@ def test_two_local_workers_give_the_same_records(setting, tmp_path, sequential):
     assert len(list((folder / "trackers").glob("*/events.out.tfevents.*"))) == 4  # one run per job, from the workers
 
 
-def test_on_two_workers_a_test_cell_waits_for_the_trial_that_trains_its_adapter(setting, tmp_path):
+def test_on_two_workers_a_test_cell_evaluates_the_adapter_its_best_trial_trained(setting, tmp_path):
     grid = grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED], tune_extend=0)
     folder = tmp_path / "runs" / "tuned"
     options = ["--output-dir", str(folder), "--tune", "--workers", "2", "--no-progress"]
