@@ -178,15 +178,20 @@ def test_select_and_compare_report_too(setting, tmp_path):
     assert "final/zero-shot/test_exact_match" in logged
 
 
-def test_each_experiment_cell_is_one_tensorboard_run(setting, tmp_path):
+def run_tiny_experiment(setting, tmp_path, report_to: str):
+    """A LoFiT arm and a 0-shot arm run with ``report_to``: the grid, its folder, and its records by phase-label."""
     arms = [
         {"label": "LoFiT", "method": "lofit", "options": {"num_heads": 2}},
         {"label": "zero", "method": "zero-shot"},
     ]
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
     folder = tmp_path / "tiny"
-    Runner(grid, folder, {"report_to": "tensorboard"}, log=lambda _: None).run()
-    records = {r["phase"] + "-" + r.get("label", ""): r for r in read_results(folder)}
+    Runner(grid, folder, {"report_to": report_to}, log=lambda _: None).run()
+    return grid, folder, {r["phase"] + "-" + r.get("label", ""): r for r in read_results(folder)}
+
+
+def test_each_experiment_cell_is_one_tensorboard_run(setting, tmp_path):
+    grid, folder, records = run_tiny_experiment(setting, tmp_path, "tensorboard")
     runs = sorted(path.name for path in (folder / "trackers").iterdir())
     ranking, lofit = records["ranking-LoFiT"], records["test-LoFiT"]
     assert runs == sorted(
@@ -205,14 +210,7 @@ def test_each_experiment_cell_is_one_tensorboard_run(setting, tmp_path):
 def test_each_experiment_cell_is_one_wandb_and_one_mlflow_run_grouped_by_the_experiment(
     setting, tmp_path, offline_trackers
 ):
-    arms = [
-        {"label": "LoFiT", "method": "lofit", "options": {"num_heads": 2}},
-        {"label": "zero", "method": "zero-shot"},
-    ]
-    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
-    folder = tmp_path / "tiny"
-    Runner(grid, folder, {"report_to": "wandb,mlflow"}, log=lambda _: None).run()
-    records = {r["phase"] + "-" + r.get("label", ""): r for r in read_results(folder)}
+    grid, folder, records = run_tiny_experiment(setting, tmp_path, "wandb,mlflow")
     names = sorted(f"{r['phase']}-{r['label']}-{r['key']}" for r in records.values() if r["phase"] == "test")
     names = sorted([*names, f"ranking-{records['ranking-LoFiT']['key']}"])
     runs = {run["name"]: run for run in wandb_runs(folder / "trackers")}
