@@ -1,4 +1,4 @@
-"""The out-of-domain tasks (nq_open, triviaqa, mmlu, mmlu_5shot), TRAIN:EVAL tasks, the ood grid
+"""The out-of-domain tasks (nq_open, triviaqa, mmlu, mmlu_5shot, mmlu_continuation), TRAIN:EVAL tasks, the ood grid
 and its report: scoring, row checks, refusals, and agreement with lm-evaluation-harness."""
 
 from __future__ import annotations
@@ -85,6 +85,23 @@ metric_list:
   - metric: acc
 """
 """lm-eval's mmlu (zero-shot) over a local file of mixed subjects."""
+MMLU_CONTINUATION_TASK = """\
+task: mmlu_continuation_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+description: "The following are questions (with answers) about {{{{subject.replace('_', ' ')}}}}.\\n\\n"
+doc_to_text: "Question: {{{{question.strip()}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+"""lm-eval's mmlu_continuation (its template, zero-shot) over a local file of mixed subjects."""
 
 
 def qa_row(question: str, answers: list[str], false: str, flawed: bool = False) -> dict:
@@ -382,6 +399,39 @@ def test_mmlu_groups_prompts_and_the_fixed_shuffled_order(tmp_path):
     shots = five.split("\n\n")[1:6]
     assert shots[0] == "q100\nA. c0\nB. c1\nC. c2\nD. c3\nAnswer: A" and shots[4].endswith("Answer: A")
     assert shots[1].endswith("Answer: B") and five.count("Answer:") == 6
+    cloze = next(e for e in get_task("mmlu_continuation").eval_examples(tmp_path, "test") if e.subject == "anatomy")
+    assert cloze.choice.prompt.startswith("The following are questions (with answers) about anatomy.\n\nQuestion: q")
+    assert cloze.choice.prompt.endswith("\nAnswer:") and cloze.choice.choices == (" c0", " c1", " c2", " c3")
+
+
+def test_mmlu_continuation_predicts_by_length_normalised_and_summed_log_probability(tmp_path, monkeypatch):
+    """accuracy_norm divides each choice's log-probability by its length in characters (the
+    harness's acc_norm), accuracy takes the plain sum; a tie goes to the first choice; the groups
+    follow the main (normalised) prediction; mmlu keeps its one accuracy."""
+    rows = [
+        {"subject": "anatomy", "question": "q0", "choices": ["a", "bbbb", "cc", "d"], "answer": 1},
+        {"subject": "philosophy", "question": "q1", "choices": ["a", "bbbb", "cc", "d"], "answer": 0},
+    ]
+    write_rows(tmp_path / "ood" / "mmlu" / "test.jsonl", rows)
+    task = get_task("mmlu_continuation")
+    examples = sorted(task.eval_examples(tmp_path, "test"), key=lambda e: e.subject)
+    scores = {"q0": [-1.0, -3.5, -5.0, -3.0], "q1": [-2.0, -2.0, -2.5, -6.0]}
+    # q0: by sum a (wrong); per character -1, -0.875, -2.5, -3: bbbb (right; with the space counted, a);
+    # q1: by sum a, tied with bbbb: the first wins (right); per character -2, -0.5, -1.25, -6: bbbb (wrong)
+
+    def fake_scores(model, tokenizer, choices, progress=True):
+        return [scores["q0" if "q0" in c.prompt else "q1"] for c in choices]
+
+    monkeypatch.setattr("lofit.tasks.mmlu.choice_logprobs", fake_scores)
+    result = task.evaluate(None, None, examples, progress=False)
+    assert list(result.metrics)[:2] == ["accuracy_norm", "accuracy"]
+    assert result.metrics["accuracy_norm"] == 0.5 and result.metrics["accuracy"] == 0.5
+    assert result.metrics["accuracy_norm_stem"] == 1.0 and result.metrics["accuracy_norm_humanities"] == 0.0
+    assert [r["prediction"] for r in result.records] == ["B", "B"]
+    assert [r["correct"] for r in result.records] == [True, False]
+    assert [r["correct_accuracy"] for r in result.records] == [False, True]
+    letters = get_task("mmlu").evaluate(None, None, get_task("mmlu").eval_examples(tmp_path, "test"), progress=False)
+    assert set(letters.metrics) == {"accuracy", "accuracy_stem", "accuracy_humanities", "num_examples"}
 
 
 @needs_data
@@ -394,7 +444,7 @@ def test_the_shipped_data_parse_with_the_documented_counts():
 
 @needs_data
 def test_scores_agree_with_lm_evaluation_harness_on_the_same_rows(tmp_path, monkeypatch):
-    """lofit's own nq_open, triviaqa and mmlu against lm-eval running the same prompts, stop
+    """lofit's own nq_open, triviaqa, mmlu and mmlu_continuation against lm-eval running the same prompts, stop
     sequences and metrics (a local task file over the same rows), through `lofit eval --harness-tasks`.
     Half the questions get gold answers that are the tiny model's own answer in another case with
     punctuation (and, for NQ, an article) around it, so that exact match is neither 0 nor 1."""
@@ -424,6 +474,11 @@ def test_scores_agree_with_lm_evaluation_harness_on_the_same_rows(tmp_path, monk
         ".",
         ",",
     ]
+    texts += [
+        e.choice.prompt + choice
+        for e in get_task("mmlu_continuation").eval_examples(data, "test")
+        for choice in e.choice.choices
+    ]
     model = str(tiny_model_folder(tmp_path / "model", texts))
 
     def lofit_scores(name: str) -> tuple[dict, list[dict]]:
@@ -442,7 +497,7 @@ def test_scores_agree_with_lm_evaluation_harness_on_the_same_rows(tmp_path, monk
             rows[i]["answers"] = [rows[i]["answers"][0], f"{article}{records[i]['prediction'].upper()}!"]
         write_rows(files[name], rows)
 
-    ours = {name: lofit_scores(name)[0] for name in ("nq_open", "triviaqa", "mmlu")}
+    ours = {name: lofit_scores(name)[0] for name in ("nq_open", "triviaqa", "mmlu", "mmlu_continuation")}
     assert 0 < ours["nq_open"]["test_exact_match"] < 1 and 0 < ours["triviaqa"]["test_exact_match"] < 1
     tasks = tmp_path / "harness-tasks"
     tasks.mkdir()
@@ -452,9 +507,11 @@ def test_scores_agree_with_lm_evaluation_harness_on_the_same_rows(tmp_path, monk
             GENERATION_TASK.format(name=name, data=files[name], prompt=prompt) + articles
         )
     (tasks / "mmlu.yaml").write_text(MMLU_TASK.format(data=files["mmlu"]))
+    (tasks / "mmlu_continuation.yaml").write_text(MMLU_CONTINUATION_TASK.format(data=files["mmlu"]))
     monkeypatch.setattr(lofit.harness, "TaskManager", functools.partial(TaskManager, include_defaults=False))
     out = tmp_path / "harness"
-    assert main(["eval", "--harness-tasks", "nq_open_local,triviaqa_local,mmlu_local", "--harness-include", str(tasks),
+    harness_tasks = "nq_open_local,triviaqa_local,mmlu_local,mmlu_continuation_local"
+    assert main(["eval", "--harness-tasks", harness_tasks, "--harness-include", str(tasks),
                  "--model", model, "--output-dir", str(out), "--mixed-precision", "no"]) == 0  # fmt: skip
     harness = json.loads((out / "harness_results.json").read_text())["results"]
     assert harness["nq_open_local"]["exact_match,remove_whitespace"] == pytest.approx(
@@ -464,18 +521,22 @@ def test_scores_agree_with_lm_evaluation_harness_on_the_same_rows(tmp_path, monk
         ours["triviaqa"]["test_exact_match"]
     )
     assert harness["mmlu_local"]["acc,none"] == pytest.approx(ours["mmlu"]["test_accuracy"])
+    continuation = ours["mmlu_continuation"]
+    assert harness["mmlu_continuation_local"]["acc_norm,none"] == pytest.approx(continuation["test_accuracy_norm"])
+    assert harness["mmlu_continuation_local"]["acc,none"] == pytest.approx(continuation["test_accuracy"])
+    assert continuation["test_accuracy_norm"] != continuation["test_accuracy"]  # the two predictions differ here
 
 
-def test_the_ood_grid_trains_on_truthfulqa_evaluates_four_tasks_and_shares_step_1():
+def test_the_ood_grid_trains_on_truthfulqa_evaluates_five_tasks_and_shares_step_1():
     grid = load_grid("ood")
     assert grid.report == {"kind": "ood", "baseline": "No-FT"}
     cells = expand(grid, "test", {})
-    assert len(cells) == 4 * 5 * 2 and {c.config["limit"] for c in cells} == {2000}
+    assert len(cells) == 5 * 5 * 2 and {c.config["limit"] for c in cells} == {2000}
     for cell in cells:
         task = get_task(cell.task, **OPTIONS)
         assert task.default_train_size is None and (cell.task == "truthfulqa" or task.train_task.name == "truthfulqa")
     lofit_seed_42 = [c for c in cells if c.label == "LoFiT" and c.seed == 42]
-    assert len({c.key for c in lofit_seed_42}) == 4 and len({ranking_key(c.config) for c in lofit_seed_42}) == 1
+    assert len({c.key for c in lofit_seed_42}) == 5 and len({ranking_key(c.config) for c in lofit_seed_42}) == 1
 
 
 def test_the_ood_report_gives_each_arms_change_against_no_ft_with_a_bootstrap_interval(tmp_path):

@@ -77,7 +77,15 @@ from lofit.utils.distributed import is_main_process
 
 TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
 """Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""
-EVAL_SECONDS = {"clutrr": 0.22, "mquake": 0.11, "truthfulqa": 0.41, "nq_open": 0.12, "triviaqa": 0.14, "mmlu": 0.12}
+EVAL_SECONDS = {
+    "clutrr": 0.22,
+    "mquake": 0.11,
+    "truthfulqa": 0.41,
+    "nq_open": 0.12,
+    "triviaqa": 0.14,
+    "mmlu": 0.12,
+    "mmlu_continuation": 0.12,
+}
 """Rough seconds per evaluated example, default model, 2 CPU cores (the ood tasks: No-FT, one thread, bf16)."""
 
 

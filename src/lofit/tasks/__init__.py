@@ -15,7 +15,7 @@ from lofit.tasks.base import (
     normalize_answer,
 )
 from lofit.tasks.clutrr import Clutrr
-from lofit.tasks.mmlu import MMLU, MMLUFiveShot
+from lofit.tasks.mmlu import MMLU, MMLUContinuation, MMLUFiveShot
 from lofit.tasks.mquake import MQuAKE
 from lofit.tasks.open_qa import NaturalQuestions, TriviaQA
 from lofit.tasks.transfer import SEPARATOR, TransferTask
@@ -30,8 +30,10 @@ TASKS: dict[str, type[Task]] = {
     "triviaqa": TriviaQA,
     "mmlu": MMLU,
     "mmlu_5shot": MMLUFiveShot,
+    "mmlu_continuation": MMLUContinuation,
 }
-"""Built-in tasks; nq_open, triviaqa, mmlu and mmlu_5shot are evaluation only (no training split)."""
+"""Built-in tasks; nq_open, triviaqa, mmlu, mmlu_5shot and mmlu_continuation are evaluation only (no training
+split)."""
 
 
 def get_task(name: str, **options: Any) -> Task:

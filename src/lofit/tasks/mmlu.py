@@ -23,6 +23,21 @@ overall and per subject group (``accuracy_stem``, ``accuracy_humanities``,
 ``accuracy_social_sciences``, ``accuracy_other``: the standard grouping of the 57 subjects,
 :data:`SUBJECT_GROUPS`; a group without evaluated questions is left out).
 
+``mmlu_continuation`` (lm-evaluation-harness's ``mmlu_continuation``, the "cloze" formulation
+used for small models) shows no letters: each choice's own text is scored as the answer::
+
+    The following are questions (with answers) about <subject words>.
+
+    Question: <question>
+    Answer: <choice>
+
+Its main metric ``accuracy_norm`` takes the argmax of log p(choice) / len(choice) (characters,
+the harness's ``acc_norm``), ``accuracy`` the argmax of the summed log-probability (``acc``);
+the groups' accuracies (``accuracy_norm_<group>``) follow the normalised prediction. A model too
+small to read the letters answers almost every lettered question with one letter, so its
+``mmlu`` accuracy sits at chance whatever it knows; the continuation formulation does not depend on
+that skill.
+
 The test questions come in a fixed shuffled order (seed 0), so the first N (``--limit N``)
 are a uniform random sample across subjects rather than the first subjects alphabetically.
 """
@@ -70,6 +85,7 @@ SUBJECT_GROUPS = {
 """The 57 subjects in the standard four groups (Hendrycks et al.; lm-evaluation-harness's ``mmlu_*`` groups)."""
 GROUP_OF = {subject: group for group, subjects in SUBJECT_GROUPS.items() for subject in subjects}
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+CONTINUATION_DESCRIPTION = "The following are questions (with answers) about {subject}.\n\n"
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,7 @@ class Question:
 
 @dataclass(frozen=True)
 class MMLUExample:
-    """One question: its subject and the multiple-choice example over the four letters."""
+    """One question: its subject and the multiple-choice example over its four continuations."""
 
     subject: str
     choice: MultipleChoiceExample
@@ -97,6 +113,10 @@ class MMLU(Task):
     name = "mmlu"
     evaluation_only = True
     shots = 0
+    description = DESCRIPTION
+    """The prompt's first paragraph, formatted with the subject's words."""
+    prediction_metrics: tuple[str, ...] = ("accuracy",)
+    """The accuracies reported, the main one first: one per way of predicting (:meth:`predictions`)."""
 
     def train_examples(self, data_dir: Path) -> list:
         raise evaluation_only(self.name)
@@ -121,13 +141,31 @@ class MMLU(Task):
                 )
         examples = []
         for q in questions:
-            primer = "".join(f"{s.text()} {LETTERS[s.answer]}\n\n" for s in shots.get(q.subject, [])[: self.shots])
-            prompt = self.prompt(DESCRIPTION.format(subject=q.subject.replace("_", " ")) + primer + q.text())
+            primer = "".join(
+                f"{self.question_text(s)}{self.choice_texts(s)[s.answer]}\n\n"
+                for s in shots.get(q.subject, [])[: self.shots]
+            )
+            prompt = self.prompt(
+                self.description.format(subject=q.subject.replace("_", " ")) + primer + self.question_text(q)
+            )
             labels = tuple(int(i == q.answer) for i in range(len(LETTERS)))
             examples.append(
-                MMLUExample(q.subject, MultipleChoiceExample(prompt, tuple(" " + x for x in LETTERS), labels, q.answer))
+                MMLUExample(q.subject, MultipleChoiceExample(prompt, self.choice_texts(q), labels, q.answer))
             )
         return examples
+
+    def question_text(self, question: Question) -> str:
+        """The question as the prompt ends: with its lettered choices and ``Answer:``."""
+        return question.text()
+
+    def choice_texts(self, question: Question) -> tuple[str, ...]:
+        """The continuations scored after the prompt: the four letters."""
+        return tuple(" " + letter for letter in LETTERS)
+
+    def predictions(self, scores: list[float], question: MMLUExample) -> dict[str, int]:
+        """The predicted choice of each of :attr:`prediction_metrics`: the argmax of the summed log-probability (the
+        first on a tie)."""
+        return {"accuracy": _argmax(scores)}
 
     def evaluate(
         self,
@@ -137,27 +175,31 @@ class MMLU(Task):
         batch_size: int = 16,
         progress: bool = True,
     ) -> Evaluation:
-        """Accuracy of the argmax letter, overall and per subject group (module docstring)."""
+        """Each of :attr:`prediction_metrics`, and the main one per subject group (module docstring)."""
         scores = choice_logprobs(model, tokenizer, [e.choice for e in examples], progress=progress)
+        main, *others = self.prediction_metrics
         records = []
-        for example, letter_scores in zip(examples, scores):
-            predicted = max(range(len(LETTERS)), key=lambda i: (letter_scores[i], -i))
+        for example, choice_scores in zip(examples, scores):
+            predicted = self.predictions(choice_scores, example)
             records.append(
                 {
                     "prompt": example.choice.prompt,
                     "subject": example.subject,
                     "group": GROUP_OF[example.subject],
-                    "scores": letter_scores,
-                    "prediction": LETTERS[predicted],
+                    "scores": choice_scores,
+                    "prediction": LETTERS[predicted[main]],
                     "answer": LETTERS[example.choice.best],
-                    "correct": predicted == example.choice.best,
+                    "correct": predicted[main] == example.choice.best,
+                    **{f"correct_{name}": predicted[name] == example.choice.best for name in others},
                 }
             )
-        metrics = {"accuracy": sum(r["correct"] for r in records) / max(1, len(records))}
+        metrics = {main: sum(r["correct"] for r in records) / max(1, len(records))}
+        for name in others:
+            metrics[name] = sum(r[f"correct_{name}"] for r in records) / max(1, len(records))
         for group in SUBJECT_GROUPS:
             members = [r["correct"] for r in records if r["group"] == group]
             if members:
-                metrics[f"accuracy_{group}"] = sum(members) / len(members)
+                metrics[f"{main}_{group}"] = sum(members) / len(members)
         metrics["num_examples"] = len(records)
         return Evaluation(metrics, records)
 
@@ -165,6 +207,33 @@ class MMLU(Task):
 class MMLUFiveShot(MMLU):
     name = "mmlu_5shot"
     shots = 5
+
+
+class MMLUContinuation(MMLU):
+    """The "cloze" formulation: no letters, each choice's text scored as the answer (module docstring)."""
+
+    name = "mmlu_continuation"
+    description = CONTINUATION_DESCRIPTION
+    prediction_metrics = ("accuracy_norm", "accuracy")
+
+    def question_text(self, question: Question) -> str:
+        """``Question: <question>`` and ``Answer:`` on the next line."""
+        return f"Question: {question.question.strip()}\nAnswer:"
+
+    def choice_texts(self, question: Question) -> tuple[str, ...]:
+        """The four choices' texts, each after a space."""
+        return tuple(" " + choice for choice in question.choices)
+
+    def predictions(self, scores: list[float], question: MMLUExample) -> dict[str, int]:
+        """``accuracy_norm``: the argmax of log p(choice) / len(choice) in characters, without the
+        leading space (the harness's ``acc_norm``); ``accuracy``: of the summed log-probability."""
+        lengths = [max(1, len(choice) - 1) for choice in question.choice.choices]
+        return {"accuracy_norm": _argmax([s / n for s, n in zip(scores, lengths)]), "accuracy": _argmax(scores)}
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """The index of the largest value, the first on a tie."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def _parse(path: Path) -> list[Question]:
