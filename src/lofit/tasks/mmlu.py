@@ -162,7 +162,7 @@ class MMLU(Task):
         """The continuations scored after the prompt: the four letters."""
         return tuple(" " + letter for letter in LETTERS)
 
-    def predictions(self, scores: list[float], question: MMLUExample) -> dict[str, int]:
+    def predictions(self, scores: list[float], example: MMLUExample) -> dict[str, int]:
         """The predicted choice of each of :attr:`prediction_metrics`: the argmax of the summed log-probability (the
         first on a tie)."""
         return {"accuracy": _argmax(scores)}
@@ -224,10 +224,10 @@ class MMLUContinuation(MMLU):
         """The four choices' texts, each after a space."""
         return tuple(" " + choice for choice in question.choices)
 
-    def predictions(self, scores: list[float], question: MMLUExample) -> dict[str, int]:
+    def predictions(self, scores: list[float], example: MMLUExample) -> dict[str, int]:
         """``accuracy_norm``: the argmax of log p(choice) / len(choice) in characters, without the
         leading space (the harness's ``acc_norm``); ``accuracy``: of the summed log-probability."""
-        lengths = [max(1, len(choice) - 1) for choice in question.choice.choices]
+        lengths = [max(1, len(choice) - 1) for choice in example.choice.choices]
         return {"accuracy_norm": _argmax([s / n for s, n in zip(scores, lengths)]), "accuracy": _argmax(scores)}
 
 
