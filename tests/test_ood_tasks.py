@@ -38,13 +38,18 @@ PROMPTS = {
     "triviaqa": "Question: {{question}}?\\nAnswer:",
 }
 """lm-eval's nq_open and triviaqa prompts (YAML-escaped)."""
-GENERATION_TASK = """\
-task: {name}_local
+LOCAL_ROWS = """\
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+"""
+"""A local task file's data: the rows of the JSON-lines file ``{data}``, all of them the test split."""
+GENERATION_TASK = (
+    "task: {name}_local\n"
+    + LOCAL_ROWS
+    + """\
 output_type: generate_until
 doc_to_text: "{prompt}"
 doc_to_target: "{{{{answers}}}}"
@@ -65,16 +70,14 @@ metric_list:
     ignore_case: true
     ignore_punctuation: true
 """
+)
 """lm-eval's nq_open / triviaqa over a local file (lofit's 16 new tokens at most)."""
 ARTICLES = '    regexes_to_ignore: ["\\\\b(?:The |the |An |A |The |a |an )"]\n'
 """nq_open's metric also drops articles (triviaqa's does not)."""
-MMLU_TASK = """\
-task: mmlu_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
+MMLU_TASK = (
+    "task: mmlu_local\n"
+    + LOCAL_ROWS
+    + """\
 output_type: multiple_choice
 description: "The following are multiple choice questions (with answers) about {{{{subject.replace('_', ' ')}}}}.\\n\\n"
 doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. \\
@@ -84,14 +87,12 @@ doc_to_target: answer
 metric_list:
   - metric: acc
 """
+)
 """lm-eval's mmlu (zero-shot) over a local file of mixed subjects."""
-MMLU_CONTINUATION_TASK = """\
-task: mmlu_continuation_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
+MMLU_CONTINUATION_TASK = (
+    "task: mmlu_continuation_local\n"
+    + LOCAL_ROWS
+    + """\
 output_type: multiple_choice
 description: "The following are questions (with answers) about {{{{subject.replace('_', ' ')}}}}.\\n\\n"
 doc_to_text: "Question: {{{{question.strip()}}}}\\nAnswer:"
@@ -101,6 +102,7 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """
+)
 """lm-eval's mmlu_continuation (its template, zero-shot) over a local file of mixed subjects."""
 
 
