@@ -109,7 +109,8 @@ def test_on_two_workers_a_test_cell_evaluates_the_adapter_its_best_trial_trained
     records = read_results(folder)
     trials = [r for r in records if r["phase"] == "tune"]
     (test,) = [r for r in records if r["phase"] == "test"]
-    best = max(trials, key=lambda r: r["score"])
+    grid_order = [tuple(r["tune_grid"][o].index(r["trial"][o]) for o in r["tune_grid"]) for r in trials]
+    best = min(zip(trials, grid_order), key=lambda pair: (-pair[0]["score"], pair[1]))[0]  # a tie: the earlier trial
     assert len(trials) == 4 and test["trial"] == best["trial"] and test["trained_by"] == best["key"]
     assert test["per_example"] and test["fit_seconds"] is None  # evaluation of the trial's adapter only
     assert not read_markers(folder) and not (folder / "failures").exists()
