@@ -330,6 +330,34 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
     assert "| 4 + 2 | 12 |" in report  # trials and validation examples
 
 
+def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path, monkeypatch):
+    fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])
+    first = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=1, arms=[RED_TUNED])))
+    Runner(first, tmp_path / "experiments" / "first", tune=True, pool=ModelPool(), log=lambda _: None).run()
+    assert len(calls) == 7  # 4 base trials, 2 extensions, the test
+    arms = [RED_TUNED | {"label": "RED again"}, {"label": "zero", "method": "zero-shot"}]
+    second = load_grid(str(grid_file(setting, tmp_path, name="second", sweep={}, tune_extend=1, arms=arms)))
+    folder = tmp_path / "experiments" / "second"
+    listing = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).listing()
+    assert listing.count("     shared  ") == 7 and "(red_lr=0.04, red_epochs=2; extends red_lr)" in listing
+    assert "8 cells, 0 done, 7 measured by an experiment beside this one" in listing
+    status = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).status()
+    assert "8 cells: 0 done, 7 shared (copied when the experiment runs), 0 running" in status
+    assert status.count("  shared   tune ") == 6 and "measured in " in status
+
+    records = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
+    assert len(calls) == 8 and calls[-1] is None  # only the zero-shot cell ran
+    copied = [r for r in records if r["method"] == "red"]
+    assert len(copied) == 7 and all(r["reused_from"].endswith("first") for r in copied)
+    assert {r["label"] for r in copied} == {"RED again"} and {r["experiment"] for r in copied} == {"second"}
+    assert sum(r.get("extends") == "red_lr" for r in copied) == 1 and copied[-1]["phase"] == "test"
+    assert copied[-1]["trial"] == {"red_lr": 0.04, "red_epochs": 2}
+    report = write_report(folder).read_text()
+    chosen = "| red_lr=0.04 (**edge (cap)**), red_epochs=2 (inside after extension) | 42.0 | 4 + 2 | 12 |"
+    assert f"| RED again |  {chosen}" in report  # this grid's tuning fields, the first's scores
+    assert Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).run() == records
+
+
 def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     def record(key, task, heads_task, seed, per_example):
         return {

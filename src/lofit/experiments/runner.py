@@ -12,7 +12,9 @@
 - Step-1 rankings are computed once per key of :func:`~lofit.experiments.grid.ranking_key`
   (task, seed, model, step-1 options), recorded as ``ranking`` lines, and handed to every
   LoFiT cell that needs them as ``--heads file --heads-file``. A ranking already recorded
-  by another experiment folder beside this one (same parent) is copied, not recomputed.
+  by another experiment folder beside this one (same parent) is copied, not recomputed;
+  so is a tuning trial or test cell with the same key (the same options, seed and split
+  measure the same thing): its record is copied with ``reused_from`` naming its folder.
 - The model is loaded once per process (:class:`ModelPool`) and lent to each cell; each
   cell takes its adapter off again, which the pool checks before lending it out.
 - Cells run on an :class:`~lofit.experiments.executors.Executor` (this process by default;
@@ -160,6 +162,8 @@ class Runner:
         self.pool = pool or ModelPool()
         self.executor = executor
         self.done = {record["key"]: record for record in read_results(self.folder)}
+        self.shared = self._sibling_records()
+        """The records of the experiments beside this one, by key: cells with these keys are copied, not run."""
         self.failed: dict[str, str] = {}
         """The jobs (by key) that failed in this process's :meth:`run`, with their errors."""
         if tune:
@@ -180,7 +184,7 @@ class Runner:
 
     def _score(self, cell: Cell) -> float | None:
         """A recorded trial's score (-inf when it has no main metric), None when it has not run."""
-        record = self.done.get(cell.key)
+        record = self.done.get(cell.key) or self._shared_cell(cell)
         if record is None:
             return None
         return float("-inf") if record["score"] is None else record["score"]
@@ -221,13 +225,13 @@ class Runner:
 
     def estimate(self, cell: Cell, trains: bool = True) -> tuple[float, bool]:
         """Seconds a cell should take (evaluation alone when not ``trains``: another cell trains
-        its adapter), and whether they were measured: the mean of finished cells of its method,
-        task and phase on this hardware (or of unrecorded hardware) that trained or not alike,
-        else a rough rate for the default model on 2 CPU cores."""
+        its adapter), and whether they were measured: the mean of finished cells (here or beside
+        this experiment) of its method, task and phase on this hardware (or of unrecorded
+        hardware) that trained or not alike, else a rough rate for the default model on 2 CPU cores."""
         here = cell_hardware(cell)
         similar = [
             r["seconds"]
-            for r in self.done.values()
+            for r in (self.shared | self.done).values()
             if r.get("method") == cell.method
             and r.get("task") == cell.task
             and r.get("phase") == cell.phase
@@ -259,13 +263,16 @@ class Runner:
         lines, remaining, timed, pending = [], 0.0, 0, 0
         cells = self.trials() + self.test_cells()
         trains = self._trainers(cells)
+        shared = 0
         for cell in cells:
             finished = cell.key in self.done
-            seconds, measured = (0.0, False) if finished else self.estimate(cell, cell.key in trains)
+            copied = not finished and self._shared_cell(cell) is not None
+            seconds, measured = (0.0, False) if finished or copied else self.estimate(cell, cell.key in trains)
             remaining += seconds
-            pending += not finished
+            pending += not finished and not copied
+            shared += copied
             timed += measured
-            state = "done" if finished else f"~{seconds / 60:.0f} min"
+            state = "done" if finished else "shared" if copied else f"~{seconds / 60:.0f} min"
             lines.append(f"{cell.key}  {state:>9}  {cell.describe()}")
         unsettled = self.pending_tuning()
         if unsettled:
@@ -275,7 +282,10 @@ class Runner:
                 "tuning has settled, until then the untuned setting is listed)"
             )
         rankings = sum(r.get("phase") == "ranking" for r in self.done.values())
-        summary = f"{len(cells)} cells, {len(cells) - pending} done, {rankings} step-1 rankings recorded; "
+        summary = f"{len(cells)} cells, {len(cells) - pending - shared} done, "
+        if shared:
+            summary += f"{shared} measured by an experiment beside this one (copied when it runs), "
+        summary += f"{rankings} step-1 rankings recorded; "
         if pending:
             summary += (
                 f"about {remaining / 3600:.1f} h to go ({timed} of {pending} missing cells timed by finished cells "
@@ -291,13 +301,15 @@ class Runner:
         (with the last line of its error) or waiting (estimated), from the files the driver keeps
         (:mod:`~lofit.experiments.progress`): readable while another process runs the experiment."""
         running, failures = read_markers(self.folder), read_failures(self.folder)
-        counts = dict.fromkeys(("done", "running", "failed", "waiting"), 0)
+        counts = dict.fromkeys(("done", "shared", "running", "failed", "waiting"), 0)
         lines, left = [], 0.0
         cells = self.trials() + self.test_cells()
         trains = self._trainers(cells)
         for cell in cells:
             if cell.key in self.done:
                 state, note = "done", f"{self.done[cell.key]['seconds'] / 60:.1f} min"
+            elif (copied := self._shared_cell(cell)) is not None:
+                state, note = "shared", f"measured in {copied['reused_from']}, copied when the experiment runs"
             elif cell.key in running:
                 elapsed = elapsed_seconds(running[cell.key])
                 estimate = self.estimate(cell, cell.key in trains)[0]
@@ -321,7 +333,9 @@ class Runner:
                 lines.append(f"{key}  failed   {failure['cell']}: {failure['error'].strip().splitlines()[-1]}")
         executors = sorted({marker["executor"] for marker in running.values()})
         lines.append(
-            f"{len(cells)} cells: {counts['done']} done, {counts['running']} running, {counts['failed']} failed "
+            f"{len(cells)} cells: {counts['done']} done, "
+            + (f"{counts['shared']} shared (copied when the experiment runs), " if counts["shared"] else "")
+            + f"{counts['running']} running, {counts['failed']} failed "
             f"(retried by the next run), {counts['waiting']} waiting; about {left / 3600:.1f} h of cell time left"
             + (f" (running on {', '.join(executors)})" if executors else "")
         )
@@ -340,9 +354,10 @@ class Runner:
         interrupted = True
         try:
             while todo := [cell for cell in self.trials() if cell.key not in self.done and cell.key not in self.failed]:
-                self._execute(todo, executor)
+                self._execute(self._copy_shared(todo), executor)  # a copied trial may call for extension trials
             unsettled = {group for group, s in self.searches().items() if not s.settled}
-            self._execute([c for c in self.test_cells() if (c.task, c.label, c.point) not in unsettled], executor)
+            tests = [c for c in self.test_cells() if (c.task, c.label, c.point) not in unsettled]
+            self._execute(self._copy_shared(tests), executor)
             interrupted = False
         finally:
             executor.close(cancel=interrupted)
@@ -514,20 +529,48 @@ class Runner:
             append_result(self.folder, record)
         self.done[record["key"]] = record
 
-    def _shared_ranking(self, key: str) -> dict | None:
-        """A ranking with ``key`` recorded by another experiment in a sibling folder (the
-        experiments of one parent folder share step 1), marked with where it came from."""
+    def _sibling_records(self) -> dict[str, dict]:
+        """Every record of the experiment folders beside this one (same parent), by key, marked
+        with ``reused_from``, its folder; where two folders hold a key, the first by name."""
+        records: dict[str, dict] = {}
         for results in sorted(self.folder.parent.glob(f"*/{RESULTS}")):
             if results.parent.resolve() == self.folder.resolve():
                 continue
             for record in read_results(results.parent):
-                if record["key"] == key and record.get("phase") == "ranking":
-                    return {
-                        k: v
-                        for k, v in record.items()
-                        if k not in ("experiment", "description", "report", "finished_at")
-                    } | {"reused_from": str(results.parent), "run_folder": str(self.folder / "rankings" / key)}
-        return None
+                records.setdefault(record["key"], record | {"reused_from": str(results.parent)})
+        return records
+
+    def _shared_ranking(self, key: str) -> dict | None:
+        """A ranking with ``key`` recorded by another experiment in a sibling folder (the
+        experiments of one parent folder share step 1), marked with where it came from."""
+        self.shared = self._sibling_records()
+        record = self.shared.get(key)
+        if record is None or record.get("phase") != "ranking":
+            return None
+        return {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")} | {
+            "run_folder": str(self.folder / "rankings" / key)
+        }
+
+    def _shared_cell(self, cell: Cell) -> dict | None:
+        """The record of a sibling experiment's cell with ``cell``'s key and phase, if any."""
+        record = self.shared.get(cell.key)
+        return record if record is not None and record.get("phase") == cell.phase else None
+
+    def _copy_shared(self, cells: list[Cell]) -> list[Cell]:
+        """Record a copy of each of ``cells`` that a sibling experiment has measured (with this
+        grid's label and tuning fields, its ``run_folder`` still the sibling's, so a test cell
+        evaluates the adapter its trial trained there); return the others, to be run."""
+        self.shared = self._sibling_records()
+        left = []
+        for cell in cells:
+            record = None if cell.key in self.done else self._shared_cell(cell)
+            if record is None:
+                left.append(cell)
+                continue
+            self.log(f"[{cell.key}] {cell.describe()}: measured in {record['reused_from']}, copied")
+            kept = {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")}
+            self._record(kept | {"label": cell.label} | self._tuning_fields(cell))
+        return left
 
     def _tuning_fields(self, cell: Cell) -> dict:
         """What the report needs of a tuning trial: the option it extends (None for a base
