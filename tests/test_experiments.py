@@ -228,13 +228,13 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
                 name="layers",
                 sweep={},
                 report={"kind": "layers"},
-                arms=[{"label": "step 1", "method": "lofit", "options": {"select_only": True}}],
+                arms=[{"label": "step 1", "method": "lofit", "options": {"select_only": True, "num_heads": 2}}],
             )
         )
     )
     [record] = Runner(layers, tmp_path / "experiments" / "layers", pool=pool, log=lambda _: None).run()
     assert len(selects) == 1 and record["phase"] == "ranking" and record["label"] == "step 1"
-    assert record["scores"] == ranking[0]["scores"]
+    assert record["scores"] == ranking[0]["scores"] and record["top_k"] == 2  # its own K, not a sibling's
 
 
 def fake_fit(monkeypatch, score, calls: list):
@@ -332,11 +332,15 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
 
 def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path, monkeypatch):
     fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])
-    first = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=1, arms=[RED_TUNED])))
+    swept = {"num_heads": [3]}  # a sweep point there, a plain option here: the same cells
+    first = load_grid(str(grid_file(setting, tmp_path, sweep=swept, tune_extend=1, arms=[RED_TUNED])))
     Runner(first, tmp_path / "experiments" / "first", tune=True, pool=ModelPool(), log=lambda _: None).run()
     assert len(calls) == 7  # 4 base trials, 2 extensions, the test
     arms = [RED_TUNED | {"label": "RED again"}, {"label": "zero", "method": "zero-shot"}]
-    second = load_grid(str(grid_file(setting, tmp_path, name="second", sweep={}, tune_extend=1, arms=arms)))
+    options = {"model": setting["model"], "num_heads": 3} | FAST
+    second = load_grid(
+        str(grid_file(setting, tmp_path, name="second", options=options, sweep={}, tune_extend=1, arms=arms))
+    )
     folder = tmp_path / "experiments" / "second"
     listing = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).listing()
     assert listing.count("     shared  ") == 7 and "(red_lr=0.04, red_epochs=2; extends red_lr)" in listing
@@ -351,7 +355,7 @@ def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path,
     assert len(copied) == 7 and all(r["reused_from"].endswith("first") for r in copied)
     assert {r["label"] for r in copied} == {"RED again"} and {r["experiment"] for r in copied} == {"second"}
     assert sum(r.get("extends") == "red_lr" for r in copied) == 1 and copied[-1]["phase"] == "test"
-    assert copied[-1]["trial"] == {"red_lr": 0.04, "red_epochs": 2}
+    assert copied[-1]["trial"] == {"red_lr": 0.04, "red_epochs": 2} and all(r["point"] == {} for r in copied)
     report = write_report(folder).read_text()
     chosen = "| red_lr=0.04 (**edge (cap)**), red_epochs=2 (inside after extension) | 42.0 | 4 + 2 | 12 |"
     assert f"| RED again |  {chosen}" in report  # this grid's tuning fields, the first's scores

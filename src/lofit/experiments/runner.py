@@ -231,7 +231,7 @@ class Runner:
         here = cell_hardware(cell)
         similar = [
             r["seconds"]
-            for r in (self.shared | self.done).values()
+            for r in [*self.shared.values(), *self.done.values()]
             if r.get("method") == cell.method
             and r.get("task") == cell.task
             and r.get("phase") == cell.phase
@@ -529,37 +529,38 @@ class Runner:
             append_result(self.folder, record)
         self.done[record["key"]] = record
 
-    def _sibling_records(self) -> dict[str, dict]:
-        """Every record of the experiment folders beside this one (same parent), by key, marked
-        with ``reused_from``, its folder; where two folders hold a key, the first by name."""
-        records: dict[str, dict] = {}
-        for results in sorted(self.folder.parent.glob(f"*/{RESULTS}")):
-            if results.parent.resolve() == self.folder.resolve():
+    def _sibling_records(self) -> dict[tuple[str, str], dict]:
+        """Every record of the experiment folders beside this one (same parent), by key and
+        phase, marked with ``reused_from``, its folder; where two folders hold one, the first by name."""
+        records: dict[tuple[str, str], dict] = {}
+        here = self.folder.resolve()
+        for results in sorted(here.parent.glob(f"*/{RESULTS}")):
+            if results.parent == here:
                 continue
             for record in read_results(results.parent):
-                records.setdefault(record["key"], record | {"reused_from": str(results.parent)})
+                records.setdefault((record["key"], record.get("phase")), record | {"reused_from": str(results.parent)})
         return records
 
     def _shared_ranking(self, key: str) -> dict | None:
         """A ranking with ``key`` recorded by another experiment in a sibling folder (the
         experiments of one parent folder share step 1), marked with where it came from."""
         self.shared = self._sibling_records()
-        record = self.shared.get(key)
-        if record is None or record.get("phase") != "ranking":
+        record = self.shared.get((key, "ranking"))
+        if record is None:
             return None
         return {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")} | {
             "run_folder": str(self.folder / "rankings" / key)
         }
 
     def _shared_cell(self, cell: Cell) -> dict | None:
-        """The record of a sibling experiment's cell with ``cell``'s key and phase, if any."""
-        record = self.shared.get(cell.key)
-        return record if record is not None and record.get("phase") == cell.phase else None
+        """The record of a sibling experiment's trial or test cell with ``cell``'s key and phase,
+        if any (a step-1 cell takes a sibling's ranking through :meth:`_needs_ranking`, with its own K)."""
+        return None if cell.phase == "ranking" else self.shared.get((cell.key, cell.phase))
 
     def _copy_shared(self, cells: list[Cell]) -> list[Cell]:
         """Record a copy of each of ``cells`` that a sibling experiment has measured (with this
-        grid's label and tuning fields, its ``run_folder`` still the sibling's, so a test cell
-        evaluates the adapter its trial trained there); return the others, to be run."""
+        grid's label, sweep point, trial and tuning fields, its ``run_folder`` still the sibling's,
+        so a test cell evaluates the adapter its trial trained there); return the others, to be run."""
         self.shared = self._sibling_records()
         left = []
         for cell in cells:
@@ -569,7 +570,8 @@ class Runner:
                 continue
             self.log(f"[{cell.key}] {cell.describe()}: measured in {record['reused_from']}, copied")
             kept = {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")}
-            self._record(kept | {"label": cell.label} | self._tuning_fields(cell))
+            here = {"label": cell.label, "point": dict(cell.point), "trial": dict(cell.trial)}
+            self._record(kept | here | self._tuning_fields(cell))
         return left
 
     def _tuning_fields(self, cell: Cell) -> dict:
