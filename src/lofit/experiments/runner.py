@@ -142,6 +142,10 @@ def _top_k(cell: Cell, total_heads: int) -> int:
     return cell_config(cell, total_heads).lofit.num_heads_to_tune(total_heads)
 
 
+EXPERIMENT_FIELDS = ("experiment", "description", "report", "finished_at")
+"""The fields :meth:`Runner._record` sets from this grid: dropped from a record copied from a sibling folder."""
+
+
 class Runner:
     """Runs (or lists) the cells of one grid into one experiment folder."""
 
@@ -163,7 +167,7 @@ class Runner:
         self.executor = executor
         self.done = {record["key"]: record for record in read_results(self.folder)}
         self.shared = self._sibling_records()
-        """The records of the experiments beside this one, by key: cells with these keys are copied, not run."""
+        """The records of the experiments beside this one, by key and phase: such cells are copied, not run."""
         self.failed: dict[str, str] = {}
         """The jobs (by key) that failed in this process's :meth:`run`, with their errors."""
         if tune:
@@ -548,7 +552,7 @@ class Runner:
         record = self.shared.get((key, "ranking"))
         if record is None:
             return None
-        return {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")} | {
+        return {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS} | {
             "run_folder": str(self.folder / "rankings" / key)
         }
 
@@ -569,7 +573,7 @@ class Runner:
                 left.append(cell)
                 continue
             self.log(f"[{cell.key}] {cell.describe()}: measured in {record['reused_from']}, copied")
-            kept = {k: v for k, v in record.items() if k not in ("experiment", "description", "report", "finished_at")}
+            kept = {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS}
             here = {"label": cell.label, "point": dict(cell.point), "trial": dict(cell.trial)}
             self._record(kept | here | self._tuning_fields(cell))
         return left
