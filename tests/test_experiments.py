@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,10 +214,12 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
     second = load_grid(str(grid_file(setting, tmp_path, name="second", sweep={"num_heads": [3]}, arms=lofit_only)))
     (tmp_path / "experiments" / "unrelated").mkdir()
     (tmp_path / "experiments" / "unrelated" / RESULTS).write_text("torn")
-    records = Runner(second, tmp_path / "experiments" / "second", pool=pool, log=lambda _: None).run()
+    monkeypatch.chdir(tmp_path)  # a relative folder: the sibling is named relative too, as given
+    records = Runner(second, Path("experiments") / "second", pool=pool, log=lambda _: None).run()
     assert len(selects) == 1  # step 1 ran for the first experiment only
     ranking = [r for r in read_results(tmp_path / "experiments" / "second") if r["phase"] == "ranking"]
-    assert len(ranking) == 1 and ranking[0]["reused_from"].endswith("first") and ranking[0]["experiment"] == "second"
+    assert len(ranking) == 1 and ranking[0]["experiment"] == "second"
+    assert ranking[0]["reused_from"] == str(Path("experiments") / "first")
     assert ranking[0]["top_k"] == 3  # this experiment's K, not the first's
     assert records[0]["ranking_key"] == ranking[0]["key"] and len(records[0]["selected_heads"]) == 3
     assert (tmp_path / "experiments" / "second" / "rankings" / ranking[0]["key"] / "head_ranking.json").is_file()

@@ -535,14 +535,18 @@ class Runner:
 
     def _sibling_records(self) -> dict[tuple[str, str], dict]:
         """Every record of the experiment folders beside this one (same parent), by key and
-        phase, marked with ``reused_from``, its folder; where two folders hold one, the first by name."""
+        phase, marked with ``reused_from``, its folder (named as this experiment's folder is: a
+        relative folder gives relative names, so no machine's path enters the results); where two
+        folders hold one, the first by name."""
         records: dict[tuple[str, str], dict] = {}
         here = self.folder.resolve()
+        named_beside = self.folder.name not in ("", "..")
         for results in sorted(here.parent.glob(f"*/{RESULTS}")):
             if results.parent == here:
                 continue
+            sibling = str(self.folder.parent / results.parent.name if named_beside else results.parent)
             for record in read_results(results.parent):
-                records.setdefault((record["key"], record.get("phase")), record | {"reused_from": str(results.parent)})
+                records.setdefault((record["key"], record.get("phase")), record | {"reused_from": sibling})
         return records
 
     def _shared_ranking(self, key: str) -> dict | None:
