@@ -551,7 +551,8 @@ class Runner:
 
     def _shared_ranking(self, key: str) -> dict | None:
         """A ranking with ``key`` recorded by another experiment in a sibling folder (the
-        experiments of one parent folder share step 1), marked with where it came from."""
+        experiments of one parent folder share step 1), marked with where it came from. The
+        siblings are read again on each call: one running beside this one may have recorded it since."""
         self.shared = self._sibling_records()
         record = self.shared.get((key, "ranking"))
         if record is None:
