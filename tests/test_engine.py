@@ -3,6 +3,7 @@ gradient checkpointing, placement, and the caller's random state."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -322,6 +323,9 @@ def test_lofit_run_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_step", original)
     assert main(options + ["--resume"]) == 0
     assert torch.allclose(adapter_bias(tmp_path / "cut"), adapter_bias(tmp_path / "whole"), atol=1e-6)
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert 10 <= resumed["resumed_steps"] < resumed["steps"]  # step 1's 8 and step 2's first checkpoint
+    assert "resumed_steps" not in json.loads((tmp_path / "whole" / "metrics.json").read_text())
 
 
 def test_the_adapter_is_written_before_evaluation(tmp_path, monkeypatch):

@@ -507,6 +507,13 @@ def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"
     assert report_module._minutes(runs[:1] * 2) == "1.0"
+    resumed = {"seconds": 6.0, "hardware": "cuda: a GPU", "resumed_steps": 90}
+    assert report_module._minutes([runs[0], resumed]) == "1.0"  # a resumed run's time misses its first steps
+    evaluated = {"seconds": 3.0, "hardware": "cuda: a GPU", "trained_by": "abc"}
+    assert report_module._minutes([resumed, evaluated]) == (
+        "0.1 (evaluation only: another cell trained the adapter; "
+        "resumed from a checkpoint: the steps before it are not counted)"
+    )
 
 
 def test_log_scale_curves_are_ticked_at_the_measured_values(tmp_path, monkeypatch):

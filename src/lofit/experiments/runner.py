@@ -741,6 +741,7 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "selected_heads": summary.get("selected_heads"),
         "seconds": seconds,
         "fit_seconds": summary.get("fit_seconds"),
+        "resumed_steps": summary.get("resumed_steps", 0),
         "eval_seconds": summary.get("eval_seconds"),
         "hardware": cell_hardware(cell),
         "ranking_key": ranking.get("key") or trained_by.get("ranking_key"),

@@ -263,11 +263,16 @@ def train_adapter(
     return FitResult(
         model,
         sum(p.numel() for p in parameters),
-        {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses} | training_warnings(log),
+        {"train_seconds": time.perf_counter() - start, "train_losses": log.epoch_losses} | training_entries(log),
     )
 
 
-def training_warnings(*logs: TrainingLog) -> dict:
-    """The training warnings (divergence) of ``logs`` as a summary entry, if any."""
+def training_entries(*logs: TrainingLog) -> dict:
+    """The summary entries of the training stages ``logs`` that every method shares: their
+    warnings (divergence), if any, and when a stage resumed from a checkpoint, ``resumed_steps``
+    (the optimiser steps run before this process, which its wall times do not count) of
+    ``steps`` (all of them)."""
     messages = [message for log in logs for message in log.warnings]
-    return {"warnings": messages} if messages else {}
+    resumed = sum(log.resumed_from_step for log in logs)
+    entries: dict = {"warnings": messages} if messages else {}
+    return entries | ({"resumed_steps": resumed, "steps": sum(log.steps for log in logs)} if resumed else {})

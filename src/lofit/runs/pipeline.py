@@ -29,6 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from lofit.methods import METHODS, FitContext, FitResult, get_method, load_adapted, saved_method, saved_record
+from lofit.methods.base import training_entries
 from lofit.methods.lofit.config import LofitConfig, head_count
 from lofit.methods.lofit.merge import save_merged
 from lofit.methods.lofit.method import HeadAdapterMethod, select_step, step_summary, tune_step
@@ -46,7 +47,7 @@ from lofit.runs.config import (
 from lofit.runs.data import RunData
 from lofit.runs.folder import RunFolder
 from lofit.tasks import Evaluation
-from lofit.training.loop import TrainingSetup, make_accelerator
+from lofit.training.loop import TrainingLog, TrainingSetup, make_accelerator
 from lofit.training.objectives import Objective, build_objective
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.distributed import wait_for_everyone
@@ -121,6 +122,8 @@ class Job:
         self.task = self.data.task
         self.folder = RunFolder(run.resolved_output_dir(), run.resume, run.save_steps)
         self.timings: dict[str, float] = {}
+        self.stage_logs: list[TrainingLog] = []
+        """The logs of the steps :meth:`select` and :meth:`tune` ran, whose warnings and resumed steps add up."""
         ranking = HeadRanking.load(lofit.heads_file) if lofit.heads == "file" else None  # refused before loading
         check_against_model_config(run, lofit, method_options, ranking)
         if run.resume:
@@ -172,13 +175,15 @@ class Job:
     ) -> HeadRanking:
         """Rank heads with the configured selector (``--heads``), as LoFiT's fit does."""
         ranking, log, seconds = select_step(lofit_model, self.context(examples, setup), objective)
-        self.timings |= step_summary(select=(log, seconds))
+        self.stage_logs.append(log)
+        self.timings |= step_summary(select=(log, seconds)) | training_entries(*self.stage_logs)
         self.folder.write_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
     def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking, setup: TrainingSetup) -> None:
         log, seconds = tune_step(lofit_model, self.context(self.train_examples(), setup), objective, ranking)
-        self.timings |= step_summary(tune=(log, seconds))
+        self.stage_logs.append(log)
+        self.timings |= step_summary(tune=(log, seconds)) | training_entries(*self.stage_logs)
 
     def evaluate(self, model) -> Evaluation:
         """Evaluate (split across processes when there are several), under the run's mixed precision."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from lofit.methods.base import FitContext, FitResult, Method, training_warnings
+from lofit.methods.base import FitContext, FitResult, Method, training_entries
 from lofit.methods.lofit.adapter_io import write_adapter
 from lofit.methods.lofit.model import LofitModel, get_lofit_model
 from lofit.methods.lofit.ranking import HeadRanking
@@ -66,7 +66,8 @@ def step_summary(
     select: tuple[TrainingLog, float] | None = None, tune: tuple[TrainingLog, float] | None = None
 ) -> dict:
     """The summary entries of step 1 and/or step 2, each given as (log, wall seconds): their
-    times, per-epoch losses, step 1's localization figures, and every training warning."""
+    times, per-epoch losses, step 1's localization figures, every training warning and the
+    steps a resumed step ran before this process (:func:`training_entries`)."""
     entries: dict = {}
     if select is not None:
         log, seconds = select
@@ -75,7 +76,7 @@ def step_summary(
     if tune is not None:
         log, seconds = tune
         entries |= {"tune_seconds": seconds, "tune_losses": log.epoch_losses}
-    return entries | training_warnings(*(step[0] for step in (select, tune) if step is not None))
+    return entries | training_entries(*(step[0] for step in (select, tune) if step is not None))
 
 
 class Lofit(HeadAdapterMethod):
