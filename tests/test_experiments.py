@@ -26,6 +26,7 @@ from lofit.methods.lofit.config import LofitConfig
 from lofit.runs import plots
 from lofit.runs.config import CellConfig, RunConfig
 from lofit.runs.pipeline import load_fresh, run_cell
+from lofit.training import loop as training
 from lofit.utils.compute import hardware, resolve_device
 
 from .tiny_run import tiny_model_folder, write_task
@@ -333,6 +334,20 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
     assert "| 4 + 2 | 12 |" in report  # trials and validation examples
 
 
+def test_siblings_are_named_from_the_working_directory_even_for_the_folder_dot(setting, tmp_path, monkeypatch):
+    lofit_only = [{"label": "LoFiT", "method": "lofit"}]
+    first = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=lofit_only)))
+    Runner(first, tmp_path / "experiments" / "first", pool=ModelPool(), log=lambda _: None).run()
+    here = tmp_path / "experiments" / "second"
+    here.mkdir()
+    (tmp_path / "experiments" / "link-to-second").symlink_to(here)  # this experiment under another name
+    monkeypatch.chdir(here)
+    second = load_grid(str(grid_file(setting, tmp_path, name="second", sweep={}, arms=lofit_only)))
+    shared = Runner(second, Path("."), pool=ModelPool(), log=lambda _: None).shared
+    assert {r["reused_from"] for r in shared.values()} == {str(Path("..") / "first")}  # no absolute path
+    assert {key for key, _ in shared} == {r["key"] for r in read_results(tmp_path / "experiments" / "first")}
+
+
 def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path, monkeypatch):
     fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])
     swept = {"num_heads": [3]}  # a sweep point there, a plain option here: the same cells
@@ -503,6 +518,38 @@ def test_tuning_trials_are_listed_with_their_arm_when_one_finished_late():
     ]
 
 
+@pytest.mark.parametrize("method", ["red", "lofit"])  # RED's cell resumes; LoFiT's step-1 ranking does
+def test_a_job_resumed_mid_training_records_the_steps_it_did_not_run(setting, tmp_path, monkeypatch, method):
+    options = {"model": setting["model"]} | FAST | {"red_epochs": 3, "select_epochs": 3, "save_steps": 1}
+    arm = {"label": "RED" if method == "red" else "LoFiT", "method": method}
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, options=options, arms=[arm])))
+    folder, original, steps = tmp_path / "out", training._step, []
+
+    def interrupted_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt  # a checkpoint after each of the first two steps
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(grid, folder, pool=ModelPool(), log=lambda _: None).run()
+    monkeypatch.setattr(training, "_step", original)
+    (record,) = Runner(grid, folder, pool=ModelPool(), log=lambda _: None).run()
+    if method == "lofit":
+        (ranking,) = [r for r in read_results(folder) if r["phase"] == "ranking"]
+        assert ranking["resumed_steps"] == 2 and record["resumed_steps"] == 0
+        assert [w.split(":")[0] for w in ranking["warnings"]] == ["step 1 did not localize"]  # from metrics.json
+        return
+    assert record["resumed_steps"] == 2
+    rows = [
+        line for line in write_report(folder).read_text().splitlines() if line.startswith(f"| {setting['task']} | RED")
+    ]
+    assert len(rows) == 1 and rows[0].endswith("(resumed from a checkpoint: the steps before it are not counted) |")
+    runner = Runner(grid, folder, pool=ModelPool(), log=lambda _: None)
+    assert runner.estimate(runner.test_cells()[0])[1] is False  # a resumed cell's seconds time no cell to come
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"
@@ -511,9 +558,9 @@ def test_minutes_per_run_are_not_averaged_across_hardware():
     assert report_module._minutes([runs[0], resumed]) == "1.0"  # a resumed run's time misses its first steps
     evaluated = {"seconds": 3.0, "hardware": "cuda: a GPU", "trained_by": "abc"}
     assert report_module._minutes([resumed, evaluated]) == (
-        "0.1 (evaluation only: another cell trained the adapter; "
-        "resumed from a checkpoint: the steps before it are not counted)"
+        "0.1 (resumed from a checkpoint: the steps before it are not counted)"
     )
+    assert report_module._minutes([evaluated]) == "0.1 (evaluation only: another cell trained the adapter)"
 
 
 def test_log_scale_curves_are_ticked_at_the_measured_values(tmp_path, monkeypatch):

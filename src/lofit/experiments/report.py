@@ -47,27 +47,24 @@ UNRECORDED_HARDWARE = "not recorded"
 def _minutes(members: list[dict]) -> str:
     """Mean minutes per run, per hardware when the runs of one row ran on different hardware
     (a GPU's minutes and a CPU's do not average), of the runs that trained their adapter from
-    the start: a run that evaluated another cell's adapter (``trained_by``) or resumed its
-    training from a checkpoint (``resumed_steps``: its wall time misses the steps before)
-    counts only when no run of the row trained from the start, and then the row says so."""
-    trained = [record for record in members if not record.get("trained_by") and not record.get("resumed_steps")]
+    the start; failing those, of the runs that resumed their training from a checkpoint
+    (``resumed_steps``: their wall times miss the steps before it); failing those, of the runs
+    that evaluated another cell's adapter (``trained_by``); the row says which it shows. Records
+    written before ``resumed_steps`` existed count as trained from the start."""
+    trained = [record for record in members if not record.get("trained_by")]
+    whole = [record for record in trained if not record.get("resumed_steps")]
+    if whole:
+        counted, note = whole, ""
+    elif trained:
+        counted, note = trained, " (resumed from a checkpoint: the steps before it are not counted)"
+    else:
+        counted, note = members, " (evaluation only: another cell trained the adapter)"
     by_hardware: dict[str, list[float]] = defaultdict(list)
-    for record in trained or members:
+    for record in counted:
         by_hardware[record.get("hardware", UNRECORDED_HARDWARE)].append(record["seconds"] / 60)
-    note = "" if trained else f" ({_why_no_full_run(members)})"
     if len(by_hardware) == 1:
         return f"{statistics.fmean(next(iter(by_hardware.values()))):.1f}{note}"
     return "; ".join(f"{statistics.fmean(m):.1f} on {name}" for name, m in sorted(by_hardware.items())) + note
-
-
-def _why_no_full_run(members: list[dict]) -> str:
-    """Why no run of a row trained its adapter from the start, for its minutes' note."""
-    reasons = []
-    if any(record.get("trained_by") for record in members):
-        reasons.append("evaluation only: another cell trained the adapter")
-    if any(record.get("resumed_steps") for record in members):
-        reasons.append("resumed from a checkpoint: the steps before it are not counted")
-    return "; ".join(reasons)
 
 
 def summarize(records: list[dict]) -> list[dict]:

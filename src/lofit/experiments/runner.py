@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -231,7 +232,8 @@ class Runner:
         """Seconds a cell should take (evaluation alone when not ``trains``: another cell trains
         its adapter), and whether they were measured: the mean of finished cells (here or beside
         this experiment) of its method, task and phase on this hardware (or of unrecorded
-        hardware) that trained or not alike, else a rough rate for the default model on 2 CPU cores."""
+        hardware) that trained or not alike, and ran from the start (a resumed cell's seconds miss
+        the steps before its checkpoint), else a rough rate for the default model on 2 CPU cores."""
         here = cell_hardware(cell)
         similar = [
             r["seconds"]
@@ -241,6 +243,7 @@ class Runner:
             and r.get("phase") == cell.phase
             and r.get("hardware", here) == here
             and (r.get("trained_by") is None) == trains
+            and not r.get("resumed_steps")
         ]
         if similar:
             return sum(similar) / len(similar), True
@@ -535,16 +538,15 @@ class Runner:
 
     def _sibling_records(self) -> dict[tuple[str, str], dict]:
         """Every record of the experiment folders beside this one (same parent), by key and
-        phase, marked with ``reused_from``, its folder (named as this experiment's folder is: a
-        relative folder gives relative names, so no machine's path enters the results); where two
-        folders hold one, the first by name."""
+        phase, marked with ``reused_from``, its folder (relative to the working directory when this
+        experiment's folder was given relative, so no machine's path enters the results); where
+        two folders hold one, the first by name."""
         records: dict[tuple[str, str], dict] = {}
         here = self.folder.resolve()
-        named_beside = self.folder.name not in ("", "..")
         for results in sorted(here.parent.glob(f"*/{RESULTS}")):
-            if results.parent == here:
+            if results.parent.resolve() == here:
                 continue
-            sibling = str(self.folder.parent / results.parent.name if named_beside else results.parent)
+            sibling = str(results.parent if self.folder.is_absolute() else os.path.relpath(results.parent))
             for record in read_results(results.parent):
                 records.setdefault((record["key"], record.get("phase")), record | {"reused_from": sibling})
         return records
@@ -672,6 +674,7 @@ def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
     ranking = run_select(config.run, config.lofit, config.compute, pool)
     seconds = time.perf_counter() - start
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     top_k = _top_k(cell, len(ranking.order))
     if session is not None:
         session.log_summary({"localization": ranking.localization(top_k).to_json(), "select_seconds": seconds})
@@ -687,7 +690,9 @@ def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "top_k": top_k,
         "scores": ranking.scores.tolist(),
         "seconds": seconds,
+        "resumed_steps": metrics.get("resumed_steps", 0),
         "hardware": cell_hardware(cell),
+        "warnings": metrics.get("warnings", []),
         "run_folder": str(folder),
     }
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from torch import nn
 
 from lofit.methods import METHODS, FitContext, FitResult, get_method, load_adapted, saved_method, saved_record
-from lofit.methods.base import training_entries
 from lofit.methods.lofit.config import LofitConfig, head_count
 from lofit.methods.lofit.merge import save_merged
 from lofit.methods.lofit.method import HeadAdapterMethod, select_step, step_summary, tune_step
@@ -47,7 +46,7 @@ from lofit.runs.config import (
 from lofit.runs.data import RunData
 from lofit.runs.folder import RunFolder
 from lofit.tasks import Evaluation
-from lofit.training.loop import TrainingLog, TrainingSetup, make_accelerator
+from lofit.training.loop import TrainingSetup, make_accelerator
 from lofit.training.objectives import Objective, build_objective
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.distributed import wait_for_everyone
@@ -122,8 +121,6 @@ class Job:
         self.task = self.data.task
         self.folder = RunFolder(run.resolved_output_dir(), run.resume, run.save_steps)
         self.timings: dict[str, float] = {}
-        self.stage_logs: list[TrainingLog] = []
-        """The logs of the steps :meth:`select` and :meth:`tune` ran, whose warnings and resumed steps add up."""
         ranking = HeadRanking.load(lofit.heads_file) if lofit.heads == "file" else None  # refused before loading
         check_against_model_config(run, lofit, method_options, ranking)
         if run.resume:
@@ -175,15 +172,13 @@ class Job:
     ) -> HeadRanking:
         """Rank heads with the configured selector (``--heads``), as LoFiT's fit does."""
         ranking, log, seconds = select_step(lofit_model, self.context(examples, setup), objective)
-        self.stage_logs.append(log)
-        self.timings |= step_summary(select=(log, seconds)) | training_entries(*self.stage_logs)
+        self.timings |= step_summary(select=(log, seconds))
         self.folder.write_ranking(ranking, self.lofit.num_heads_to_tune(len(ranking.order)))
         return ranking
 
     def tune(self, lofit_model: LofitModel, objective: Objective, ranking: HeadRanking, setup: TrainingSetup) -> None:
         log, seconds = tune_step(lofit_model, self.context(self.train_examples(), setup), objective, ranking)
-        self.stage_logs.append(log)
-        self.timings |= step_summary(tune=(log, seconds)) | training_entries(*self.stage_logs)
+        self.timings |= step_summary(tune=(log, seconds))
 
     def evaluate(self, model) -> Evaluation:
         """Evaluate (split across processes when there are several), under the run's mixed precision."""
@@ -257,13 +252,16 @@ def portable(summary: dict) -> dict:
 def run_select(
     run: RunConfig, lofit: LofitConfig, compute: ComputeConfig | None = None, models: ModelSource = load_fresh
 ) -> HeadRanking:
-    """Step 1 only: write head_ranking.json and heads.png."""
+    """Step 1 only: write head_ranking.json, heads.png and metrics.json (its time, losses,
+    localization figures, warnings and, when it resumed, ``resumed_steps``)."""
     with opened_job(run, lofit, compute, needs=("train",), models=models) as job:
         setup = job.folder.training_setup(job.compute)
         lofit_model = job.attach(get_lofit_model(job.model, lofit))
         examples = job.train_examples()
         objective = build_objective(lofit_model, job.tokenizer, examples, run.beta)
-        return job.select(lofit_model, examples, objective, setup)
+        ranking = job.select(lofit_model, examples, objective, setup)
+        job.folder.write_metrics(portable(job.timings))
+        return ranking
 
 
 def run_tune(run: RunConfig, lofit: LofitConfig, ranking_path: Path, compute: ComputeConfig | None = None) -> dict:
