@@ -550,6 +550,18 @@ def test_a_job_resumed_mid_training_records_the_steps_it_did_not_run(setting, tm
     assert runner.estimate(runner.test_cells()[0])[1] is False  # a resumed cell's seconds time no cell to come
 
 
+def test_budgets_list_each_arms_epochs_once_in_increasing_order():
+    def trial(label, epochs, **options):
+        base = {"tune_epochs": epochs, "select_epochs": 5} | options
+        return {"phase": "tune", "label": label, "method": "lofit", "options": base, "trial": {"tune_epochs": epochs}}
+
+    records = [trial("v", 12), trial("v", 3), trial("v", 48), trial("v", 3), trial("A and v", 6, tune_scales=True)]
+    assert report_module._budgets(records) == (
+        "Training budgets (epochs over the training set): v: 3, 12 or 48 (step 2, the biases) + 5 of step 1 spent "
+        "choosing the heads (tuned); A and v: 6 (step 2, A and v) + 5 of step 1 spent choosing the heads (tuned)."
+    )
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"

@@ -301,23 +301,30 @@ def _tuning(records: list[dict]) -> str:
     return _tuning_summary(groups) + "\n" + "\n".join(lines) + "\n"
 
 
-def _epochs(record: dict) -> str:
-    """The training epochs of one run, in words."""
+def _epochs(record: dict) -> tuple[str, str]:
+    """The training epochs of one run, in words: the count, and what follows it."""
     options, method = record.get("options", {}), record["method"]
     if record.get("phase") == "ranking":
-        return f"{options.get('select_epochs')} (step 1 alone)"
+        return str(options.get("select_epochs")), " (step 1 alone)"
     if method == "lofit":
-        return (
-            f"{options['tune_epochs']} (step 2, the biases) + {options['select_epochs']} of step 1 "
-            "spent choosing the heads"
-        )
+        trained = "A and v" if options.get("tune_scales") else "the biases"
+        return str(
+            options["tune_epochs"]
+        ), f" (step 2, {trained}) + {options['select_epochs']} of step 1 spent choosing the heads"
     if f"{method}_epochs" in options:
-        return str(options[f"{method}_epochs"] or options["select_epochs"] + options["tune_epochs"])
-    return "none (fitted to the training data)" if method in ("iti", "repe") else "none"
+        return str(options[f"{method}_epochs"] or options["select_epochs"] + options["tune_epochs"]), ""
+    return "none", " (fitted to the training data)" if method in ("iti", "repe") else ""
+
+
+def _one_of(counts: list[str]) -> str:
+    """``["3", "6", "12"]`` as "3, 6 or 12" (numbers in increasing order)."""
+    ordered = sorted(counts, key=lambda count: (not count.isdigit(), int(count) if count.isdigit() else 0, count))
+    return ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
 
 
 def _budgets(records: list[dict]) -> str:
     """Each arm's training epochs as run (its test runs, else its trials, else its step-1 rankings),
+    the counts of runs that differ only in them listed once ("3, 6 or 12 (step 2, ...)"), and
     "(tuned)" where the epochs were a tuned option."""
     phases = ("test", "tune", "ranking")
     by_label: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -328,7 +335,12 @@ def _budgets(records: list[dict]) -> str:
     for label, runs_of in by_label.items():
         runs = next(runs_of[phase] for phase in phases if runs_of[phase])
         tuned = any(k.endswith("_epochs") for r in runs for k in r.get("trial", {}))
-        texts.append(f"{label}: {' or '.join(dict.fromkeys(map(_epochs, runs)))}{' (tuned)' if tuned else ''}")
+        counts_of: dict[str, list[str]] = defaultdict(list)
+        for count, words in map(_epochs, runs):
+            if count not in counts_of[words]:
+                counts_of[words].append(count)
+        budget = " or ".join(f"{_one_of(counts)}{words}" for words, counts in counts_of.items())
+        texts.append(f"{label}: {budget}{' (tuned)' if tuned else ''}")
     return "Training budgets (epochs over the training set): " + "; ".join(texts) + "." if texts else ""
 
 
