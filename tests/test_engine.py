@@ -304,7 +304,7 @@ def adapter_bias(folder) -> torch.Tensor:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))["lofit_bias"]
 
 
-def test_lofit_run_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
+def test_lofit_run_resume_continues_an_interrupted_run(tmp_path, monkeypatch, capsys):
     assert main(run_options(tmp_path, "--output-dir", str(tmp_path / "whole"))) == 0
     steps = {"count": 0}
     original = training._step
@@ -321,7 +321,9 @@ def test_lofit_run_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
         main(options)
     assert not (tmp_path / "cut" / "adapter").exists()
     monkeypatch.setattr(training, "_step", original)
+    capsys.readouterr()
     assert main(options + ["--resume"]) == 0
+    assert "optimiser steps ran before, not counted)" in capsys.readouterr().out
     assert torch.allclose(adapter_bias(tmp_path / "cut"), adapter_bias(tmp_path / "whole"), atol=1e-6)
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert 10 <= resumed["resumed_steps"] < resumed["steps"]  # step 1's 8 and step 2's first checkpoint

@@ -158,7 +158,9 @@ def _print_summary(summary: dict, compute: ComputeConfig) -> None:
         f"{key.removesuffix('_seconds')} {value:.0f}s" for key, value in summary.items() if key.endswith("_seconds")
     ]
     if times:
-        print("wall time: " + ", ".join(times))
+        resumed = summary.get("resumed_steps")
+        note = f" (resumed: {resumed} of {summary['steps']} optimiser steps ran before, not counted)" if resumed else ""
+        print("wall time: " + ", ".join(times) + note)
     for fold in summary.get("folds", []):
         print(
             f"fold {fold['run_folder']}: " + ", ".join(f"{k} {100 * fold[k]:.1f}%" for k in fold.get("metric_keys", []))

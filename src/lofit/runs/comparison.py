@@ -30,7 +30,8 @@ def _seconds(summary: dict, key: str) -> float:
 
 
 def comparison_table(summaries: list[dict]) -> str:
-    """A markdown table: method, trained parameters, each metric (in %), fit and total wall time."""
+    """A markdown table: method, trained parameters, each metric (in %), fit and total wall time
+    (marked "resumed" where training resumed from a checkpoint: the steps before it are not timed)."""
     metrics = summaries[0].get("metric_keys", [])  # the task's metrics, its main metric first
     header = ["method", "trained parameters", *[m.replace("_", " ") for m in metrics], "fit (s)", "total (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -40,7 +41,7 @@ def comparison_table(summaries: list[dict]) -> str:
             summary["method"],
             f"{parameters:,}",
             *[f"{100 * summary[m]:.1f}" for m in metrics],
-            f"{_seconds(summary, 'fit_seconds'):.0f}",
+            f"{_seconds(summary, 'fit_seconds'):.0f}" + (" (resumed)" if summary.get("resumed_steps") else ""),
             f"{_seconds(summary, 'total_seconds'):.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
