@@ -20,7 +20,7 @@ from lofit.methods.lofit.steps import select_heads, tune_biases
 from lofit.models.architectures import decoder_layers
 from lofit.tasks import PromptCompletion, UserFileTask
 from lofit.training import loop as training
-from lofit.training.checkpoints import checkpoint_folders
+from lofit.training.checkpoints import checkpoint_folders, stage_progress
 from lofit.training.loop import (
     CheckpointPolicy,
     NonFiniteLossError,
@@ -320,6 +320,8 @@ def test_lofit_run_resume_continues_an_interrupted_run(tmp_path, monkeypatch, ca
     with pytest.raises(KeyboardInterrupt):
         main(options)
     assert not (tmp_path / "cut" / "adapter").exists()
+    progress = stage_progress(tmp_path / "cut" / "checkpoints")  # what lofit experiment --status shows
+    assert (progress.stage, progress.step) == ("tune", 2) and progress.total_steps > 2
     monkeypatch.setattr(training, "_step", original)
     capsys.readouterr()
     assert main(options + ["--resume"]) == 0

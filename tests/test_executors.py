@@ -4,6 +4,7 @@ recorded and retried; the progress view; clear errors for executor options and m
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -193,9 +194,15 @@ def test_status_shows_running_cells_of_a_live_driver_only(setting, tmp_path, cap
     write_marker(folder, lofit.key, lofit.describe(), "local")
     marker = folder / "running" / f"{lofit.key}.json"
     marker.write_text(marker.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead["pid"]}'))
+    checkpoints = folder / "cells" / runner_module.job_name(red) / "checkpoints" / "red"
+    for step, written in ((2, 1000.0), (4, 1060.0)):  # 2 steps a minute apart, 6 to go: 3 minutes
+        (checkpoints / f"step-{step}").mkdir(parents=True)
+        (checkpoints / f"step-{step}" / "state.json").write_text(json.dumps({"step": step, "total_steps": 10}))
+        os.utime(checkpoints / f"step-{step}", (written, written))
     assert main(["experiment", "--grid", str(grid), "--output-dir", str(folder), "--status"]) == 0
     printed = capsys.readouterr().out
-    assert re.search(rf"{red.key}  running  {re.escape(red.describe())}: \d+\.\d min, ~\d+ min left", printed)
+    running = rf"{red.key}  running  {re.escape(red.describe())}: \d+\.\d min, ~\d+ min left"
+    assert re.search(running + "; red checkpointed at step 4 of 10, ~3 min of it left", printed)
     assert f"{lofit.key}  waiting  " in printed  # its driver has ended: not running
     assert "3 cells: 0 done, 1 running, 0 failed (retried by the next run), 2 waiting" in printed
     assert "(running on ray)" in printed

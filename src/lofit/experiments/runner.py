@@ -73,6 +73,7 @@ from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.config import CellConfig
 from lofit.runs.pipeline import load_fresh, run_cell, run_eval, run_select
 from lofit.tasks import get_task, training_task_name
+from lofit.training.checkpoints import stage_progress
 from lofit.training.loop import resolve_mixed_precision
 from lofit.training.trackers import TrackerRun, TrackerSession, tracking
 from lofit.utils.compute import ComputeConfig, hardware, resolve_device
@@ -322,6 +323,7 @@ class Runner:
                 estimate = self.estimate(cell, cell.key in trains)[0]
                 left += max(0.0, estimate - elapsed)
                 state, note = "running", f"{elapsed / 60:.1f} min, ~{max(0.0, estimate - elapsed) / 60:.0f} min left"
+                note += self._progress(self.folder / "cells" / job_name(cell))
             elif cell.key in failures:
                 left += self.estimate(cell, cell.key in trains)[0]
                 state, note = "failed", failures[cell.key]["error"].strip().splitlines()[-1]
@@ -334,7 +336,8 @@ class Runner:
         keys = {cell.key for cell in cells}
         for key, marker in running.items():  # step-1 rankings, which are not cells of the grid
             if key not in keys:
-                lines.append(f"{key}  running  {marker['cell']}: {elapsed_seconds(marker) / 60:.1f} min")
+                progress = self._progress(self.folder / "rankings" / key)
+                lines.append(f"{key}  running  {marker['cell']}: {elapsed_seconds(marker) / 60:.1f} min{progress}")
         for key, failure in failures.items():
             if key not in keys and key not in self.done and key not in running:
                 lines.append(f"{key}  failed   {failure['cell']}: {failure['error'].strip().splitlines()[-1]}")
@@ -347,6 +350,13 @@ class Runner:
             + (f" (running on {', '.join(executors)})" if executors else "")
         )
         return "\n".join(lines)
+
+    @staticmethod
+    def _progress(run_folder: Path) -> str:
+        """ "; <stage> checkpointed at step N of M, ~T min of it left" for a running job's folder,
+        from its newest checkpoint (nothing before its first)."""
+        progress = stage_progress(run_folder / "checkpoints")
+        return f"; {progress.describe()}" if progress is not None else ""
 
     # --- running -----------------------------------------------------------------------
 
@@ -491,7 +501,7 @@ class Runner:
     def _cell_job(self, cell: Cell) -> Job:
         """The job of a fit cell: the adapter to evaluate when another cell trained it, else (a
         LoFiT cell) its recorded ranking as a file (rebuilt from the record when the file is missing)."""
-        name = f"{cell.phase}-{cell.label}-{cell.key}".replace("/", "_")
+        name = job_name(cell)
         adapter = self._trained_adapter(cell)
         if adapter is not None:
             return Job("cell", cell, self.folder, name, tuning=self._tuning_fields(cell), adapter=adapter)
@@ -595,6 +605,11 @@ class Runner:
 
 
 # --- the jobs, wherever they run --------------------------------------------------------
+
+
+def job_name(cell: Cell) -> str:
+    """The folder name of a fit cell's run under ``cells/``: phase, label and key."""
+    return f"{cell.phase}-{cell.label}-{cell.key}".replace("/", "_")
 
 
 @dataclass(frozen=True)

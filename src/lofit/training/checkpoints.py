@@ -5,7 +5,7 @@ what an exact resume needs:
 
 - ``tensors.safetensors``: the trained tensors (``param.<i>``), AdamW's moments and step
   counts (``optimizer.<i>.<name>``) and the RNG states (``rng.torch``, ``rng.cuda.<d>``);
-- ``state.json``: the step, every step's loss so far, a fingerprint of the setup (tensor
+- ``state.json``: the step and the stage's total steps, every step's loss so far, a fingerprint of the setup (tensor
   shapes, learning rate, epochs, batch size, seed, number of items, the model's dtype and
   the mixed precision), AdamW's hyper-parameters, the learning-rate schedule's state and,
   for fp16, the loss scaler's.
@@ -40,10 +40,12 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TrainerState:
-    """Where a training stage stands: optimizer steps done and the loss of each."""
+    """Where a training stage stands: optimizer steps done, of how many, and the loss of each."""
 
     step: int = 0
     step_losses: list[float] = field(default_factory=list)
+    total_steps: int = 0
+    """The steps the stage runs in all (0 in checkpoints written before it was recorded)."""
 
 
 def checkpoint_folders(stage_dir: Path) -> list[Path]:
@@ -92,6 +94,7 @@ def save_checkpoint(
             tensors[f"rng.cuda.{device}"] = rng
     record = {
         "step": state.step,
+        "total_steps": state.total_steps,
         "step_losses": state.step_losses,
         "fingerprint": fingerprint,
         "optimizer_param_groups": optimizer_state["param_groups"],
@@ -154,4 +157,51 @@ def load_checkpoint(
     cuda_states = cuda_rng_states(tensors)
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    return TrainerState(record["step"], list(record["step_losses"]))
+    return TrainerState(record["step"], list(record["step_losses"]), record.get("total_steps", 0))
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """How far the training of a run folder has come, from its newest checkpoint: the stage,
+    its step of ``total_steps`` (0: not recorded), and its rate in steps per second between
+    the stage's two newest checkpoints (None with only one)."""
+
+    stage: str
+    step: int
+    total_steps: int
+    steps_per_second: float | None
+
+    def describe(self) -> str:
+        """ "tune checkpointed at step 190 of 228" (and, with a rate, the training minutes left)."""
+        of = f" of {self.total_steps}" if self.total_steps else ""
+        text = f"{self.stage} checkpointed at step {self.step}{of}"
+        if self.total_steps and self.steps_per_second:
+            text += f", ~{(self.total_steps - self.step) / self.steps_per_second / 60:.0f} min of it left"
+        return text
+
+
+def stage_progress(checkpoints: Path) -> StageProgress | None:
+    """The progress of the stage whose checkpoint under ``checkpoints`` (a run folder's
+    ``checkpoints/``) was written last, or None when there is none; readable while the run
+    goes on (a checkpoint removed meanwhile counts as absent)."""
+    newest: list[tuple[float, str, list[Path]]] = []
+    for stage_dir in checkpoints.iterdir() if checkpoints.is_dir() else []:
+        folders = checkpoint_folders(stage_dir)
+        try:
+            if folders:
+                newest.append((folders[-1].stat().st_mtime, stage_dir.name, folders))
+        except FileNotFoundError:
+            continue
+    if not newest:
+        return None
+    _, stage, folders = max(newest)
+    try:
+        record = json.loads((folders[-1] / STATE).read_text())
+        rate = None
+        if len(folders) > 1:
+            seconds = folders[-1].stat().st_mtime - folders[-2].stat().st_mtime
+            steps = record["step"] - int(folders[-2].name[5:])
+            rate = steps / seconds if seconds > 0 and steps > 0 else None
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return StageProgress(stage, record["step"], record.get("total_steps", 0), rate)

@@ -363,6 +363,7 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     if run.setup.checkpoints and run.setup.checkpoints.resume and (folder := latest_checkpoint(stage_dir)) is not None:
         state = load_checkpoint(folder, fingerprint, run.parameters, optimizer.optimizer, schedule, accelerator.scaler)
         log.resumed_from_step = state.step
+    state.total_steps = total_steps
 
     def checkpoint() -> None:
         if stage_dir is not None:
