@@ -4,6 +4,7 @@ alone, the bootstrap test, --dry-run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
+from lofit.experiments.executors import InlineExecutor, call
 from lofit.experiments.grid import check_tuning, expand, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
@@ -294,7 +296,9 @@ def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setti
     calls.clear()
     fake.stop_at = None
     records = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
-    assert calls == [(0.08, 1), (0.04, 1), None]  # the recorded extension was not recomputed; then the tests
+    # the recorded extension was not recomputed; then the tests, zero-shot's first: its group had
+    # nothing to tune, so it waited from the start, behind the trials only
+    assert calls == [(0.08, 1), None, (0.04, 1)]
     assert [r["phase"] for r in records] == ["tune"] * 6 + ["test", "test"]
     assert records[6]["label"] == "RED" and records[6]["trial"] == {"red_lr": 0.04, "red_epochs": 1}
     settled = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None)
@@ -303,7 +307,41 @@ def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setti
     report = write_report(folder).read_text()
     assert "| red_lr=0.04 (inside after extension), red_epochs=1 (edge (bound)) | 49.0 | 4 + 2 | 12 |" in report
     assert "Trials per arm (base + extension, over every task and setting): RED 4 + 2." in report
-    assert "RED: 1 (tuned); zero: none" in report  # the budgets as run
+    assert "zero: none; RED: 1 (tuned)" in report  # the budgets as run, arms in the order of the test rows
+
+
+class TwoWorkers(InlineExecutor):
+    """Two jobs at once on a simulated clock: a job takes as many minutes as its trial's epochs
+    (a test cell 1), runs when submitted, and :meth:`wait` returns the one that ends first."""
+
+    capacity = 2
+
+    def __init__(self, pool):
+        super().__init__(functools.partial(runner_module.run_job, pool=pool))
+        self.clock, self.events = 0.0, []
+
+    def submit(self, job_id, job):
+        self.events.append((self.clock, "start", job.cell.phase, dict(job.cell.trial)))
+        ends = self.clock + dict(job.cell.trial).get("red_epochs", 1) + 0.001 * job_id  # ties: the earlier job
+        self.queue.append((ends, job_id, job))
+
+    def wait(self):
+        self.queue.sort(key=lambda entry: entry[0])
+        self.clock, job_id, job = self.queue.pop(0)
+        return (job_id, *call(self.work, job))
+
+
+def test_extensions_and_settled_groups_tests_start_as_soon_as_they_can(setting, tmp_path, monkeypatch):
+    arms = [RED_TUNED, {"label": "zero", "method": "zero-shot"}]
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
+    fake_fit(monkeypatch, lambda lr, epochs: 0.5 - 0.1 * abs(math.log2(lr / 0.04)) - 0.01 * epochs, [])
+    executor = TwoWorkers(ModelPool())
+    Runner(grid, tmp_path / "out", tune=True, pool=ModelPool(), executor=executor, log=lambda _: None).run()
+    starts = [(clock, phase, trial) for clock, _, phase, trial in executor.events]
+    last_trial_ends = max(clock + trial["red_epochs"] for clock, phase, trial in starts if phase == "tune")
+    zero_test = next(clock for clock, phase, trial in starts if phase == "test" and not trial)
+    assert zero_test < last_trial_ends  # on the worker the trials left free, not after all of them
+    assert [trial["red_lr"] for _, phase, trial in starts if phase == "tune"][4:] == [0.04, 0.08]
 
 
 def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path, monkeypatch):

@@ -26,8 +26,9 @@
 - With ``tune``, every arm's trials run first on the validation split with the first
   seed; where the best trial of a (task, arm, sweep point) sits at an edge of a numeric
   option's explored range, trials one log step beyond are added (:func:`~.grid.search`,
-  recomputed from the recorded scores on a rerun). Once every group has settled, each
-  group's best trial runs on test with every seed.
+  recomputed from the recorded scores on a rerun), each as soon as the trials it follows from
+  have run. Once a group has settled, its best trial runs on test with every seed, while the
+  other groups may still tune (trials go first when both wait for a worker).
 """
 
 from __future__ import annotations
@@ -361,62 +362,90 @@ class Runner:
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> list[dict]:
-        """Run every cell not yet in results.jsonl on the executor: the tuning trials, extension
-        trials included, until every group has settled, then the test cells; return all of this
-        grid's records. A cell that fails is recorded in ``failures/results.jsonl`` (it runs again
-        on the next run) and the others go on; test cells wait for their group's tuning to settle."""
+        """Run every cell not yet in results.jsonl on the executor: the tuning trials, each
+        extension trial as soon as the trials it follows from have run, and each group's test
+        cells as soon as its tuning has settled (trials first whenever both wait: they decide
+        what else runs); return all of this grid's records. A cell that fails is recorded in
+        ``failures/results.jsonl`` (it runs again on the next run) and the others go on; the test
+        cells of a group whose tuning cannot settle (a trial failed) do not run."""
         self.failed = {}
         clear_stale_markers(self.folder)
         executor = self.executor or InlineExecutor(functools.partial(run_job, pool=self.pool))
         interrupted = True
         try:
-            while todo := [cell for cell in self.trials() if cell.key not in self.done and cell.key not in self.failed]:
-                self._execute(self._copy_shared(todo), executor)  # a copied trial may call for extension trials
-            unsettled = {group for group, s in self.searches().items() if not s.settled}
-            tests = [c for c in self.test_cells() if (c.task, c.label, c.point) not in unsettled]
-            self._execute(self._copy_shared(tests), executor)
+            self._execute(self._ready, executor)
             interrupted = False
         finally:
             executor.close(cancel=interrupted)
         return [self.done[c.key] for c in self.trials() + self.test_cells() if c.key in self.done]
 
-    def _execute(self, cells: list[Cell], executor: Executor) -> None:
-        """Run ``cells`` on ``executor``, each step-1 ranking they need first (once per key), and
-        each cell whose adapter another cell trains after that cell, as many at once as it
-        takes, in the order of ``cells`` where it runs one at a time."""
-        queue: list[tuple[tuple[int, int], Job]] = []
+    def _ready(self) -> list[Cell]:
+        """The cells that can run now, trials before tests: every trial known so far and the test
+        cells of each settled group, less those recorded or failed, after copying the ones a
+        sibling experiment has measured (a copied trial may call for extension trials)."""
+        while True:
+            recorded = len(self.done)
+            unsettled = {group for group, s in self.searches().items() if not s.settled}
+            tests = [c for c in self.test_cells() if (c.task, c.label, c.point) not in unsettled]
+            cells = [c for c in self.trials() + tests if c.key not in self.done and c.key not in self.failed]
+            left = self._copy_shared(cells)
+            if len(self.done) == recorded:
+                return left
+
+    def _execute(self, ready: Callable[[], list[Cell]], executor: Executor) -> None:
+        """Run the cells ``ready`` returns on ``executor``, asking it again after each job ends
+        (what it adds joins the queue behind what waits already), each step-1 ranking they need
+        first (once per key), and each cell whose adapter another cell trains after that cell;
+        as many at once as the executor takes; where it takes fewer than wait, trials and
+        rankings before test cells, each in the order they came."""
+        queue: list[tuple[tuple[bool, int, int], Job]] = []  # (a test cell, order of arrival, ranking first)
         blocked: dict[str, list[tuple[int, Cell]]] = {}  # ranking or training cell key -> the cells waiting for it
         trainers: dict[str, str] = {}  # training key -> the key of the cell that trains it here
-        for index, cell in enumerate(cells):
-            if cell.key in self.done or cell.key in self.failed:
-                continue
+        admitted: set[str] = set()  # the keys of the cells taken from ``ready`` (run, running or waiting)
+        order = itertools.count()
+
+        def enqueue(index: int, cell: Cell, job: Job | None = None) -> None:
+            """Queue ``job`` (``cell``'s own by default; its step-1 ranking goes just before it)."""
+            queue.append(((cell.phase == "test", index, 0 if job else 1), job or self._cell_job(cell)))
+
+        def admit(cells: list[Cell]) -> None:
+            for cell in cells:
+                if cell.key not in admitted:
+                    admitted.add(cell.key)
+                    place(next(order), cell)
+
+        def place(index: int, cell: Cell) -> None:
+            """Queue ``cell`` (with its step-1 ranking first, if it needs one), or make it wait
+            for the job that makes what it needs (a cell of a training key whose trainer has
+            failed since trains it itself)."""
             trained = training_key(cell.method, cell.config) if cell.phase != "ranking" else None
             if trained is not None and self._trained_adapter(cell) is not None:
-                queue.append(((index, 1), self._cell_job(cell)))
-                continue
-            if trained in trainers:
-                blocked.setdefault(trainers[trained], []).append((index, cell))
-                continue
+                enqueue(index, cell)
+                return
+            trainer = trainers.get(trained)
+            if trainer is not None and trainer not in self.done and trainer not in self.failed:
+                blocked.setdefault(trainer, []).append((index, cell))  # (a failed one's cells failed with it)
+                return
             if cell.phase == "ranking":  # step 1 alone: its own ranking job, which later cells may wait for
                 if cell.key not in blocked and self._needs_ranking(cell):
                     blocked[cell.key] = []
-                    queue.append(((index, 0), self._ranking_job(cell)))
-                continue
+                    enqueue(index, cell, self._ranking_job(cell))
+                return
             key = ranking_key(cell.config)
             if cell.method != "lofit" or cell.config["heads"] == "file" or key in self.done:
-                queue.append(((index, 1), self._cell_job(cell)))
+                enqueue(index, cell)
             elif key in self.failed:
                 self._fail(
                     Job("cell", cell, self.folder, cell.key), f"its step-1 ranking {key} failed: {self.failed[key]}"
                 )
-                continue  # not a trainer: a later cell of its training key meets the same failure
+                return  # not a trainer: a later cell of its training key meets the same failure
             elif key in blocked:
                 blocked[key].append((index, cell))
             elif self._needs_ranking(cell):
                 blocked[key] = [(index, cell)]
-                queue.append(((index, 0), self._ranking_job(cell)))
+                enqueue(index, cell, self._ranking_job(cell))
             else:  # a sibling experiment's ranking, recorded just now
-                queue.append(((index, 1), self._cell_job(cell)))
+                enqueue(index, cell)
             if trained is not None:
                 trainers[trained] = cell.key
 
@@ -427,6 +456,7 @@ class Runner:
                 self._fail(Job("cell", cell, self.folder, cell.key), f"{what} {key} failed: {error}")
                 fail_waiting(cell.key, "the cell that trains its adapter,", error)
 
+        admit(ready())
         running: dict[int, Job] = {}
         ids = itertools.count()
         try:
@@ -443,11 +473,13 @@ class Runner:
                 remove_marker(self.folder, job.key)
                 if error is None:
                     self._record(record)
-                    queue += [((index, 1), self._cell_job(cell)) for index, cell in blocked.pop(job.key, [])]
-                    continue
-                self._fail(job, error)
-                what = "its step-1 ranking" if job.kind == "ranking" else "the cell that trains its adapter,"
-                fail_waiting(job.key, what, error)
+                    for index, cell in blocked.pop(job.key, []):
+                        enqueue(index, cell)
+                else:
+                    self._fail(job, error)
+                    what = "its step-1 ranking" if job.kind == "ranking" else "the cell that trains its adapter,"
+                    fail_waiting(job.key, what, error)
+                admit(ready())
         finally:
             for job in running.values():  # interrupted: these jobs did not finish
                 remove_marker(self.folder, job.key)
