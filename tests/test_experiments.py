@@ -600,6 +600,19 @@ def test_budgets_list_each_arms_epochs_once_in_increasing_order():
     )
 
 
+def test_estimates_scale_measured_seconds_by_each_cells_rough_cost(setting, tmp_path):
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED])))
+    runner = Runner(grid, tmp_path / "out", tune=True, pool=ModelPool(), log=lambda _: None)
+    one, two = [c for c in runner.trials() if dict(c.trial)["red_lr"] == 0.01]  # 1 and 2 epochs
+    rough_one, measured = runner.estimate(one)
+    assert not measured
+    finished = {"key": one.key, "phase": "tune", "method": "red", "task": one.task, "options": one.config}
+    runner.done[one.key] = finished | {"seconds": 10 * rough_one, "hardware": here()}  # 10x slower than rough
+    assert runner.estimate(one) == (pytest.approx(10 * rough_one), True)
+    assert runner.estimate(two) == (pytest.approx(10 * runner._rough_seconds(two.config, "red", "tune", True)), True)
+    assert runner.estimate(two)[0] > 1.5 * runner.estimate(one)[0]  # twice the epochs, the same evaluation
+
+
 def test_minutes_per_run_are_not_averaged_across_hardware():
     runs = [{"seconds": 60.0, "hardware": "cuda: a GPU"}, {"seconds": 1200.0, "hardware": "cpu: a CPU, 2 threads"}]
     assert report_module._minutes(runs) == "20.0 on cpu: a CPU, 2 threads; 1.0 on cuda: a GPU"
@@ -701,18 +714,14 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     runner = Runner(grid, tmp_path / "out", log=lambda _: None)
     cell = runner.test_cells()[0]
     current = here()
+    alike = {"method": cell.method, "task": cell.task, "phase": cell.phase, "options": cell.config}
     runner.done = {
-        "a": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 100.0, "hardware": current},
-        "b": {"method": cell.method, "task": cell.task, "phase": cell.phase, "seconds": 2.0, "hardware": "cuda: a GPU"},
+        "a": alike | {"seconds": 100.0, "hardware": current},
+        "b": alike | {"seconds": 2.0, "hardware": "cuda: a GPU"},
     }
-    assert runner.estimate(cell) == (100.0, True)
-    runner.done["c"] = {
-        "method": cell.method,
-        "task": cell.task,
-        "phase": cell.phase,
-        "seconds": 50.0,
-    }  # hardware unrecorded
-    assert runner.estimate(cell) == (75.0, True)
+    assert runner.estimate(cell) == (pytest.approx(100.0), True)
+    runner.done["c"] = alike | {"seconds": 50.0}  # hardware unrecorded
+    assert runner.estimate(cell) == (pytest.approx(75.0), True)
     cells = runner.test_cells()
     alike = sum((c.method, c.task, c.phase) == (cell.method, cell.task, cell.phase) for c in cells)
     assert (

@@ -232,13 +232,15 @@ class Runner:
 
     def estimate(self, cell: Cell, trains: bool = True) -> tuple[float, bool]:
         """Seconds a cell should take (evaluation alone when not ``trains``: another cell trains
-        its adapter), and whether they were measured: the mean of finished cells (here or beside
+        its adapter), and whether they were measured. Its rough cost (:meth:`_rough_seconds`:
+        training examples x epochs, plus evaluated examples, at rates for the default model on
+        2 CPU cores), scaled by measured over rough seconds of the finished cells (here or beside
         this experiment) of its method, task and phase on this hardware (or of unrecorded
-        hardware) that trained or not alike, and ran from the start (a resumed cell's seconds miss
-        the steps before its checkpoint), else a rough rate for the default model on 2 CPU cores."""
+        hardware) that trained or not alike and ran from the start (a resumed cell's seconds miss
+        the steps before its checkpoint): so a 48-epoch trial is timed as 8 of the 6-epoch ones."""
         here = cell_hardware(cell)
         similar = [
-            r["seconds"]
+            r
             for r in [*self.shared.values(), *self.done.values()]
             if r.get("method") == cell.method
             and r.get("task") == cell.task
@@ -247,25 +249,39 @@ class Runner:
             and (r.get("trained_by") is None) == trains
             and not r.get("resumed_steps")
         ]
-        if similar:
-            return sum(similar) / len(similar), True
-        options = cell.config
+        rough = self._rough_seconds(cell.config, cell.method, cell.phase, trains)
+        rough_of_similar = sum(self._rough_seconds(r["options"], cell.method, cell.phase, trains) for r in similar)
+        if rough_of_similar <= 0:
+            return (sum(r["seconds"] for r in similar) / len(similar), True) if similar else (rough, False)
+        return rough * sum(r["seconds"] for r in similar) / rough_of_similar, True
+
+    def _rough_seconds(self, options: dict, method: str, phase: str, trains: bool) -> float:
+        """The rough cost of a cell with ``options``: training examples x epochs at its task's
+        training rate, plus evaluated examples at the evaluated task's rate (the default model on
+        2 CPU cores); the example counts read once per task, split and sample."""
         evaluated_task = options["task"].rpartition(":")[2] if ":" in options["task"] else options["task"]
-        eval_rate = EVAL_SECONDS.get(evaluated_task, 0.15)
-        task = get_task(
-            options["task"], fold=int(options["fold"]), eval_file=options["eval_file"], match=options["match"]
-        )
-        data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
-        size = options["train_size"] if options["train_size"] is not None else task.default_train_size
-        train = len(task.sample_train(data_dir, size, options["seed"]))
+        size = options["train_size"]
+        train, evaluated = self._example_counts(
+            options["task"], int(options["fold"]), options["eval_file"], options["match"], options.get("data_dir"),
+            size, options["seed"], options["eval_split"], options["limit"],
+        )  # fmt: skip
         rate = TRAIN_SECONDS.get(training_task_name(options["task"]), 0.27)
-        if cell.phase == "ranking":
-            return train * options["select_epochs"] * rate, False
-        epochs = options.get(f"{cell.method}_epochs") or options["select_epochs"] + options["tune_epochs"]
-        epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(cell.method, epochs)
+        if phase == "ranking":
+            return train * options["select_epochs"] * rate
+        epochs = options.get(f"{method}_epochs") or options["select_epochs"] + options["tune_epochs"]
+        epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(method, epochs)
         epochs = epochs if trains else 0
-        evaluated = len(task.eval_examples(data_dir, options["eval_split"])[: options["limit"]])
-        return train * epochs * rate + evaluated * eval_rate, False
+        return train * epochs * rate + evaluated * EVAL_SECONDS.get(evaluated_task, 0.15)
+
+    @functools.cache  # noqa: B019 (a runner lives as long as its experiment)
+    def _example_counts(
+        self, task_name: str, fold: int, eval_file, match, data_dir, size, seed: int, split: str, limit
+    ) -> tuple[int, int]:
+        """Training examples (the sample of ``size``) and evaluated examples (up to ``limit``) of a task."""
+        task = get_task(task_name, fold=fold, eval_file=eval_file, match=match)
+        folder = resolve_data_dir(data_dir) if task.needs_data_dir else None
+        size = size if size is not None else task.default_train_size
+        return len(task.sample_train(folder, size, seed)), len(task.eval_examples(folder, split)[:limit])
 
     def listing(self) -> str:
         """Every cell with its key, state and estimated time, and the total still to run."""
