@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -195,7 +196,8 @@ def test_status_shows_running_cells_of_a_live_driver_only(setting, tmp_path, cap
     marker = folder / "running" / f"{lofit.key}.json"
     marker.write_text(marker.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead["pid"]}'))
     checkpoints = folder / "cells" / runner_module.job_name(red) / "checkpoints" / "red"
-    for step, written in ((2, 1000.0), (4, 1060.0)):  # 2 steps a minute apart, 6 to go: 3 minutes
+    now = time.time()
+    for step, written in ((2, now + 10), (4, now + 70)):  # 2 steps a minute apart, 6 to go: 3 minutes
         (checkpoints / f"step-{step}").mkdir(parents=True)
         (checkpoints / f"step-{step}" / "state.json").write_text(json.dumps({"step": step, "total_steps": 10}))
         os.utime(checkpoints / f"step-{step}", (written, written))

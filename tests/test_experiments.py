@@ -344,6 +344,28 @@ def test_extensions_and_settled_groups_tests_start_as_soon_as_they_can(setting, 
     assert [trial["red_lr"] for _, phase, trial in starts if phase == "tune"][4:] == [0.04, 0.08]
 
 
+def test_a_trial_a_sibling_records_while_it_waits_here_is_run_and_recorded_once(setting, tmp_path, monkeypatch):
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED])))
+    fake_fit(monkeypatch, lambda lr, epochs: 0.5 - 0.1 * abs(math.log2(lr / 0.04)) - 0.01 * epochs, [])
+    folder, sibling = tmp_path / "experiments" / "here", tmp_path / "experiments" / "other"
+    waiting = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).trials()[3]
+
+    class SiblingWrites(TwoWorkers):
+        def wait(self):
+            outcome = super().wait()
+            if outcome[0] == 0:  # the first job has ended; the fourth trial is queued here
+                sibling.mkdir(parents=True, exist_ok=True)
+                append_result(sibling, {"key": waiting.key, "phase": "tune", "score": 0.01, "seconds": 1.0})
+            return outcome
+
+    executor = SiblingWrites(ModelPool())
+    Runner(grid, folder, tune=True, pool=ModelPool(), executor=executor, log=lambda _: None).run()
+    keys = [r["key"] for r in read_results(folder)]
+    assert len(keys) == len(set(keys))
+    (record,) = [r for r in read_results(folder) if r["key"] == waiting.key]
+    assert "reused_from" not in record and record["score"] > 0.01  # its own run, not the copy
+
+
 def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path, monkeypatch):
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED], seeds=[1, 2])))
     trained, evaluated = [], []

@@ -37,6 +37,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -238,22 +239,26 @@ class Runner:
         this experiment) of its method, task and phase on this hardware (or of unrecorded
         hardware) that trained or not alike and ran from the start (a resumed cell's seconds miss
         the steps before its checkpoint): so a 48-epoch trial is timed as 8 of the 6-epoch ones."""
-        here = cell_hardware(cell)
-        similar = [
-            r
-            for r in [*self.shared.values(), *self.done.values()]
-            if r.get("method") == cell.method
-            and r.get("task") == cell.task
-            and r.get("phase") == cell.phase
-            and r.get("hardware", here) == here
-            and (r.get("trained_by") is None) == trains
-            and not r.get("resumed_steps")
-        ]
+        here = _machine(cell_hardware(cell))
+        similar: list[tuple[float, float]] = []  # (measured, rough) seconds
+        for r in [*self.shared.values(), *self.done.values()]:
+            if (
+                r.get("method") == cell.method
+                and r.get("task") == cell.task
+                and r.get("phase") == cell.phase
+                and _machine(r.get("hardware", here)) == here
+                and (r.get("trained_by") is None) == trains
+                and not r.get("resumed_steps")
+            ):
+                try:
+                    similar.append((r["seconds"], self._rough_seconds(r["options"], cell.method, cell.phase, trains)))
+                except (KeyError, OSError, ValueError):  # options of an older lofit, data since moved: not timed by it
+                    continue
         rough = self._rough_seconds(cell.config, cell.method, cell.phase, trains)
-        rough_of_similar = sum(self._rough_seconds(r["options"], cell.method, cell.phase, trains) for r in similar)
-        if rough_of_similar <= 0:
-            return (sum(r["seconds"] for r in similar) / len(similar), True) if similar else (rough, False)
-        return rough * sum(r["seconds"] for r in similar) / rough_of_similar, True
+        measured, rough_of_similar = sum(m for m, _ in similar), sum(r for _, r in similar)
+        if not similar:
+            return rough, False
+        return (rough * measured / rough_of_similar if rough_of_similar > 0 else measured / len(similar)), True
 
     def _rough_seconds(self, options: dict, method: str, phase: str, trains: bool) -> float:
         """The rough cost of a cell with ``options``: training examples x epochs at its task's
@@ -262,8 +267,8 @@ class Runner:
         evaluated_task = options["task"].rpartition(":")[2] if ":" in options["task"] else options["task"]
         size = options["train_size"]
         train, evaluated = self._example_counts(
-            options["task"], int(options["fold"]), options["eval_file"], options["match"], options.get("data_dir"),
-            size, options["seed"], options["eval_split"], options["limit"],
+            options["task"], int(options["fold"]), bool(options.get("all_pairs")), options["eval_file"],
+            options["match"], options.get("data_dir"), size, options["seed"], options["eval_split"], options["limit"],
         )  # fmt: skip
         rate = TRAIN_SECONDS.get(training_task_name(options["task"]), 0.27)
         if phase == "ranking":
@@ -275,10 +280,10 @@ class Runner:
 
     @functools.cache  # noqa: B019 (a runner lives as long as its experiment)
     def _example_counts(
-        self, task_name: str, fold: int, eval_file, match, data_dir, size, seed: int, split: str, limit
+        self, task_name: str, fold: int, all_pairs: bool, eval_file, match, data_dir, size, seed: int, split: str, limit
     ) -> tuple[int, int]:
         """Training examples (the sample of ``size``) and evaluated examples (up to ``limit``) of a task."""
-        task = get_task(task_name, fold=fold, eval_file=eval_file, match=match)
+        task = get_task(task_name, fold=fold, all_pairs=all_pairs, eval_file=eval_file, match=match)
         folder = resolve_data_dir(data_dir) if task.needs_data_dir else None
         size = size if size is not None else task.default_train_size
         return len(task.sample_train(folder, size, seed)), len(task.eval_examples(folder, split)[:limit])
@@ -340,7 +345,7 @@ class Runner:
                 estimate = self.estimate(cell, cell.key in trains)[0]
                 left += max(0.0, estimate - elapsed)
                 state, note = "running", f"{elapsed / 60:.1f} min, ~{max(0.0, estimate - elapsed) / 60:.0f} min left"
-                note += self._progress(self.folder / "cells" / job_name(cell))
+                note += self._progress(self.folder / "cells" / job_name(cell), running[cell.key])
             elif cell.key in failures:
                 left += self.estimate(cell, cell.key in trains)[0]
                 state, note = "failed", failures[cell.key]["error"].strip().splitlines()[-1]
@@ -353,7 +358,7 @@ class Runner:
         keys = {cell.key for cell in cells}
         for key, marker in running.items():  # step-1 rankings, which are not cells of the grid
             if key not in keys:
-                progress = self._progress(self.folder / "rankings" / key)
+                progress = self._progress(self.folder / "rankings" / key, marker)
                 lines.append(f"{key}  running  {marker['cell']}: {elapsed_seconds(marker) / 60:.1f} min{progress}")
         for key, failure in failures.items():
             if key not in keys and key not in self.done and key not in running:
@@ -369,10 +374,11 @@ class Runner:
         return "\n".join(lines)
 
     @staticmethod
-    def _progress(run_folder: Path) -> str:
+    def _progress(run_folder: Path, marker: dict) -> str:
         """ "; <stage> checkpointed at step N of M, ~T min of it left" for a running job's folder,
-        from its newest checkpoint (nothing before its first)."""
-        progress = stage_progress(run_folder / "checkpoints")
+        from its newest checkpoints since the job (``marker``) started (nothing before the first)."""
+        started = datetime.fromisoformat(marker["started_at"]).timestamp()
+        progress = stage_progress(run_folder / "checkpoints", since=started)
         return f"; {progress.describe()}" if progress is not None else ""
 
     # --- running -----------------------------------------------------------------------
@@ -395,20 +401,30 @@ class Runner:
             executor.close(cancel=interrupted)
         return [self.done[c.key] for c in self.trials() + self.test_cells() if c.key in self.done]
 
-    def _ready(self) -> list[Cell]:
+    def _ready(self, busy: set[str]) -> list[Cell]:
         """The cells that can run now, trials before tests: every trial known so far and the test
-        cells of each settled group, less those recorded or failed, after copying the ones a
-        sibling experiment has measured (a copied trial may call for extension trials)."""
+        cells of each settled group, less those recorded, failed or ``busy`` (taken in already:
+        queued, waiting or running), after copying the ones a sibling experiment has measured (a
+        copied trial may call for extension trials)."""
         while True:
             recorded = len(self.done)
-            unsettled = {group for group, s in self.searches().items() if not s.settled}
-            tests = [c for c in self.test_cells() if (c.task, c.label, c.point) not in unsettled]
-            cells = [c for c in self.trials() + tests if c.key not in self.done and c.key not in self.failed]
+            searches = self.searches()
+            trials = [cell for group in searches.values() for cell in group.cells]
+            chosen = {g: dict(s.best.trial) for g, s in searches.items() if s.settled and s.best is not None}
+            unsettled = {group for group, s in searches.items() if not s.settled}
+            tests = [
+                c
+                for c in expand(self.grid, "test", self.overrides, chosen)
+                if (c.task, c.label, c.point) not in unsettled
+            ]
+            cells = [
+                c for c in trials + tests if c.key not in self.done and c.key not in self.failed and c.key not in busy
+            ]
             left = self._copy_shared(cells)
             if len(self.done) == recorded:
                 return left
 
-    def _execute(self, ready: Callable[[], list[Cell]], executor: Executor) -> None:
+    def _execute(self, ready: Callable[[set[str]], list[Cell]], executor: Executor) -> None:
         """Run the cells ``ready`` returns on ``executor``, asking it again after each job ends
         (what it adds joins the queue behind what waits already), each step-1 ranking they need
         first (once per key), and each cell whose adapter another cell trains after that cell;
@@ -421,8 +437,9 @@ class Runner:
         order = itertools.count()
 
         def enqueue(index: int, cell: Cell, job: Job | None = None) -> None:
-            """Queue ``job`` (``cell``'s own by default; its step-1 ranking goes just before it)."""
-            queue.append(((cell.phase == "test", index, 0 if job else 1), job or self._cell_job(cell)))
+            """Queue ``job``: ``cell``'s own by default, behind every trial and ranking if a test
+            cell; its step-1 ranking (which goes before it, with the trials)."""
+            queue.append(((job is None and cell.phase == "test", index, 0 if job else 1), job or self._cell_job(cell)))
 
         def admit(cells: list[Cell]) -> None:
             for cell in cells:
@@ -472,7 +489,7 @@ class Runner:
                 self._fail(Job("cell", cell, self.folder, cell.key), f"{what} {key} failed: {error}")
                 fail_waiting(cell.key, "the cell that trains its adapter,", error)
 
-        admit(ready())
+        admit(ready(admitted))
         running: dict[int, Job] = {}
         ids = itertools.count()
         try:
@@ -487,7 +504,11 @@ class Runner:
                 job_id, record, error = executor.wait()
                 job = running.pop(job_id)
                 remove_marker(self.folder, job.key)
-                if error is None:
+                if error is None and job.key in self.done:  # a sibling recorded it meanwhile: copied, kept
+                    self.log(
+                        f"[{job.key}] recorded meanwhile by an experiment beside this one; this run's result dropped"
+                    )
+                elif error is None:
                     self._record(record)
                     for index, cell in blocked.pop(job.key, []):
                         enqueue(index, cell)
@@ -495,7 +516,7 @@ class Runner:
                     self._fail(job, error)
                     what = "its step-1 ranking" if job.kind == "ranking" else "the cell that trains its adapter,"
                     fail_waiting(job.key, what, error)
-                admit(ready())
+                admit(ready(admitted))
         finally:
             for job in running.values():  # interrupted: these jobs did not finish
                 remove_marker(self.folder, job.key)
@@ -708,6 +729,12 @@ def run_job(job: Job, pool: ModelPool | None = None) -> dict:
     )
     with tracking(spec) as session:
         return _rank(job, pool, session) if job.kind == "ranking" else _fit(job, pool, session)
+
+
+def _machine(hardware: str) -> str:
+    """A record's hardware without its thread count: a driver's estimates use the cells its
+    workers (one thread each with ``--workers``) timed on the same device."""
+    return re.sub(r", \d+ threads?", "", hardware)
 
 
 def cell_hardware(cell: Cell) -> str:

@@ -180,28 +180,26 @@ class StageProgress:
         return text
 
 
-def stage_progress(checkpoints: Path) -> StageProgress | None:
+def stage_progress(checkpoints: Path, since: float | None = None) -> StageProgress | None:
     """The progress of the stage whose checkpoint under ``checkpoints`` (a run folder's
     ``checkpoints/``) was written last, or None when there is none; readable while the run
-    goes on (a checkpoint removed meanwhile counts as absent)."""
-    newest: list[tuple[float, str, list[Path]]] = []
-    for stage_dir in checkpoints.iterdir() if checkpoints.is_dir() else []:
-        folders = checkpoint_folders(stage_dir)
-        try:
-            if folders:
-                newest.append((folders[-1].stat().st_mtime, stage_dir.name, folders))
-        except FileNotFoundError:
-            continue
-    if not newest:
-        return None
-    _, stage, folders = max(newest)
+    goes on (checkpoints removed meanwhile count as absent). The rate needs both newest
+    checkpoints written after ``since`` (a timestamp: the job's start), so that a resumed
+    job's rate does not span its interruption."""
     try:
+        newest = []
+        for stage_dir in checkpoints.iterdir() if checkpoints.is_dir() else []:
+            if folders := checkpoint_folders(stage_dir):
+                newest.append((folders[-1].stat().st_mtime, stage_dir.name, folders))
+        if not newest:
+            return None
+        _, stage, folders = max(newest)
         record = json.loads((folders[-1] / STATE).read_text())
         rate = None
-        if len(folders) > 1:
+        if len(folders) > 1 and (since is None or folders[-2].stat().st_mtime >= since):
             seconds = folders[-1].stat().st_mtime - folders[-2].stat().st_mtime
             steps = record["step"] - int(folders[-2].name[5:])
             rate = steps / seconds if seconds > 0 and steps > 0 else None
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+    except (OSError, json.JSONDecodeError, KeyError):
         return None
     return StageProgress(stage, record["step"], record.get("total_steps", 0), rate)
