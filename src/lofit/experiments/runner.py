@@ -197,16 +197,19 @@ class Runner:
             return None
         return float("-inf") if record["score"] is None else record["score"]
 
-    def trials(self) -> list[Cell]:
-        """Every tuning trial known so far: each group's base grid and the extension trials due."""
-        return [cell for group in self.searches().values() for cell in group.cells]
+    def trials(self, searches: dict[tuple, Search] | None = None) -> list[Cell]:
+        """Every tuning trial known so far (of ``searches``, else replayed now): each group's base
+        grid and the extension trials due."""
+        searches = searches if searches is not None else self.searches()
+        return [cell for group in searches.values() for cell in group.cells]
 
-    def test_cells(self) -> list[Cell]:
-        return expand(self.grid, "test", self.overrides, self.chosen())
+    def test_cells(self, searches: dict[tuple, Search] | None = None) -> list[Cell]:
+        return expand(self.grid, "test", self.overrides, self.chosen(searches))
 
-    def chosen(self) -> dict[tuple, dict]:
-        """The best trial per (task, label, point) whose tuning has settled."""
-        return {group: dict(s.best.trial) for group, s in self.searches().items() if s.settled and s.best is not None}
+    def chosen(self, searches: dict[tuple, Search] | None = None) -> dict[tuple, dict]:
+        """The best trial per (task, label, point) whose tuning has settled (of ``searches``, else replayed now)."""
+        searches = searches if searches is not None else self.searches()
+        return {group: dict(s.best.trial) for group, s in searches.items() if s.settled and s.best is not None}
 
     def pending_tuning(self) -> int:
         """How many (task, label, point) groups have not settled their tuning."""
@@ -409,14 +412,9 @@ class Runner:
         while True:
             recorded = len(self.done)
             searches = self.searches()
-            trials = [cell for group in searches.values() for cell in group.cells]
-            chosen = {g: dict(s.best.trial) for g, s in searches.items() if s.settled and s.best is not None}
             unsettled = {group for group, s in searches.items() if not s.settled}
-            tests = [
-                c
-                for c in expand(self.grid, "test", self.overrides, chosen)
-                if (c.task, c.label, c.point) not in unsettled
-            ]
+            tests = [c for c in self.test_cells(searches) if (c.task, c.label, c.point) not in unsettled]
+            trials = self.trials(searches)
             cells = [
                 c for c in trials + tests if c.key not in self.done and c.key not in self.failed and c.key not in busy
             ]
