@@ -631,8 +631,27 @@ def test_estimates_scale_measured_seconds_by_each_cells_rough_cost(setting, tmp_
     finished = {"key": one.key, "phase": "tune", "method": "red", "task": one.task, "options": one.config}
     runner.done[one.key] = finished | {"seconds": 10 * rough_one, "hardware": here()}  # 10x slower than rough
     assert runner.estimate(one) == (pytest.approx(10 * rough_one), True)
-    assert runner.estimate(two) == (pytest.approx(10 * runner._rough_seconds(two.config, "red", "tune", True)), True)
+    rough_two = runner_module._rough_seconds(two.config, "red", "tune", True)
+    assert runner.estimate(two) == (pytest.approx(10 * rough_two), True)
     assert runner.estimate(two)[0] > 1.5 * runner.estimate(one)[0]  # twice the epochs, the same evaluation
+
+
+def test_example_counts_follow_the_data_folder_lofit_data_names(tmp_path, monkeypatch):
+    row = {"clean_story": "[Ann] is the mother of [Bob].", "query": "('Bob', 'Ann')", "target_text": "mother"}
+    for name, stories in (("small", 2), ("large", 5)):
+        (tmp_path / name / "clutrr").mkdir(parents=True)
+        for split in ("train", "val"):
+            (tmp_path / name / "clutrr" / f"{split}.json").write_text(json.dumps([row] * stories))
+    options = {"task": "clutrr", "fold": 0, "all_pairs": False, "eval_file": None, "match": None, "data_dir": None}
+    options |= {"train_size": None, "seed": 1, "eval_split": "val", "limit": None}
+    counts = {}
+    for name in ("small", "large", "small"):
+        monkeypatch.setenv("LOFIT_DATA", str(tmp_path / name))
+        counts[name] = runner_module._example_counts(options)
+    assert counts == {"small": (2, 2), "large": (5, 5)}  # not the counts of the folder read first
+    monkeypatch.setenv("LOFIT_DATA", str(tmp_path / "large"))
+    assert runner_module._example_counts(options | {"limit": 3}) == (5, 3)
+    assert runner_module._example_counts(options | {"limit": 3, "data_dir": str(tmp_path / "small")}) == (2, 2)
 
 
 def test_minutes_per_run_are_not_averaged_across_hardware():

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from lofit.data.files import resolve_data_dir
+from lofit.data.files import DATA_ENV, resolve_data_dir
 from lofit.experiments.executors import Executor, InlineExecutor
 from lofit.experiments.grid import (
     Cell,
@@ -74,7 +74,7 @@ from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.config import CellConfig
 from lofit.runs.pipeline import load_fresh, run_cell, run_eval, run_select
-from lofit.tasks import get_task, training_task_name
+from lofit.tasks import Task, get_task, training_task_name
 from lofit.training.checkpoints import stage_progress
 from lofit.training.loop import resolve_mixed_precision
 from lofit.training.trackers import TrackerRun, TrackerSession, tracking
@@ -139,6 +139,76 @@ def example_scores(run_folder: Path, metric: str) -> list[float]:
         record = json.loads(line)
         scores.append(float(record[field] if field in record else record["correct"]))
     return scores
+
+
+def _task_of(options: dict, task_name: str | None = None) -> Task:
+    """The task a cell's ``options`` describe (``task_name`` in its place, e.g. the heads task)."""
+    return get_task(
+        task_name or options["task"],
+        fold=int(options["fold"]),
+        all_pairs=bool(options.get("all_pairs")),
+        eval_file=options["eval_file"],
+        match=options["match"],
+    )
+
+
+def _data_folder(task: Task, options: dict) -> Path | None:
+    """The data folder a task of ``options`` reads (None for a task that needs none)."""
+    return resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
+
+
+def _train_size(task: Task, options: dict) -> int:
+    """How many training examples a cell of ``options`` samples (the task's default when unset)."""
+    return options["train_size"] if options["train_size"] is not None else task.default_train_size
+
+
+_COUNTED_OPTIONS = (
+    "task",
+    "fold",
+    "all_pairs",
+    "eval_file",
+    "match",
+    "data_dir",
+    "train_size",
+    "seed",
+    "eval_split",
+    "limit",
+)
+"""The options that decide how many examples a cell trains on and evaluates."""
+
+
+def _example_counts(options: dict) -> tuple[int, int]:
+    """Training examples (the cell's sample) and evaluated examples (up to its ``limit``) of a
+    cell of ``options``; read once per distinct value of :data:`_COUNTED_OPTIONS` (its
+    ``data_dir`` as :func:`~lofit.data.files.resolve_data_dir` would choose it)."""
+    counted = {name: options.get(name) for name in _COUNTED_OPTIONS}
+    if counted["data_dir"] is None:
+        counted["data_dir"] = os.environ.get(DATA_ENV)
+    return _counted_examples(tuple(counted.items()))
+
+
+@functools.cache
+def _counted_examples(counted: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
+    options = dict(counted)
+    task = _task_of(options)
+    folder = _data_folder(task, options)
+    train = task.sample_train(folder, _train_size(task, options), options["seed"])
+    return len(train), len(task.eval_examples(folder, options["eval_split"])[: options["limit"]])
+
+
+def _rough_seconds(options: dict, method: str, phase: str, trains: bool) -> float:
+    """The rough cost of a cell with ``options``: training examples x epochs at its task's
+    training rate, plus evaluated examples at the evaluated task's rate (the default model on
+    2 CPU cores)."""
+    evaluated_task = options["task"].rpartition(":")[2] if ":" in options["task"] else options["task"]
+    train, evaluated = _example_counts(options)
+    rate = TRAIN_SECONDS.get(training_task_name(options["task"]), 0.27)
+    if phase == "ranking":
+        return train * options["select_epochs"] * rate
+    epochs = options.get(f"{method}_epochs") or options["select_epochs"] + options["tune_epochs"]
+    epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(method, epochs)
+    epochs = epochs if trains else 0
+    return train * epochs * rate + evaluated * EVAL_SECONDS.get(evaluated_task, 0.15)
 
 
 def _top_k(cell: Cell, total_heads: int) -> int:
@@ -219,16 +289,9 @@ class Runner:
         """The cell's training and evaluation rows, read and validated before any model loads."""
         options = cell.config
         for task_name in {options["task"], options.get("heads_task") or options["task"]}:
-            task = get_task(
-                task_name,
-                fold=int(options["fold"]),
-                all_pairs=options["all_pairs"],
-                eval_file=options["eval_file"],
-                match=options["match"],
-            )
-            data_dir = resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
-            size = options["train_size"] if options["train_size"] is not None else task.default_train_size
-            task.sample_train(data_dir, size, options["seed"])
+            task = _task_of(options, task_name)
+            data_dir = _data_folder(task, options)
+            task.sample_train(data_dir, _train_size(task, options), options["seed"])
             if cell.phase != "ranking":
                 task.eval_examples(data_dir, options["eval_split"])
 
@@ -236,7 +299,7 @@ class Runner:
 
     def estimate(self, cell: Cell, trains: bool = True) -> tuple[float, bool]:
         """Seconds a cell should take (evaluation alone when not ``trains``: another cell trains
-        its adapter), and whether they were measured. Its rough cost (:meth:`_rough_seconds`:
+        its adapter), and whether they were measured. Its rough cost (:func:`_rough_seconds`:
         training examples x epochs, plus evaluated examples, at rates for the default model on
         2 CPU cores), scaled by measured over rough seconds of the finished cells (here or beside
         this experiment) of its method, task and phase on this hardware (or of unrecorded
@@ -254,42 +317,14 @@ class Runner:
                 and not r.get("resumed_steps")
             ):
                 try:
-                    similar.append((r["seconds"], self._rough_seconds(r["options"], cell.method, cell.phase, trains)))
+                    similar.append((r["seconds"], _rough_seconds(r["options"], cell.method, cell.phase, trains)))
                 except (KeyError, OSError, ValueError):  # options of an older lofit, data since moved: not timed by it
                     continue
-        rough = self._rough_seconds(cell.config, cell.method, cell.phase, trains)
+        rough = _rough_seconds(cell.config, cell.method, cell.phase, trains)
         measured, rough_of_similar = sum(m for m, _ in similar), sum(r for _, r in similar)
         if not similar:
             return rough, False
         return (rough * measured / rough_of_similar if rough_of_similar > 0 else measured / len(similar)), True
-
-    def _rough_seconds(self, options: dict, method: str, phase: str, trains: bool) -> float:
-        """The rough cost of a cell with ``options``: training examples x epochs at its task's
-        training rate, plus evaluated examples at the evaluated task's rate (the default model on
-        2 CPU cores); the example counts read once per task, split and sample."""
-        evaluated_task = options["task"].rpartition(":")[2] if ":" in options["task"] else options["task"]
-        size = options["train_size"]
-        train, evaluated = self._example_counts(
-            options["task"], int(options["fold"]), bool(options.get("all_pairs")), options["eval_file"],
-            options["match"], options.get("data_dir"), size, options["seed"], options["eval_split"], options["limit"],
-        )  # fmt: skip
-        rate = TRAIN_SECONDS.get(training_task_name(options["task"]), 0.27)
-        if phase == "ranking":
-            return train * options["select_epochs"] * rate
-        epochs = options.get(f"{method}_epochs") or options["select_epochs"] + options["tune_epochs"]
-        epochs = {"zero-shot": 0, "iti": 1, "repe": 1}.get(method, epochs)
-        epochs = epochs if trains else 0
-        return train * epochs * rate + evaluated * EVAL_SECONDS.get(evaluated_task, 0.15)
-
-    @functools.cache  # noqa: B019 (a runner lives as long as its experiment)
-    def _example_counts(
-        self, task_name: str, fold: int, all_pairs: bool, eval_file, match, data_dir, size, seed: int, split: str, limit
-    ) -> tuple[int, int]:
-        """Training examples (the sample of ``size``) and evaluated examples (up to ``limit``) of a task."""
-        task = get_task(task_name, fold=fold, all_pairs=all_pairs, eval_file=eval_file, match=match)
-        folder = resolve_data_dir(data_dir) if task.needs_data_dir else None
-        size = size if size is not None else task.default_train_size
-        return len(task.sample_train(folder, size, seed)), len(task.eval_examples(folder, split)[:limit])
 
     def listing(self) -> str:
         """Every cell with its key, state and estimated time, and the total still to run."""
