@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from lofit.data.files import DATA_ENV, resolve_data_dir
+from lofit.data.files import DATA_ENV
 from lofit.experiments.executors import Executor, InlineExecutor
 from lofit.experiments.grid import (
     Cell,
@@ -72,9 +72,11 @@ from lofit.experiments.progress import (
 )
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods.lofit.ranking import HeadRanking
-from lofit.runs.config import CellConfig
+from lofit.runs.config import CellConfig, RunConfig
+from lofit.runs.data import RunData
 from lofit.runs.pipeline import load_fresh, run_cell, run_eval, run_select
-from lofit.tasks import Task, get_task, training_task_name
+from lofit.tasks import training_task_name
+from lofit.tasks.transfer import SEPARATOR
 from lofit.training.checkpoints import stage_progress
 from lofit.training.loop import resolve_mixed_precision
 from lofit.training.trackers import TrackerRun, TrackerSession, tracking
@@ -141,47 +143,23 @@ def example_scores(run_folder: Path, metric: str) -> list[float]:
     return scores
 
 
-def _task_of(options: dict, task_name: str | None = None) -> Task:
-    """The task a cell's ``options`` describe (``task_name`` in its place, e.g. the heads task)."""
-    return get_task(
-        task_name or options["task"],
-        fold=int(options["fold"]),
-        all_pairs=bool(options.get("all_pairs")),
-        eval_file=options["eval_file"],
-        match=options["match"],
-    )
+_DATA_OPTIONS = ("task", "fold", "all_pairs", "eval_file", "match", "data_dir", "train_size", "eval_split", "limit")
+"""The options of a cell that decide which examples it reads (with its seed, the sample)."""
 
 
-def _data_folder(task: Task, options: dict) -> Path | None:
-    """The data folder a task of ``options`` reads (None for a task that needs none)."""
-    return resolve_data_dir(options.get("data_dir")) if task.needs_data_dir else None
-
-
-def _train_size(task: Task, options: dict) -> int:
-    """How many training examples a cell of ``options`` samples (the task's default when unset)."""
-    return options["train_size"] if options["train_size"] is not None else task.default_train_size
-
-
-_COUNTED_OPTIONS = (
-    "task",
-    "fold",
-    "all_pairs",
-    "eval_file",
-    "match",
-    "data_dir",
-    "train_size",
-    "seed",
-    "eval_split",
-    "limit",
-)
-"""The options that decide how many examples a cell trains on and evaluates."""
+def _run_data(options: dict, needs: Collection[str], task_name: str | None = None) -> RunData:
+    """The data a cell of ``options`` reads (of ``task_name`` in place of its task, e.g. its heads
+    task), the splits named in ``needs`` read and checked now: the run's own :class:`RunData`."""
+    values = {name: options.get(name) for name in _DATA_OPTIONS} | {"fold": str(options["fold"])}
+    run = RunConfig(**values | {"all_pairs": bool(values["all_pairs"]), "task": task_name or options["task"]})
+    return RunData(run, options["seed"], needs)
 
 
 def _example_counts(options: dict) -> tuple[int, int]:
     """Training examples (the cell's sample) and evaluated examples (up to its ``limit``) of a
-    cell of ``options``; read once per distinct value of :data:`_COUNTED_OPTIONS` (its
+    cell of ``options``; read once per distinct value of its :data:`_DATA_OPTIONS` and seed (its
     ``data_dir`` as :func:`~lofit.data.files.resolve_data_dir` would choose it)."""
-    counted = {name: options.get(name) for name in _COUNTED_OPTIONS}
+    counted = {name: options.get(name) for name in (*_DATA_OPTIONS, "seed")}
     if counted["data_dir"] is None:
         counted["data_dir"] = os.environ.get(DATA_ENV)
     return _counted_examples(tuple(counted.items()))
@@ -189,18 +167,15 @@ def _example_counts(options: dict) -> tuple[int, int]:
 
 @functools.cache
 def _counted_examples(counted: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
-    options = dict(counted)
-    task = _task_of(options)
-    folder = _data_folder(task, options)
-    train = task.sample_train(folder, _train_size(task, options), options["seed"])
-    return len(train), len(task.eval_examples(folder, options["eval_split"])[: options["limit"]])
+    data = _run_data(dict(counted), needs=())
+    return len(data.train_examples()), len(data.eval_examples())
 
 
 def _rough_seconds(options: dict, method: str, phase: str, trains: bool) -> float:
     """The rough cost of a cell with ``options``: training examples x epochs at its task's
     training rate, plus evaluated examples at the evaluated task's rate (the default model on
     2 CPU cores)."""
-    evaluated_task = options["task"].rpartition(":")[2] if ":" in options["task"] else options["task"]
+    evaluated_task = options["task"].rpartition(SEPARATOR)[2]
     train, evaluated = _example_counts(options)
     rate = TRAIN_SECONDS.get(training_task_name(options["task"]), 0.27)
     if phase == "ranking":
@@ -288,12 +263,9 @@ class Runner:
     def _check_data(self, cell: Cell) -> None:
         """The cell's training and evaluation rows, read and validated before any model loads."""
         options = cell.config
+        needs = ("train",) if cell.phase == "ranking" else ("train", "eval")
         for task_name in {options["task"], options.get("heads_task") or options["task"]}:
-            task = _task_of(options, task_name)
-            data_dir = _data_folder(task, options)
-            task.sample_train(data_dir, _train_size(task, options), options["seed"])
-            if cell.phase != "ranking":
-                task.eval_examples(data_dir, options["eval_split"])
+            _run_data(options, needs, task_name)
 
     # --- listing -----------------------------------------------------------------------
 
