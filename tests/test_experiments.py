@@ -763,6 +763,9 @@ def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_p
     assert runner.estimate(cell) == (pytest.approx(100.0), True)
     runner.done["c"] = alike | {"seconds": 50.0}  # hardware unrecorded
     assert runner.estimate(cell) == (pytest.approx(75.0), True)
+    for name, value in [("model", "another-model"), ("dtype", "bfloat16")]:  # not timed by other models or dtypes
+        runner.done[name] = alike | {"seconds": 1000.0, "options": cell.config | {name: value}}
+    assert runner.estimate(cell) == (pytest.approx(75.0), True)
     cells = runner.test_cells()
     alike = sum((c.method, c.task, c.phase) == (cell.method, cell.task, cell.phase) for c in cells)
     assert (

@@ -274,9 +274,10 @@ class Runner:
         its adapter), and whether they were measured. Its rough cost (:func:`_rough_seconds`:
         training examples x epochs, plus evaluated examples, at rates for the default model on
         2 CPU cores), scaled by measured over rough seconds of the finished cells (here or beside
-        this experiment) of its method, task and phase on this hardware (or of unrecorded
-        hardware) that trained or not alike and ran from the start (a resumed cell's seconds miss
-        the steps before its checkpoint): so a 48-epoch trial is timed as 8 of the 6-epoch ones."""
+        this experiment) of its method, task, phase, model and dtype on this hardware (or of
+        unrecorded hardware) that trained or not alike and ran from the start (a resumed cell's
+        seconds miss the steps before its checkpoint): so a 48-epoch trial is timed as 8 of the
+        6-epoch ones, and a cell of another model is not timed by the default model's."""
         here = _machine(cell_hardware(cell))
         similar: list[tuple[float, float]] = []  # (measured, rough) seconds
         for r in [*self.shared.values(), *self.done.values()]:
@@ -284,6 +285,7 @@ class Runner:
                 r.get("method") == cell.method
                 and r.get("task") == cell.task
                 and r.get("phase") == cell.phase
+                and all(r.get("options", {}).get(name) == cell.config.get(name) for name in ("model", "dtype"))
                 and _machine(r.get("hardware", here)) == here
                 and (r.get("trained_by") is None) == trains
                 and not r.get("resumed_steps")
