@@ -346,3 +346,33 @@ def test_a_cell_key_ignores_the_strength_its_objective_does_not_read():
     assert config_key("lofit", l1) != config_key("lofit", l1 | {"l1_lambda": 5e-3})
     assert config_key("lofit", group) == config_key("lofit", group | {"l1_lambda": 5e-3})
     assert config_key("lofit", group) != config_key("lofit", group | {"group_lambda": 0.01})
+
+
+def test_bias_based_selection_trains_at_its_own_learning_rate_when_set(monkeypatch):
+    from lofit.methods.lofit import steps
+
+    rates = []
+    monkeypatch.setattr(
+        steps, "train", lambda model, objective, run: rates.append((run.lr, run.lr_name)) or TrainingLog()
+    )
+    for own in (None, 1e-2):
+        options = CONFIG.to_dict() | {"heads": "bias-based", "bias_lr": 0.1, "select_bias_lr": own}
+        steps.select_heads_by_bias(get_lofit_model(tiny_model("llama"), LofitConfig(**options)), SFT([], PAD), False)
+    assert rates == [(0.1, "--bias-lr"), (1e-2, "--select-bias-lr")]
+    with pytest.raises(ValueError, match="select_bias_lr must be positive; got 0.0"):
+        LofitConfig(select_bias_lr=0.0)
+
+
+def test_select_bias_lr_keys_only_the_bias_based_cells_that_read_it():
+    from lofit.experiments.grid import config_key, ranking_key
+
+    for heads in ("lofit", "random", "probe-layers", "iti"):  # not read: keys as before the option existed
+        cell = {"task": "clutrr", "heads": heads, "bias_lr": 0.05}
+        assert config_key("lofit", cell | {"select_bias_lr": 1e-2}) == config_key("lofit", cell)
+        assert ranking_key(cell | {"select_bias_lr": 1e-2}) == ranking_key(cell | {"select_bias_lr": None})
+    biased = {"task": "clutrr", "heads": "bias-based", "bias_lr": 0.05}
+    assert config_key("lofit", biased | {"select_bias_lr": None}) == config_key("lofit", biased)
+    assert config_key("lofit", biased | {"select_bias_lr": 1e-2}) != config_key("lofit", biased)
+    assert ranking_key(biased) != ranking_key(biased | {"bias_lr": 0.1})  # selection at the step-2 rate
+    own = biased | {"select_bias_lr": 1e-2}  # its own rate: every step-2 rate shares one ranking
+    assert ranking_key(own) == ranking_key(own | {"bias_lr": 0.1}) != ranking_key(own | {"select_bias_lr": 2e-2})

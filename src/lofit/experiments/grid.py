@@ -289,11 +289,15 @@ UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
 
 
 def config_key(method: str, options: dict[str, Any]) -> str:
-    """SHA-256 (hex, 16 digits) of the resolved configuration without :data:`UNHASHED` and
-    without the sparsity strength its step-1 objective does not read (:data:`UNUSED_BY_OBJECTIVE`:
-    a new default of ``group_lambda`` does not turn finished L1 cells into new ones)."""
-    unread = UNUSED_BY_OBJECTIVE.get(options.get("selection", "l1"), "")
-    kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED and k != unread} | {"method": method}
+    """SHA-256 (hex, 16 digits) of the resolved configuration without :data:`UNHASHED`, without
+    the sparsity strength its step-1 objective does not read (:data:`UNUSED_BY_OBJECTIVE`: a new
+    default of ``group_lambda`` does not turn finished L1 cells into new ones) and without
+    ``select_bias_lr`` unless bias-based selection reads it (unset, or set for a grid's other
+    selectors, it leaves their keys as they were before the option existed)."""
+    unread = {UNUSED_BY_OBJECTIVE.get(options.get("selection", "l1"), "")}
+    if options.get("heads") != "bias-based" or options.get("select_bias_lr") is None:
+        unread.add("select_bias_lr")
+    kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED and k not in unread} | {"method": method}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -304,12 +308,12 @@ these share one head ranking (a recipe's values are in the options themselves)."
 
 def ranking_key(options: dict[str, Any]) -> str:
     """The key of the step-1 ranking a cell uses: its run, LoFiT and compute options minus
-    :data:`STEP2_ONLY` (the bias learning rate counts only for bias-based selection), with
-    the task replaced by ``heads_task`` when that is set."""
+    :data:`STEP2_ONLY` (the bias learning rate counts only for bias-based selection without its
+    own ``select_bias_lr``), with the task replaced by ``heads_task`` when that is set."""
     shared = {f.name for cls in (RunConfig, LofitConfig, ComputeConfig) for f in fields(cls)}
     kept = {k: options[k] for k in sorted(shared) if k in options and k not in STEP2_ONLY and k not in UNHASHED}
     kept["task"] = options.get("heads_task") or options["task"]
-    if kept.get("heads") != "bias-based":
+    if kept.get("heads") != "bias-based" or kept.get("select_bias_lr") is not None:
         kept.pop("bias_lr", None)
     return config_key("ranking", kept)
 

@@ -547,7 +547,8 @@ def layers(records: list[dict], folder: Path) -> str:
 def _objective(options: dict) -> str:
     """The step-1 objective of a ranking's options, with its strength, learning rate and epochs."""
     if options.get("heads") == "bias-based":
-        return f"bias-based, bias lr {options.get('bias_lr')}, {options.get('select_epochs')} epochs"
+        rate = options.get("select_bias_lr") or options.get("bias_lr")
+        return f"bias-based, bias lr {rate}, {options.get('select_epochs')} epochs"
     if options.get("heads", "lofit") != "lofit":
         return options.get("heads", "?")
     strength = (

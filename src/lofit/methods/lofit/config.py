@@ -77,6 +77,13 @@ class LofitConfig:
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
     bias_lr: float = field(default=5e-2, metadata={"help": "learning rate of the biases v (step 2)"})
+    select_bias_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the biases v on all heads when --heads bias-based selects heads by "
+            "their norm (default: --bias-lr; a rate that suits a few heads can make all-head training diverge)"
+        },
+    )
     select_epochs: int = field(default=2, metadata={"help": "epochs of head selection (step 1)"})
     tune_epochs: int = field(default=4, metadata={"step": 2, "help": "epochs of bias tuning (step 2)"})
     batch_size: int = field(default=8, metadata={"help": "training examples per optimiser step"})
@@ -131,6 +138,8 @@ class LofitConfig:
             for name in ("scale_lr", "bias_lr", "batch_size", "init_std")
             if getattr(self, name) <= 0
         ]
+        if self.select_bias_lr is not None and self.select_bias_lr <= 0:
+            problems.append(f"select_bias_lr must be positive; got {self.select_bias_lr}")
         problems += [
             f"{name} must be >= 0; got {getattr(self, name)}"
             for name in (

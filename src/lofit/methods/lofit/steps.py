@@ -122,10 +122,13 @@ def _train_biases(
     progress: bool,
     setup: TrainingSetup | None,
     with_scales: bool = False,
+    lr: tuple[float, str] | None = None,
 ) -> TrainingLog:
     """Reset A to 0 and v to N(0, bias_init_std), then train v (and A with ``with_scales``) on
-    ``heads`` (all heads when None)."""
+    ``heads`` (all heads when None) at the bias learning rate (or ``lr``: a rate and the option
+    that set it)."""
     config = model.lofit_config
+    rate, rate_name = lr or (config.bias_lr, "--bias-lr")
     model.set_active_heads(heads)
     generator = torch.Generator().manual_seed(config.seed + 1)
     with torch.no_grad():
@@ -135,7 +138,7 @@ def _train_biases(
     model.train_only("both" if with_scales else "bias")
     run = TrainingRun(
         parameters=[model.lofit_bias, model.lofit_scale] if with_scales else [model.lofit_bias],
-        lr=config.bias_lr,
+        lr=rate,
         epochs=epochs,
         batch_size=config.batch_size,
         seed=config.seed,
@@ -144,7 +147,7 @@ def _train_biases(
         description=description,
         progress=progress,
         stage=stage,
-        lr_name="--bias-lr",
+        lr_name=rate_name,
         setup=setup or TrainingSetup(),
         first_trained_layer=min(layer for layer, _ in heads) if heads else 0,
         max_grad_norm=config.max_grad_norm,
@@ -158,16 +161,19 @@ def select_heads_by_bias(
     model: LofitModel, objective: Objective, progress: bool = True, setup: TrainingSetup | None = None
 ) -> tuple[HeadRanking, TrainingLog]:
     """The bias-based selection baseline: train v on all heads (A = 0, no L1) for the step-1
-    epochs at the bias learning rate, and rank heads by ||v[l, h]||_2. Leaves v at 0."""
+    epochs at ``select_bias_lr`` (else the bias learning rate), and rank heads by ||v[l, h]||_2.
+    Leaves v at 0."""
+    config = model.lofit_config
     log = _train_biases(
         model,
         objective,
         None,
-        model.lofit_config.select_epochs,
+        config.select_epochs,
         "selecting heads by bias",
         "select-by-bias",
         progress,
         setup,
+        lr=(config.select_bias_lr, "--select-bias-lr") if config.select_bias_lr is not None else None,
     )
     ranking = HeadRanking.from_scores(model.lofit_bias.detach().norm(dim=-1))
     with torch.no_grad():
