@@ -363,16 +363,27 @@ def test_bias_based_selection_trains_at_its_own_learning_rate_when_set(monkeypat
         LofitConfig(select_bias_lr=0.0)
 
 
-def test_select_bias_lr_keys_only_the_bias_based_cells_that_read_it():
-    from lofit.experiments.grid import config_key, ranking_key
+def test_select_bias_lr_keys_only_the_bias_based_cells_that_read_it(tmp_path):
+    from lofit.experiments.grid import config_key, expand, load_grid, ranking_key
 
-    for heads in ("lofit", "random", "probe-layers", "iti"):  # not read: keys as before the option existed
-        cell = {"task": "clutrr", "heads": heads, "bias_lr": 0.05}
-        assert config_key("lofit", cell | {"select_bias_lr": 1e-2}) == config_key("lofit", cell)
-        assert ranking_key(cell | {"select_bias_lr": 1e-2}) == ranking_key(cell | {"select_bias_lr": None})
-    biased = {"task": "clutrr", "heads": "bias-based", "bias_lr": 0.05}
-    assert config_key("lofit", biased | {"select_bias_lr": None}) == config_key("lofit", biased)
-    assert config_key("lofit", biased | {"select_bias_lr": 1e-2}) != config_key("lofit", biased)
+    grid_path = tmp_path / "grid.yaml"
+    text = "name: s\ntasks: [clutrr]\nseeds: [1]\noptions: {{{}}}\nsweep: {{heads: [lofit, random, bias-based]}}\n"
+    text += "arms:\n  - {{label: a, method: lofit, tune: {{bias_lr: [0.05, 0.1], tune_epochs: [2, 4]}}}}\n"
+    cells = {}
+    for options in ("", "select_bias_lr: 0.01"):
+        grid_path.write_text(text.format(options))
+        cells[options] = expand(load_grid(str(grid_path)), "tune", {})
+    unset, own = cells.values()
+    for before, after in zip(unset, own, strict=True):  # the option is not read: default value, key as before
+        if dict(after.point)["heads"] != "bias-based":
+            assert after.config["select_bias_lr"] is None and after.key == before.key
+        else:
+            assert after.config["select_bias_lr"] == 0.01 and after.key != before.key
+    biased = {"task": "clutrr", "heads": "bias-based", "bias_lr": 0.05, "select_bias_lr": None}
+    assert config_key("lofit", biased) == config_key(
+        "lofit", {k: v for k, v in biased.items() if k != "select_bias_lr"}
+    )
     assert ranking_key(biased) != ranking_key(biased | {"bias_lr": 0.1})  # selection at the step-2 rate
-    own = biased | {"select_bias_lr": 1e-2}  # its own rate: every step-2 rate shares one ranking
-    assert ranking_key(own) == ranking_key(own | {"bias_lr": 0.1}) != ranking_key(own | {"select_bias_lr": 2e-2})
+    own_rate = biased | {"select_bias_lr": 1e-2}  # its own rate: every step-2 rate shares one ranking
+    assert ranking_key(own_rate) == ranking_key(own_rate | {"bias_lr": 0.1})
+    assert ranking_key(own_rate) != ranking_key(own_rate | {"select_bias_lr": 2e-2})

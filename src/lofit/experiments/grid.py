@@ -291,11 +291,10 @@ UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
 def config_key(method: str, options: dict[str, Any]) -> str:
     """SHA-256 (hex, 16 digits) of the resolved configuration without :data:`UNHASHED`, without
     the sparsity strength its step-1 objective does not read (:data:`UNUSED_BY_OBJECTIVE`: a new
-    default of ``group_lambda`` does not turn finished L1 cells into new ones) and without
-    ``select_bias_lr`` unless bias-based selection reads it (unset, or set for a grid's other
-    selectors, it leaves their keys as they were before the option existed)."""
+    default of ``group_lambda`` does not turn finished L1 cells into new ones) and without an
+    unset ``select_bias_lr`` (the keys of cells that do not set it are those from before it existed)."""
     unread = {UNUSED_BY_OBJECTIVE.get(options.get("selection", "l1"), "")}
-    if options.get("heads") != "bias-based" or options.get("select_bias_lr") is None:
+    if options.get("select_bias_lr") is None:
         unread.add("select_bias_lr")
     kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED and k not in unread} | {"method": method}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -387,6 +386,8 @@ def make_cell(
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
     options = with_recipe(options | {"method": arm.method}, task)  # a recipe's values lie below every given option
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
+    if resolved["heads"] != "bias-based":  # read by bias-based selection alone: other cells keep the default
+        resolved["select_bias_lr"] = None
     cell = Cell(
         experiment=grid.name,
         phase="ranking" if resolved["select_only"] else phase,
