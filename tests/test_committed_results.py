@@ -1,0 +1,61 @@
+"""The committed results stay the results of today's code: every record's key is the one its
+options hash to, and the re-runs committed as complete list no missing cell. A change to how
+cells are keyed or resolved (a new option, a new default, an option a cell stops reading) that
+would orphan finished work, so that the next run silently trains it again, fails here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lofit.cli import build_parser
+from lofit.experiments.command import configure
+from lofit.experiments.grid import config_key, ranking_key
+from lofit.experiments.results import RESULTS
+from lofit.experiments.runner import Runner
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
+DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+COMPLETE = {
+    "table3-v2": ["table3", "--tasks", "clutrr", "--seeds", "42,43", "--tune"],
+    "table2-v2": ["table2", "--tasks", "clutrr", "--heads", "lofit,random", "--seeds", "42,43", "--tune"],
+    "capacity": ["capacity", "--tune"],
+}
+"""Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete."""
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("folder", sorted(path.parent.name for path in COMMITTED.glob(f"*/{RESULTS}")))
+def test_every_committed_record_has_the_key_its_options_hash_to(folder):
+    records = _records(COMMITTED / folder / RESULTS)
+    assert records
+    wrong = []
+    for record in records:
+        options = {k: v for k, v in record["options"].items() if k != "method"}
+        expected = ranking_key(options) if record["phase"] == "ranking" else config_key(record["method"], options)
+        if record["key"] != expected:
+            wrong.append(f"{record['key']} ({record['phase']} {record['method']}) now keys to {expected}")
+    assert not wrong, f"docs/results/{folder}: " + "; ".join(wrong)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"the shared data folder {DATA} is missing")
+@pytest.mark.parametrize("folder", sorted(COMPLETE))
+def test_a_complete_rerun_lists_no_missing_cell(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOFIT_DATA", str(DATA))
+    (tmp_path / folder).mkdir()
+    shutil.copy(COMMITTED / folder / RESULTS, tmp_path / folder / RESULTS)
+    args = build_parser().parse_args(["experiment", *COMPLETE[folder], "--output-dir", str(tmp_path / folder)])
+    grid, overrides, path = configure(args)
+    runner = Runner(grid, path, overrides, tune=args.tune, log=lambda _: None)
+    assert runner.pending_tuning() == 0
+    cells = runner.trials() + runner.test_cells()
+    missing = [f"{cell.key} {cell.describe()}" for cell in cells if cell.key not in runner.done]
+    assert cells and not missing, f"docs/results/{folder} misses: " + "; ".join(missing)
