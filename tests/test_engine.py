@@ -349,6 +349,17 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert main(run_options(tmp_path, "--output-dir", str(tmp_path / "nothing-here"), "--resume")) == 2
 
 
+def test_resume_accepts_a_change_to_an_option_the_run_does_not_read(tmp_path, capsys):
+    folder = str(tmp_path / "run")
+    assert main(run_options(tmp_path, "--output-dir", folder, "--selection", "l1")) == 0
+    assert (
+        main(run_options(tmp_path, "--output-dir", folder, "--selection", "l1", "--group-lambda", "0.5", "--resume"))
+        == 0
+    )
+    assert main(run_options(tmp_path, "--output-dir", folder, "--selection", "group", "--resume")) == 2
+    assert "selection: 'l1' then, 'group' now" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2", "gpt_neox", "qwen3"])
 def test_the_prefix_cache_gives_the_same_loss_and_gradients(model_type):
     lofit_model = get_lofit_model(tiny_model(model_type), CONFIG)

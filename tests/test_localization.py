@@ -374,9 +374,9 @@ def test_select_bias_lr_keys_only_the_bias_based_cells_that_read_it(tmp_path):
         grid_path.write_text(text.format(options))
         cells[options] = expand(load_grid(str(grid_path)), "tune", {})
     unset, own = cells.values()
-    for before, after in zip(unset, own, strict=True):  # the option is not read: default value, key as before
-        if dict(after.point)["heads"] != "bias-based":
-            assert after.config["select_bias_lr"] is None and after.key == before.key
+    for before, after in zip(unset, own, strict=True):
+        if dict(after.point)["heads"] != "bias-based":  # not read: the key is as before
+            assert after.config["select_bias_lr"] == 0.01 and after.key == before.key
         else:
             assert after.config["select_bias_lr"] == 0.01 and after.key != before.key
     biased = {"task": "clutrr", "heads": "bias-based", "bias_lr": 0.05, "select_bias_lr": None}

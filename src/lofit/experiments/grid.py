@@ -42,7 +42,7 @@ from lofit.runs.config import cell_config as build_cell_config
 from lofit.runs.recipes import with_recipe
 from lofit.tasks import training_task_name
 from lofit.utils.compute import ComputeConfig
-from lofit.utils.options import option_group
+from lofit.utils.options import option_group, unread_options
 
 RUNNER_OPTIONS = {"heads_task": None, "select_only": False}
 """The runner's own cell options and their defaults."""
@@ -51,6 +51,9 @@ UNHASHED = option_group([RunConfig, ComputeConfig], "hashed", False)
 field's metadata)."""
 ALL_HEADS = "all"
 CONFIG_CLASSES = (RunConfig, LofitConfig, ComputeConfig, *(m.config_class for m in METHODS.values() if m.config_class))
+HASHED_WHEN_SET = option_group(CONFIG_CLASSES, "hashed", "when set")
+"""Options left out of a cell's key while ``None`` (``"hashed": "when set"`` in a field's metadata):
+added after cells were keyed, they keep the keys of the cells that do not set them."""
 INTEGER_OPTIONS = frozenset(
     f.name
     for cls in CONFIG_CLASSES
@@ -284,18 +287,12 @@ def resolve(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return resolved | options | {"method": method}
 
 
-UNUSED_BY_OBJECTIVE = {"l1": "group_lambda", "group": "l1_lambda"}
-"""The sparsity strength each step-1 objective (``selection``) does not read."""
-
-
 def config_key(method: str, options: dict[str, Any]) -> str:
     """SHA-256 (hex, 16 digits) of the resolved configuration without :data:`UNHASHED`, without
-    the sparsity strength its step-1 objective does not read (:data:`UNUSED_BY_OBJECTIVE`: a new
-    default of ``group_lambda`` does not turn finished L1 cells into new ones) and without an
-    unset ``select_bias_lr`` (the keys of cells that do not set it are those from before it existed)."""
-    unread = {UNUSED_BY_OBJECTIVE.get(options.get("selection", "l1"), "")}
-    if options.get("select_bias_lr") is None:
-        unread.add("select_bias_lr")
+    the options it does not read (``"read_when"`` in a field's metadata: a new default of
+    ``group_lambda`` does not turn finished L1 cells into new ones, nor a grid's ``select_bias_lr``
+    the cells whose selector is not bias-based) and without :data:`HASHED_WHEN_SET` options left unset."""
+    unread = unread_options(CONFIG_CLASSES, options) | {name for name in HASHED_WHEN_SET if options.get(name) is None}
     kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED and k not in unread} | {"method": method}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -386,8 +383,6 @@ def make_cell(
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
     options = with_recipe(options | {"method": arm.method}, task)  # a recipe's values lie below every given option
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
-    if resolved["heads"] != "bias-based":  # read by bias-based selection alone: other cells keep the default
-        resolved["select_bias_lr"] = None
     cell = Cell(
         experiment=grid.name,
         phase="ranking" if resolved["select_only"] else phase,

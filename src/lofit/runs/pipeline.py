@@ -50,6 +50,7 @@ from lofit.training.loop import TrainingSetup, make_accelerator
 from lofit.training.objectives import Objective, build_objective
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.distributed import wait_for_everyone
+from lofit.utils.options import unread_options
 
 ModelSource = Callable[[str, ComputeConfig], tuple]
 """Gives the (model, tokenizer) of a model name under a compute config."""
@@ -123,8 +124,9 @@ class Job:
         self.timings: dict[str, float] = {}
         ranking = HeadRanking.load(lofit.heads_file) if lofit.heads == "file" else None  # refused before loading
         check_against_model_config(run, lofit, method_options, ranking)
-        if run.resume:
-            self.folder.check_resumable(self.resolved_config(), RESUME_IGNORES)
+        if run.resume:  # options this run does not read may differ (a grid's select_bias_lr on lofit heads)
+            unread = unread_options([RunConfig, LofitConfig], asdict(run) | lofit.to_dict())
+            self.folder.check_resumable(self.resolved_config(), RESUME_IGNORES | unread)
         self.attached: list[nn.Module] = []
 
     def use_model(self, model: nn.Module, tokenizer: object) -> None:

@@ -7,16 +7,19 @@ A value is converted to its field's type (YAML reads ``5e-2`` as a string: it be
 Groups of options are declared on the fields themselves, as metadata read by
 :func:`option_group`: ``"resume": "may change"`` (may differ when a run is resumed),
 ``"hashed": False`` (does not change a result, so left out of an experiment cell's key),
-``"step": 2`` (read by LoFiT's step 2 only: cells differing in it share one step-1 ranking)
-and ``"evaluation": True`` (shapes only the evaluation: cells differing in it share one
-trained adapter).
+``"hashed": "when set"`` (left out of the key while ``None``: an option added later keeps the
+keys of the cells that do not set it), ``"step": 2`` (read by LoFiT's step 2 only: cells
+differing in it share one step-1 ranking) and ``"evaluation": True`` (shapes only the
+evaluation: cells differing in it share one trained adapter). ``"read_when": {OTHER: VALUE}``
+(read only by runs whose option OTHER is VALUE: left out of the other runs' keys, and free to
+differ when they resume) is read by :func:`unread_options`.
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -59,3 +62,18 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
 def option_group(classes: Iterable[type], key: str, value: Any) -> frozenset[str]:
     """The names of the fields of ``classes`` whose metadata maps ``key`` to ``value``."""
     return frozenset(f.name for cls in classes for f in fields(cls) if f.metadata.get(key) == value)
+
+
+def unread_options(classes: Iterable[type], options: Mapping[str, Any]) -> frozenset[str]:
+    """The fields of ``classes`` that a run with ``options`` does not read: each whose metadata
+    ``"read_when": {OTHER: VALUE}`` names a value that ``options`` do not give OTHER (an OTHER
+    missing from ``options`` counts at its field's default)."""
+    declared = [f for cls in classes for f in fields(cls)]
+    defaults = {f.name: f.default for f in declared}
+    return frozenset(
+        f.name
+        for f in declared
+        if any(
+            options.get(other, defaults.get(other)) != value for other, value in f.metadata.get("read_when", {}).items()
+        )
+    )

@@ -65,14 +65,19 @@ class LofitConfig:
         },
     )
     l1_lambda: float = field(
-        default=1e-3, metadata={"help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)"}
+        default=1e-3,
+        metadata={
+            "read_when": {"selection": "l1"},
+            "help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)",
+        },
     )
     group_lambda: float = field(
         default=0.02,
         metadata={
+            "read_when": {"selection": "group"},
             "help": "mu of the head-level penalty mu * sum_h ||A_h||_2 of --selection group: a head keeps a "
             "non-zero scale only while its averaged task gradient exceeds mu in norm (0.02: on CLUTRR 125 of "
-            "270 heads end at exactly 0; 0.1 removes every head)"
+            "270 heads end at exactly 0; 0.1 removes every head)",
         },
     )
     scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
@@ -80,8 +85,10 @@ class LofitConfig:
     select_bias_lr: float | None = field(
         default=None,
         metadata={
+            "read_when": {"heads": "bias-based"},
+            "hashed": "when set",
             "help": "learning rate of the biases v on all heads when --heads bias-based selects heads by "
-            "their norm (default: --bias-lr; a rate that suits a few heads can make all-head training diverge)"
+            "their norm (default: --bias-lr; a rate that suits a few heads can make all-head training diverge)",
         },
     )
     select_epochs: int = field(default=2, metadata={"help": "epochs of head selection (step 1)"})
