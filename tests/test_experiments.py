@@ -20,7 +20,7 @@ from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.executors import InlineExecutor, call
-from lofit.experiments.grid import check_tuning, expand, step_beyond
+from lofit.experiments.grid import check_tuning, expand, shipped_grids, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
@@ -103,6 +103,30 @@ def test_grid_expands_to_keyed_cells(setting, tmp_path):
         )
     with pytest.raises(ValueError, match="no_such_option"):
         expand(grid, "test", {"no_such_option": 1})
+
+
+def test_a_grid_searching_an_option_its_cells_do_not_read_is_refused(setting, tmp_path):
+    group = {"label": "LoFiT", "method": "lofit", "options": {"selection": "group"}}
+    tuned = load_grid(str(grid_file(setting, tmp_path, arms=[group | {"tune": LOFIT_TUNED["tune"]}])))
+    message = r"arm LoFiT on .*: searches l1_lambda, which its cells do not read \(l1_lambda is read only with "
+    with pytest.raises(ValueError, match=message + r"selection: l1 \(here selection: group\)\)"):
+        expand(tuned, "tune", {})
+    swept = load_grid(str(grid_file(setting, tmp_path, arms=[group], sweep={"l1_lambda": [1e-3, 5e-3]})))
+    with pytest.raises(ValueError, match=message):
+        expand(swept, "test", {})
+    group["options"]["selection"] = "l1"
+    cells = expand(
+        load_grid(str(grid_file(setting, tmp_path, arms=[group], sweep={"l1_lambda": [1e-3, 5e-3]}))), "test", {}
+    )
+    assert len({cell.key for cell in cells}) == len(cells) == 2
+
+
+@pytest.mark.parametrize("name", sorted(shipped_grids()))
+def test_every_shipped_grid_expands_to_distinct_cells(name):
+    grid = load_grid(name)
+    for phase in ("tune", "test"):
+        cells = expand(grid, phase, {})
+        assert len({cell.key for cell in cells}) == len(cells), f"{name} {phase}: two cells share a key"
 
 
 def test_tuned_numbers_are_log_grids(setting, tmp_path):

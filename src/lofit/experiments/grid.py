@@ -292,7 +292,9 @@ def config_key(method: str, options: dict[str, Any]) -> str:
     the options it does not read (``"read_when"`` in a field's metadata: a new default of
     ``group_lambda`` does not turn finished L1 cells into new ones, nor a grid's ``select_bias_lr``
     the cells whose selector is not bias-based) and without :data:`HASHED_WHEN_SET` options left unset."""
-    unread = unread_options(CONFIG_CLASSES, options) | {name for name in HASHED_WHEN_SET if options.get(name) is None}
+    unread = unread_options(CONFIG_CLASSES, options).keys() | {
+        name for name in HASHED_WHEN_SET if options.get(name) is None
+    }
     kept = {k: v for k, v in sorted(options.items()) if k not in UNHASHED and k not in unread} | {"method": method}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -363,6 +365,26 @@ def admissible(method: str, options: dict[str, Any]) -> bool:
     return True
 
 
+def check_searched_options_are_read(where: str, searched: list[str], resolved: dict[str, Any]) -> None:
+    """Refuse a sweep or tune grid over an option its cells do not read (``"read_when"`` in the
+    field's metadata): its values would all be one cell, under one key."""
+    unread = unread_options(CONFIG_CLASSES, resolved)
+    idle = [option for option in searched if option in unread]
+    if idle:
+        reasons = "; ".join(
+            f"{option} is read only with "
+            + ", ".join(f"{other}: {value}" for other, value in unread[option].items())
+            + " (here "
+            + ", ".join(f"{other}: {resolved.get(other)}" for other in unread[option])
+            + ")"
+            for option in idle
+        )
+        raise ValueError(
+            f"{where}: searches {', '.join(idle)}, which its cells do not read ({reasons}); set the option "
+            "that makes them read it in the arm's options, or search an option they read"
+        )
+
+
 def make_cell(
     grid: Grid,
     phase: str,
@@ -383,6 +405,7 @@ def make_cell(
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
     options = with_recipe(options | {"method": arm.method}, task)  # a recipe's values lie below every given option
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
+    check_searched_options_are_read(f"grid {grid.name}, arm {arm.label} on {task}", [*point, *trial], resolved)
     cell = Cell(
         experiment=grid.name,
         phase="ranking" if resolved["select_only"] else phase,

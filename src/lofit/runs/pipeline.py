@@ -126,7 +126,7 @@ class Job:
         check_against_model_config(run, lofit, method_options, ranking)
         if run.resume:  # options this run does not read may differ (a grid's select_bias_lr on lofit heads)
             unread = unread_options([RunConfig, LofitConfig], asdict(run) | lofit.to_dict())
-            self.folder.check_resumable(self.resolved_config(), RESUME_IGNORES | unread)
+            self.folder.check_resumable(self.resolved_config(), RESUME_IGNORES | unread.keys())
         self.attached: list[nn.Module] = []
 
     def use_model(self, model: nn.Module, tokenizer: object) -> None:

@@ -64,16 +64,16 @@ def option_group(classes: Iterable[type], key: str, value: Any) -> frozenset[str
     return frozenset(f.name for cls in classes for f in fields(cls) if f.metadata.get(key) == value)
 
 
-def unread_options(classes: Iterable[type], options: Mapping[str, Any]) -> frozenset[str]:
-    """The fields of ``classes`` that a run with ``options`` does not read: each whose metadata
-    ``"read_when": {OTHER: VALUE}`` names a value that ``options`` do not give OTHER (an OTHER
-    missing from ``options`` counts at its field's default)."""
+def unread_options(classes: Iterable[type], options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fields of ``classes`` that a run with ``options`` does not read, each with the condition
+    under which it would: every field whose metadata ``"read_when": {OTHER: VALUE}`` names a value
+    that ``options`` do not give OTHER (an OTHER missing from ``options`` counts at its field's default)."""
     declared = [f for cls in classes for f in fields(cls)]
     defaults = {f.name: f.default for f in declared}
-    return frozenset(
-        f.name
+    return {
+        f.name: f.metadata["read_when"]
         for f in declared
         if any(
             options.get(other, defaults.get(other)) != value for other, value in f.metadata.get("read_when", {}).items()
         )
-    )
+    }
