@@ -1,7 +1,8 @@
-"""The committed results stay the results of today's code: every record's key is the one its
-options hash to, and the re-runs committed as complete list no missing cell. A change to how
-cells are keyed or resolved (a new option, a new default, an option a cell stops reading) that
-would orphan finished work, so that the next run silently trains it again, fails here."""
+"""The committed results stay the results of today's code. Every record's key is the one its
+own options hash to (a change to how options are hashed fails here), and the re-runs committed
+as complete list no missing cell (a change to how a grid's cells are resolved or keyed, such as
+a new option or default, that would orphan finished work, so that the next run silently trains
+it again, fails there; that test needs the shared data folder, as CI has)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.executors import InlineExecutor, call
-from lofit.experiments.grid import check_tuning, expand, shipped_grids, step_beyond
+from lofit.experiments.grid import check_searches, check_tuning, expand, shipped_grids, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
@@ -105,25 +105,45 @@ def test_grid_expands_to_keyed_cells(setting, tmp_path):
         expand(grid, "test", {"no_such_option": 1})
 
 
-def test_a_grid_searching_an_option_its_cells_do_not_read_is_refused(setting, tmp_path):
+def test_a_search_whose_values_would_be_one_cell_is_refused(setting, tmp_path):
     group = {"label": "LoFiT", "method": "lofit", "options": {"selection": "group"}}
     tuned = load_grid(str(grid_file(setting, tmp_path, arms=[group | {"tune": LOFIT_TUNED["tune"]}])))
     message = r"arm LoFiT on .*: searches l1_lambda, which its cells do not read \(l1_lambda is read only with "
     with pytest.raises(ValueError, match=message + r"selection: l1 \(here selection: group\)\)"):
-        expand(tuned, "tune", {})
+        check_searches(tuned, {}, tune=True)
+    check_searches(tuned, {}, tune=False)  # without --tune the tune grid is not searched
     swept = load_grid(str(grid_file(setting, tmp_path, arms=[group], sweep={"l1_lambda": [1e-3, 5e-3]})))
     with pytest.raises(ValueError, match=message):
-        expand(swept, "test", {})
-    group["options"]["selection"] = "l1"
-    cells = expand(
-        load_grid(str(grid_file(setting, tmp_path, arms=[group], sweep={"l1_lambda": [1e-3, 5e-3]}))), "test", {}
+        check_searches(swept, {}, tune=False)
+    plain = {"label": "LoFiT", "method": "lofit"}
+    with pytest.raises(ValueError, match=r"here selection: group from the command line"):
+        check_searches(
+            load_grid(str(grid_file(setting, tmp_path, arms=[plain | {"tune": LOFIT_TUNED["tune"]}]))),
+            {"selection": "group"},
+            tune=True,
+        )
+    with pytest.raises(ValueError, match=r"arm LoFiT: the command line sets bias_lr, which --tune searches"):
+        check_searches(tuned, {"bias_lr": 0.05}, tune=True)
+    mixed = load_grid(  # bias-based cells read select_bias_lr, so the sweep is accepted
+        str(
+            grid_file(
+                setting,
+                tmp_path,
+                arms=[plain],
+                sweep={"heads": ["lofit", "bias-based"], "select_bias_lr": [1e-2, 2e-2]},
+            )
+        )
     )
-    assert len({cell.key for cell in cells}) == len(cells) == 2
+    check_searches(mixed, {}, tune=False)
+    l1 = load_grid(str(grid_file(setting, tmp_path, arms=[plain], sweep={"l1_lambda": [1e-3, 5e-3]})))
+    check_searches(l1, {}, tune=False)
+    assert len({cell.key for cell in expand(l1, "test", {})}) == 2
 
 
 @pytest.mark.parametrize("name", sorted(shipped_grids()))
-def test_every_shipped_grid_expands_to_distinct_cells(name):
+def test_every_shipped_grid_searches_distinct_cells(name):
     grid = load_grid(name)
+    check_searches(grid, {}, tune=True)
     for phase in ("tune", "test"):
         cells = expand(grid, phase, {})
         assert len({cell.key for cell in cells}) == len(cells), f"{name} {phase}: two cells share a key"

@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -335,6 +336,25 @@ def test_a_penalty_that_leaves_fewer_than_k_heads_says_to_lower_it():
             progress=False,
         )
     assert log.localization["kept"] == 0
+
+
+def test_unread_options_follow_each_fields_read_when_condition():
+    from lofit.runs.config import RunConfig
+    from lofit.utils.options import unread_options
+
+    classes = [RunConfig, LofitConfig]
+    assert unread_options(classes, {}) == {  # the defaults: L1 selection by LoFiT's step 1
+        "group_lambda": {"selection": "group"},
+        "select_bias_lr": {"heads": "bias-based"},
+    }
+    assert set(unread_options(classes, {"selection": "group", "heads": "bias-based"})) == {"l1_lambda"}
+
+    @dataclass
+    class Undeclared:
+        strength: float = field(default=1.0, metadata={"read_when": {"mode": "strong"}})
+
+    with pytest.raises(ValueError, match="strength is read under mode, which no field of these configs declares"):
+        unread_options([Undeclared], {"mode": "strong"})
 
 
 def test_a_cell_key_ignores_the_strength_its_objective_does_not_read():

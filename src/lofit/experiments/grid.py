@@ -19,7 +19,8 @@ method's config, plus two of the runner's own:
 
 ``num_heads: all`` means every head of the model. A cell's *key* is the SHA-256 of its
 resolved configuration: every option with its default filled in, minus those that only
-say where or how verbosely to run (:data:`UNHASHED`).
+say where or how verbosely to run (:data:`UNHASHED`), those the cell does not read
+(``"read_when"`` in a field's metadata) and those of :data:`HASHED_WHEN_SET` left unset.
 """
 
 from __future__ import annotations
@@ -365,26 +366,6 @@ def admissible(method: str, options: dict[str, Any]) -> bool:
     return True
 
 
-def check_searched_options_are_read(where: str, searched: list[str], resolved: dict[str, Any]) -> None:
-    """Refuse a sweep or tune grid over an option its cells do not read (``"read_when"`` in the
-    field's metadata): its values would all be one cell, under one key."""
-    unread = unread_options(CONFIG_CLASSES, resolved)
-    idle = [option for option in searched if option in unread]
-    if idle:
-        reasons = "; ".join(
-            f"{option} is read only with "
-            + ", ".join(f"{other}: {value}" for other, value in unread[option].items())
-            + " (here "
-            + ", ".join(f"{other}: {resolved.get(other)}" for other in unread[option])
-            + ")"
-            for option in idle
-        )
-        raise ValueError(
-            f"{where}: searches {', '.join(idle)}, which its cells do not read ({reasons}); set the option "
-            "that makes them read it in the arm's options, or search an option they read"
-        )
-
-
 def make_cell(
     grid: Grid,
     phase: str,
@@ -405,7 +386,6 @@ def make_cell(
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
     options = with_recipe(options | {"method": arm.method}, task)  # a recipe's values lie below every given option
     resolved = resolve(arm.method, {k: v for k, v in options.items() if k != "method"})
-    check_searched_options_are_read(f"grid {grid.name}, arm {arm.label} on {task}", [*point, *trial], resolved)
     cell = Cell(
         experiment=grid.name,
         phase="ranking" if resolved["select_only"] else phase,
@@ -441,6 +421,49 @@ def check_tuning(grid: Grid) -> None:
             "(options with two or more values); "
             + "; ".join(f"{label} tunes {', '.join(options) or 'none'}" for label, options in narrow.items())
         )
+
+
+def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
+    """Refuse what would make a grid's searched values one cell, under one key: an option that the
+    sweep gives two or more values or (with ``tune``) an arm tunes, which no cell of that arm on a
+    task reads (``"read_when"`` in the field's metadata); with ``tune``, an override (``--option``)
+    of an option an arm tunes."""
+    swept = [option for option, values in grid.sweep.items() if len(values) > 1]
+    for arm in grid.arms:
+        tuned = arm.searched() if tune else []
+        overridden = sorted(set(tuned) & set(overrides))
+        if overridden:
+            raise ValueError(
+                f"grid {grid.name}, arm {arm.label}: the command line sets {', '.join(overridden)}, which --tune "
+                "searches for this arm, so its trials would be one cell; leave it to the tuning, or run without --tune"
+            )
+        searched = swept + tuned
+        for task in grid.tasks if searched else []:
+            phase, trials = ("tune", arm.trials()) if tune else ("test", [{}])
+            resolved = [
+                make_cell(grid, phase, arm, task, grid.seeds[0], point, trial, overrides).config
+                for point in grid.points()
+                for trial in trials
+            ]
+            unread = [unread_options(CONFIG_CLASSES, options) for options in resolved]
+            idle = [option for option in searched if all(option in options for options in unread)]
+            if idle:
+                reasons = "; ".join(
+                    f"{option} is read only with "
+                    + ", ".join(f"{other}: {value}" for other, value in unread[0][option].items())
+                    + " (here "
+                    + ", ".join(
+                        f"{other}: {resolved[0].get(other)}" + (" from the command line" if other in overrides else "")
+                        for other in unread[0][option]
+                    )
+                    + ")"
+                    for option in idle
+                )
+                raise ValueError(
+                    f"grid {grid.name}, arm {arm.label} on {task}: searches {', '.join(idle)}, which its cells do not "
+                    f"read ({reasons}), so its values would be one cell; set the option that makes them read it, or "
+                    "search an option they read"
+                )
 
 
 INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND = (

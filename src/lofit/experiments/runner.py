@@ -55,6 +55,7 @@ from lofit.experiments.grid import (
     Grid,
     Search,
     cell_config,
+    check_searches,
     check_tuning,
     expand,
     ranking_key,
@@ -221,6 +222,7 @@ class Runner:
         """The jobs (by key) that failed in this process's :meth:`run`, with their errors."""
         if tune:
             check_tuning(grid)
+        check_searches(grid, self.overrides, tune)
         for cell in self.trials() + self.test_cells():
             self._check_data(cell)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 
@@ -67,13 +67,18 @@ def option_group(classes: Iterable[type], key: str, value: Any) -> frozenset[str
 def unread_options(classes: Iterable[type], options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The fields of ``classes`` that a run with ``options`` does not read, each with the condition
     under which it would: every field whose metadata ``"read_when": {OTHER: VALUE}`` names a value
-    that ``options`` do not give OTHER (an OTHER missing from ``options`` counts at its field's default)."""
+    that ``options`` do not give OTHER (an OTHER missing from ``options`` counts at its field's
+    default). OTHER must be a field of ``classes`` with a default: a ValueError otherwise."""
     declared = [f for cls in classes for f in fields(cls)]
-    defaults = {f.name: f.default for f in declared}
-    return {
-        f.name: f.metadata["read_when"]
-        for f in declared
-        if any(
-            options.get(other, defaults.get(other)) != value for other, value in f.metadata.get("read_when", {}).items()
-        )
-    }
+    defaults = {f.name: f.default for f in declared if f.default is not MISSING}
+    unread = {}
+    for f in declared:
+        condition = f.metadata.get("read_when", {})
+        undeclared = [other for other in condition if other not in defaults]
+        if undeclared:
+            raise ValueError(
+                f"{f.name} is read under {', '.join(undeclared)}, which no field of these configs declares"
+            )
+        if any(options.get(other, defaults[other]) != value for other, value in condition.items()):
+            unread[f.name] = condition
+    return unread
