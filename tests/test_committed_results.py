@@ -23,7 +23,7 @@ COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 COMPLETE = {
-    "table3-v2": ["table3", "--tasks", "clutrr", "--seeds", "42,43", "--tune"],
+    "table3-v2": ["table3", "--tasks", "clutrr,mquake", "--seeds", "42,43", "--tune"],
     "table2-v2": ["table2", "--tasks", "clutrr", "--heads", "lofit,random", "--seeds", "42,43", "--tune"],
     "capacity": ["capacity", "--tune"],
 }
