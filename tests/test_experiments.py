@@ -20,7 +20,7 @@ from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.executors import InlineExecutor, call
-from lofit.experiments.grid import check_searches, check_tuning, expand, shipped_grids, step_beyond
+from lofit.experiments.grid import Arm, Grid, check_searches, check_tuning, expand, shipped_grids, step_beyond
 from lofit.experiments.report import jaccard, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
@@ -835,3 +835,50 @@ def test_a_cell_gives_the_lent_model_back_clean(setting, tmp_path, method):
     assert summary["trained_parameters"] > 0
     assert pool(setting["model"], compute)[0] is base  # lent again: no hooks left
     assert [name for name, _ in base.named_modules()] == names and torch.equal(base(probe).logits, before)
+
+
+def test_each_row_is_compared_with_the_grids_reference_row_by_the_paired_bootstrap(tmp_path, capsys):
+    def record(key, label, seed, per_example, point):
+        return {
+            "key": key,
+            "phase": "test",
+            "label": label,
+            "task": "x",
+            "seed": seed,
+            "method": "lofit",
+            "point": point,
+            "trial": {},
+            "metric": "exact_match",
+            "score": sum(per_example) / 4,
+            "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4},
+            "per_example": per_example,
+            "seconds": 60.0,
+            "report": {"kind": "table", "compare_to": {"heads": "lofit"}},
+        }
+
+    for line in [
+        record("a", "L", 1, [1, 1, 0, 0], {"heads": "lofit"}),
+        record("b", "L", 1, [1, 1, 1, 1], {"heads": "random"}),
+        record("c", "L", 2, [0, 0, 0, 0], {"heads": "lofit"}),
+        record("d", "L", 2, [1, 1, 0, 0], {"heads": "random"}),
+        record("e", "L", 3, [1, 1, 1, 1], {"heads": "iti"}),  # no seed shared with the reference
+    ]:
+        append_result(tmp_path, line)
+    report = write_report(tmp_path).read_text()
+    assert "## Each row against heads=lofit" in report
+    assert "| x | L | heads=lofit | **25.0** | reference |  | 1,2 |" in report
+    # random - lofit over seeds 1 and 2: per example (0, 0, 1, 1, 1, 1, 0, 0), mean +50 points
+    assert "| x | L | heads=random | 75.0 | +50.0 [" in report and "| 1,2 |" in report
+    assert "| x | L | heads=iti | 100.0 | not paired (no shared seed or other examples) |" in report
+    assert main(["report", str(tmp_path), "--compare-to", "heads=random"]) == 0
+    assert "| x | L | heads=lofit | 25.0 | -50.0 [" in (tmp_path / "report.md").read_text()
+    assert main(["report", str(tmp_path), "--compare-to", "label=M"]) == 0  # names no row: said, not guessed
+    assert "| x | no row with label=M: no comparison |" in (tmp_path / "report.md").read_text()
+    assert main(["report", str(tmp_path), "--compare-to", ""]) == 0
+    assert "Each row against" not in (tmp_path / "report.md").read_text()
+    assert main(["report", str(tmp_path), "--compare-to", "heads="]) != 0
+    assert "--compare-to takes LABEL or NAME=VALUE" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="report compare_to names no arm's label: 'M'"):
+        Grid("g", "", ["x"], [1], [Arm("L", "lofit")], report={"kind": "table", "compare_to": {"label": "M"}})
+    with pytest.raises(ValueError, match="report compare_to maps label and sweep options"):
+        Grid("g", "", ["x"], [1], [Arm("L", "lofit")], report={"kind": "table", "compare_to": {"heads": "lofit"}})

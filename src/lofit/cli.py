@@ -23,7 +23,7 @@ import yaml
 from lofit.experiments import shipped_grids
 from lofit.experiments.command import run_experiment_command
 from lofit.experiments.executors import EXECUTORS
-from lofit.experiments.report import write_report
+from lofit.experiments.report import parse_compare_to, write_report
 from lofit.methods import METHOD_CONFIGS
 from lofit.methods.lofit.config import LofitConfig
 from lofit.methods.lofit.ranking import HeadRanking
@@ -311,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="Rebuild an experiment's report.md, report.csv and figures from its results.jsonl."
     )
     report.add_argument("folder", help="the experiment folder")
+    report.add_argument(
+        "--compare-to",
+        metavar="ROW",
+        help="the row every other row of a task is compared with (paired bootstrap): an arm's LABEL, or "
+        "NAME=VALUE[,NAME=VALUE...] with label= and sweep values (e.g. heads=lofit); default: the grid's "
+        "report compare_to; '' for no comparison",
+    )
     heads = commands.add_parser("heads", help="Print a saved head ranking and write its layers x heads heatmap.")
     heads.add_argument("ranking", help="head_ranking.json, or a run folder holding one")
     heads.add_argument(
@@ -394,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if run_experiment_command(args):
                 return 1
         elif args.command == "report":
-            print(f"report: {write_report(Path(args.folder))}")
+            compare_to = None if args.compare_to is None else parse_compare_to(args.compare_to)
+            print(f"report: {write_report(Path(args.folder), compare_to)}")
         elif args.command == "serve":
             _serve(args)
         elif args.command == "merge":

@@ -195,9 +195,18 @@ class Grid:
     """Extension trials per side per numeric tuned option, at most (0: the base grid only)."""
 
     def __post_init__(self) -> None:
-        """Each arm's tune grid expanded and checked by :func:`tune_values`."""
+        """The report's reference row (``compare_to``) checked against the arms and the sweep; each arm's
+        tune grid expanded and checked by :func:`tune_values`."""
         if not isinstance(self.tune_extend, int) or self.tune_extend < 0:
             raise ValueError(f"grid {self.name}: tune_extend must be an integer >= 0; got {self.tune_extend!r}")
+        compare_to = self.report.get("compare_to", {}) if isinstance(self.report, dict) else {}
+        if not isinstance(compare_to, dict) or any(name != "label" and name not in self.sweep for name in compare_to):
+            raise ValueError(
+                f"grid {self.name}: report compare_to maps label and sweep options ({', '.join(self.sweep) or 'none'})"
+                f" to the reference row's values; got {compare_to!r}"
+            )
+        if "label" in compare_to and compare_to["label"] not in {arm.label for arm in self.arms}:
+            raise ValueError(f"grid {self.name}: report compare_to names no arm's label: {compare_to['label']!r}")
         for arm in self.arms:
             if not isinstance(arm.tune, dict):
                 raise ValueError(f"grid {self.name}, arm {arm.label}: tune maps options to values; got {arm.tune!r}")

@@ -4,7 +4,8 @@
 deviation (sample, n - 1; 0 for one seed) over seeds of every metric, in %, the best mean
 of each task in bold, the trained parameters and the mean wall time, under a header that
 states each arm's training budget; then the experiment's own section (cross-task matrix,
-layer histograms, curves), and the tuning: per (task, arm, sweep point) the chosen values,
+layer histograms, curves), every row against the grid's reference row (``compare_to``, with
+the paired bootstrap test), and the tuning: per (task, arm, sweep point) the chosen values,
 where each sits in the range explored (an unexplored edge marked), the trials used (base +
 extension) and the validation examples per trial, then every trial.
 ``report.csv`` holds the same rows; each figure is one PNG.
@@ -469,6 +470,80 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
     return "\n".join(lines) + "\n\nFigure: `out_of_domain.png`.\n"
 
 
+def parse_compare_to(text: str) -> dict[str, str]:
+    """``LABEL`` or ``NAME=VALUE[,NAME=VALUE...]`` (``label=`` an arm's label, any other name a
+    sweep option's value) as a ``compare_to`` spec; a ValueError for an empty name or value."""
+    if "=" not in text:
+        return {"label": text.strip()} if text.strip() else {}
+    spec = {}
+    for part in text.split(","):
+        name, _, value = (piece.strip() for piece in part.partition("="))
+        if not name or not value:
+            raise ValueError(f"--compare-to takes LABEL or NAME=VALUE[,NAME=VALUE...]; got {text!r}")
+        spec[name] = value
+    return spec
+
+
+def _matches(row: dict, wanted: dict) -> bool:
+    """Whether a report row is the one ``wanted`` names (its arm's label, its sweep values; compared as text)."""
+    return all(
+        str(row["label"] if name == "label" else row["point_values"].get(name)) == str(value)
+        for name, value in wanted.items()
+    )
+
+
+def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
+    """Every row of a task against its reference row (``wanted``: ``compare_to`` in the grid's
+    report spec or ``lofit report --compare-to``), as the paired bootstrap test of the difference
+    in mean per-example primary metric: a_i, b_i over the test examples of the seeds both rows
+    ran, each seed's examples concatenated; the difference mean(a - b) in points, its 95%
+    interval and p (10,000 resamples, :mod:`lofit.experiments.bootstrap`)."""
+    if not wanted or not rows:
+        return ""
+    runs: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        if r.get("phase") == "test":
+            runs[(r["task"], r["label"], json.dumps(r.get("point", {}), sort_keys=True))][r["seed"]] = r
+    named = ", ".join(f"{name}={value}" for name, value in wanted.items())
+    lines = [
+        f"## Each row against {named}",
+        "",
+        "The paired bootstrap test on the same test examples (of the seeds both rows ran, concatenated): the "
+        "difference in points of the primary metric [95% interval] and p, 10,000 resamples.",
+        "",
+        "| task | arm | setting | metric (%) | difference (points) [95% interval] | p | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task in dict.fromkeys(row["task"] for row in rows):
+        task_rows = [row for row in rows if row["task"] == task]
+        references = [row for row in task_rows if _matches(row, wanted)]
+        if len(references) != 1:
+            found = "no row" if not references else f"{len(references)} rows"
+            lines.append(f"| {task} | {found} with {named}: no comparison | | | | | |")
+            continue
+        [reference] = references
+        base = runs[(task, reference["label"], json.dumps(reference["point_values"], sort_keys=True))]
+        for row in task_rows:
+            mean = f"{100 * row[row['metric']][0]:.1f}"
+            cells = [task, row["label"], row["point"], f"**{mean}**" if row is reference else mean]
+            compared = runs[(task, row["label"], json.dumps(row["point_values"], sort_keys=True))]
+            seeds = sorted(set(compared) & set(base))
+            if row is reference:
+                outcome = ["reference", "", ",".join(map(str, seeds))]
+            else:
+                try:
+                    test = paired_bootstrap(
+                        [v for seed in seeds for v in compared[seed]["per_example"]],
+                        [v for seed in seeds for v in base[seed]["per_example"]],
+                    )
+                    interval = f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}]"
+                    outcome = [interval, f"{test.p_value:.3f}", ",".join(map(str, seeds))]
+                except ValueError:  # no shared seed, or other test examples
+                    outcome = ["not paired (no shared seed or other examples)", "", ""]
+            lines.append("| " + " | ".join([*cells, *outcome]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def jaccard(a: set, b: set) -> float:
     """|A ∩ B| / |A ∪ B|: 1 for equal head sets, 0 for disjoint ones."""
     return len(a & b) / len(a | b) if a | b else 1.0
@@ -647,8 +722,10 @@ def report_kind(kind: object) -> ReportSection:
     return REPORT_KINDS[kind]
 
 
-def write_report(folder: Path) -> Path:
-    """Write report.md, report.csv and the figures of ``folder`` from its results.jsonl; return report.md's path."""
+def write_report(folder: Path, compare_to: dict[str, str] | None = None) -> Path:
+    """Write report.md, report.csv and the figures of ``folder`` from its results.jsonl; return
+    report.md's path. ``compare_to`` names the reference row of :func:`comparison` in place of
+    the grid's own (``compare_to`` in its report spec)."""
     records = read_results(folder)
     if not records:
         raise FileNotFoundError(f"no results in {folder / 'results.jsonl'}")
@@ -672,6 +749,7 @@ def write_report(folder: Path) -> Path:
     section = report_kind(spec.get("kind"))(records, rows, folder, spec)
     if section is not None:
         parts.append(section)
+    parts.append(comparison(records, rows, compare_to if compare_to is not None else spec.get("compare_to", {})))
     parts.append(localization(records))
     parts.append(_tuning(records))
     parts.append(_hardware(records))
