@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -38,18 +37,30 @@ from lofit.methods import METHODS
 
 def pytest_report_header(config) -> list[str]:
     """The machine the suite runs on, printed first: a failure or a slow run on another machine
-    (CPUs, memory and disks differ between them) can then be read against it."""
-    cpuinfo = _read_lines("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    memory = {line.split(":")[0]: int(line.split()[1]) // 1024 for line in _read_lines("/proc/meminfo")}
-    folders = [folder for folder in (tempfile.gettempdir(), "/dev/shm", ".") if os.path.isdir(folder)]
-    free = ", ".join(f"{folder} {shutil.disk_usage(folder).free // 2**20}" for folder in folders)
-    return [
-        f"machine: {cpu}; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{len(os.sched_getaffinity(0))} usable cores of {os.cpu_count()}, torch threads {torch.get_num_threads()}",
-        f"memory: {memory.get('MemTotal', 0)} MiB, {memory.get('MemAvailable', 0)} MiB available; open files at most "
-        f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; free MiB: {free}",
-    ]
+    (CPUs, memory and disks differ between them) can then be read against it. What a platform
+    does not tell (no /proc, no CPU affinity, no rlimits) is printed as ``?``."""
+    try:
+        cpuinfo = _read_lines("/proc/cpuinfo")
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+        memory = {line.split(":")[0]: int(line.split()[1]) // 1024 for line in _read_lines("/proc/meminfo")}
+        folders = [folder for folder in (tempfile.gettempdir(), "/dev/shm", ".") if os.path.isdir(folder)]
+        free = ", ".join(f"{folder} {shutil.disk_usage(folder).free // 2**20}" for folder in folders)
+        affinity = getattr(os, "sched_getaffinity", None)
+        usable = len(affinity(0)) if affinity else "?"
+        try:
+            import resource
+
+            open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except ImportError:  # not on Windows
+            open_files = "?"
+        return [
+            f"machine: {cpu}; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{usable} usable cores of {os.cpu_count()}, torch threads {torch.get_num_threads()}",
+            f"memory: {memory.get('MemTotal', '?')} MiB, {memory.get('MemAvailable', '?')} MiB available; "
+            f"open files at most {open_files}; free MiB: {free}",
+        ]
+    except Exception as error:  # the header must never stop the suite
+        return [f"machine: not read ({error!r})"]
 
 
 def _read_lines(path: str) -> list[str]:

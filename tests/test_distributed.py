@@ -96,7 +96,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, kind):
         "--gradient-accumulation-steps",
         "2",
     ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     assert json.loads((tmp_path / "audit.1").read_text()) == []  # rank 1 wrote nothing

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -20,8 +21,17 @@ from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap
 from lofit.experiments.executors import InlineExecutor, call
-from lofit.experiments.grid import Arm, Grid, check_searches, check_tuning, expand, shipped_grids, step_beyond
-from lofit.experiments.report import jaccard, write_report
+from lofit.experiments.grid import (
+    Arm,
+    Grid,
+    check_searches,
+    check_tuning,
+    expand,
+    same_value,
+    shipped_grids,
+    step_beyond,
+)
+from lofit.experiments.report import jaccard, parse_compare_to, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
 from lofit.methods.lofit.config import LofitConfig
@@ -858,27 +868,79 @@ def test_each_row_is_compared_with_the_grids_reference_row_by_the_paired_bootstr
 
     for line in [
         record("a", "L", 1, [1, 1, 0, 0], {"heads": "lofit"}),
-        record("b", "L", 1, [1, 1, 1, 1], {"heads": "random"}),
+        record("b", "L", 1, [1, 1, 1, 1], {"heads": "random"}),  # +50 points on seed 1
         record("c", "L", 2, [0, 0, 0, 0], {"heads": "lofit"}),
-        record("d", "L", 2, [1, 1, 0, 0], {"heads": "random"}),
+        record("d", "L", 2, [0, 0, 0, 1], {"heads": "random"}),  # +25 on seed 2
         record("e", "L", 3, [1, 1, 1, 1], {"heads": "iti"}),  # no seed shared with the reference
     ]:
         append_result(tmp_path, line)
     report = write_report(tmp_path).read_text()
     assert "## Each row against heads=lofit" in report
     assert "| x | L | heads=lofit | **25.0** | reference |  | 1,2 |" in report
-    # random - lofit over seeds 1 and 2: per example (0, 0, 1, 1, 1, 1, 0, 0), mean +50 points
-    assert "| x | L | heads=random | 75.0 | +50.0 [" in report and "| 1,2 |" in report
-    assert "| x | L | heads=iti | 100.0 | not paired (no shared seed or other examples) |" in report
-    assert main(["report", str(tmp_path), "--compare-to", "heads=random"]) == 0
-    assert "| x | L | heads=lofit | 25.0 | -50.0 [" in (tmp_path / "report.md").read_text()
-    assert main(["report", str(tmp_path), "--compare-to", "label=M"]) == 0  # names no row: said, not guessed
-    assert "| x | no row with label=M: no comparison |" in (tmp_path / "report.md").read_text()
-    assert main(["report", str(tmp_path), "--compare-to", ""]) == 0
-    assert "Each row against" not in (tmp_path / "report.md").read_text()
-    assert main(["report", str(tmp_path), "--compare-to", "heads="]) != 0
-    assert "--compare-to takes LABEL or NAME=VALUE" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="report compare_to names no arm's label: 'M'"):
-        Grid("g", "", ["x"], [1], [Arm("L", "lofit")], report={"kind": "table", "compare_to": {"label": "M"}})
-    with pytest.raises(ValueError, match="report compare_to maps label and sweep options"):
-        Grid("g", "", ["x"], [1], [Arm("L", "lofit")], report={"kind": "table", "compare_to": {"heads": "lofit"}})
+    both = paired_bootstrap([1, 1, 1, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 0, 0, 0])  # both seeds' examples, paired
+    assert both.difference == 3 / 8
+    interval = f"+37.5 [{100 * both.low:+.1f}, {100 * both.high:+.1f}]"
+    assert f"| x | L | heads=random | 62.5 | {interval} | {both.p_value:.3f} | 1,2 |" in report
+    assert "| x | L | heads=iti | 100.0 | not paired (no shared seed" in report
+
+    def rebuilt(*compare_to: str) -> str:
+        assert main(["report", str(tmp_path), *compare_to]) == 0
+        return (tmp_path / "report.md").read_text()
+
+    assert "| x | L | heads=lofit | 25.0 | -37.5 [" in rebuilt("--compare-to", "heads=random")
+    assert "| x | no row with label=M: no comparison |" in rebuilt("--compare-to", "label=M")  # said, not guessed
+    assert "| x | 3 rows with label=L: no comparison |" in rebuilt("--compare-to", "L")
+    assert "Each row against" not in rebuilt("--compare-to", "")
+    before = (tmp_path / "report.md").read_text()
+    for bad, message in [
+        ("heads=", "--compare-to takes LABEL or NAME=VALUE"),
+        ("heads=lofit,heads=iti", "each name once"),
+        ("head=lofit", "compare_to names head, which no row was swept over; name label and heads"),
+    ]:
+        assert main(["report", str(tmp_path), "--compare-to", bad]) != 0
+        assert message in capsys.readouterr().err
+        assert (tmp_path / "report.md").read_text() == before  # a refused reference rewrites nothing
+
+    # Labels may hold commas and "=", sweep values match as numbers, records without scores are said to be.
+    assert parse_compare_to("L1 paper (5e-3, lr 5e-4, 5 epochs)") == {"label": "L1 paper (5e-3, lr 5e-4, 5 epochs)"}
+    assert parse_compare_to("LoFiT (K=3%)") == {"label": "LoFiT (K=3%)"}
+    assert parse_compare_to("label=a, b,num_heads=1e-1") == {"label": "a, b", "num_heads": "1e-1"}
+    assert same_value(0.1, "1e-1") and same_value(3, "3.0") and not same_value("lofit", "0")
+    folder = tmp_path / "numbers"
+    append_result(folder, record("f", "L", 1, [1, 0, 0, 0], {"num_heads": 0.1}) | {"report": {}})
+    unscored = record("g", "L", 1, [0, 0, 0, 0], {"num_heads": 0.5})
+    del unscored["per_example"]  # a record of an older lofit
+    append_result(folder, unscored)
+    append_result(folder, record("h", "L", 1, [0, 0, 0, 0], {"num_heads": 0.2}) | {"metric": None})
+    text = write_report(folder, {"num_heads": "1e-1"}).read_text()
+    assert "| x | L | num_heads=0.1 | **25.0** | reference |" in text
+    assert "| x | L | num_heads=0.5 | 0.0 | not paired (no shared seed, no per-example scores" in text
+    assert "| x | L | num_heads=0.2 | no primary metric |" in text
+
+
+def test_a_grids_reference_row_must_single_out_one_row():
+    def grid(compare_to, arms=("L",), sweep=None):
+        return Grid(
+            "g",
+            "",
+            ["x"],
+            [1],
+            [Arm(label, "lofit") for label in arms],
+            sweep=sweep or {},
+            report={"kind": "table", "compare_to": compare_to},
+        )
+
+    grid({"label": "L"})
+    grid({"heads": "lofit"}, sweep={"heads": ["lofit", "random"]})
+    grid({"label": "M", "num_heads": "1e-1"}, arms=("L", "M"), sweep={"num_heads": [0.1, 0.5]})
+    for compare_to, arms, sweep, message in [
+        ({"label": "M"}, ("L",), None, "names no arm's label: 'M' (labels: L)"),
+        ({"label": ["L"]}, ("L",), None, "names no arm's label"),
+        ({"heads": "lofit"}, ("L",), None, "names heads: neither label nor a swept option (none)"),
+        ("L", ("L",), None, "maps label and swept options"),
+        ({"heads": "lofit"}, ("L", "M"), {"heads": ["lofit", "random"]}, "needs a label: the grid has 2 arms"),
+        ({"label": "L", "heads": "lofti"}, ("L",), {"heads": ["lofit"]}, "heads='lofti' is not among its swept"),
+        ({"label": "L"}, ("L",), {"heads": ["lofit", "random"]}, "needs a value of heads"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            grid(compare_to, arms, sweep)

@@ -199,14 +199,7 @@ class Grid:
         tune grid expanded and checked by :func:`tune_values`."""
         if not isinstance(self.tune_extend, int) or self.tune_extend < 0:
             raise ValueError(f"grid {self.name}: tune_extend must be an integer >= 0; got {self.tune_extend!r}")
-        compare_to = self.report.get("compare_to", {}) if isinstance(self.report, dict) else {}
-        if not isinstance(compare_to, dict) or any(name != "label" and name not in self.sweep for name in compare_to):
-            raise ValueError(
-                f"grid {self.name}: report compare_to maps label and sweep options ({', '.join(self.sweep) or 'none'})"
-                f" to the reference row's values; got {compare_to!r}"
-            )
-        if "label" in compare_to and compare_to["label"] not in {arm.label for arm in self.arms}:
-            raise ValueError(f"grid {self.name}: report compare_to names no arm's label: {compare_to['label']!r}")
+        check_compare_to(self)
         for arm in self.arms:
             if not isinstance(arm.tune, dict):
                 raise ValueError(f"grid {self.name}, arm {arm.label}: tune maps options to values; got {arm.tune!r}")
@@ -218,6 +211,44 @@ class Grid:
     def points(self) -> list[dict[str, Any]]:
         names = list(self.sweep)
         return [dict(zip(names, values)) for values in itertools.product(*(self.sweep[n] for n in names))]
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two option values are one: equal as text, or as numbers (0.1, "0.1" and "1e-1";
+    3 and 3.0), as a value typed on the command line meets one read from YAML or JSON."""
+    if str(a) == str(b):
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def check_compare_to(grid: Grid) -> None:
+    """A ValueError unless the report's ``compare_to`` singles out one row of every task: a
+    mapping with ``label``, one of the arms' labels (needed with more than one arm), and a value
+    of each swept option that has several (:func:`same_value`), none other."""
+    spec = grid.report.get("compare_to") if isinstance(grid.report, dict) else None
+    if spec is None:
+        return
+    where = f"grid {grid.name}: report compare_to"
+    labels = [arm.label for arm in grid.arms]
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} maps label and swept options to the reference row's values; got {spec!r}")
+    unknown = sorted(set(spec) - set(grid.sweep) - {"label"})
+    if unknown:
+        raise ValueError(
+            f"{where} names {', '.join(unknown)}: neither label nor a swept option ({', '.join(grid.sweep) or 'none'})"
+        )
+    if "label" in spec and spec["label"] not in labels:
+        raise ValueError(f"{where} names no arm's label: {spec['label']!r} (labels: {', '.join(labels)})")
+    if len(labels) > 1 and "label" not in spec:
+        raise ValueError(f"{where} needs a label: the grid has {len(labels)} arms")
+    for option, values in grid.sweep.items():
+        if option in spec and not any(same_value(spec[option], value) for value in values):
+            raise ValueError(f"{where}: {option}={spec[option]!r} is not among its swept values {values}")
+        if option not in spec and len(values) > 1:
+            raise ValueError(f"{where} needs a value of {option}: it is swept over {values}")
 
 
 def load_grid(name_or_path: str) -> Grid:

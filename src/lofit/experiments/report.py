@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lofit.experiments.bootstrap import paired_bootstrap
-from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step
+from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step, same_value
 from lofit.experiments.results import read_results
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
 from lofit.methods.lofit.ranking import HeadRanking
@@ -471,23 +472,28 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
 
 
 def parse_compare_to(text: str) -> dict[str, str]:
-    """``LABEL`` or ``NAME=VALUE[,NAME=VALUE...]`` (``label=`` an arm's label, any other name a
-    sweep option's value) as a ``compare_to`` spec; a ValueError for an empty name or value."""
-    if "=" not in text:
-        return {"label": text.strip()} if text.strip() else {}
-    spec = {}
-    for part in text.split(","):
+    """``--compare-to``'s text as a ``compare_to`` spec: ``NAME=VALUE[,NAME=VALUE...]`` (``label``
+    an arm's label, any other name a sweep option; a comma starts a new pair only where a name
+    and ``=`` follow, so labels may hold commas), any other text an arm's label, '' none. A
+    ValueError for an empty value or a name given twice."""
+    text = text.strip()
+    if not text or not re.match(r"[A-Za-z_][\w-]*=", text):
+        return {"label": text} if text else {}
+    spec: dict[str, str] = {}
+    for part in re.split(r",(?=\s*[A-Za-z_][\w-]*=)", text):
         name, _, value = (piece.strip() for piece in part.partition("="))
-        if not name or not value:
-            raise ValueError(f"--compare-to takes LABEL or NAME=VALUE[,NAME=VALUE...]; got {text!r}")
+        if not value or name in spec:
+            raise ValueError(
+                f"--compare-to takes LABEL or NAME=VALUE[,NAME=VALUE...], each name once, none empty; got {text!r}"
+            )
         spec[name] = value
     return spec
 
 
 def _matches(row: dict, wanted: dict) -> bool:
-    """Whether a report row is the one ``wanted`` names (its arm's label, its sweep values; compared as text)."""
+    """Whether a report row is the one ``wanted`` names (its arm's label, its sweep values; :func:`same_value`)."""
     return all(
-        str(row["label"] if name == "label" else row["point_values"].get(name)) == str(value)
+        same_value(row["label"] if name == "label" else row["point_values"].get(name), value)
         for name, value in wanted.items()
     )
 
@@ -496,10 +502,19 @@ def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
     """Every row of a task against its reference row (``wanted``: ``compare_to`` in the grid's
     report spec or ``lofit report --compare-to``), as the paired bootstrap test of the difference
     in mean per-example primary metric: a_i, b_i over the test examples of the seeds both rows
-    ran, each seed's examples concatenated; the difference mean(a - b) in points, its 95%
-    interval and p (10,000 resamples, :mod:`lofit.experiments.bootstrap`)."""
+    ran, each seed's examples concatenated (an example thus enters once per seed); the difference
+    mean(a - b) in points, its 95% interval and p (10,000 resamples,
+    :mod:`lofit.experiments.bootstrap`). A ValueError when ``wanted`` names an option that no
+    row was swept over."""
     if not wanted or not rows:
         return ""
+    swept = {name for row in rows for name in row["point_values"]}
+    unknown = sorted(set(wanted) - swept - {"label"})
+    if unknown:
+        raise ValueError(
+            f"compare_to names {', '.join(unknown)}, which no row was swept over; name label and "
+            f"{', '.join(sorted(swept)) or 'no sweep option (none was swept)'}"
+        )
     runs: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in records:
         if r.get("phase") == "test":
@@ -524,22 +539,22 @@ def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
         [reference] = references
         base = runs[(task, reference["label"], json.dumps(reference["point_values"], sort_keys=True))]
         for row in task_rows:
-            mean = f"{100 * row[row['metric']][0]:.1f}"
+            score = row.get(row["metric"]) if row["metric"] else None
+            mean = f"{100 * score[0]:.1f}" if score else "no primary metric"
             cells = [task, row["label"], row["point"], f"**{mean}**" if row is reference else mean]
             compared = runs[(task, row["label"], json.dumps(row["point_values"], sort_keys=True))]
             seeds = sorted(set(compared) & set(base))
             if row is reference:
                 outcome = ["reference", "", ",".join(map(str, seeds))]
             else:
-                try:
-                    test = paired_bootstrap(
-                        [v for seed in seeds for v in compared[seed]["per_example"]],
-                        [v for seed in seeds for v in base[seed]["per_example"]],
-                    )
+                a = [v for seed in seeds for v in compared[seed].get("per_example") or []]
+                b = [v for seed in seeds for v in base[seed].get("per_example") or []]
+                if not a or len(a) != len(b):
+                    outcome = ["not paired (no shared seed, no per-example scores, or other examples)", "", ""]
+                else:
+                    test = paired_bootstrap(a, b)
                     interval = f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}]"
                     outcome = [interval, f"{test.p_value:.3f}", ",".join(map(str, seeds))]
-                except ValueError:  # no shared seed, or other test examples
-                    outcome = ["not paired (no shared seed or other examples)", "", ""]
             lines.append("| " + " | ".join([*cells, *outcome]) + " |")
     return "\n".join(lines) + "\n"
 
