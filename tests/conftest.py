@@ -63,6 +63,23 @@ def pytest_report_header(config) -> list[str]:
         return [f"machine: not read ({error!r})"]
 
 
+_terminal: list = []  # pytest's terminal reporter, once the session starts
+
+
+def pytest_sessionstart(session) -> None:
+    _terminal[:] = [session.config.pluginmanager.getplugin("terminalreporter")]
+
+
+def pytest_runtest_logreport(report) -> None:
+    """A failure's traceback printed when it happens, not only in the summary at the end: where a
+    run is cut off before its summary (a hang in native code that no alarm interrupts), the
+    failures before it still show their causes."""
+    if report.failed and _terminal and _terminal[0] is not None:
+        _terminal[0].write_line("")
+        _terminal[0].write_sep("_", f"{report.nodeid} failed ({report.when}); the traceback:")
+        _terminal[0].write_line(report.longreprtext)
+
+
 def _read_lines(path: str) -> list[str]:
     try:
         return Path(path).read_text().splitlines()
