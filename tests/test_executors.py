@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +122,7 @@ def test_on_two_workers_a_test_cell_evaluates_the_adapter_its_best_trial_trained
 def test_a_local_ray_with_two_workers_gives_the_same_records(setting, tmp_path, sequential):
     ray = pytest.importorskip("ray")
     folder = tmp_path / "runs" / "tiny"
+    sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         executor = RayExecutor(runner_module.run_job, cell_cpus=1)
@@ -128,6 +130,9 @@ def test_a_local_ray_with_two_workers_gives_the_same_records(setting, tmp_path, 
         Runner(load_grid(str(tiny_grid(setting, tmp_path))), folder, log=lambda _: None, executor=executor).run()
     finally:
         ray.shutdown()
+        # ray.init's SIGTERM handler outlives shutdown; inherited by the fork()ed children of later
+        # tests, it kept one from ending on SIGTERM and hung the suite (a multiprocessing pool's terminate)
+        signal.signal(signal.SIGTERM, sigterm)
     assert comparable(folder) == sequential
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,9 @@ def test_merge_without_a_foldable_adapter_is_refused(setup):
 def test_lofit_eval_harness_tasks_prints_and_writes_the_results(setup, tmp_path, capsys, monkeypatch):
     # Indexing lm-eval's thousands of built-in task files takes most of a run: this test needs only its own.
     monkeypatch.setattr(lofit.harness, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    # The bootstrap standard error of perplexity runs in this process: a fork()ed pool of copies of a
+    # process holding a model and threads can hang (it did here, at the pool's terminate).
+    monkeypatch.setattr(multiprocessing, "Pool", lambda *args, **kwargs: pytest.fail("lm-eval forked a pool"))
     assert (
         main(
             [
@@ -137,4 +142,6 @@ def test_lofit_eval_harness_tasks_prints_and_writes_the_results(setup, tmp_path,
     assert "lofit_tiny_ll" in out and "perplexity" in out
     saved = json.loads((tmp_path / "harness_results.json").read_text())
     assert saved["results"]["lofit_tiny_ll"]["perplexity,none"] > 1
+    assert saved["results"]["lofit_tiny_ll"]["perplexity_stderr,none"] > 0  # bootstrapped, in this process
+    assert "DISABLE_MULTIPROC" not in os.environ  # set for the evaluation only
     assert Path(saved["config"]["model_args"]["adapter"]) == Path(setup["adapter"])

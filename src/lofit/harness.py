@@ -24,7 +24,10 @@ not spread a model it is handed over several).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,25 @@ def _output_dir(model: str, adapter: str | None, output_dir: str | None) -> Path
     return Path("runs") / f"harness-{portable_name(model).removesuffix('.gguf').replace('/', '_')}"
 
 
+@contextlib.contextmanager
+def _bootstrap_in_this_process() -> Iterator[None]:
+    """lm-eval's bootstrap standard errors (of perplexity, F1, BLEU, ...) computed in this process
+    for the ``with`` block (its ``DISABLE_MULTIPROC``), not in a pool of fork()ed copies of it.
+    A fork of a process that holds a model and torch's threads can deadlock, and the pool's
+    terminate waits forever on a worker that inherited a SIGTERM handler which does not exit
+    (seen: this project's test run stuck at that join). lm-eval seeds each chunk of 1,000
+    resamples by its index on both paths, so the standard errors are the same."""
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
+
+
 def run_harness(
     tasks: list[str],
     model: str = DEFAULT_MODEL,
@@ -108,15 +130,16 @@ def run_harness(
         "device_map": compute.device_map,
         "batch_size": batch_size,
     }
-    results = simple_evaluate(
-        model="lofit",
-        model_args=model_args,
-        tasks=tasks,
-        limit=limit,
-        log_samples=False,
-        apply_chat_template=chat_template,
-        task_manager=TaskManager(include_path=include_path),
-    )
+    with _bootstrap_in_this_process():
+        results = simple_evaluate(
+            model="lofit",
+            model_args=model_args,
+            tasks=tasks,
+            limit=limit,
+            log_samples=False,
+            apply_chat_template=chat_template,
+            task_manager=TaskManager(include_path=include_path),
+        )
     path = _output_dir(model, adapter, output_dir) / RESULTS_NAME
     write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     return results, path
