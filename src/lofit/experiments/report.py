@@ -761,10 +761,11 @@ def write_report(folder: Path, compare_to: dict[str, str] | None = None) -> Path
         "",
         table,
     ]
-    section = report_kind(spec.get("kind"))(records, rows, folder, spec)
+    compared = comparison(records, rows, compare_to if compare_to is not None else spec.get("compare_to", {}))
+    section = report_kind(spec.get("kind"))(records, rows, folder, spec)  # may write figures: after the checks
     if section is not None:
         parts.append(section)
-    parts.append(comparison(records, rows, compare_to if compare_to is not None else spec.get("compare_to", {})))
+    parts.append(compared)
     parts.append(localization(records))
     parts.append(_tuning(records))
     parts.append(_hardware(records))
