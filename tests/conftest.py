@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +104,21 @@ def float32_unless_asked(monkeypatch):
     tests that compare two trainings to 1e-5 must not run in bf16 on CPUs that support it.
     Tests of the default delete the variable."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found():
+    """Every test leaves the SIGTERM and SIGINT handlers as it found them (the handler it leaked is
+    put back, and the test fails): a leaked handler is inherited by every fork()ed child of the
+    tests after it, and one (ray.init's, which outlives ray.shutdown) once hung the suite."""
+    watched = (signal.SIGTERM, signal.SIGINT)
+    before = {number: signal.getsignal(number) for number in watched}
+    yield
+    leaked = [signal.Signals(number).name for number in watched if signal.getsignal(number) is not before[number]]
+    for number in watched:
+        signal.signal(number, before[number])
+    if leaked:
+        pytest.fail(f"the test left its own handler of {', '.join(leaked)}; restore the one it found")
 
 
 @pytest.fixture(autouse=True)
