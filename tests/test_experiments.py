@@ -494,26 +494,38 @@ def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path,
     assert Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).run() == records
 
 
+def _scored_record(key: str, label: str, task: str, seed: int, point: dict, per_example: list, **fields) -> dict:
+    """A test record of results.jsonl scoring exact match over 4 examples, with ``fields`` on top."""
+    return {
+        "key": key,
+        "phase": "test",
+        "label": label,
+        "task": task,
+        "seed": seed,
+        "method": "lofit",
+        "point": point,
+        "trial": {},
+        "metric": "exact_match",
+        "score": sum(per_example) / 4,
+        "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4},
+        "per_example": per_example,
+        "seconds": 60.0,
+    } | fields
+
+
 def test_report_is_rebuilt_from_results_jsonl_alone(tmp_path):
     def record(key, task, heads_task, seed, per_example):
-        return {
-            "key": key,
-            "phase": "test",
-            "label": "LoFiT",
-            "task": task,
-            "seed": seed,
-            "method": "lofit",
-            "point": {"heads_task": heads_task},
-            "trial": {},
-            "metric": "exact_match",
-            "score": sum(per_example) / 4,
-            "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4},
-            "per_example": per_example,
-            "trained_parameters": 64,
-            "seconds": 60.0,
-            "experiment": "cross-task",
-            "report": {"kind": "cross-task"},
-        }
+        return _scored_record(
+            key,
+            "LoFiT",
+            task,
+            seed,
+            {"heads_task": heads_task},
+            per_example,
+            trained_parameters=64,
+            experiment="cross-task",
+            report={"kind": "cross-task"},
+        )
 
     for line in [
         record("a", "x", "x", 1, [1, 1, 1, 1]),
@@ -849,22 +861,9 @@ def test_a_cell_gives_the_lent_model_back_clean(setting, tmp_path, method):
 
 def test_each_row_is_compared_with_the_grids_reference_row_by_the_paired_bootstrap(tmp_path, capsys):
     def record(key, label, seed, per_example, point):
-        return {
-            "key": key,
-            "phase": "test",
-            "label": label,
-            "task": "x",
-            "seed": seed,
-            "method": "lofit",
-            "point": point,
-            "trial": {},
-            "metric": "exact_match",
-            "score": sum(per_example) / 4,
-            "metrics": {"exact_match": sum(per_example) / 4, "num_examples": 4},
-            "per_example": per_example,
-            "seconds": 60.0,
-            "report": {"kind": "table", "compare_to": {"heads": "lofit"}},
-        }
+        return _scored_record(
+            key, label, "x", seed, point, per_example, report={"kind": "table", "compare_to": {"heads": "lofit"}}
+        )
 
     for line in [
         record("a", "L", 1, [1, 1, 0, 0], {"heads": "lofit"}),
