@@ -4,6 +4,7 @@ alone, the bootstrap test, --dry-run."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -19,7 +20,7 @@ from lofit.cli import main
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
-from lofit.experiments.bootstrap import paired_bootstrap
+from lofit.experiments.bootstrap import paired_bootstrap, paired_bootstrap_over_seeds
 from lofit.experiments.executors import InlineExecutor, call
 from lofit.experiments.grid import (
     Arm,
@@ -788,6 +789,25 @@ def test_paired_bootstrap_known_answers():
         paired_bootstrap([1, 0], [1])
 
 
+def test_seeds_are_paired_by_example_and_whole_examples_resampled():
+    a, b = [1, 1, 0, 1, 0, 1, 1, 0], [0, 1, 0, 0, 0, 1, 0, 0]
+    one_run = paired_bootstrap(a, b)
+    agreeing = paired_bootstrap_over_seeds({1: a, 2: a}, {1: b, 2: b, 3: a})  # seeds that agree add no examples
+    assert agreeing == dataclasses.replace(one_run, seeds=(1, 2))
+    concatenated = paired_bootstrap(a + a, b + b)  # the same answers as 16 independent pairs: too narrow
+    assert concatenated.high - concatenated.low < agreeing.high - agreeing.low
+    mixed = paired_bootstrap_over_seeds({1: [1, 1, 0, 0], 2: [0, 1, 1, 0]}, {1: [0, 0, 0, 0], 2: [0, 1, 0, 0]})
+    averaged = paired_bootstrap([0.5, 1, 0.5, 0], [0, 0.5, 0, 0])
+    assert mixed.difference == pytest.approx(0.375) and mixed == dataclasses.replace(averaged, seeds=(1, 2))
+    for runs, message in [
+        ({3: a}, "no seed run by both systems"),
+        ({1: a[:4]}, "scored different numbers of examples: \\[4, 8\\]"),
+        ({1: []}, "has no per-example scores"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            paired_bootstrap_over_seeds(runs, {1: b})
+
+
 def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
     out = tmp_path / "dry"
     assert (
@@ -876,11 +896,11 @@ def test_each_row_is_compared_with_the_grids_reference_row_by_the_paired_bootstr
     report = write_report(tmp_path).read_text()
     assert "## Each row against heads=lofit" in report
     assert "| x | L | heads=lofit | **25.0** | reference |  | 1,2 |" in report
-    both = paired_bootstrap([1, 1, 1, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 0, 0, 0])  # both seeds' examples, paired
+    both = paired_bootstrap([0.5, 0.5, 0.5, 1], [0.5, 0.5, 0, 0])  # each example's seeds averaged, paired
     assert both.difference == 3 / 8
     interval = f"+37.5 [{100 * both.low:+.1f}, {100 * both.high:+.1f}]"
     assert f"| x | L | heads=random | 62.5 | {interval} | {both.p_value:.3f} | 1,2 |" in report
-    assert "| x | L | heads=iti | 100.0 | not paired (no shared seed" in report
+    assert "| x | L | heads=iti | 100.0 | not paired (no seed run by both systems" in report
 
     def rebuilt(*compare_to: str) -> str:
         assert main(["report", str(tmp_path), *compare_to]) == 0
@@ -913,7 +933,7 @@ def test_each_row_is_compared_with_the_grids_reference_row_by_the_paired_bootstr
     append_result(folder, record("h", "L", 1, [0, 0, 0, 0], {"num_heads": 0.2}) | {"metric": None})
     text = write_report(folder, {"num_heads": "1e-1"}).read_text()
     assert "| x | L | num_heads=0.1 | **25.0** | reference |" in text
-    assert "| x | L | num_heads=0.5 | 0.0 | not paired (no shared seed, no per-example scores" in text
+    assert "| x | L | num_heads=0.5 | 0.0 | not paired (a run of seeds [1] has no per-example scores)" in text
     assert "| x | L | num_heads=0.2 | no primary metric |" in text
 
 

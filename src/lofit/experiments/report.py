@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lofit.experiments.bootstrap import paired_bootstrap
+from lofit.experiments.bootstrap import paired_bootstrap_over_seeds
 from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step, same_value
 from lofit.experiments.results import read_results
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
@@ -44,6 +44,11 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 UNRECORDED_HARDWARE = "not recorded"
 """What reports say for records written before results named their hardware."""
+
+
+def _scores(runs: dict[int, dict]) -> dict[int, list[float]]:
+    """The per-example scores of one row's test records, by seed ([] where a record has none)."""
+    return {seed: record.get("per_example") or [] for seed, record in runs.items()}
 
 
 def _minutes(members: list[dict]) -> str:
@@ -349,8 +354,8 @@ def _budgets(records: list[dict]) -> str:
 def cross_task(records: list[dict], folder: Path) -> str:
     """The matrix of LoFiT's primary metric with heads from task X (rows) tuned on task Y
     (columns), minus the diagonal cell of Y (heads from Y itself), in points; each
-    off-diagonal cell with the paired bootstrap test against its diagonal, per example
-    (and seed: the seeds the two cells share, concatenated)."""
+    off-diagonal cell with the paired bootstrap test against its diagonal over the seeds the
+    two cells share (whole examples resampled, :func:`paired_bootstrap_over_seeds`)."""
     tests = [r for r in records if r.get("phase") == "test"]
     if not tests:  # only tuning trials so far: no matrix yet
         return ""
@@ -363,7 +368,7 @@ def cross_task(records: list[dict], folder: Path) -> str:
         "",
         "Cells: the metric's change in points against heads selected on Y itself (the diagonal shows its absolute "
         "value); "
-        "p: paired bootstrap test, 10,000 resamples.",
+        "p: paired bootstrap test over the seeds both cells ran (whole examples resampled), 10,000 resamples.",
         "",
         "| heads from \\ tuned on | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
@@ -382,14 +387,11 @@ def cross_task(records: list[dict], folder: Path) -> str:
                 cells.append(f"**{100 * score:.1f}** ({runs[next(iter(runs))]['metric']})")
                 values.append(0.0)
                 continue
-            seeds = sorted(set(runs) & set(diagonal))
-            if not seeds:
+            if not set(runs) & set(diagonal):
                 cells.append(f"{100 * score:.1f} (no diagonal)")
                 values.append(None)
                 continue
-            a = [v for s in seeds for v in runs[s]["per_example"]]
-            b = [v for s in seeds for v in diagonal[s]["per_example"]]
-            test = paired_bootstrap(a, b)
+            test = paired_bootstrap_over_seeds(_scores(runs), _scores(diagonal))
             cells.append(
                 f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], p={test.p_value:.3f}"
             )
@@ -413,8 +415,8 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
     """Each arm's main metric on each evaluation task (the part of a ``TRAIN:EVAL`` task after
     the colon) against the baseline arm (``baseline`` in the grid's report spec, default
     ``No-FT``): the baseline's absolute score, every other arm's change in points with the
-    paired bootstrap test against the baseline, per example (and seed: the seeds the two cells
-    share, concatenated), as in the paper's Table 5."""
+    paired bootstrap test against the baseline over the seeds the two cells share (whole
+    examples resampled, :func:`paired_bootstrap_over_seeds`), as in the paper's Table 5."""
     baseline = spec.get("baseline", "No-FT")
     by_cell: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in records:
@@ -434,7 +436,8 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
         f"## Out-of-domain change: each arm against {baseline}",
         "",
         f"Cells: the main metric (mean over seeds) and its change in points against {baseline} on the same "
-        "questions [95% interval], p: paired bootstrap test, 10,000 resamples. A task `TRAIN:EVAL` was "
+        "questions [95% interval], p: paired bootstrap test over the seeds both cells ran (whole examples "
+        "resampled), 10,000 resamples. A task `TRAIN:EVAL` was "
         "trained on TRAIN and evaluated on EVAL.",
         "",
         "| arm | " + " | ".join(columns) + " |",
@@ -455,9 +458,7 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
                 cells.append(f"**{100 * score:.1f}**" if label == baseline else f"{100 * score:.1f} (no {baseline})")
                 values.append(0.0 if label == baseline else None)
                 continue
-            test = paired_bootstrap(
-                [v for s in seeds for v in runs[s]["per_example"]], [v for s in seeds for v in base[s]["per_example"]]
-            )
+            test = paired_bootstrap_over_seeds(_scores(runs), _scores(base))
             cells.append(
                 f"{100 * score:.1f} ({100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], "
                 f"p={test.p_value:.3f})"
@@ -501,11 +502,10 @@ def _matches(row: dict, wanted: dict) -> bool:
 def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
     """Every row of a task against its reference row (``wanted``: ``compare_to`` in the grid's
     report spec or ``lofit report --compare-to``), as the paired bootstrap test of the difference
-    in mean per-example primary metric: a_i, b_i over the test examples of the seeds both rows
-    ran, each seed's examples concatenated (an example thus enters once per seed); the difference
-    mean(a - b) in points, its 95% interval and p (10,000 resamples,
-    :mod:`lofit.experiments.bootstrap`). A ValueError when ``wanted`` names an option that no
-    row was swept over."""
+    in mean per-example primary metric: a_i, b_i are test example i's scores averaged over the
+    seeds both rows ran, and whole examples are resampled (:func:`paired_bootstrap_over_seeds`);
+    the difference mean(a - b) in points, its 95% interval and p (10,000 resamples). A
+    ValueError when ``wanted`` names an option that no row was swept over."""
     if not wanted or not rows:
         return ""
     swept = {name for row in rows for name in row["point_values"]}
@@ -523,8 +523,9 @@ def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
     lines = [
         f"## Each row against {named}",
         "",
-        "The paired bootstrap test on the same test examples (of the seeds both rows ran, concatenated): the "
-        "difference in points of the primary metric [95% interval] and p, 10,000 resamples.",
+        "The paired bootstrap test on the same test examples (each example's scores averaged over the seeds "
+        "both rows ran; whole examples resampled): the difference in points of the primary metric [95% "
+        "interval] and p, 10,000 resamples.",
         "",
         "| task | arm | setting | metric (%) | difference (points) [95% interval] | p | seeds |",
         "|---|---|---|---|---|---|---|",
@@ -543,18 +544,16 @@ def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
             mean = f"{100 * score[0]:.1f}" if score else "no primary metric"
             cells = [task, row["label"], row["point"], f"**{mean}**" if row is reference else mean]
             compared = runs[(task, row["label"], json.dumps(row["point_values"], sort_keys=True))]
-            seeds = sorted(set(compared) & set(base))
             if row is reference:
-                outcome = ["reference", "", ",".join(map(str, seeds))]
+                outcome = ["reference", "", ",".join(map(str, sorted(base)))]
             else:
-                a = [v for seed in seeds for v in compared[seed].get("per_example") or []]
-                b = [v for seed in seeds for v in base[seed].get("per_example") or []]
-                if not a or len(a) != len(b):
-                    outcome = ["not paired (no shared seed, no per-example scores, or other examples)", "", ""]
+                try:
+                    test = paired_bootstrap_over_seeds(_scores(compared), _scores(base))
+                except ValueError as error:
+                    outcome = [f"not paired ({error})", "", ""]
                 else:
-                    test = paired_bootstrap(a, b)
                     interval = f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}]"
-                    outcome = [interval, f"{test.p_value:.3f}", ",".join(map(str, seeds))]
+                    outcome = [interval, f"{test.p_value:.3f}", ",".join(map(str, test.seeds))]
             lines.append("| " + " | ".join([*cells, *outcome]) + " |")
     return "\n".join(lines) + "\n"
 
