@@ -576,23 +576,9 @@ def test_a_cross_task_report_without_test_runs_lists_its_trials(tmp_path):
     assert not (tmp_path / "cross_task.png").exists()
 
 
-def _test_record(task: str, label: str, point: dict) -> dict:
-    return {
-        "phase": "test",
-        "task": task,
-        "label": label,
-        "method": "lofit",
-        "point": point,
-        "seed": 1,
-        "metric": "exact_match",
-        "metrics": {"exact_match": 0.5, "num_examples": 4},
-        "seconds": 1.0,
-    }
-
-
 def test_summary_keeps_each_tasks_rows_together():
     def record(task, heads):
-        return _test_record(task, "LoFiT", {"heads": heads})
+        return _scored_record("", "LoFiT", task, 1, {"heads": heads}, [1, 1, 0, 0])
 
     records = [record("x", "a"), record("y", "a"), record("x", "b"), record("y", "b")]  # x's "b" finished after y's "a"
     assert [(row["task"], row["point_values"]["heads"]) for row in report_module.summarize(records)] == [
@@ -605,7 +591,7 @@ def test_summary_keeps_each_tasks_rows_together():
 
 def test_summary_groups_arms_and_orders_numeric_points():
     def record(label, size):
-        return _test_record("x", label, {"train_size": size})
+        return _scored_record("", label, "x", 1, {"train_size": size}, [1, 1, 0, 0])
 
     records = [
         record("LoFiT", 10),
@@ -627,7 +613,7 @@ def test_summary_groups_arms_and_orders_numeric_points():
 
 def test_tuning_trials_are_listed_with_their_arm_when_one_finished_late():
     def trial(task, label, lr):
-        return _test_record(task, label, {}) | {"phase": "tune", "trial": {"lr": lr}, "score": 0.5}
+        return _scored_record("", label, task, 1, {}, [1, 1, 0, 0]) | {"phase": "tune", "trial": {"lr": lr}}
 
     # a resumed run finished x's RED trial at 0.03 after every trial of task y
     records = [trial("x", "LoFiT", 0.01), trial("x", "RED", 0.01), trial("y", "LoFiT", 0.01), trial("x", "RED", 0.03)]

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from lofit.methods import METHODS
-from lofit.methods.lofit.config import LofitConfig
+from lofit.methods.lofit.config import LofitConfig, selection_bias_lr_option
 from lofit.runs.config import OPTION_OWNERS, CellConfig, RunConfig
 from lofit.runs.config import cell_config as build_cell_config
 from lofit.runs.recipes import with_recipe
@@ -352,7 +352,7 @@ def ranking_key(options: dict[str, Any]) -> str:
     shared = {f.name for cls in (RunConfig, LofitConfig, ComputeConfig) for f in fields(cls)}
     kept = {k: options[k] for k in sorted(shared) if k in options and k not in STEP2_ONLY and k not in UNHASHED}
     kept["task"] = options.get("heads_task") or options["task"]
-    if kept.get("heads") != "bias-based" or kept.get("select_bias_lr") is not None:
+    if selection_bias_lr_option(kept) != "bias_lr":
         kept.pop("bias_lr", None)
     return config_key("ranking", kept)
 

@@ -27,6 +27,7 @@ import torch
 from lofit.experiments.bootstrap import paired_bootstrap_over_seeds
 from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step, same_value
 from lofit.experiments.results import read_results
+from lofit.methods.lofit.config import selection_bias_lr_option
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.plots import curves, layer_histograms, matrix_plot
@@ -636,7 +637,7 @@ def layers(records: list[dict], folder: Path) -> str:
 def _objective(options: dict) -> str:
     """The step-1 objective of a ranking's options, with its strength, learning rate and epochs."""
     if options.get("heads") == "bias-based":
-        rate = options.get("select_bias_lr") or options.get("bias_lr")
+        rate = options.get(selection_bias_lr_option(options))
         return f"bias-based, bias lr {rate}, {options.get('select_epochs')} epochs"
     if options.get("heads", "lofit") != "lofit":
         return options.get("heads", "?")

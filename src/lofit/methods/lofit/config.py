@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -14,6 +14,15 @@ module lies below); this module reads the names only, when a config is checked."
 SELECTION_OBJECTIVES = ("l1", "group")
 """Step-1 objectives (see :mod:`lofit.methods.lofit.steps`): the paper's L1 penalty, or a proximal
 head-level group penalty."""
+
+
+def selection_bias_lr_option(options: Mapping[str, Any]) -> str | None:
+    """The option holding the learning rate of v in step 1, for a configuration's ``options``:
+    ``select_bias_lr`` when bias-based selection (``heads: bias-based``) sets it, else ``bias_lr``;
+    None for every other selector, whose step 1 trains no bias."""
+    if options.get("heads") != "bias-based":
+        return None
+    return "select_bias_lr" if options.get("select_bias_lr") is not None else "bias_lr"
 
 
 def check_head_amount(amount: float) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lofit.methods.lofit.config import selection_bias_lr_option
 from lofit.methods.lofit.model import LofitModel
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.training.loop import TrainingLog, TrainingRun, TrainingSetup, train
@@ -164,6 +165,7 @@ def select_heads_by_bias(
     epochs at ``select_bias_lr`` (else the bias learning rate), and rank heads by ||v[l, h]||_2.
     Leaves v at 0."""
     config = model.lofit_config
+    rate_option = selection_bias_lr_option(config.to_dict() | {"heads": "bias-based"})  # whatever --heads says
     log = _train_biases(
         model,
         objective,
@@ -173,7 +175,7 @@ def select_heads_by_bias(
         "select-by-bias",
         progress,
         setup,
-        lr=(config.select_bias_lr, "--select-bias-lr") if config.select_bias_lr is not None else None,
+        lr=(getattr(config, rate_option), "--" + rate_option.replace("_", "-")),
     )
     ranking = HeadRanking.from_scores(model.lofit_bias.detach().norm(dim=-1))
     with torch.no_grad():
