@@ -469,6 +469,7 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
     task reads (``"read_when"`` in the field's metadata); with ``tune``, an override (``--option``)
     of an option an arm tunes."""
     swept = [option for option, values in grid.sweep.items() if len(values) > 1]
+    searched: dict[str, list[str]] = {}
     for arm in grid.arms:
         tuned = arm.searched() if tune else []
         overridden = sorted(set(tuned) & set(overrides))
@@ -477,33 +478,31 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
                 f"grid {grid.name}, arm {arm.label}: the command line sets {', '.join(overridden)}, which --tune "
                 "searches for this arm, so its trials would be one cell; leave it to the tuning, or run without --tune"
             )
-        searched = swept + tuned
-        for task in grid.tasks if searched else []:
-            phase, trials = ("tune", arm.trials()) if tune else ("test", [{}])
-            resolved = [
-                make_cell(grid, phase, arm, task, grid.seeds[0], point, trial, overrides).config
-                for point in grid.points()
-                for trial in trials
-            ]
-            unread = [unread_options(CONFIG_CLASSES, options) for options in resolved]
-            idle = [option for option in searched if all(option in options for options in unread)]
-            if idle:
-                reasons = "; ".join(
-                    f"{option} is read only with "
-                    + ", ".join(f"{other}: {value}" for other, value in unread[0][option].items())
-                    + " (here "
-                    + ", ".join(
-                        f"{other}: {resolved[0].get(other)}" + (" from the command line" if other in overrides else "")
-                        for other in unread[0][option]
-                    )
-                    + ")"
-                    for option in idle
+        searched[arm.label] = swept + tuned
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for cell in expand(grid, "tune" if tune else "test", overrides):  # the base trials, or the untuned test cells
+        if cell.seed == grid.seeds[0] and searched[cell.label]:
+            groups.setdefault((cell.label, cell.task), []).append(cell.config)
+    for (label, task), resolved in groups.items():
+        unread = [unread_options(CONFIG_CLASSES, options) for options in resolved]
+        idle = [option for option in searched[label] if all(option in options for options in unread)]
+        if idle:
+            reasons = "; ".join(
+                f"{option} is read only with "
+                + ", ".join(f"{other}: {value}" for other, value in unread[0][option].items())
+                + " (here "
+                + ", ".join(
+                    f"{other}: {resolved[0].get(other)}" + (" from the command line" if other in overrides else "")
+                    for other in unread[0][option]
                 )
-                raise ValueError(
-                    f"grid {grid.name}, arm {arm.label} on {task}: searches {', '.join(idle)}, which its cells do not "
-                    f"read ({reasons}), so its values would be one cell; set the option that makes them read it, or "
-                    "search an option they read"
-                )
+                + ")"
+                for option in idle
+            )
+            raise ValueError(
+                f"grid {grid.name}, arm {label} on {task}: searches {', '.join(idle)}, which its cells do not "
+                f"read ({reasons}), so its values would be one cell; set the option that makes them read it, or "
+                "search an option they read"
+            )
 
 
 INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND = (
