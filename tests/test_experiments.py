@@ -149,6 +149,16 @@ def test_a_search_whose_values_would_be_one_cell_is_refused(setting, tmp_path):
     l1 = load_grid(str(grid_file(setting, tmp_path, arms=[plain], sweep={"l1_lambda": [1e-3, 5e-3]})))
     check_searches(l1, {}, tune=False)
     assert len({cell.key for cell in expand(l1, "test", {})}) == 2
+    tuned_bias = plain | {"tune": {"bias_lr": [1e-2, 5e-2]}}
+    untuned_group = group | {"label": "group"}  # no tune grid: under --tune it is only tested
+    beside = load_grid(
+        str(grid_file(setting, tmp_path, arms=[tuned_bias, untuned_group], sweep={"l1_lambda": [1e-3, 5e-3]}))
+    )
+    with pytest.raises(ValueError, match=r"arm group on .*: searches l1_lambda, which its cells do not read"):
+        check_searches(beside, {}, tune=True)
+    check_searches(
+        load_grid(str(grid_file(setting, tmp_path, arms=[tuned_bias, plain | {"label": "untuned"}]))), {}, tune=True
+    )
 
 
 @pytest.mark.parametrize("name", sorted(shipped_grids()))
@@ -788,7 +798,7 @@ def test_seeds_are_paired_by_example_and_whole_examples_resampled():
     for runs, message in [
         ({3: a}, "no seed run by both systems"),
         ({1: a[:4]}, "scored different numbers of examples: \\[4, 8\\]"),
-        ({1: []}, "has no per-example scores"),
+        ({1: []}, "the first system's run of seed\\(s\\) \\[1\\] has no per-example scores"),
     ]:
         with pytest.raises(ValueError, match=message):
             paired_bootstrap_over_seeds(runs, {1: b})
@@ -919,7 +929,8 @@ def test_each_row_is_compared_with_the_grids_reference_row_by_the_paired_bootstr
     append_result(folder, record("h", "L", 1, [0, 0, 0, 0], {"num_heads": 0.2}) | {"metric": None})
     text = write_report(folder, {"num_heads": "1e-1"}).read_text()
     assert "| x | L | num_heads=0.1 | **25.0** | reference |" in text
-    assert "| x | L | num_heads=0.5 | 0.0 | not paired (a run of seeds [1] has no per-example scores)" in text
+    unpaired = "not paired (the first system's run of seed(s) [1] has no per-example scores)"
+    assert f"| x | L | num_heads=0.5 | 0.0 | {unpaired}" in text
     assert "| x | L | num_heads=0.2 | no primary metric |" in text
 
 

@@ -570,7 +570,9 @@ def test_the_ood_report_gives_each_arms_change_against_no_ft_with_a_bootstrap_in
         append_result(tmp_path, record("No-FT", "truthfulqa:nq_open", seed, base))
         append_result(tmp_path, record("LoFiT", "truthfulqa:nq_open", seed, base))  # no change
         append_result(tmp_path, record("LoRA", "truthfulqa:nq_open", seed, [0.0] * 40))  # loses every right answer
+    append_result(tmp_path, record("ITI", "truthfulqa:nq_open", 42, [1.0] * 10))  # scored other examples
     report = write_report(tmp_path).read_text()
+    assert "| ITI | missing | 100.0 (not paired: the runs of seeds [42] scored different numbers of examples" in report
     assert "## Out-of-domain change: each arm against No-FT" in report
     assert "| arm | truthfulqa (mc1) | nq_open (true_false_accuracy) |" in report
     assert "| No-FT | **50.0** |" in report

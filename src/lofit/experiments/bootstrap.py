@@ -64,9 +64,10 @@ def paired_bootstrap_over_seeds(
     seeds = tuple(sorted(set(a) & set(b)))
     if not seeds:
         raise ValueError(f"no seed run by both systems (seeds {sorted(a)} and {sorted(b)})")
+    for system, runs in (("first", a), ("second", b)):
+        if empty := [s for s in seeds if not len(runs[s])]:
+            raise ValueError(f"the {system} system's run of seed(s) {empty} has no per-example scores")
     lengths = {len(runs[s]) for runs in (a, b) for s in seeds}
-    if not min(lengths):
-        raise ValueError(f"a run of seeds {list(seeds)} has no per-example scores")
     if len(lengths) != 1:
         raise ValueError(f"the runs of seeds {list(seeds)} scored different numbers of examples: {sorted(lengths)}")
     means = [torch.tensor([runs[s] for s in seeds], dtype=torch.float64).mean(dim=0).tolist() for runs in (a, b)]

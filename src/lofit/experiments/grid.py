@@ -470,6 +470,7 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
     of an option an arm tunes."""
     swept = [option for option, values in grid.sweep.items() if len(values) > 1]
     searched: dict[str, list[str]] = {}
+    phases: dict[str, str] = {}
     for arm in grid.arms:
         tuned = arm.searched() if tune else []
         overridden = sorted(set(tuned) & set(overrides))
@@ -479,10 +480,12 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
                 "searches for this arm, so its trials would be one cell; leave it to the tuning, or run without --tune"
             )
         searched[arm.label] = swept + tuned
+        phases[arm.label] = "tune" if tune and arm.trials() else "test"  # an arm without a tune grid is only tested
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for cell in expand(grid, "tune" if tune else "test", overrides):  # the base trials, or the untuned test cells
-        if cell.seed == grid.seeds[0] and searched[cell.label]:
-            groups.setdefault((cell.label, cell.task), []).append(cell.config)
+    for phase in dict.fromkeys(phases.values()):  # the base trials of tuned arms, the untuned test cells of others
+        for cell in expand(grid, phase, overrides):
+            if phases[cell.label] == phase and cell.seed == grid.seeds[0] and searched[cell.label]:
+                groups.setdefault((cell.label, cell.task), []).append(cell.config)
     for (label, task), resolved in groups.items():
         unread = [unread_options(CONFIG_CLASSES, options) for options in resolved]
         idle = [option for option in searched[label] if all(option in options for options in unread)]

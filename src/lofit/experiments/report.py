@@ -392,7 +392,12 @@ def cross_task(records: list[dict], folder: Path) -> str:
                 cells.append(f"{100 * score:.1f} (no diagonal)")
                 values.append(None)
                 continue
-            test = paired_bootstrap_over_seeds(_scores(runs), _scores(diagonal))
+            try:
+                test = paired_bootstrap_over_seeds(_scores(runs), _scores(diagonal))
+            except ValueError as error:
+                cells.append(f"{100 * score:.1f} (not paired: {error})")
+                values.append(None)
+                continue
             cells.append(
                 f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], p={test.p_value:.3f}"
             )
@@ -459,7 +464,12 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
                 cells.append(f"**{100 * score:.1f}**" if label == baseline else f"{100 * score:.1f} (no {baseline})")
                 values.append(0.0 if label == baseline else None)
                 continue
-            test = paired_bootstrap_over_seeds(_scores(runs), _scores(base))
+            try:
+                test = paired_bootstrap_over_seeds(_scores(runs), _scores(base))
+            except ValueError as error:
+                cells.append(f"{100 * score:.1f} (not paired: {error})")
+                values.append(None)
+                continue
             cells.append(
                 f"{100 * score:.1f} ({100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], "
                 f"p={test.p_value:.3f})"
