@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lofit.experiments.bootstrap import paired_bootstrap_over_seeds
+from lofit.experiments.bootstrap import BootstrapResult, paired_bootstrap_over_seeds
 from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step, same_value
 from lofit.experiments.results import read_results
 from lofit.methods.lofit.config import selection_bias_lr_option
@@ -47,9 +47,20 @@ UNRECORDED_HARDWARE = "not recorded"
 """What reports say for records written before results named their hardware."""
 
 
-def _scores(runs: dict[int, dict]) -> dict[int, list[float]]:
-    """The per-example scores of one row's test records, by seed ([] where a record has none)."""
-    return {seed: record.get("per_example") or [] for seed, record in runs.items()}
+def _paired(runs: dict[int, dict], base: dict[int, dict]) -> BootstrapResult | str:
+    """The paired bootstrap test of one row's test records (by seed) against another's
+    (:func:`paired_bootstrap_over_seeds` on their per-example scores), or why they cannot be paired."""
+    try:
+        return paired_bootstrap_over_seeds(
+            *({seed: record.get("per_example") or [] for seed, record in row.items()} for row in (runs, base))
+        )
+    except ValueError as error:
+        return str(error)
+
+
+def _interval(test: BootstrapResult) -> str:
+    """A test's difference and 95% interval in points: "+d [+low, +high]"."""
+    return f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}]"
 
 
 def _minutes(members: list[dict]) -> str:
@@ -392,15 +403,12 @@ def cross_task(records: list[dict], folder: Path) -> str:
                 cells.append(f"{100 * score:.1f} (no diagonal)")
                 values.append(None)
                 continue
-            try:
-                test = paired_bootstrap_over_seeds(_scores(runs), _scores(diagonal))
-            except ValueError as error:
-                cells.append(f"{100 * score:.1f} (not paired: {error})")
+            test = _paired(runs, diagonal)
+            if isinstance(test, str):
+                cells.append(f"{100 * score:.1f} (not paired: {test})")
                 values.append(None)
                 continue
-            cells.append(
-                f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], p={test.p_value:.3f}"
-            )
+            cells.append(f"{_interval(test)}, p={test.p_value:.3f}")
             values.append(100 * test.difference)
         lines.append(f"| {x} | " + " | ".join(cells) + " |")
         matrix.append(values)
@@ -464,16 +472,12 @@ def out_of_domain(records: list[dict], folder: Path, spec: dict) -> str:
                 cells.append(f"**{100 * score:.1f}**" if label == baseline else f"{100 * score:.1f} (no {baseline})")
                 values.append(0.0 if label == baseline else None)
                 continue
-            try:
-                test = paired_bootstrap_over_seeds(_scores(runs), _scores(base))
-            except ValueError as error:
-                cells.append(f"{100 * score:.1f} (not paired: {error})")
+            test = _paired(runs, base)
+            if isinstance(test, str):
+                cells.append(f"{100 * score:.1f} (not paired: {test})")
                 values.append(None)
                 continue
-            cells.append(
-                f"{100 * score:.1f} ({100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}], "
-                f"p={test.p_value:.3f})"
-            )
+            cells.append(f"{100 * score:.1f} ({_interval(test)}, p={test.p_value:.3f})")
             values.append(100 * test.difference)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         matrix.append(values)
@@ -558,13 +562,11 @@ def comparison(records: list[dict], rows: list[dict], wanted: dict) -> str:
             if row is reference:
                 outcome = ["reference", "", ",".join(map(str, sorted(base)))]
             else:
-                try:
-                    test = paired_bootstrap_over_seeds(_scores(compared), _scores(base))
-                except ValueError as error:
-                    outcome = [f"not paired ({error})", "", ""]
+                test = _paired(compared, base)
+                if isinstance(test, str):
+                    outcome = [f"not paired ({test})", "", ""]
                 else:
-                    interval = f"{100 * test.difference:+.1f} [{100 * test.low:+.1f}, {100 * test.high:+.1f}]"
-                    outcome = [interval, f"{test.p_value:.3f}", ",".join(map(str, test.seeds))]
+                    outcome = [_interval(test), f"{test.p_value:.3f}", ",".join(map(str, test.seeds))]
             lines.append("| " + " | ".join([*cells, *outcome]) + " |")
     return "\n".join(lines) + "\n"
 
