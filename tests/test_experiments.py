@@ -960,3 +960,41 @@ def test_a_grids_reference_row_must_single_out_one_row():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             grid(compare_to, arms, sweep)
+
+
+def test_test_runs_of_a_superseded_choice_are_left_out_of_the_rows_and_named(tmp_path):
+    def trial(key, epochs, score, extends=None):
+        return {
+            "key": key,
+            "phase": "tune",
+            "label": "LoFiT",
+            "task": "x",
+            "seed": 1,
+            "method": "lofit",
+            "point": {"heads": "a"},
+            "trial": {"tune_epochs": epochs},
+            "extends": extends,
+            "metric": "exact_match",
+            "score": score,
+            "metrics": {"num_examples": 4},
+            "seconds": 1.0,
+        }
+
+    def test(key, seed, epochs, per_example):
+        return _scored_record(key, "LoFiT", "x", seed, {"heads": "a"}, per_example, trial={"tune_epochs": epochs})
+
+    for line in [
+        trial("t3", 3, 0.25),
+        trial("t6", 6, 0.5),
+        test("old1", 1, 6, [1, 0, 0, 0]),
+        test("old2", 2, 6, [1, 1, 0, 0]),
+        trial("t12", 12, 0.75, extends="tune_epochs"),  # beats 6 epochs: the two runs above are of a stale choice
+        test("new1", 1, 12, [1, 1, 1, 0]),
+    ]:
+        append_result(tmp_path, line)
+    current, superseded = report_module.split_superseded_tests(read_results(tmp_path))
+    assert [r["key"] for r in superseded] == ["old1", "old2"] and "new1" in [r["key"] for r in current]
+    report = write_report(tmp_path).read_text()
+    assert "| x | LoFiT | heads=a; tune_epochs=12 | 75.0 (1 seed) | 1 |" in report and "1 test runs" in report
+    assert "Left out: 2 test runs of choices that a later tuning trial superseded" in report
+    assert "- x, LoFiT, heads=a, tune_epochs=6: seed 1: 25.0, seed 2: 50.0" in report

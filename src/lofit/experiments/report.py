@@ -221,6 +221,43 @@ def _group_key(record: dict) -> tuple:
     return record["task"], record["label"], json.dumps(record.get("point", {}), sort_keys=True)
 
 
+def split_superseded_tests(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``records`` without the test runs of superseded choices, and those runs. A test run is
+    superseded when its tuned setting (``trial``) is not the current choice (:func:`_best`) of
+    the tuning trials of its task, arm and sweep point: it tested the choice of a grid that an
+    extension trial has since beaten. Averaging it with the new choice's runs would mix two
+    settings under one row."""
+    trials: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("phase") == "tune":
+            trials[_group_key(r)].append(r)
+    chosen = {group: _best(members)["trial"] for group, members in trials.items()}
+    current, superseded = [], []
+    for r in records:
+        group = _group_key(r) if r.get("phase") == "test" else None
+        stale = group in chosen and r.get("trial", chosen[group]) != chosen[group]
+        (superseded if stale else current).append(r)
+    return current, superseded
+
+
+def _superseded_note(superseded: list[dict]) -> str:
+    """One line per superseded setting: which test runs the report leaves out, and why."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in superseded:
+        groups[(*_group_key(r), json.dumps(r["trial"], sort_keys=True))].append(r)
+    lines = [
+        f"Left out: {len(superseded)} test runs of choices that a later tuning trial superseded "
+        "(kept in results.jsonl):",
+        "",
+    ]
+    for members in groups.values():
+        r = members[0]
+        setting = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
+        scores = ", ".join(f"seed {m['seed']}: {100 * m['score']:.1f}" for m in members if m.get("score") is not None)
+        lines.append(f"- {r['task']}, {r['label']}, {_point(r) or 'no sweep point'}, {setting}: {scores}")
+    return "\n".join(lines) + "\n"
+
+
 def _best(trials: list[dict]) -> dict:
     """The chosen trial of one group: the highest score, the earlier trial on a tie (base trials
     in the order they ran, then extension trials in the order they were added)."""
@@ -757,6 +794,7 @@ def write_report(folder: Path, compare_to: dict[str, str] | None = None) -> Path
     if not records:
         raise FileNotFoundError(f"no results in {folder / 'results.jsonl'}")
     spec, name = records[-1].get("report", {"kind": "table"}), records[-1].get("experiment", folder.name)
+    records, superseded = split_superseded_tests(records)
     rows = summarize(records)
     table, table_csv = _table(rows) if rows else ("", "")
     parts = [
@@ -773,6 +811,8 @@ def write_report(folder: Path, compare_to: dict[str, str] | None = None) -> Path
         "",
         table,
     ]
+    if superseded:
+        parts.append(_superseded_note(superseded))
     compared = comparison(records, rows, compare_to if compare_to is not None else spec.get("compare_to", {}))
     section = report_kind(spec.get("kind"))(records, rows, folder, spec)  # may write figures: after the checks
     if section is not None:
