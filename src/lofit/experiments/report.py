@@ -39,6 +39,11 @@ def _point(record: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in record.get("point", {}).items())
 
 
+def _setting(trial: dict) -> str:
+    """A tuned setting as ``option=value, ...``."""
+    return ", ".join(f"{k}={v}" for k, v in trial.items())
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -183,7 +188,7 @@ def _table(rows: list[dict]) -> tuple[str, str]:
                 continue
             text = f"{100 * row[m][0]:.1f}" + (f" ± {100 * row[m][1]:.1f}" if len(row["seeds"]) > 1 else " (1 seed)")
             cells.append(f"**{text}**" if len(rows) > 1 and row[m][0] == best[(row["task"], m)] else text)
-        setting = "; ".join(filter(None, [row["point"], ", ".join(f"{k}={v}" for k, v in row["trial"].items())]))
+        setting = "; ".join(filter(None, [row["point"], _setting(row["trial"])]))
         parameters = f"{row['trained_parameters']:,}" if row["trained_parameters"] is not None else ""
         lines.append(
             "| "
@@ -227,11 +232,7 @@ def split_superseded_tests(records: list[dict]) -> tuple[list[dict], list[dict]]
     the tuning trials of its task, arm and sweep point: it tested the choice of a grid that an
     extension trial has since beaten. Averaging it with the new choice's runs would mix two
     settings under one row."""
-    trials: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        if r.get("phase") == "tune":
-            trials[_group_key(r)].append(r)
-    chosen = {group: _best(members)["trial"] for group, members in trials.items()}
+    chosen = {group: _best(members)["trial"] for group, members in _tuning_groups(records).items()}
     current, superseded = [], []
     for r in records:
         group = _group_key(r) if r.get("phase") == "test" else None
@@ -252,10 +253,20 @@ def _superseded_note(superseded: list[dict]) -> str:
     ]
     for members in groups.values():
         r = members[0]
-        setting = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
+        setting = _setting(r["trial"])
         scores = ", ".join(f"seed {m['seed']}: {100 * m['score']:.1f}" for m in members if m.get("score") is not None)
         lines.append(f"- {r['task']}, {r['label']}, {_point(r) or 'no sweep point'}, {setting}: {scores}")
     return "\n".join(lines) + "\n"
+
+
+def _tuning_groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    """The tuning trials of ``records`` per (task, arm, sweep point), each group in the order of
+    ``records``."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("phase") == "tune":
+            groups[_group_key(r)].append(r)
+    return groups
 
 
 def _best(trials: list[dict]) -> dict:
@@ -338,9 +349,6 @@ def _tuning(records: list[dict]) -> str:
     if not trials:
         return ""
     trials.sort(key=_grid_order(trials, "point"))
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in trials:
-        groups[_group_key(r)].append(r)
     lines = [
         "## Tuning trials (validation split)",
         "",
@@ -348,13 +356,13 @@ def _tuning(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in trials:
-        trial = ", ".join(f"{k}={v}" for k, v in r["trial"].items())
+        trial = _setting(r["trial"])
         score = "" if r.get("score") is None else f"{100 * r['score']:.1f}"
         lines.append(
             f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {score} | "
             f"{r['metrics'].get('num_examples')} | {r.get('extends') or ''} |"
         )
-    return _tuning_summary(groups) + "\n" + "\n".join(lines) + "\n"
+    return _tuning_summary(_tuning_groups(trials)) + "\n" + "\n".join(lines) + "\n"
 
 
 def _epochs(record: dict) -> tuple[str, str]:
