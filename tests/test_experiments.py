@@ -200,6 +200,43 @@ def test_tuned_numbers_are_log_grids(setting, tmp_path):
     assert step_beyond("lora_rank", 1, 4.0, False) is None and step_beyond("lora_rank", 3, 1.4, True) == 4
 
 
+def test_an_equal_budget_fixes_every_training_arms_epochs(setting, tmp_path):
+    arms = [
+        {"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2]}},
+        {"label": "RED", "method": "red", "tune": {"red_lr": [1e-2, 2e-2]}},
+        {"label": "0-shot", "method": "zero-shot"},
+    ]
+    options = {"model": setting["model"], "select_epochs": 1, "progress": False}
+    grid = load_grid(str(grid_file(setting, tmp_path, arms=arms, options=options, budget=3)))
+    check_tuning(grid)  # one searched option is enough where the budget fixes the epochs
+    trained = {c.label: c.config for c in expand(grid, "tune", {})}
+    assert trained["LoFiT"]["tune_epochs"] == 3 and trained["RED"]["red_epochs"] == 3
+    assert "0-shot" not in trained  # an arm without a tune grid is only tested, and trains nothing to budget
+    zero_shot = [c for c in expand(grid, "test", {}) if c.label == "0-shot"]
+    assert zero_shot and all(c.config["tune_epochs"] == LofitConfig().tune_epochs for c in zero_shot)
+    with pytest.raises(ValueError, match=r"command line sets red_epochs, tune_epochs, which the grid's budget \(3"):
+        check_searches(grid, {"tune_epochs": 5, "red_epochs": 2}, tune=True)
+    check_searches(grid, {"select_epochs": 2}, tune=True)
+    with pytest.raises(ValueError, match="at least two hyper-parameters"):
+        check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms, options=options))))
+
+    refusals = {
+        "budget is a whole number of epochs >= 1; got 0": dict(budget=0),
+        "budget is a whole number of epochs >= 1; got '48'": dict(budget="48"),
+        "budget is a whole number of epochs >= 1; got True": dict(budget=True),
+        "arm RED: tunes red_epochs, which the grid's budget": dict(
+            budget=3, arms=[arms[0], RED_TUNED | {"tune": {"red_lr": [1e-2, 2e-2], "red_epochs": [1, 2]}}]
+        ),
+        "arm LoFiT: sets tune_epochs, which the grid's budget": dict(
+            budget=3, arms=[arms[0] | {"options": {"tune_epochs": 2}}]
+        ),
+        "sweeps tune_epochs, which the grid's budget": dict(budget=3, sweep={"tune_epochs": [1, 2]}),
+    }
+    for message, changes in refusals.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_grid(str(grid_file(setting, tmp_path, **({"arms": arms, "options": options} | changes))))
+
+
 def test_tuning_needs_two_hyper_parameters_and_equal_base_grids(setting, tmp_path):
     arms = [
         {"label": "LoFiT", "method": "lofit", "tune": {"bias_lr": [1e-2, 5e-2], "l1_lambda": [1e-3, 5e-3]}},

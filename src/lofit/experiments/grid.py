@@ -4,10 +4,11 @@ A grid names the tasks, seeds and *arms* (a label, a method, the arm's options) 
 experiment, options shared by every cell, and a *sweep* (option -> values) crossed with
 the arms. Every (task, arm, sweep point, seed) is one cell. With ``--tune`` an arm's
 ``tune`` grid (option -> values) is tried on the validation split first; every tuned arm
-must have the same number of base trials and tune at least two options, so no method gets
-more tuning than another. A numeric tuned option is a log grid (a list with a constant
-ratio between consecutive sorted values, or ``{low, high, points}``); where the best trial
-sits at an edge of the range explored, :func:`search` adds trials one log step beyond it.
+must have the same number of base trials and tune at least two options (one where the grid
+states an equal training ``budget``), so no method gets more tuning than another. A numeric
+tuned option is a log grid (a list with a constant ratio between consecutive sorted values,
+or ``{low, high, points}``); where the best trial sits at an edge of the range explored,
+:func:`search` adds trials one log step beyond it.
 
 A cell's options are flat names of :class:`~lofit.runs.config.RunConfig`,
 :class:`~lofit.methods.lofit.config.LofitConfig`, :class:`~lofit.utils.compute.ComputeConfig` and the
@@ -150,6 +151,16 @@ def tune_values(where: str, option: str, spec: Any) -> list:
     return spec
 
 
+def epochs_option(method: str) -> str | None:
+    """The option that sets how many epochs a ``method`` cell trains: ``tune_epochs`` (step 2)
+    for LoFiT, ``<method>_epochs`` for another method that has one, None for one that trains nothing."""
+    if method == "lofit":
+        return "tune_epochs"
+    config_class = METHODS[method].config_class if method in METHODS else None
+    name = f"{method}_epochs"
+    return name if config_class and name in {f.name for f in fields(config_class)} else None
+
+
 def step_beyond(option: str, value: float, ratio: float, up: bool) -> float | None:
     """One log step beyond ``value``: times ``ratio`` (``up``) or divided by it, floats to 6 significant
     digits; an integer option's value is rounded and at least 1, None when that leaves ``value`` itself."""
@@ -193,10 +204,15 @@ class Grid:
     """Validation examples each tuning trial is scored on (the first ones; all when the split is smaller)."""
     tune_extend: int = 3
     """Extension trials per side per numeric tuned option, at most (0: the base grid only)."""
+    budget: int | None = None
+    """An equal training budget, stated rather than tuned: every arm that trains runs this many
+    epochs (LoFiT: of step 2, ``tune_epochs``; another method: its ``<method>_epochs``), and its
+    epochs are neither an arm's option nor tuned. For a method whose accuracy still rises at the
+    longest training a grid can afford, so that a tuned epoch count would sit at the extension cap."""
 
     def __post_init__(self) -> None:
         """The report's reference row (``compare_to``) checked against the arms and the sweep; each arm's
-        tune grid expanded and checked by :func:`tune_values`."""
+        tune grid expanded and checked by :func:`tune_values`; the ``budget`` set on every arm that trains."""
         if not isinstance(self.tune_extend, int) or self.tune_extend < 0:
             raise ValueError(f"grid {self.name}: tune_extend must be an integer >= 0; got {self.tune_extend!r}")
         check_compare_to(self)
@@ -207,6 +223,29 @@ class Grid:
                 option: tune_values(f"grid {self.name}, arm {arm.label}", option, spec)
                 for option, spec in arm.tune.items()
             }
+        if self.budget is not None:
+            self._apply_budget()
+
+    def _apply_budget(self) -> None:
+        """Set each training arm's epochs option to ``budget``; refuse a budget that is not a whole
+        number >= 1 and an arm that sets or tunes the epochs the budget fixes."""
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"grid {self.name}: budget is a whole number of epochs >= 1; got {self.budget!r}")
+        for arm in self.arms:
+            option = epochs_option(arm.method)
+            if option is None:
+                continue
+            if option in self.sweep:
+                raise ValueError(
+                    f"grid {self.name}: sweeps {option}, which the grid's budget ({self.budget} epochs for every arm) "
+                    "fixes; sweep the budget by running the grid once per value, or remove budget"
+                )
+            if option in arm.tune or option in arm.options:
+                raise ValueError(
+                    f"grid {self.name}, arm {arm.label}: {'tunes' if option in arm.tune else 'sets'} {option}, "
+                    f"which the grid's budget ({self.budget} epochs for every arm) fixes; remove it from the arm"
+                )
+            arm.options = arm.options | {option: self.budget}
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.sweep)
@@ -443,7 +482,8 @@ def make_cell(
 
 
 def check_tuning(grid: Grid) -> None:
-    """Every arm that has options to tune has a tune grid searching at least two options, and
+    """Every arm that has options to tune has a tune grid searching at least two options (one
+    where the grid states an equal ``budget``: the epochs are then fixed, not searched), and
     every tune grid has the same number of base trials (extension trials come on top)."""
     sizes = {arm.label: len(arm.trials()) for arm in grid.arms if arm.tune}
     untuned = [
@@ -454,11 +494,13 @@ def check_tuning(grid: Grid) -> None:
             f"grid {grid.name}: with --tune every tunable arm needs a tune grid of the same size "
             f"(trials per arm: {sizes or 'none'}; without a grid: {', '.join(untuned) or 'none'})"
         )
-    narrow = {arm.label: arm.searched() for arm in grid.arms if arm.tune and len(arm.searched()) < 2}
+    needed = 1 if grid.budget else 2
+    narrow = {arm.label: arm.searched() for arm in grid.arms if arm.tune and len(arm.searched()) < needed}
     if narrow:
         raise ValueError(
-            f"grid {grid.name}: with --tune every tunable arm must tune at least two hyper-parameters "
-            "(options with two or more values); "
+            f"grid {grid.name}: with --tune every tunable arm must tune at least "
+            + ("one hyper-parameter (the grid's budget fixes the epochs)" if grid.budget else "two hyper-parameters")
+            + " (options with two or more values); "
             + "; ".join(f"{label} tunes {', '.join(options) or 'none'}" for label, options in narrow.items())
         )
 
@@ -467,7 +509,13 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
     """Refuse what would make a grid's searched values one cell, under one key: an option that the
     sweep gives two or more values or (with ``tune``) an arm tunes, which no cell of that arm on a
     task reads (``"read_when"`` in the field's metadata); with ``tune``, an override (``--option``)
-    of an option an arm tunes."""
+    of an option an arm tunes; an override of the epochs a grid's ``budget`` fixes."""
+    fixed = sorted({epochs_option(arm.method) for arm in grid.arms} & set(overrides)) if grid.budget else []
+    if fixed:
+        raise ValueError(
+            f"grid {grid.name}: the command line sets {', '.join(fixed)}, which the grid's budget "
+            f"({grid.budget} epochs for every arm) fixes; leave it out, or copy the grid with another budget"
+        )
     swept = [option for option, values in grid.sweep.items() if len(values) > 1]
     searched: dict[str, list[str]] = {}
     phases: dict[str, str] = {}

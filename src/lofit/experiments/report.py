@@ -817,15 +817,15 @@ def write_report(folder: Path, compare_to: dict[str, str] | None = None) -> Path
         "",
         _budgets(records),
         "",
-        table,
-    ]
+    ] + ([table] if table else [])  # no table before the first test run
     if superseded:
         parts.append(_superseded_note(superseded))
     compared = comparison(records, rows, compare_to if compare_to is not None else spec.get("compare_to", {}))
     section = report_kind(spec.get("kind"))(records, rows, folder, spec)  # may write figures: after the checks
     if section is not None:
         parts.append(section)
-    parts.append(compared)
+    if compared:  # a report without a reference row has no comparison section
+        parts.append(compared)
     parts.append(localization(records))
     parts.append(_tuning(records))
     parts.append(_hardware(records))
