@@ -747,10 +747,12 @@ def _machine(hardware: str) -> str:
 
 
 def cell_hardware(cell: Cell) -> str:
-    """Where ``cell`` runs (in this process) and in which autocast precision (``auto`` resolves per machine)."""
+    """Where ``cell`` runs (in this process), in which autocast precision (``auto`` resolves per
+    machine) and whether its training is compiled."""
     compute = cell_config(cell, total_heads=1).compute
     device = resolve_device(compute.device)
-    return f"{hardware(device)}, {resolve_mixed_precision(compute.mixed_precision, device)}"
+    compiled = ", compiled" if compute.compile else ""
+    return f"{hardware(device)}, {resolve_mixed_precision(compute.mixed_precision, device)}{compiled}"
 
 
 def _run_config(cell: Cell, output_dir: Path, pool: ModelPool) -> CellConfig:

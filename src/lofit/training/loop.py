@@ -18,7 +18,9 @@ with batch B. A regulariser (LoFiT's L1 term) is added once per step.
 
 **Speed.** Batches group examples of similar length (:func:`epoch_batches`), and when
 no trained tensor acts below layer L the layers below L run once per training sequence
-(:mod:`lofit.training.prefix_cache`).
+(:mod:`lofit.training.prefix_cache`). With ``compile`` the model's forward pass (and so its
+backward) runs through ``torch.compile`` with dynamic shapes, one graph for every batch
+length, in place of the prefix cache, whose per-sequence lookups would break the graph.
 
 **Precision.** Forward passes run under ``accelerator.autocast()`` (``mixed_precision``
 bf16 or fp16; ``auto``: bf16 where the hardware runs it faster); the trained tensors stay
@@ -319,7 +321,7 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
 def _prefix_cache(model: nn.Module, run: TrainingRun) -> contextlib.AbstractContextManager:
     """The frozen-prefix cache when something lies below the first trained layer and memory is allowed."""
     budget = run.setup.compute.prefix_cache_mb * 2**20
-    if run.first_trained_layer < 1 or budget == 0:
+    if run.first_trained_layer < 1 or budget == 0 or run.setup.compute.compile:
         return contextlib.nullcontext()
     return PrefixCache(_hf_model(model), run.first_trained_layer, budget).attached()
 
@@ -376,6 +378,7 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     # The model stays in eval mode: only adapter tensors train, and the frozen model's dropout must
     # not perturb the policy (DPO's reference log-probabilities are computed without it).
     model.eval()
+    forward_model = torch.compile(model, dynamic=True) if run.setup.compute.compile else model
     show = run.progress and is_main_process()
     with (
         tqdm(total=total_steps, initial=state.step, desc=run.description, disable=not show, dynamic_ncols=True) as bar,
@@ -385,7 +388,8 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
         while state.step < total_steps:
             epoch, offset = divmod(state.step, steps_per_epoch)
             batch_ids = batches[epoch][offset]
-            loss = _step(model, objective, [batch_ids[i] for i in my_share(len(batch_ids))], run, accelerator, device)
+            share = [batch_ids[i] for i in my_share(len(batch_ids))]
+            loss = _step(forward_model, objective, share, run, accelerator, device)
             if not math.isfinite(loss):
                 kept = latest_checkpoint(stage_dir) if stage_dir else None
                 raise NonFiniteLossError(

@@ -106,6 +106,18 @@ class ComputeConfig:
             "help": "batch training examples of similar length together (less padding; batches in seeded random order)"
         },
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "hashed": False,
+            "resume": "may change",
+            "help": (
+                "train through torch.compile (TorchInductor, dynamic shapes): faster steps after a few minutes of "
+                "compiling, float rounding that may differ from eager's; the frozen-prefix cache is off while "
+                "compiled (benchmarks/compile.py measures both)"
+            ),
+        },
+    )
     report_to: str = field(
         default="none",
         metadata={
