@@ -214,23 +214,31 @@ def test_an_equal_budget_fixes_every_training_arms_epochs(setting, tmp_path):
     assert "0-shot" not in trained  # an arm without a tune grid is only tested, and trains nothing to budget
     zero_shot = [c for c in expand(grid, "test", {}) if c.label == "0-shot"]
     assert zero_shot and all(c.config["tune_epochs"] == LofitConfig().tune_epochs for c in zero_shot)
-    with pytest.raises(ValueError, match=r"command line sets red_epochs, tune_epochs, which the grid's budget \(3"):
+    with pytest.raises(ValueError, match=r"command line sets red_epochs, tune_epochs \(--option\), which the grid's"):
         check_searches(grid, {"tune_epochs": 5, "red_epochs": 2}, tune=True)
     check_searches(grid, {"select_epochs": 2}, tune=True)
     with pytest.raises(ValueError, match="at least two hyper-parameters"):
         check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms, options=options))))
 
+    assert dataclasses.replace(grid).budget_options(grid.arms[1]) == {"red_epochs": 3}  # checks, sets nothing
+    iti = {"label": "ITI", "method": "iti", "tune": {"iti_alpha": [10, 20]}}  # no epochs for a budget to fix
+    with pytest.raises(ValueError, match="at least two hyper-parameters.*ITI tunes iti_alpha$"):
+        check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=[arms[0], iti], options=options, budget=3))))
+
     refusals = {
         "budget is a whole number of epochs >= 1; got 0": dict(budget=0),
         "budget is a whole number of epochs >= 1; got '48'": dict(budget="48"),
         "budget is a whole number of epochs >= 1; got True": dict(budget=True),
-        "arm RED: tunes red_epochs, which the grid's budget": dict(
+        "arm RED: its tune grid gives red_epochs, which the grid's budget (3 epochs": dict(
             budget=3, arms=[arms[0], RED_TUNED | {"tune": {"red_lr": [1e-2, 2e-2], "red_epochs": [1, 2]}}]
         ),
-        "arm LoFiT: sets tune_epochs, which the grid's budget": dict(
+        "arm LoFiT: its options gives tune_epochs, which the grid's budget": dict(
             budget=3, arms=[arms[0] | {"options": {"tune_epochs": 2}}]
         ),
-        "sweeps tune_epochs, which the grid's budget": dict(budget=3, sweep={"tune_epochs": [1, 2]}),
+        "grid tiny: its sweep give tune_epochs, which the grid's budget": dict(budget=3, sweep={"tune_epochs": [1, 2]}),
+        "grid tiny: its options give red_epochs, which the grid's budget": dict(
+            budget=3, options=options | {"red_epochs": 2}
+        ),
     }
     for message, changes in refusals.items():
         with pytest.raises(ValueError, match=re.escape(message)):

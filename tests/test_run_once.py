@@ -53,7 +53,8 @@ def test_an_unknown_report_kind_is_refused_with_the_known_names():
 
 def test_option_groups_are_read_from_field_metadata():
     assert RESUME_IGNORES == {"resume", "progress", "save_steps", "eval_batch_size", "limit"}
-    assert UNHASHED == {"output_dir", "data_dir", "progress", "resume", "save_steps", "eval_batch_size", "report_to"}
+    unhashed = {"output_dir", "data_dir", "progress", "resume", "save_steps", "eval_batch_size", "report_to", "compile"}
+    assert UNHASHED == unhashed
     assert STEP2_ONLY == {
         "num_heads",
         "tune_epochs",

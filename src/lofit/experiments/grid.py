@@ -49,8 +49,9 @@ from lofit.utils.options import option_group, unread_options
 RUNNER_OPTIONS = {"heads_task": None, "select_only": False}
 """The runner's own cell options and their defaults."""
 UNHASHED = option_group([RunConfig, ComputeConfig], "hashed", False)
-"""Options that do not change a cell's result, left out of its key (``"hashed": False`` in a
-field's metadata)."""
+"""Options that do not change what a cell computes, only where, how fast or how verbosely (compiling
+may round floats differently, as the thread count may), left out of its key (``"hashed": False``
+in a field's metadata)."""
 ALL_HEADS = "all"
 CONFIG_CLASSES = (RunConfig, LofitConfig, ComputeConfig, *(m.config_class for m in METHODS.values() if m.config_class))
 HASHED_WHEN_SET = option_group(CONFIG_CLASSES, "hashed", "when set")
@@ -153,7 +154,8 @@ def tune_values(where: str, option: str, spec: Any) -> list:
 
 def epochs_option(method: str) -> str | None:
     """The option that sets how many epochs a ``method`` cell trains: ``tune_epochs`` (step 2)
-    for LoFiT, ``<method>_epochs`` for another method that has one, None for one that trains nothing."""
+    for LoFiT, ``<method>_epochs`` for another method that has one, None for one without (zero-shot
+    trains nothing; ITI and RepE fit their directions in one pass)."""
     if method == "lofit":
         return "tune_epochs"
     config_class = METHODS[method].config_class if method in METHODS else None
@@ -212,7 +214,7 @@ class Grid:
 
     def __post_init__(self) -> None:
         """The report's reference row (``compare_to``) checked against the arms and the sweep; each arm's
-        tune grid expanded and checked by :func:`tune_values`; the ``budget`` set on every arm that trains."""
+        tune grid expanded and checked by :func:`tune_values`; the ``budget`` checked."""
         if not isinstance(self.tune_extend, int) or self.tune_extend < 0:
             raise ValueError(f"grid {self.name}: tune_extend must be an integer >= 0; got {self.tune_extend!r}")
         check_compare_to(self)
@@ -224,28 +226,32 @@ class Grid:
                 for option, spec in arm.tune.items()
             }
         if self.budget is not None:
-            self._apply_budget()
+            self._check_budget()
 
-    def _apply_budget(self) -> None:
-        """Set each training arm's epochs option to ``budget``; refuse a budget that is not a whole
-        number >= 1 and an arm that sets or tunes the epochs the budget fixes."""
+    def _check_budget(self) -> None:
+        """Refuse a budget that is not a whole number >= 1, and epochs the budget fixes set elsewhere:
+        in the grid's options, a sweep, or an arm's options or tune grid (:meth:`budget_options`
+        sets them on every cell)."""
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"grid {self.name}: budget is a whole number of epochs >= 1; got {self.budget!r}")
+        fixed = f"which the grid's budget ({self.budget} epochs for every training arm) fixes"
+        for where, options in (("options", self.options), ("sweep", self.sweep)):
+            clash = sorted({epochs_option(arm.method) for arm in self.arms} & set(options))
+            if clash:
+                raise ValueError(f"grid {self.name}: its {where} give {', '.join(clash)}, {fixed}; remove it there")
         for arm in self.arms:
             option = epochs_option(arm.method)
-            if option is None:
-                continue
-            if option in self.sweep:
-                raise ValueError(
-                    f"grid {self.name}: sweeps {option}, which the grid's budget ({self.budget} epochs for every arm) "
-                    "fixes; sweep the budget by running the grid once per value, or remove budget"
-                )
-            if option in arm.tune or option in arm.options:
-                raise ValueError(
-                    f"grid {self.name}, arm {arm.label}: {'tunes' if option in arm.tune else 'sets'} {option}, "
-                    f"which the grid's budget ({self.budget} epochs for every arm) fixes; remove it from the arm"
-                )
-            arm.options = arm.options | {option: self.budget}
+            for where, options in (("tune grid", arm.tune), ("options", arm.options)):
+                if option in options:
+                    raise ValueError(
+                        f"grid {self.name}, arm {arm.label}: its {where} gives {option}, {fixed}; remove it there"
+                    )
+
+    def budget_options(self, arm: Arm) -> dict[str, int]:
+        """The epochs the grid's ``budget`` gives ``arm``'s cells (none without a budget, or for an arm
+        whose method has no epochs option)."""
+        option = epochs_option(arm.method)
+        return {option: self.budget} if self.budget is not None and option is not None else {}
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.sweep)
@@ -456,10 +462,11 @@ def make_cell(
     overrides: dict[str, Any],
     extends: str | None = None,
 ) -> Cell:
-    """The cell of ``arm`` on ``task`` with ``seed``: recipe < grid options < arm < sweep point <
-    trial < overrides; a grid option or override of another method's config is left out of this arm's cells."""
+    """The cell of ``arm`` on ``task`` with ``seed``: recipe < grid options < arm < the grid's budget <
+    sweep point < trial < overrides (the budget's epochs are set nowhere else); a grid option or
+    override of another method's config is left out of this arm's cells."""
     shared = {k: v for k, v in (grid.options | overrides).items() if OPTION_OWNERS.get(k, arm.method) == arm.method}
-    options = shared | arm.options | point | trial | {"task": task, "seed": seed}
+    options = shared | arm.options | grid.budget_options(arm) | point | trial | {"task": task, "seed": seed}
     options |= {k: v for k, v in overrides.items() if k in shared}
     if phase == "tune":
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
@@ -483,7 +490,7 @@ def make_cell(
 
 def check_tuning(grid: Grid) -> None:
     """Every arm that has options to tune has a tune grid searching at least two options (one
-    where the grid states an equal ``budget``: the epochs are then fixed, not searched), and
+    where the grid's ``budget`` fixes the arm's epochs: they are then stated, not searched), and
     every tune grid has the same number of base trials (extension trials come on top)."""
     sizes = {arm.label: len(arm.trials()) for arm in grid.arms if arm.tune}
     untuned = [
@@ -494,13 +501,15 @@ def check_tuning(grid: Grid) -> None:
             f"grid {grid.name}: with --tune every tunable arm needs a tune grid of the same size "
             f"(trials per arm: {sizes or 'none'}; without a grid: {', '.join(untuned) or 'none'})"
         )
-    needed = 1 if grid.budget else 2
-    narrow = {arm.label: arm.searched() for arm in grid.arms if arm.tune and len(arm.searched()) < needed}
+    narrow = {
+        arm.label: arm.searched()
+        for arm in grid.arms
+        if arm.tune and len(arm.searched()) < (1 if grid.budget_options(arm) else 2)
+    }
     if narrow:
         raise ValueError(
-            f"grid {grid.name}: with --tune every tunable arm must tune at least "
-            + ("one hyper-parameter (the grid's budget fixes the epochs)" if grid.budget else "two hyper-parameters")
-            + " (options with two or more values); "
+            f"grid {grid.name}: with --tune every tunable arm must tune at least two hyper-parameters, one "
+            "where the grid's budget fixes its epochs (options with two or more values); "
             + "; ".join(f"{label} tunes {', '.join(options) or 'none'}" for label, options in narrow.items())
         )
 
@@ -513,8 +522,8 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
     fixed = sorted({epochs_option(arm.method) for arm in grid.arms} & set(overrides)) if grid.budget else []
     if fixed:
         raise ValueError(
-            f"grid {grid.name}: the command line sets {', '.join(fixed)}, which the grid's budget "
-            f"({grid.budget} epochs for every arm) fixes; leave it out, or copy the grid with another budget"
+            f"grid {grid.name}: the command line sets {', '.join(fixed)} (--option), which the grid's budget "
+            f"({grid.budget} epochs for every training arm) fixes; leave it out, or copy the grid with another budget"
         )
     swept = [option for option, values in grid.sweep.items() if len(values) > 1]
     searched: dict[str, list[str]] = {}

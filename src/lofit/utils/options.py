@@ -6,7 +6,8 @@ A value is converted to its field's type (YAML reads ``5e-2`` as a string: it be
 
 Groups of options are declared on the fields themselves, as metadata read by
 :func:`option_group`: ``"resume": "may change"`` (may differ when a run is resumed),
-``"hashed": False`` (does not change a result, so left out of an experiment cell's key),
+``"hashed": False`` (does not change what is computed, only where, how fast or how verbosely: left
+out of an experiment cell's key; like the thread count, compiling may still round floats differently),
 ``"hashed": "when set"`` (left out of the key while ``None``: an option added later keeps the
 keys of the cells that do not set it), ``"step": 2`` (read by LoFiT's step 2 only: cells
 differing in it share one step-1 ranking) and ``"evaluation": True`` (shapes only the
