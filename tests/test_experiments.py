@@ -220,15 +220,23 @@ def test_an_equal_budget_fixes_every_training_arms_epochs(setting, tmp_path):
     with pytest.raises(ValueError, match="at least two hyper-parameters"):
         check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=arms, options=options))))
 
-    assert dataclasses.replace(grid).budget_options(grid.arms[1]) == {"red_epochs": 3}  # checks, sets nothing
+    assert dataclasses.replace(grid).budget_options(grid.arms[1], setting["task"]) == {"red_epochs": 3}  # no mutation
+    per_task = load_grid(str(grid_file(setting, tmp_path, arms=arms, options=options, budget={setting["task"]: 2})))
+    assert {c.config["tune_epochs"] for c in expand(per_task, "tune", {}) if c.label == "LoFiT"} == {2}
+    with pytest.raises(
+        ValueError, match=r"budget \(.*: 2 epochs for every training arm\) gives no epochs for task 'x'"
+    ):
+        per_task.budget_options(per_task.arms[0], "x")
     iti = {"label": "ITI", "method": "iti", "tune": {"iti_alpha": [10, 20]}}  # no epochs for a budget to fix
     with pytest.raises(ValueError, match="at least two hyper-parameters.*ITI tunes iti_alpha$"):
         check_tuning(load_grid(str(grid_file(setting, tmp_path, arms=[arms[0], iti], options=options, budget=3))))
 
     refusals = {
-        "budget is a whole number of epochs >= 1; got 0": dict(budget=0),
-        "budget is a whole number of epochs >= 1; got '48'": dict(budget="48"),
-        "budget is a whole number of epochs >= 1; got True": dict(budget=True),
+        "budget is a whole number of epochs >= 1, or one per task (": dict(budget=0),
+        "; got '48'": dict(budget="48"),
+        "; got True": dict(budget=True),
+        "; got {'clutrr': 48} (no budget for ": dict(budget={"clutrr": 48}),
+        "; got {'clutrr': 0}": dict(budget={"clutrr": 0}),
         "arm RED: its tune grid gives red_epochs, which the grid's budget (3 epochs": dict(
             budget=3, arms=[arms[0], RED_TUNED | {"tune": {"red_lr": [1e-2, 2e-2], "red_epochs": [1, 2]}}]
         ),

@@ -152,6 +152,10 @@ def tune_values(where: str, option: str, spec: Any) -> list:
     return spec
 
 
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def epochs_option(method: str) -> str | None:
     """The option that sets how many epochs a ``method`` cell trains: ``tune_epochs`` (step 2)
     for LoFiT, ``<method>_epochs`` for another method that has one, None for one without (zero-shot
@@ -206,11 +210,12 @@ class Grid:
     """Validation examples each tuning trial is scored on (the first ones; all when the split is smaller)."""
     tune_extend: int = 3
     """Extension trials per side per numeric tuned option, at most (0: the base grid only)."""
-    budget: int | None = None
+    budget: int | dict[str, int] | None = None
     """An equal training budget, stated rather than tuned: every arm that trains runs this many
-    epochs (LoFiT: of step 2, ``tune_epochs``; another method: its ``<method>_epochs``), and its
-    epochs are neither an arm's option nor tuned. For a method whose accuracy still rises at the
-    longest training a grid can afford, so that a tuned epoch count would sit at the extension cap."""
+    epochs (LoFiT: of step 2, ``tune_epochs``; another method: its ``<method>_epochs``), one number
+    for every task or one per task (``{clutrr: 48, mquake: 5}``), and its epochs are set nowhere
+    else. For a method whose accuracy still rises at the longest training a grid can afford, so
+    that a tuned epoch count would sit at the extension cap."""
 
     def __post_init__(self) -> None:
         """The report's reference row (``compare_to``) checked against the arms and the sweep; each arm's
@@ -229,12 +234,19 @@ class Grid:
             self._check_budget()
 
     def _check_budget(self) -> None:
-        """Refuse a budget that is not a whole number >= 1, and epochs the budget fixes set elsewhere:
-        in the grid's options, a sweep, or an arm's options or tune grid (:meth:`budget_options`
-        sets them on every cell)."""
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"grid {self.name}: budget is a whole number of epochs >= 1; got {self.budget!r}")
-        fixed = f"which the grid's budget ({self.budget} epochs for every training arm) fixes"
+        """Refuse a budget that is not a whole number >= 1 (or one per task of the grid), and epochs
+        the budget fixes set elsewhere: in the grid's options, a sweep, or an arm's options or tune
+        grid (:meth:`budget_options` sets them on every cell)."""
+        budgets = self.budget if isinstance(self.budget, dict) else dict.fromkeys(self.tasks, self.budget)
+        wrong = {task: epochs for task, epochs in budgets.items() if not _whole_number(epochs)}
+        missing = [task for task in self.tasks if task not in budgets]
+        if wrong or missing:
+            raise ValueError(
+                f"grid {self.name}: budget is a whole number of epochs >= 1, or one per task "
+                f"({', '.join(self.tasks)}); got {self.budget!r}"
+                + (f" (no budget for {', '.join(missing)})" if missing else "")
+            )
+        fixed = f"which the grid's budget ({self.budget_words()}) fixes"
         for where, options in (("options", self.options), ("sweep", self.sweep)):
             clash = sorted({epochs_option(arm.method) for arm in self.arms} & set(options))
             if clash:
@@ -247,11 +259,26 @@ class Grid:
                         f"grid {self.name}, arm {arm.label}: its {where} gives {option}, {fixed}; remove it there"
                     )
 
-    def budget_options(self, arm: Arm) -> dict[str, int]:
-        """The epochs the grid's ``budget`` gives ``arm``'s cells (none without a budget, or for an arm
-        whose method has no epochs option)."""
+    def budget_words(self) -> str:
+        """The budget in words: "48 epochs for every training arm", or per task."""
+        if isinstance(self.budget, dict):
+            return (
+                ", ".join(f"{task}: {epochs}" for task, epochs in self.budget.items())
+                + " epochs for every training arm"
+            )
+        return f"{self.budget} epochs for every training arm"
+
+    def budget_options(self, arm: Arm, task: str) -> dict[str, int]:
+        """The epochs the grid's ``budget`` gives ``arm``'s cells on ``task`` (none without a budget, or
+        for an arm whose method has no epochs option)."""
         option = epochs_option(arm.method)
-        return {option: self.budget} if self.budget is not None and option is not None else {}
+        if self.budget is None or option is None:
+            return {}
+        if isinstance(self.budget, dict) and task not in self.budget:
+            raise ValueError(
+                f"grid {self.name}: its budget ({self.budget_words()}) gives no epochs for task {task!r}; add it there"
+            )
+        return {option: self.budget[task] if isinstance(self.budget, dict) else self.budget}
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.sweep)
@@ -466,7 +493,7 @@ def make_cell(
     sweep point < trial < overrides (the budget's epochs are set nowhere else); a grid option or
     override of another method's config is left out of this arm's cells."""
     shared = {k: v for k, v in (grid.options | overrides).items() if OPTION_OWNERS.get(k, arm.method) == arm.method}
-    options = shared | arm.options | grid.budget_options(arm) | point | trial | {"task": task, "seed": seed}
+    options = shared | arm.options | grid.budget_options(arm, task) | point | trial | {"task": task, "seed": seed}
     options |= {k: v for k, v in overrides.items() if k in shared}
     if phase == "tune":
         options |= {"eval_split": "val", "limit": min(grid.tune_limit, overrides.get("limit") or grid.tune_limit)}
@@ -504,7 +531,7 @@ def check_tuning(grid: Grid) -> None:
     narrow = {
         arm.label: arm.searched()
         for arm in grid.arms
-        if arm.tune and len(arm.searched()) < (1 if grid.budget_options(arm) else 2)
+        if arm.tune and len(arm.searched()) < (1 if grid.budget and epochs_option(arm.method) else 2)
     }
     if narrow:
         raise ValueError(
@@ -523,7 +550,7 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
     if fixed:
         raise ValueError(
             f"grid {grid.name}: the command line sets {', '.join(fixed)} (--option), which the grid's budget "
-            f"({grid.budget} epochs for every training arm) fixes; leave it out, or copy the grid with another budget"
+            f"({grid.budget_words()}) fixes; leave it out, or copy the grid with another budget"
         )
     swept = [option for option, values in grid.sweep.items() if len(values) > 1]
     searched: dict[str, list[str]] = {}
