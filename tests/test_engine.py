@@ -42,11 +42,15 @@ CONFIG = LofitConfig(
     num_heads=4, select_epochs=2, tune_epochs=3, batch_size=4, scale_lr=1e-2, bias_lr=5e-2, l1_lambda=1e-3
 )
 HEADS = [(0, 1), (1, 2), (2, 0), (2, 3)]
+ABOVE_LAYER_0 = [(1, 0), (1, 2), (2, 1)]
+"""Heads with a frozen layer below them, so that step 2 runs with the prefix cache by default."""
 
 
-def tuned_bias(setup: TrainingSetup | None = None, objective=None, model_type: str = "llama") -> torch.Tensor:
+def tuned_bias(
+    setup: TrainingSetup | None = None, objective=None, model_type: str = "llama", heads=HEADS
+) -> torch.Tensor:
     lofit_model = get_lofit_model(tiny_model(model_type), CONFIG)
-    tune_biases(lofit_model, objective or SFT(synthetic_pairs(14), PAD), HEADS, progress=False, setup=setup)
+    tune_biases(lofit_model, objective or SFT(synthetic_pairs(14), PAD), heads, progress=False, setup=setup)
     return lofit_model.lofit_bias.detach().clone()
 
 
@@ -390,18 +394,8 @@ def test_the_prefix_cache_gives_the_same_loss_and_gradients(model_type):
 
 
 def test_step_2_with_the_prefix_cache_trains_the_same_adapter():
-    heads = [(1, 0), (1, 2), (2, 1)]
-
-    def tuned(budget_mb: int):
-        lofit_model = get_lofit_model(tiny_model("llama"), CONFIG)
-        tune_biases(
-            lofit_model,
-            SFT(synthetic_pairs(14), PAD),
-            heads,
-            progress=False,
-            setup=TrainingSetup(ComputeConfig(prefix_cache_mb=budget_mb)),
-        )
-        return lofit_model.lofit_bias.detach().clone()
+    def tuned(budget_mb: int) -> torch.Tensor:
+        return tuned_bias(TrainingSetup(ComputeConfig(prefix_cache_mb=budget_mb)), heads=ABOVE_LAYER_0)
 
     assert torch.allclose(tuned(0), tuned(64), atol=1e-5)
 
@@ -409,18 +403,9 @@ def test_step_2_with_the_prefix_cache_trains_the_same_adapter():
 def test_compiled_training_trains_the_same_adapter():
     """torch.compile (dynamic shapes: the batches differ in length) in place of eager steps and of the
     prefix cache: the same biases, to float rounding."""
-    heads = [(1, 0), (1, 2), (2, 1)]
 
     def tuned(compiled: bool) -> torch.Tensor:
-        lofit_model = get_lofit_model(tiny_model("llama"), CONFIG)
-        tune_biases(
-            lofit_model,
-            SFT(synthetic_pairs(14), PAD),
-            heads,
-            progress=False,
-            setup=TrainingSetup(ComputeConfig(compile=compiled)),
-        )
-        return lofit_model.lofit_bias.detach().clone()
+        return tuned_bias(TrainingSetup(ComputeConfig(compile=compiled)), heads=ABOVE_LAYER_0)
 
     eager = tuned(False)
     counters.clear()

@@ -248,7 +248,7 @@ class Grid:
             )
         fixed = f"which the grid's budget ({self.budget_words()}) fixes"
         for where, options in (("options", self.options), ("sweep", self.sweep)):
-            clash = sorted({epochs_option(arm.method) for arm in self.arms} & set(options))
+            clash = sorted(self.fixed_epochs() & set(options))
             if clash:
                 raise ValueError(f"grid {self.name}: its {where} give {', '.join(clash)}, {fixed}; remove it there")
         for arm in self.arms:
@@ -258,6 +258,12 @@ class Grid:
                     raise ValueError(
                         f"grid {self.name}, arm {arm.label}: its {where} gives {option}, {fixed}; remove it there"
                     )
+
+    def fixed_epochs(self) -> set[str]:
+        """The epochs options the grid's ``budget`` fixes: those of its training arms (none without a budget)."""
+        if self.budget is None:
+            return set()
+        return {option for arm in self.arms if (option := epochs_option(arm.method)) is not None}
 
     def budget_words(self) -> str:
         """The budget in words: "48 epochs for every training arm", or per task."""
@@ -546,7 +552,7 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
     sweep gives two or more values or (with ``tune``) an arm tunes, which no cell of that arm on a
     task reads (``"read_when"`` in the field's metadata); with ``tune``, an override (``--option``)
     of an option an arm tunes; an override of the epochs a grid's ``budget`` fixes."""
-    fixed = sorted({epochs_option(arm.method) for arm in grid.arms} & set(overrides)) if grid.budget else []
+    fixed = sorted(grid.fixed_epochs() & set(overrides))
     if fixed:
         raise ValueError(
             f"grid {grid.name}: the command line sets {', '.join(fixed)} (--option), which the grid's budget "

@@ -378,11 +378,12 @@ def train(model: nn.Module, objective: Objective, run: TrainingRun) -> TrainingL
     # The model stays in eval mode: only adapter tensors train, and the frozen model's dropout must
     # not perturb the policy (DPO's reference log-probabilities are computed without it).
     model.eval()
+    forward_model = model
     if run.setup.compute.compile:
         # A new adapter (a cell, a step) fails the guards of the graphs compiled before it; past dynamo's
         # recompile limit it would fall back to eager silently, so each compiled training starts afresh.
         torch._dynamo.reset()
-    forward_model = torch.compile(model, dynamic=True) if run.setup.compute.compile else model
+        forward_model = torch.compile(model, dynamic=True)
     show = run.progress and is_main_process()
     with (
         tqdm(total=total_steps, initial=state.step, desc=run.description, disable=not show, dynamic_ncols=True) as bar,
