@@ -32,7 +32,7 @@ from lofit.experiments.grid import (
     shipped_grids,
     step_beyond,
 )
-from lofit.experiments.report import jaccard, parse_compare_to, write_report
+from lofit.experiments.report import edge_warning, jaccard, parse_compare_to, unexplored_edges, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods import METHODS
 from lofit.methods.lofit.config import LofitConfig
@@ -502,7 +502,7 @@ def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path
     assert first["trained_parameters"] == best["trained_parameters"] and len(first["per_example"]) == 12
 
 
-def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeypatch):
+def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeypatch, capsys):
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=1, arms=[RED_TUNED])))
     fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])  # higher is better for both
     Runner(grid, tmp_path / "capped", tune=True, pool=ModelPool(), log=lambda _: None).run()
@@ -510,6 +510,13 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
     report = write_report(tmp_path / "capped").read_text()
     assert "| red_lr=0.04 (**edge (cap)**), red_epochs=2 (inside after extension) |" in report
     assert "| 4 + 2 | 12 |" in report  # trials and validation examples
+    records = read_results(tmp_path / "capped")
+    edge = f"{records[0]['task']}, RED, no sweep point: red_lr=0.04 (edge (cap))"
+    assert unexplored_edges(records) == [edge]  # red_epochs, inside, is not named
+    assert edge_warning(tmp_path / "capped").endswith(f"\n  - {edge}")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "capped")]) == 0
+    assert capsys.readouterr().err == edge_warning(tmp_path / "capped") + "\n"  # lofit report warns
 
 
 def test_siblings_are_named_from_the_working_directory_even_for_the_folder_dot(setting, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import yaml
 from lofit.experiments import shipped_grids
 from lofit.experiments.command import run_experiment_command
 from lofit.experiments.executors import EXECUTORS
-from lofit.experiments.report import parse_compare_to, write_report
+from lofit.experiments.report import edge_warning, parse_compare_to, write_report
 from lofit.methods import METHOD_CONFIGS
 from lofit.methods.lofit.config import LofitConfig
 from lofit.methods.lofit.ranking import HeadRanking
@@ -403,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             compare_to = None if args.compare_to is None else parse_compare_to(args.compare_to)
             print(f"report: {write_report(Path(args.folder), compare_to)}")
+            if warning := edge_warning(Path(args.folder)):
+                print(warning, file=sys.stderr)
         elif args.command == "serve":
             _serve(args)
         elif args.command == "merge":

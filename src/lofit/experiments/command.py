@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import yaml
 from lofit.experiments.executors import EXECUTORS, Executor, LocalExecutor, RayExecutor, SlurmExecutor
 from lofit.experiments.grid import Grid, load_grid
 from lofit.experiments.progress import FAILURES
-from lofit.experiments.report import report_kind, write_report
+from lofit.experiments.report import edge_warning, report_kind, write_report
 from lofit.experiments.results import RESULTS
 from lofit.experiments.runner import Runner, run_job
 from lofit.training.trackers import check_trackers
@@ -136,6 +137,8 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     print(f"results: {folder / RESULTS}\nreport: {write_report(folder)}")
+    if warning := edge_warning(folder):
+        print(warning, file=sys.stderr)
     if runner.failed:
         print(
             f"{len(runner.failed)} cell(s) or step-1 ranking(s) failed (errors in {folder / FAILURES / RESULTS}); "

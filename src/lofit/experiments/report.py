@@ -281,11 +281,11 @@ UNEXPLORED = (EDGE_CAP, EDGE_PENDING)
 """Positions at an edge beyond which a value could have been tried but was not: marked in bold."""
 
 
-def _positions(trials: list[dict], best: dict) -> list[str]:
-    """Each tuned value of ``best`` with where it sits in its group's explored range
-    (:func:`~lofit.experiments.grid.edge_step`); trials recorded before edge extension (no
-    ``tune_grid``) count their explored values as the base grid and a cap of 0."""
-    texts = []
+def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str]]:
+    """Each tuned option of ``best`` as (option, value, where the value sits in its group's
+    explored range, :func:`~lofit.experiments.grid.edge_step`); trials recorded before edge
+    extension (no ``tune_grid``) count their explored values as the base grid and a cap of 0."""
+    positions = []
     for option, value in best.get("trial", {}).items():
         explored = [r["trial"][option] for r in trials if option in r.get("trial", {})]
         base = best.get("tune_grid", {}).get(option, sorted(set(explored), key=explored.index))
@@ -297,9 +297,40 @@ def _positions(trials: list[dict], best: dict) -> list[str]:
             best.get("tune_extend", 0),
             lambda new, option=option: admissible(best["method"], best.get("options", {}) | {option: new}),
         )
-        mark = f" (**{position}**)" if position in UNEXPLORED else f" ({position})" if position else ""
-        texts.append(f"{option}={value}{mark}")
-    return texts
+        positions.append((option, value, position))
+    return positions
+
+
+def _marked(option: str, value: object, position: str) -> str:
+    """``option=value`` with its position, in bold where it is an unexplored edge."""
+    mark = f" (**{position}**)" if position in UNEXPLORED else f" ({position})" if position else ""
+    return f"{option}={value}{mark}"
+
+
+def unexplored_edges(records: list[dict]) -> list[str]:
+    """The tuned choices of ``records`` that sit at an edge beyond which a value could have been
+    tried but was not (:data:`UNEXPLORED`), one line each: task, arm, setting, option, value, position."""
+    found = []
+    for trials in _tuning_groups(records).values():
+        best = _best(trials)
+        for option, value, position in _positions(trials, best):
+            if position in UNEXPLORED:
+                setting = _point(best) or "no sweep point"
+                found.append(f"{best['task']}, {best['label']}, {setting}: {option}={value} ({position})")
+    return found
+
+
+def edge_warning(folder: Path) -> str:
+    """A warning naming every tuned choice of ``folder``'s results at an unexplored edge
+    (:func:`unexplored_edges`), or "" when there is none: such a choice is not an optimum."""
+    edges = unexplored_edges(read_results(folder))
+    if not edges:
+        return ""
+    return (
+        f"warning: {len(edges)} tuned choice(s) sit at an unexplored edge of their range, so they are not "
+        "known optima (run the experiment on with --tune to extend them; a cap is raised with tune_extend):\n"
+        + "\n".join(f"  - {edge}" for edge in edges)
+    )
 
 
 def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
@@ -330,8 +361,9 @@ def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
         per_arm[best["label"]][0] += len(trials) - extensions
         per_arm[best["label"]][1] += extensions
         score = "" if best.get("score") is None else f"{100 * best['score']:.1f}"
+        chosen = ", ".join(_marked(*position) for position in _positions(trials, best))
         lines.append(
-            f"| {best['task']} | {best['label']} | {_point(best)} | {', '.join(_positions(trials, best))} | "
+            f"| {best['task']} | {best['label']} | {_point(best)} | {chosen} | "
             f"{score} | {len(trials) - extensions} + {extensions} | {best['metrics'].get('num_examples')} |"
         )
     lines += [
