@@ -27,7 +27,9 @@ from lofit.experiments.grid import (
     Grid,
     check_searches,
     check_tuning,
+    edge_step,
     expand,
+    option_line,
     same_value,
     shipped_grids,
     step_beyond,
@@ -386,6 +388,31 @@ def fake_fit(monkeypatch, score, calls: list):
     return fake_cell
 
 
+def test_a_best_value_is_inside_only_when_the_line_through_the_best_trial_brackets_it():
+    """table2-v2's case: the epochs were extended at the rate best at 6 epochs, so at the best
+    trial's 48 epochs no other rate was tried; the rate's range over all trials brackets it, the
+    line through the best trial does not, so its neighbours at 48 epochs are due."""
+    trials = [{"bias_lr": lr, "tune_epochs": 6} for lr in (0.0125, 0.025, 0.05)] + [
+        {"bias_lr": 0.025, "tune_epochs": epochs} for epochs in (12, 24, 48)
+    ]
+    best, accepts = trials[-1], lambda value: True
+    line = option_line(trials, best, "bias_lr")
+    assert line == [0.025] and option_line(trials, best, "tune_epochs") == [6, 12, 24, 48]
+    explored = [trial["bias_lr"] for trial in trials]
+    assert edge_step("bias_lr", [0.0125, 0.025, 0.05], explored, 0.025, 3, accepts) == ("inside", [])  # all trials
+    assert edge_step("bias_lr", [0.0125, 0.025, 0.05], explored, 0.025, 3, accepts, line) == (
+        "edge (pending)",
+        [0.0125, 0.05],  # the nearest rates tried elsewhere, below and above
+    )
+    # past every explored value a side is extended one log step, up to the cap, or ends at a bound
+    assert edge_step("bias_lr", [0.0125, 0.025], [0.0125, 0.025], 0.025, 1, accepts) == ("edge (pending)", [0.05])
+    assert edge_step("bias_lr", [0.0125, 0.025], [0.0125, 0.025, 0.05], 0.05, 1, accepts) == ("edge (cap)", [])
+    assert edge_step("red_epochs", [1, 2], [1, 2], 1, 3, accepts) == ("edge (bound)", [])  # no epoch count below 1
+    assert edge_step("red_epochs", [1, 2, 4], [1, 2, 4], 2, 3, accepts) == ("inside", [])
+    assert edge_step("red_epochs", [1, 2, 4], [1, 2, 4, 8], 4, 3, accepts, [2, 4, 8]) == ("inside after extension", [])
+    assert edge_step("method", ["a", "b"], ["a", "b"], "a", 3, accepts) == (None, [])  # categorical
+
+
 def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setting, tmp_path, monkeypatch):
     arms = [RED_TUNED, {"label": "zero", "method": "zero-shot"}]
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
@@ -407,7 +434,8 @@ def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setti
     assert first[0]["options"]["eval_split"] == "val" and first[0]["options"]["limit"] == 300
     listing = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).listing()
     assert "(red_lr=0.08, red_epochs=1; extends red_lr)" in listing and "may be added" in listing
-    assert listing.count("  tune ") == 6
+    # and red_epochs 2 at the best lr: the line through the best trial lacks the epochs above it
+    assert "(red_lr=0.04, red_epochs=2; extends red_epochs)" in listing and listing.count("  tune ") == 7
     red_test = [line for line in listing.splitlines() if "  test " in line and " RED " in line]
     assert red_test[0].endswith("seed 1")  # the untuned setting until tuning has settled
 
@@ -416,15 +444,15 @@ def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setti
     records = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
     # the recorded extension was not recomputed; then the tests, zero-shot's first: its group had
     # nothing to tune, so it waited from the start, behind the trials only
-    assert calls == [(0.08, 1), None, (0.04, 1)]
-    assert [r["phase"] for r in records] == ["tune"] * 6 + ["test", "test"]
-    assert records[6]["label"] == "RED" and records[6]["trial"] == {"red_lr": 0.04, "red_epochs": 1}
+    assert calls == [(0.08, 1), (0.04, 2), None, (0.04, 1)]
+    assert [r["phase"] for r in records] == ["tune"] * 7 + ["test", "test"]
+    assert records[7]["label"] == "RED" and records[7]["trial"] == {"red_lr": 0.04, "red_epochs": 1}
     settled = Runner(grid, folder, tune=True, pool=ModelPool(), log=lambda _: None)
-    assert "may be added" not in settled.listing() and settled.run() == records and len(calls) == 3
+    assert "may be added" not in settled.listing() and settled.run() == records and len(calls) == 4
 
     report = write_report(folder).read_text()
-    assert "| red_lr=0.04 (inside after extension), red_epochs=1 (edge (bound)) | 49.0 | 4 + 2 | 12 |" in report
-    assert "Trials per arm (base + extension, over every task and setting): RED 4 + 2." in report
+    assert "| red_lr=0.04 (inside after extension), red_epochs=1 (edge (bound)) | 49.0 | 4 + 3 | 12 |" in report
+    assert "Trials per arm (base + extension, over every task and setting): RED 4 + 3." in report
     assert "zero: none; RED: 1 (tuned)" in report  # the budgets as run, arms in the order of the test rows
 
 
@@ -459,7 +487,12 @@ def test_extensions_and_settled_groups_tests_start_as_soon_as_they_can(setting, 
     last_trial_ends = max(clock + trial["red_epochs"] for clock, phase, trial in starts if phase == "tune")
     zero_test = next(clock for clock, phase, trial in starts if phase == "test" and not trial)
     assert zero_test < last_trial_ends  # on the worker the trials left free, not after all of them
-    assert [trial["red_lr"] for _, phase, trial in starts if phase == "tune"][4:] == [0.04, 0.08]
+    extensions = [trial for _, phase, trial in starts if phase == "tune"][4:]
+    assert extensions == [
+        {"red_lr": 0.04, "red_epochs": 1},
+        {"red_lr": 0.08, "red_epochs": 1},
+        {"red_lr": 0.04, "red_epochs": 2},
+    ]
 
 
 def test_a_trial_a_sibling_records_while_it_waits_here_is_run_and_recorded_once(setting, tmp_path, monkeypatch):
@@ -506,14 +539,17 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=1, arms=[RED_TUNED])))
     fake_fit(monkeypatch, lambda lr, epochs: 10 * lr + 0.01 * epochs, calls := [])  # higher is better for both
     Runner(grid, tmp_path / "capped", tune=True, pool=ModelPool(), log=lambda _: None).run()
-    assert calls == [(0.01, 1), (0.01, 2), (0.02, 1), (0.02, 2), (0.04, 2), (0.02, 4), (0.04, 2)]  # trials, the test
+    # the base trials; one step beyond each edge of the best (0.02, 2); then the epochs the line
+    # through the new best (0.04, 2) lacks on each side; then the test of (0.04, 4)
+    assert calls == [(0.01, 1), (0.01, 2), (0.02, 1), (0.02, 2), (0.04, 2), (0.02, 4), (0.04, 1), (0.04, 4), (0.04, 4)]
     report = write_report(tmp_path / "capped").read_text()
-    assert "| red_lr=0.04 (**edge (cap)**), red_epochs=2 (inside after extension) |" in report
-    assert "| 4 + 2 | 12 |" in report  # trials and validation examples
+    assert "| red_lr=0.04 (**edge (cap)**), red_epochs=4 (**edge (cap)**) | 44.0 | 4 + 4 | 12 |" in report
     records = read_results(tmp_path / "capped")
-    edge = f"{records[0]['task']}, RED, no sweep point: red_lr=0.04 (edge (cap))"
-    assert unexplored_edges(records) == [edge]  # red_epochs, inside, is not named
-    assert edge_warning(tmp_path / "capped").endswith(f"\n  - {edge}")
+    edges = [
+        f"{records[0]['task']}, RED, no sweep point: {value} (edge (cap))" for value in ("red_lr=0.04", "red_epochs=4")
+    ]
+    assert unexplored_edges(records) == edges
+    assert edge_warning(tmp_path / "capped").endswith("\n  - " + "\n  - ".join(edges))
     capsys.readouterr()
     assert main(["report", str(tmp_path / "capped")]) == 0
     assert capsys.readouterr().err == edge_warning(tmp_path / "capped") + "\n"  # lofit report warns
@@ -538,7 +574,7 @@ def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path,
     swept = {"num_heads": [3]}  # a sweep point there, a plain option here: the same cells
     first = load_grid(str(grid_file(setting, tmp_path, sweep=swept, tune_extend=1, arms=[RED_TUNED])))
     Runner(first, tmp_path / "experiments" / "first", tune=True, pool=ModelPool(), log=lambda _: None).run()
-    assert len(calls) == 7  # 4 base trials, 2 extensions, the test
+    assert len(calls) == 9  # 4 base trials, 4 extensions, the test
     arms = [RED_TUNED | {"label": "RED again"}, {"label": "zero", "method": "zero-shot"}]
     options = {"model": setting["model"], "num_heads": 3} | FAST
     second = load_grid(
@@ -546,21 +582,21 @@ def test_a_sibling_experiments_cells_are_copied_not_run_again(setting, tmp_path,
     )
     folder = tmp_path / "experiments" / "second"
     listing = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).listing()
-    assert listing.count("     shared  ") == 7 and "(red_lr=0.04, red_epochs=2; extends red_lr)" in listing
-    assert "8 cells, 0 done, 7 measured by an experiment beside this one" in listing
+    assert listing.count("     shared  ") == 9 and "(red_lr=0.04, red_epochs=2; extends red_lr)" in listing
+    assert "10 cells, 0 done, 9 measured by an experiment beside this one" in listing
     status = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).status()
-    assert "8 cells: 0 done, 7 shared (copied when the experiment runs), 0 running" in status
-    assert status.count("  shared   tune ") == 6 and "measured in " in status
+    assert "10 cells: 0 done, 9 shared (copied when the experiment runs), 0 running" in status
+    assert status.count("  shared   tune ") == 8 and "measured in " in status
 
     records = Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).run()
-    assert len(calls) == 8 and calls[-1] is None  # only the zero-shot cell ran
+    assert len(calls) == 10 and calls[-1] is None  # only the zero-shot cell ran
     copied = [r for r in records if r["method"] == "red"]
-    assert len(copied) == 7 and all(r["reused_from"].endswith("first") for r in copied)
+    assert len(copied) == 9 and all(r["reused_from"].endswith("first") for r in copied)
     assert {r["label"] for r in copied} == {"RED again"} and {r["experiment"] for r in copied} == {"second"}
     assert sum(r.get("extends") == "red_lr" for r in copied) == 1 and copied[-1]["phase"] == "test"
-    assert copied[-1]["trial"] == {"red_lr": 0.04, "red_epochs": 2} and all(r["point"] == {} for r in copied)
+    assert copied[-1]["trial"] == {"red_lr": 0.04, "red_epochs": 4} and all(r["point"] == {} for r in copied)
     report = write_report(folder).read_text()
-    chosen = "| red_lr=0.04 (**edge (cap)**), red_epochs=2 (inside after extension) | 42.0 | 4 + 2 | 12 |"
+    chosen = "| red_lr=0.04 (**edge (cap)**), red_epochs=4 (**edge (cap)**) | 44.0 | 4 + 4 | 12 |"
     assert f"| RED again |  {chosen}" in report  # this grid's tuning fields, the first's scores
     assert Runner(second, folder, tune=True, pool=ModelPool(), log=lambda _: None).run() == records
 

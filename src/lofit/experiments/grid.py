@@ -609,28 +609,64 @@ INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND = (
 
 
 def edge_step(
-    option: str, base: list, explored: list, value: Any, cap: int, accepts: Callable[[Any], bool]
-) -> tuple[str | None, Any]:
-    """Where ``value``, the best trial's, sits among the ``explored`` values of a tuned option whose
-    base grid is ``base``, and the value one log step beyond it when an extension trial is due:
-    (None, None) for an option not searched on a log grid (categorical, or one value);
-    (:data:`INSIDE`, None) strictly inside the base grid's range; (:data:`EXTENDED_INSIDE`, None)
-    inside the explored range only; at an explored edge, (:data:`EDGE_CAP`, None) when ``cap``
-    extension trials beyond the base grid on that side were made, (:data:`EDGE_BOUND`, None)
-    when the option takes no value one step further (``accepts`` says which it takes), else
-    (:data:`EDGE_PENDING`, the next value)."""
+    option: str,
+    base: list,
+    explored: list,
+    value: Any,
+    cap: int,
+    accepts: Callable[[Any], bool],
+    line: list | None = None,
+) -> tuple[str | None, list]:
+    """Where ``value``, the best trial's, sits among the values tried for a tuned option whose
+    base grid is ``base``, and the values due a trial; ``explored`` holds the option's values in
+    every trial of the group, ``line`` (default: ``explored``) those in the trials whose other
+    tuned options equal the best trial's: the line through the best trial along this option.
+
+    The value is a local optimum along the option when the line holds a value on each side of it
+    (the best trial beats both). A side the line lacks is due one trial, the other options at the
+    best trial's values: at the nearest value explored on that side in another trial; past every
+    explored value, one log step beyond (an extension), unless ``cap`` extension trials beyond the
+    base grid were made on that side or the option takes no value there (``accepts`` says which
+    it takes). Returns (None, []) for an option not searched on a log grid (categorical, or one
+    value); else (:data:`EDGE_PENDING`, the values due) while any is due, then
+    (:data:`EDGE_CAP`, []) or (:data:`EDGE_BOUND`, []) for a side left unexplored at the cap or
+    at a bound, else (:data:`INSIDE`, []) strictly inside the base grid's range or
+    (:data:`EXTENDED_INSIDE`, []) inside the explored range only."""
     if len(base) < 2 or not is_numeric(base):
-        return None, None
-    if min(explored) < value < max(explored):
-        return (INSIDE if min(base) < value < max(base) else EXTENDED_INSIDE), None
-    up = value == max(explored)
-    steps = sum(v > max(base) for v in explored) if up else sum(v < min(base) for v in explored)
-    if steps >= cap:
-        return EDGE_CAP, None
-    new = step_beyond(option, value, log_ratio(base), up)
-    if new is None or not accepts(new):
-        return EDGE_BOUND, None
-    return EDGE_PENDING, new
+        return None, []
+    line = explored if line is None else line
+    due, ends = [], []
+    for up in (False, True):
+        if any(v > value if up else v < value for v in line):
+            continue
+        beyond = [v for v in explored if (v > value if up else v < value)]
+        if beyond:
+            new = min(beyond) if up else max(beyond)
+        else:
+            steps = sum(v > max(base) for v in explored) if up else sum(v < min(base) for v in explored)
+            if steps >= cap:
+                ends.append(EDGE_CAP)
+                continue
+            new = step_beyond(option, value, log_ratio(base), up)
+        if new is None or not accepts(new):
+            ends.append(EDGE_BOUND)
+        else:
+            due.append(new)
+    if due:
+        return EDGE_PENDING, due
+    if ends:
+        return (EDGE_CAP if EDGE_CAP in ends else EDGE_BOUND), []
+    return (INSIDE if min(base) < value < max(base) else EXTENDED_INSIDE), []
+
+
+def option_line(trials: list[dict], best: dict, option: str) -> list:
+    """The values of ``option`` in those ``trials`` (tuned values by option) whose other options
+    equal ``best``'s: the line through the best trial along ``option``."""
+    return [
+        trial[option]
+        for trial in trials
+        if all(same_value(trial.get(other), value) for other, value in best.items() if other != option)
+    ]
 
 
 @dataclass
@@ -649,9 +685,10 @@ def search(
 ) -> Search:
     """Replay the tuning of ``arm`` on ``task`` at ``point`` from the ``score`` of each finished trial
     (None: not finished). Once every trial so far has a score, the best (highest score, the earlier
-    trial on a tie) is looked at: for each numeric tuned option at an edge of its explored values
-    with an extension due (:func:`edge_step`), one trial with that option one log step beyond and
-    the other options at the best trial's values is added; this repeats until none is due."""
+    trial on a tie) is looked at: for each numeric tuned option whose line through the best trial
+    lacks a value on a side (:func:`edge_step`), one trial with that option at the nearest value
+    explored on that side, or one log step beyond every explored value, and the other options at
+    the best trial's values is added; this repeats until none is due."""
     seed = grid.seeds[0]
     cells = [make_cell(grid, "tune", arm, task, seed, point, trial, overrides) for trial in arm.trials()]
     while True:
@@ -662,18 +699,18 @@ def search(
             return Search(cells, True)
         best = cells[scores.index(max(scores))]
         added = []
+        trials, chosen = [dict(cell.trial) for cell in cells], dict(best.trial)
         for option in arm.searched():
-            chosen = dict(best.trial)
-            explored = [dict(cell.trial)[option] for cell in cells]
-            _, new = edge_step(
+            _, due = edge_step(
                 option,
                 arm.tune[option],
-                explored,
+                [trial[option] for trial in trials],
                 chosen[option],
                 grid.tune_extend,
                 lambda value, best=best, option=option: admissible(arm.method, best.config | {option: value}),
+                option_line(trials, chosen, option),
             )
-            if new is not None:
+            for new in due:
                 added.append(make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option))
         if not added:
             return Search(cells, True, best)

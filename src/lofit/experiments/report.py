@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from lofit.experiments.bootstrap import BootstrapResult, paired_bootstrap_over_seeds
-from lofit.experiments.grid import EDGE_BOUND, EDGE_CAP, EDGE_PENDING, admissible, edge_step, same_value
+from lofit.experiments.grid import (
+    EDGE_BOUND,
+    EDGE_CAP,
+    EDGE_PENDING,
+    admissible,
+    edge_step,
+    option_line,
+    same_value,
+)
 from lofit.experiments.results import read_results
 from lofit.methods.lofit.config import selection_bias_lr_option
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
@@ -286,8 +294,9 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str]]:
     explored range, :func:`~lofit.experiments.grid.edge_step`); trials recorded before edge
     extension (no ``tune_grid``) count their explored values as the base grid and a cap of 0."""
     positions = []
+    tried = [r.get("trial", {}) for r in trials]
     for option, value in best.get("trial", {}).items():
-        explored = [r["trial"][option] for r in trials if option in r.get("trial", {})]
+        explored = [trial[option] for trial in tried if option in trial]
         base = best.get("tune_grid", {}).get(option, sorted(set(explored), key=explored.index))
         position, _ = edge_step(
             option,
@@ -296,6 +305,7 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str]]:
             value,
             best.get("tune_extend", 0),
             lambda new, option=option: admissible(best["method"], best.get("options", {}) | {option: new}),
+            option_line(tried, best["trial"], option),
         )
         positions.append((option, value, position))
     return positions
@@ -339,11 +349,14 @@ def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
         "## Tuning (validation split)",
         "",
         "Per (task, arm, setting): the chosen trial (the highest validation score, the earlier trial on a tie) "
-        "and where each tuned value sits in the range explored: *inside* the base grid; *inside after extension* "
-        "(it sat at an edge, trials one log step beyond were added, and it ended up inside); "
-        f"**{EDGE_CAP}**: at an edge left unexplored because the extension cap (`tune_extend`) was reached; "
-        f"*{EDGE_BOUND}*: at an edge beyond which the option takes no value (an integer below 1, a fraction of "
-        f"heads of 1 or more); **{EDGE_PENDING}**: an extension trial is due but has not run."
+        "and where each tuned value sits in the range explored, judged along the line through the chosen trial "
+        "(the trials whose other tuned values are the chosen trial's): *inside* the base grid's range, with a "
+        "trial on each side of it on that line, both beaten; *inside after extension* (the same, after trials "
+        f"beyond the base grid were added); **{EDGE_CAP}**: at an edge left unexplored because the extension cap "
+        f"(`tune_extend`) was reached; *{EDGE_BOUND}*: at an edge beyond which the option takes no value (an "
+        f"integer below 1, a fraction of heads of 1 or more); **{EDGE_PENDING}**: a trial on that line is due "
+        "but has not run (one log step beyond an edge, or a value tried elsewhere but not at the chosen trial's "
+        "other values)."
         + (
             " Trials recorded before edge extension existed (no tune grid in their records) were never extended: "
             f"their edges count as {EDGE_CAP}."
