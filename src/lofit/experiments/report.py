@@ -289,7 +289,7 @@ UNEXPLORED = (EDGE_CAP, EDGE_PENDING)
 """Positions at an edge beyond which a value could have been tried but was not: marked in bold."""
 
 
-def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str]]:
+def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | None]]:
     """Each tuned option of ``best`` as (option, value, where the value sits in its group's
     explored range, :func:`~lofit.experiments.grid.edge_step`); trials recorded before edge
     extension (no ``tune_grid``) count their explored values as the base grid and a cap of 0."""
@@ -311,7 +311,7 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str]]:
     return positions
 
 
-def _marked(option: str, value: object, position: str) -> str:
+def _marked(option: str, value: object, position: str | None) -> str:
     """``option=value`` with its position, in bold where it is an unexplored edge."""
     mark = f" (**{position}**)" if position in UNEXPLORED else f" ({position})" if position else ""
     return f"{option}={value}{mark}"
