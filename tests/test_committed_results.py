@@ -41,7 +41,7 @@ REFERENCE_ROWS = {
 reports were built with (docs/results/README.md)."""
 OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "table2": "first run, tuned before edge extension; superseded on CLUTRR by table2-v3",
+    "table2": "first run, tuned before edge extension; superseded on CLUTRR and MQuAKE by table2-v3, TruthfulQA owed",
     "table3": "first run, tuned before edge extension; superseded on CLUTRR and MQuAKE by table3-v2, TruthfulQA owed",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
