@@ -19,7 +19,8 @@ from lofit.cli import main
 from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import runner as runner_module
 from lofit.experiments.executors import RayExecutor, SlurmExecutor
-from lofit.experiments.progress import read_failures, read_markers, write_marker
+from lofit.experiments.grid import ranking_key
+from lofit.experiments.progress import claim_marker, read_failures, read_markers, remove_marker, write_marker
 from lofit.experiments.results import read_results
 
 from .test_experiments import RED_TUNED, grid_file
@@ -214,6 +215,72 @@ def test_status_shows_running_cells_of_a_live_driver_only(setting, tmp_path, cap
     assert "3 cells: 0 done, 1 running, 0 failed (retried by the next run), 2 waiting" in printed
     assert "(running on ray)" in printed
     assert list(read_markers(folder)) == [red.key]
+
+
+def _marker_of(folder, key, description, pid):
+    """A marker for the job ``key`` as the driver process ``pid`` of this host would write it."""
+    write_marker(folder, key, description, "local")
+    marker = folder / "running" / f"{key}.json"
+    marker.write_text(marker.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {pid}'))
+
+
+def test_a_job_another_live_driver_runs_is_left_to_it_with_the_cells_that_wait_for_it(
+    setting, tmp_path, sequential, capsys
+):
+    grid = tiny_grid(setting, tmp_path)
+    folder = tmp_path / "runs" / "tiny"
+    lofit = Runner(load_grid(str(grid)), folder, log=lambda _: None).test_cells()[0]
+    ranking = ranking_key(lofit.config)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a live driver
+    command = ["experiment", "--grid", str(grid), "--output-dir", str(folder), "--no-progress"]
+    try:
+        _marker_of(folder, ranking, "step 1", other.pid)
+        assert main(command) == 1
+        printed = capsys.readouterr().out
+        assert f"[{ranking}] ranking " in printed and f"run by another driver (process {other.pid} on " in printed
+        assert printed.count("left to it") == 3  # step 1, and the two LoFiT cells waiting for its ranking
+        assert "3 job(s) left to another driver that runs them" in printed
+        assert [r["label"] for r in read_results(folder)] == ["RED"]
+        assert list(read_markers(folder)) == [ranking]  # the other driver's marker stays
+    finally:
+        other.kill()
+        other.wait()
+    assert main(command) == 0  # its driver has ended: its marker is stale, and this run runs the rest
+    assert comparable(folder) == sequential and not read_markers(folder)
+
+
+def test_a_marker_is_claimed_by_one_driver_and_removed_only_by_it(tmp_path):
+    folder = tmp_path / "experiment"
+    claim = (
+        "import sys, time; from pathlib import Path; "
+        "from lofit.experiments.progress import claim_marker; "
+        "folder = Path(sys.argv[1]); go, done = folder / 'go', folder / 'done'\n"
+        "while not go.exists(): time.sleep(0.01)\n"
+        "print('holder' if claim_marker(folder, 'cell', 'a cell', 'local') else 'claimed', flush=True)\n"
+        "while not done.exists(): time.sleep(0.01)"
+    )
+    drivers = [
+        subprocess.Popen([sys.executable, "-c", claim, str(folder)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    try:
+        folder.mkdir()
+        time.sleep(3)  # the drivers have imported lofit and wait for the signal
+        (folder / "go").touch()
+        outcomes = sorted(driver.stdout.readline().strip() for driver in drivers)
+        assert outcomes == ["claimed", "holder", "holder"]
+        (winner,) = read_markers(folder).values()
+        assert winner["pid"] in [driver.pid for driver in drivers]
+        assert claim_marker(folder, "cell", "a cell", "local") == winner  # a live driver's: left to it
+        remove_marker(folder, "cell")
+        assert list(read_markers(folder)) == ["cell"]  # not this process's to remove
+    finally:
+        (folder / "done").touch()
+        for driver in drivers:
+            driver.wait()
+    assert claim_marker(folder, "cell", "a cell", "local") is None  # stale now: claimed here
+    remove_marker(folder, "cell")
+    assert not list((folder / "running").iterdir())
 
 
 def test_executor_options_are_checked(setting, tmp_path, monkeypatch, capsys):

@@ -121,7 +121,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def run_experiment_command(args: argparse.Namespace) -> int:
     """``lofit experiment``: list (``--dry-run``), show progress (``--status``) or run; 1 when
-    cells failed (they run again next time), else 0."""
+    cells failed (they run again next time) or were left to another driver running them, else 0."""
     grid, overrides, folder = configure(args)
     if args.dry_run and args.status:
         raise ValueError("give --dry-run or --status, not both")
@@ -144,5 +144,9 @@ def run_experiment_command(args: argparse.Namespace) -> int:
             f"{len(runner.failed)} cell(s) or step-1 ranking(s) failed (errors in {folder / FAILURES / RESULTS}); "
             "run the same command again to retry them"
         )
-        return 1
-    return 0
+    if runner.held:
+        print(
+            f"{len(runner.held)} job(s) left to another driver that runs them (see `--status`); "
+            "run the same command again once it has ended"
+        )
+    return 1 if runner.failed or runner.held else 0

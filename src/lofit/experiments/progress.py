@@ -2,9 +2,11 @@
 (``lofit experiment NAME --status``) that another process can read at any time.
 
 - ``running/<key>.json``: one marker per job in flight (a cell, or a step-1 ranking): what it
-  is, when it started, the driver's host and process id, and the executor. The driver writes
-  it when it hands the job out and deletes it when the job ends; a marker whose driver
-  process no longer exists (on this host) is *stale*: its job was interrupted.
+  is, when it started, the driver's host and process id, and the executor. The driver claims
+  it when it hands the job out (:func:`claim_marker`: a job whose marker belongs to another
+  live driver is that driver's, never run twice) and deletes it when the job ends, its own
+  marker only; a marker whose driver process no longer exists (on this host) is *stale*: its
+  job was interrupted, and the next driver may claim it.
 - ``failures/results.jsonl``: one line per failed job, with its error, appended like the
   results. A failed job is not a result: the next run of the experiment tries it again.
 """
@@ -28,9 +30,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def write_marker(folder: Path, key: str, description: str, executor: str) -> None:
-    """Mark the job ``key`` as running, handed out now by this process."""
-    marker = {
+def _marker(key: str, description: str, executor: str) -> dict:
+    """The marker of the job ``key`` handed out now by this process."""
+    return {
         "key": key,
         "cell": description,
         "started_at": now(),
@@ -38,11 +40,59 @@ def write_marker(folder: Path, key: str, description: str, executor: str) -> Non
         "pid": os.getpid(),
         "executor": executor,
     }
-    write_json(folder / RUNNING / f"{key}.json", marker)
+
+
+def write_marker(folder: Path, key: str, description: str, executor: str) -> None:
+    """Mark the job ``key`` as running, handed out now by this process (over any marker there)."""
+    write_json(folder / RUNNING / f"{key}.json", _marker(key, description, executor))
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent, or removed or being replaced while being read
+    return marker if isinstance(marker, dict) and "key" in marker else None
+
+
+def _is_mine(marker: dict | None) -> bool:
+    return marker is not None and marker.get("host") == socket.gethostname() and marker.get("pid") == os.getpid()
+
+
+def claim_marker(folder: Path, key: str, description: str, executor: str) -> dict | None:
+    """Mark the job ``key`` as running in this process, unless another live driver runs it.
+
+    Returns None once the marker is this process's, else the other driver's marker (its job
+    is left to it). The marker is created with an exclusive hard link, so of two drivers
+    claiming one job at once exactly one succeeds; a stale marker (its driver ended) is
+    replaced."""
+    path = folder / RUNNING / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # a marker created or removed by another driver meanwhile: look again
+        holder = _read_marker(path)
+        if _is_mine(holder):
+            return None
+        if holder is not None and _driver_alive(holder):
+            return holder
+        if holder is not None:
+            path.unlink(missing_ok=True)
+        staged = path.with_name(f".{key}.{os.getpid()}.tmp")
+        write_json(staged, _marker(key, description, executor))
+        try:
+            os.link(staged, path)
+            return None
+        except FileExistsError:
+            continue
+        finally:
+            staged.unlink(missing_ok=True)
+    raise RuntimeError(f"could not claim {path}: other processes kept replacing it")
 
 
 def remove_marker(folder: Path, key: str) -> None:
-    (folder / RUNNING / f"{key}.json").unlink(missing_ok=True)
+    """Delete the marker of the job ``key`` if this process wrote it (another driver's stays)."""
+    path = folder / RUNNING / f"{key}.json"
+    if _is_mine(_read_marker(path)):
+        path.unlink(missing_ok=True)
 
 
 def _driver_alive(marker: dict) -> bool:
@@ -62,11 +112,8 @@ def read_markers(folder: Path) -> dict[str, dict]:
     """The markers of jobs in flight whose driver is alive, by key (unreadable ones skipped)."""
     markers = {}
     for path in sorted((folder / RUNNING).glob("*.json")):
-        try:
-            marker = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # removed or being replaced while being read
-        if isinstance(marker, dict) and "key" in marker and _driver_alive(marker):
+        marker = _read_marker(path)
+        if marker is not None and _driver_alive(marker):
             markers[marker["key"]] = marker
     return markers
 
@@ -74,11 +121,8 @@ def read_markers(folder: Path) -> dict[str, dict]:
 def clear_stale_markers(folder: Path) -> None:
     """Delete the markers whose driver process (on this host) has ended: their jobs were interrupted."""
     for path in (folder / RUNNING).glob("*.json"):
-        try:
-            marker = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not _driver_alive(marker):
+        marker = _read_marker(path)
+        if marker is not None and not _driver_alive(marker):
             path.unlink(missing_ok=True)
 
 

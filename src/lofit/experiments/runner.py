@@ -63,13 +63,13 @@ from lofit.experiments.grid import (
     training_key,
 )
 from lofit.experiments.progress import (
+    claim_marker,
     clear_stale_markers,
     elapsed_seconds,
     read_failures,
     read_markers,
     record_failure,
     remove_marker,
-    write_marker,
 )
 from lofit.experiments.results import RESULTS, append_result, read_results
 from lofit.methods.lofit.ranking import HeadRanking
@@ -82,7 +82,7 @@ from lofit.training.checkpoints import stage_progress
 from lofit.training.loop import resolve_mixed_precision
 from lofit.training.trackers import TrackerRun, TrackerSession, tracking
 from lofit.utils.compute import ComputeConfig, hardware, resolve_device
-from lofit.utils.distributed import is_main_process
+from lofit.utils.distributed import broadcast_from_main, is_main_process
 
 TRAIN_SECONDS = {"clutrr": 0.43, "mquake": 0.05, "truthfulqa": 0.55}
 """Rough seconds per training example and epoch, default model, 2 CPU cores (measured runs)."""
@@ -220,6 +220,9 @@ class Runner:
         """The records of the experiments beside this one, by key and phase: such cells are copied, not run."""
         self.failed: dict[str, str] = {}
         """The jobs (by key) that failed in this process's :meth:`run`, with their errors."""
+        self.held: dict[str, dict] = {}
+        """The jobs (by key) that this process's :meth:`run` left to another live driver running
+        them, with that driver's marker, and the cells that wait for them."""
         if tune:
             check_tuning(grid)
         check_searches(grid, self.overrides, tune)
@@ -404,7 +407,7 @@ class Runner:
         what else runs); return all of this grid's records. A cell that fails is recorded in
         ``failures/results.jsonl`` (it runs again on the next run) and the others go on; the test
         cells of a group whose tuning cannot settle (a trial failed) do not run."""
-        self.failed = {}
+        self.failed, self.held = {}, {}
         clear_stale_markers(self.folder)
         executor = self.executor or InlineExecutor(functools.partial(run_job, pool=self.pool))
         interrupted = True
@@ -506,13 +509,18 @@ class Runner:
                 queue.sort(key=lambda entry: entry[0])
                 while queue and (executor.capacity is None or len(running) < executor.capacity):
                     job = queue.pop(0)[1]
+                    if (holder := self._claim(job, executor.name)) is not None:
+                        self._leave(job, holder, blocked)
+                        continue
                     running[job_id := next(ids)] = job
-                    write_marker(self.folder, job.key, job.describe(), executor.name)
                     self.log(f"[{job.key}] {job.describe()}")
                     executor.submit(job_id, job)
+                if not running:  # every job handed out was another driver's
+                    continue
                 job_id, record, error = executor.wait()
                 job = running.pop(job_id)
-                remove_marker(self.folder, job.key)
+                if is_main_process():
+                    remove_marker(self.folder, job.key)
                 if error is None and job.key in self.done:  # a sibling recorded it meanwhile: copied, kept
                     self.log(
                         f"[{job.key}] recorded meanwhile by an experiment beside this one; this run's result dropped"
@@ -528,7 +536,26 @@ class Runner:
                 admit(ready(admitted))
         finally:
             for job in running.values():  # interrupted: these jobs did not finish
-                remove_marker(self.folder, job.key)
+                if is_main_process():
+                    remove_marker(self.folder, job.key)
+
+    def _claim(self, job: Job, executor: str) -> dict | None:
+        """Mark ``job`` as this driver's (the main process marks, and tells the others); the
+        marker of another live driver that runs it already, if one does."""
+        holder = claim_marker(self.folder, job.key, job.describe(), executor) if is_main_process() else None
+        return broadcast_from_main(holder)
+
+    def _leave(self, job: Job, holder: dict, blocked: dict[str, list[tuple[int, Cell]]]) -> None:
+        """Leave ``job`` to the other driver ``holder`` that runs it, and the cells waiting for
+        it too: this run does not wait for another process's results."""
+        self.held[job.key] = holder
+        since = f" since {holder['started_at']}" if "started_at" in holder else ""
+        self.log(
+            f"[{job.key}] {job.describe()}: run by another driver (process {holder.get('pid')} on "
+            f"{holder.get('host')}{since}); left to it. Run this command again once it has ended"
+        )
+        for _, cell in blocked.pop(job.key, []):
+            self._leave(Job("cell", cell, self.folder, cell.key), holder, blocked)
 
     def _needs_ranking(self, cell: Cell) -> bool:
         """Whether the step-1 ranking of ``cell`` must be computed: not when this experiment has
