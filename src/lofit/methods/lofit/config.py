@@ -16,13 +16,17 @@ SELECTION_OBJECTIVES = ("l1", "group")
 head-level group penalty."""
 
 
+def bias_ranking_lr_option(options: Mapping[str, Any]) -> str:
+    """The option holding the learning rate of v when heads are ranked by a bias trained on all
+    of them: ``select_bias_lr`` when ``options`` set it, else ``bias_lr``."""
+    return "select_bias_lr" if options.get("select_bias_lr") is not None else "bias_lr"
+
+
 def selection_bias_lr_option(options: Mapping[str, Any]) -> str | None:
     """The option holding the learning rate of v in step 1, for a configuration's ``options``:
-    ``select_bias_lr`` when bias-based selection (``heads: bias-based``) sets it, else ``bias_lr``;
-    None for every other selector, whose step 1 trains no bias."""
-    if options.get("heads") != "bias-based":
-        return None
-    return "select_bias_lr" if options.get("select_bias_lr") is not None else "bias_lr"
+    :func:`bias_ranking_lr_option` for bias-based selection (``heads: bias-based``); None for
+    every other selector, whose step 1 trains no bias."""
+    return bias_ranking_lr_option(options) if options.get("heads") == "bias-based" else None
 
 
 def check_head_amount(amount: float) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lofit.methods.lofit.config import selection_bias_lr_option
+from lofit.methods.lofit.config import bias_ranking_lr_option
 from lofit.methods.lofit.model import LofitModel
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.training.loop import TrainingLog, TrainingRun, TrainingSetup, train
@@ -165,7 +165,7 @@ def select_heads_by_bias(
     epochs at ``select_bias_lr`` (else the bias learning rate), and rank heads by ||v[l, h]||_2.
     Leaves v at 0."""
     config = model.lofit_config
-    rate_option = selection_bias_lr_option(config.to_dict() | {"heads": "bias-based"})  # whatever --heads says
+    rate_option = bias_ranking_lr_option(config.to_dict())
     log = _train_biases(
         model,
         objective,
