@@ -30,7 +30,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -572,9 +572,10 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
         searched[arm.label] = swept + tuned
         phases[arm.label] = "tune" if tune and arm.trials() else "test"  # an arm without a tune grid is only tested
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    first_seed = replace(grid, seeds=grid.seeds[:1])  # the seed changes no option's reading
     for phase in dict.fromkeys(phases.values()):  # the base trials of tuned arms, the untuned test cells of others
-        for cell in expand(grid, phase, overrides):
-            if phases[cell.label] == phase and cell.seed == grid.seeds[0] and searched[cell.label]:
+        for cell in expand(first_seed, phase, overrides):
+            if phases[cell.label] == phase and searched[cell.label]:
                 groups.setdefault((cell.label, cell.task), []).append(cell.config)
     for (label, task), resolved in groups.items():
         unread = [unread_options(CONFIG_CLASSES, options) for options in resolved]
