@@ -21,7 +21,7 @@ from lofit.experiments import runner as runner_module
 from lofit.experiments.executors import RayExecutor, SlurmExecutor
 from lofit.experiments.grid import ranking_key
 from lofit.experiments.progress import claim_marker, read_failures, read_markers, remove_marker, write_marker
-from lofit.experiments.results import read_results
+from lofit.experiments.results import append_result, read_results
 
 from .test_experiments import RED_TUNED, grid_file
 from .tiny_run import tiny_model_folder, write_task
@@ -247,6 +247,28 @@ def test_a_job_another_live_driver_runs_is_left_to_it_with_the_cells_that_wait_f
         other.wait()
     assert main(command) == 0  # its driver has ended: its marker is stale, and this run runs the rest
     assert comparable(folder) == sequential and not read_markers(folder)
+
+
+def test_a_cell_another_driver_records_meanwhile_is_taken_in_not_run_again(setting, tmp_path, monkeypatch):
+    grid = load_grid(str(tiny_grid(setting, tmp_path)))
+    pool = ModelPool()
+    Runner(grid, tmp_path / "reference", pool=pool, log=lambda _: None).run()
+    (red_record,) = [r for r in read_results(tmp_path / "reference") if r["label"] == "RED"]
+    folder = tmp_path / "runs" / "tiny"
+    real_cell, ran, printed = runner_module.run_cell, [], []
+
+    def run_cell(config, models):
+        if not ran:  # while this driver runs its first cell, another driver records RED's
+            append_result(folder, red_record)
+        ran.append(1)
+        return real_cell(config, models)
+
+    monkeypatch.setattr(runner_module, "run_cell", run_cell)
+    records = Runner(grid, folder, pool=pool, log=printed.append).run()
+    assert len(ran) == 2 and red_record in records  # the two LoFiT cells only
+    assert f"[{red_record['key']}] " in "\n".join(printed)
+    assert any(line.endswith("recorded by another driver meanwhile, not run again") for line in printed)
+    assert [r["label"] for r in read_results(folder)].count("RED") == 1 and not read_markers(folder)
 
 
 def test_a_marker_is_claimed_by_one_driver_and_removed_only_by_it(tmp_path):

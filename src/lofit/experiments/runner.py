@@ -424,6 +424,7 @@ class Runner:
         queued, waiting or running), after copying the ones a sibling experiment has measured (a
         copied trial may call for extension trials)."""
         while True:
+            self._take_in_records()
             recorded = len(self.done)
             searches = self.searches()
             unsettled = {group for group, s in searches.items() if not s.settled}
@@ -512,6 +513,14 @@ class Runner:
                     if (holder := self._claim(job, executor.name)) is not None:
                         self._leave(job, holder, blocked)
                         continue
+                    self._take_in_records()
+                    if job.key in self.done:  # another driver of this folder recorded it since
+                        if is_main_process():
+                            remove_marker(self.folder, job.key)
+                        self.log(f"[{job.key}] {job.describe()}: recorded by another driver meanwhile, not run again")
+                        for index, cell in blocked.pop(job.key, []):
+                            enqueue(index, cell)
+                        continue
                     running[job_id := next(ids)] = job
                     self.log(f"[{job.key}] {job.describe()}")
                     executor.submit(job_id, job)
@@ -538,6 +547,13 @@ class Runner:
             for job in running.values():  # interrupted: these jobs did not finish
                 if is_main_process():
                     remove_marker(self.folder, job.key)
+
+    def _take_in_records(self) -> None:
+        """Add the records that another driver of this folder has appended since they were read
+        (the main process reads them, and tells the others)."""
+        new = [r for r in read_results(self.folder) if r["key"] not in self.done] if is_main_process() else None
+        for record in broadcast_from_main(new):
+            self.done[record["key"]] = record
 
     def _claim(self, job: Job, executor: str) -> dict | None:
         """Mark ``job`` as this driver's (the main process marks, and tells the others); the
