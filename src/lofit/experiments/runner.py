@@ -515,8 +515,7 @@ class Runner:
                         continue
                     self._take_in_records()
                     if job.key in self.done:  # another driver of this folder recorded it since
-                        if is_main_process():
-                            remove_marker(self.folder, job.key)
+                        remove_marker(self.folder, job.key)
                         self.log(f"[{job.key}] {job.describe()}: recorded by another driver meanwhile, not run again")
                         for index, cell in blocked.pop(job.key, []):
                             enqueue(index, cell)
@@ -528,8 +527,7 @@ class Runner:
                     continue
                 job_id, record, error = executor.wait()
                 job = running.pop(job_id)
-                if is_main_process():
-                    remove_marker(self.folder, job.key)
+                remove_marker(self.folder, job.key)
                 if error is None and job.key in self.done:  # a sibling recorded it meanwhile: copied, kept
                     self.log(
                         f"[{job.key}] recorded meanwhile by an experiment beside this one; this run's result dropped"
@@ -545,8 +543,7 @@ class Runner:
                 admit(ready(admitted))
         finally:
             for job in running.values():  # interrupted: these jobs did not finish
-                if is_main_process():
-                    remove_marker(self.folder, job.key)
+                remove_marker(self.folder, job.key)  # the main process's only: no other process's pid is on it
 
     def _take_in_records(self) -> None:
         """Add the records that another driver of this folder has appended since they were read
