@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from lofit.experiments import ModelPool, Runner, load_grid
 from lofit.experiments import runner as runner_module
 from lofit.experiments.executors import RayExecutor, SlurmExecutor
 from lofit.experiments.grid import ranking_key
-from lofit.experiments.progress import claim_marker, read_failures, read_markers, remove_marker, write_marker
+from lofit.experiments.progress import claim_marker, now, read_failures, read_markers, remove_marker
 from lofit.experiments.results import append_result, read_results
 
 from .test_experiments import RED_TUNED, grid_file
@@ -195,12 +196,10 @@ def test_status_shows_running_cells_of_a_live_driver_only(setting, tmp_path, cap
     folder = tmp_path / "runs" / "tiny"
     runner = Runner(load_grid(str(grid)), folder, log=lambda _: None)
     red, lofit = runner.test_cells()[2], runner.test_cells()[0]
-    write_marker(folder, red.key, red.describe(), "ray")  # this process: a live driver
+    assert claim_marker(folder, red.key, red.describe(), "ray") is None  # this process: a live driver
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = {"pid": int(ended.stdout)}
-    write_marker(folder, lofit.key, lofit.describe(), "local")
-    marker = folder / "running" / f"{lofit.key}.json"
-    marker.write_text(marker.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead["pid"]}'))
+    _marker_of(folder, lofit.key, lofit.describe(), dead["pid"])
     checkpoints = folder / "cells" / runner_module.job_name(red) / "checkpoints" / "red"
     now = time.time()
     for step, written in ((2, now + 10), (4, now + 70)):  # 2 steps a minute apart, 6 to go: 3 minutes
@@ -219,9 +218,9 @@ def test_status_shows_running_cells_of_a_live_driver_only(setting, tmp_path, cap
 
 def _marker_of(folder, key, description, pid):
     """A marker for the job ``key`` as the driver process ``pid`` of this host would write it."""
-    write_marker(folder, key, description, "local")
-    marker = folder / "running" / f"{key}.json"
-    marker.write_text(marker.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {pid}'))
+    marker = {"key": key, "cell": description, "started_at": now(), "host": socket.gethostname(), "pid": pid}
+    (folder / "running").mkdir(parents=True, exist_ok=True)
+    (folder / "running" / f"{key}.json").write_text(json.dumps(marker | {"executor": "local"}))
 
 
 def test_a_job_another_live_driver_runs_is_left_to_it_with_the_cells_that_wait_for_it(

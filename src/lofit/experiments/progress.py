@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lofit.experiments.results import append_result, read_results
-from lofit.utils.atomic import write_json
 
 RUNNING = "running"
 FAILURES = "failures"
@@ -40,11 +39,6 @@ def _marker(key: str, description: str, executor: str) -> dict:
         "pid": os.getpid(),
         "executor": executor,
     }
-
-
-def write_marker(folder: Path, key: str, description: str, executor: str) -> None:
-    """Mark the job ``key`` as running, handed out now by this process (over any marker there)."""
-    write_json(folder / RUNNING / f"{key}.json", _marker(key, description, executor))
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -76,8 +70,8 @@ def claim_marker(folder: Path, key: str, description: str, executor: str) -> dic
             return holder
         if holder is not None:
             path.unlink(missing_ok=True)
-        staged = path.with_name(f".{key}.{os.getpid()}.tmp")
-        write_json(staged, _marker(key, description, executor))
+        staged = path.with_name(f".{key}.{os.getpid()}.tmp")  # this process's own name: plain write
+        staged.write_text(json.dumps(_marker(key, description, executor), indent=2) + "\n", encoding="utf-8")
         try:
             os.link(staged, path)
             return None
