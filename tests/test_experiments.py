@@ -517,6 +517,69 @@ def test_a_trial_a_sibling_records_while_it_waits_here_is_run_and_recorded_once(
     assert "reused_from" not in record and record["score"] > 0.01  # its own run, not the copy
 
 
+GROUP_TUNED = {
+    "label": "LoFiT",
+    "method": "lofit",
+    "options": {"num_heads": 2, "selection": "group"},
+    "tune": {"group_lambda": [1e-2, 1e-1], "bias_lr": [1e-2, 2e-2]},
+}
+
+
+def test_a_trial_whose_step_1_kept_fewer_than_k_heads_is_never_chosen(setting, tmp_path):
+    """The stronger penalty left 1 of the 2 heads it trained at a score of 0 (picked in index
+    order, chosen by nothing): however well it scores, the tuning and the report choose the trial
+    that kept its K heads, and the report says why the other is not eligible."""
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[GROUP_TUNED], tune_extend=0)))
+    folder = tmp_path / "runs" / "group"
+    cells = Runner(grid, folder, tune=True, log=lambda _: None).trials()
+    for cell in cells:  # the strong penalty scores higher, but trained a head at zero
+        trial = dict(cell.trial)
+        strong = trial["group_lambda"] == 1e-1
+        score = (0.75 if strong else 0.25) - 5 * trial["bias_lr"]
+        append_result(
+            folder,
+            {
+                "key": cell.key,
+                "phase": "tune",
+                "label": cell.label,
+                "task": cell.task,
+                "seed": cell.seed,
+                "method": cell.method,
+                "point": {},
+                "trial": trial,
+                "options": cell.config,
+                "metric": "exact_match",
+                "score": score,
+                "metrics": {"exact_match": score, "num_examples": 12},
+                "selected_heads": [[0, 0], [0, 1]],
+                "zero_score_heads": int(strong),
+                "extends": None,
+                "tune_grid": GROUP_TUNED["tune"],
+                "tune_extend": 0,
+            },
+        )
+    best = {"group_lambda": 1e-2, "bias_lr": 1e-2}
+    assert list(Runner(grid, folder, tune=True, log=lambda _: None).chosen().values()) == [best]
+    records = read_results(folder)
+    assert report_module._best(records)["trial"] == best
+    rows = report_module._tuning(records)
+    assert rows.count("(not eligible: 1 of its 2 heads scored 0 in step 1)") == 2
+    assert "| 70.0 (not eligible: 1 of its 2 heads scored 0 in step 1) |" in rows
+    assert "| 20.0 | 4 + 0 | 12 |" in rows  # the chosen trial's score in the summary
+
+
+def test_a_step_2_cell_records_how_many_of_its_heads_scored_0_in_step_1(setting, tmp_path):
+    """A group penalty far above every head's gradient sets all scales to 0: both heads the cell
+    trained are index-order picks among heads at zero."""
+    arms = [GROUP_TUNED | {"options": GROUP_TUNED["options"] | {"group_lambda": 1e3}, "tune": {}}]
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))
+    folder = tmp_path / "runs" / "zeros"
+    (test,) = Runner(grid, folder, log=lambda _: None).run()
+    (ranking,) = [r for r in read_results(folder) if r["phase"] == "ranking"]
+    assert not any(any(row) for row in ranking["scores"])
+    assert test["selected_heads"] == [[0, 0], [0, 1]] and test["zero_score_heads"] == 2
+
+
 def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path, monkeypatch):
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED], seeds=[1, 2])))
     trained, evaluated = [], []

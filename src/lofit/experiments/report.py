@@ -34,7 +34,7 @@ from lofit.experiments.grid import (
     option_line,
     same_value,
 )
-from lofit.experiments.results import read_results
+from lofit.experiments.results import read_results, tuning_score
 from lofit.methods.lofit.config import selection_bias_lr_option
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
 from lofit.methods.lofit.ranking import HeadRanking
@@ -278,10 +278,11 @@ def _tuning_groups(records: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def _best(trials: list[dict]) -> dict:
-    """The chosen trial of one group: the highest score, the earlier trial on a tie (base trials
-    in the order they ran, then extension trials in the order they were added)."""
+    """The chosen trial of one group: the highest :func:`~lofit.experiments.results.tuning_score`,
+    the earlier trial on a tie (base trials in the order they ran, then extension trials in the
+    order they were added)."""
     ordered = sorted(trials, key=lambda r: r.get("extends") is not None)
-    scores = [float("-inf") if r.get("score") is None else r["score"] for r in ordered]
+    scores = [tuning_score(r) for r in ordered]
     return ordered[scores.index(max(scores))]
 
 
@@ -403,6 +404,8 @@ def _tuning(records: list[dict]) -> str:
     for r in trials:
         trial = _setting(r["trial"])
         score = "" if r.get("score") is None else f"{100 * r['score']:.1f}"
+        if zeros := r.get("zero_score_heads"):
+            score += f" (not eligible: {zeros} of its {len(r['selected_heads'])} heads scored 0 in step 1)"
         lines.append(
             f"| {r['task']} | {r['label']} | {_point(r)} | {trial} | {score} | "
             f"{r['metrics'].get('num_examples')} | {r.get('extends') or ''} |"

@@ -41,3 +41,13 @@ def append_result(folder: str | Path, record: dict) -> None:
         file.write(line)
         file.flush()
         os.fsync(file.fileno())
+
+
+def tuning_score(record: dict) -> float:
+    """The score a tuning trial competes with: its validation score, or -inf when it has none or
+    when some of the K heads it trained scored exactly 0 in step 1 (``zero_score_heads``: a step 1
+    that kept fewer than K heads fills the top K with heads at zero in index order, which no
+    selection chose). Such a trial is never chosen, and any trial that kept its K heads beats it."""
+    if record.get("score") is None or record.get("zero_score_heads"):
+        return float("-inf")
+    return record["score"]

@@ -71,7 +71,7 @@ from lofit.experiments.progress import (
     record_failure,
     remove_marker,
 )
-from lofit.experiments.results import RESULTS, append_result, read_results
+from lofit.experiments.results import RESULTS, append_result, read_results, tuning_score
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.config import CellConfig, RunConfig
 from lofit.runs.data import RunData
@@ -241,11 +241,11 @@ class Runner:
         }
 
     def _score(self, cell: Cell) -> float | None:
-        """A recorded trial's score (-inf when it has no main metric), None when it has not run."""
+        """A recorded trial's :func:`~lofit.experiments.results.tuning_score`, None when it has not run."""
         record = self.done.get(cell.key) or self._shared_cell(cell)
         if record is None:
             return None
-        return float("-inf") if record["score"] is None else record["score"]
+        return tuning_score(record)
 
     def trials(self, searches: dict[tuple, Search] | None = None) -> list[Cell]:
         """Every tuning trial known so far (of ``searches``, else replayed now): each group's base
@@ -861,10 +861,11 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
     split = options["eval_split"]
     metric = primary_metric(summary)
     metrics = {k.removeprefix(f"{split}_"): v for k, v in summary.items() if k.startswith(f"{split}_")}
+    selected = summary.get("selected_heads")
+    ranked = HeadRanking.load(job.ranking["path"]) if job.ranking is not None and selected else None
     if session is not None:
-        if job.ranking is not None and summary.get("selected_heads") and "localization" not in summary:
-            ranking = HeadRanking.load(job.ranking["path"])
-            summary = summary | {"localization": ranking.localization(len(summary["selected_heads"])).to_json()}
+        if ranked is not None and "localization" not in summary:
+            summary = summary | {"localization": ranked.localization(len(selected)).to_json()}
         session.log_summary(summary)
     ranking = job.ranking or {}
     trained_by = job.adapter or {}
@@ -884,7 +885,8 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "metrics": metrics,
         "per_example": example_scores(run_folder, metric) if metric else [],
         "trained_parameters": summary.get("trained_parameters"),
-        "selected_heads": summary.get("selected_heads"),
+        "selected_heads": selected,
+        **({"zero_score_heads": ranked.zero_scored(selected)} if ranked is not None else {}),
         "seconds": seconds,
         "fit_seconds": summary.get("fit_seconds"),
         "resumed_steps": summary.get("resumed_steps", 0),

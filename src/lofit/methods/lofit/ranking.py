@@ -41,6 +41,13 @@ class HeadRanking:
         """How concentrated the scores are, judged for a selection of the top ``k`` heads."""
         return Localization.of(self.scores, k)
 
+    def zero_scored(self, heads: list[tuple[int, int]] | list[list[int]]) -> int:
+        """How many of ``heads`` scored exactly 0: heads no selection chose, when they are fewer
+        than all heads (a step 1 that kept fewer than K fills its top K with them, in index order)."""
+        if len(heads) >= self.scores.numel():
+            return 0  # every head is trained: nothing was selected
+        return sum(float(self.scores[layer, head]) == 0.0 for layer, head in heads)
+
     def top(self, k: int) -> list[tuple[int, int]]:
         if not 1 <= k <= len(self.order):
             raise ValueError(f"cannot take the top {k} heads: there are {len(self.order)} heads")
