@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +16,11 @@ import pytest
 import torch
 
 from lofit.cli import main
-from lofit.experiments import ModelPool, Runner, load_grid
+from lofit.experiments import ModelPool, Runner, load_grid, progress
 from lofit.experiments import runner as runner_module
 from lofit.experiments.executors import RayExecutor, SlurmExecutor
 from lofit.experiments.grid import ranking_key
-from lofit.experiments.progress import claim_marker, now, read_failures, read_markers, remove_marker
+from lofit.experiments.progress import claim_marker, read_failures, read_markers, remove_marker
 from lofit.experiments.results import append_result, read_results
 
 from .test_experiments import RED_TUNED, grid_file
@@ -218,9 +217,9 @@ def test_status_shows_running_cells_of_a_live_driver_only(setting, tmp_path, cap
 
 def _marker_of(folder, key, description, pid):
     """A marker for the job ``key`` as the driver process ``pid`` of this host would write it."""
-    marker = {"key": key, "cell": description, "started_at": now(), "host": socket.gethostname(), "pid": pid}
     (folder / "running").mkdir(parents=True, exist_ok=True)
-    (folder / "running" / f"{key}.json").write_text(json.dumps(marker | {"executor": "local"}))
+    marker = progress._marker(key, description, "local") | {"pid": pid}
+    (folder / "running" / f"{key}.json").write_text(json.dumps(marker))
 
 
 def test_a_job_another_live_driver_runs_is_left_to_it_with_the_cells_that_wait_for_it(
