@@ -568,7 +568,7 @@ def test_a_trial_whose_step_1_kept_fewer_than_k_heads_is_never_chosen(setting, t
     assert "| 20.0 | 4 + 0 | 12 |" in rows  # the chosen trial's score in the summary
 
 
-def test_a_step_2_cell_records_how_many_of_its_heads_scored_0_in_step_1(setting, tmp_path):
+def test_a_step_2_cell_records_how_many_of_its_heads_scored_0_in_step_1_and_its_report_says_so(setting, tmp_path):
     """A group penalty far above every head's gradient sets all scales to 0: both heads the cell
     trained are index-order picks among heads at zero."""
     arms = [GROUP_TUNED | {"options": GROUP_TUNED["options"] | {"group_lambda": 1e3}, "tune": {}}]
@@ -578,6 +578,9 @@ def test_a_step_2_cell_records_how_many_of_its_heads_scored_0_in_step_1(setting,
     (ranking,) = [r for r in read_results(folder) if r["phase"] == "ranking"]
     assert not any(any(row) for row in ranking["scores"])
     assert test["selected_heads"] == [[0, 0], [0, 1]] and test["zero_score_heads"] == 2
+    report = report_module.write_report(folder).read_text()
+    assert "Not a selection: 1 test runs trained heads that their step 1 scored exactly 0" in report
+    assert f"- {test['task']}, LoFiT, no sweep point, seed {test['seed']}: 2 of its 2 heads" in report
 
 
 def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path, monkeypatch):

@@ -267,6 +267,28 @@ def _superseded_note(superseded: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _unselected_note(records: list[dict]) -> str:
+    """One line per test run whose step 1 kept fewer heads than it trained (``zero_score_heads``),
+    or "" when there is none: the rest of its K heads scored exactly 0 and were filled in index
+    order, so its row measures no selection on that seed. (The tuning refuses such trials, but it
+    judges the first seed only.)"""
+    flagged = [r for r in records if r.get("phase") == "test" and r.get("zero_score_heads")]
+    if not flagged:
+        return ""
+    lines = [
+        f"Not a selection: {len(flagged)} test runs trained heads that their step 1 scored exactly 0 "
+        "(it kept fewer than K heads; the rest were filled in index order):",
+        "",
+    ]
+    for r in sorted(flagged, key=_grid_order(flagged, "point")):
+        setting = "; ".join(filter(None, [_point(r), _setting(r.get("trial", {}))])) or "no sweep point"
+        lines.append(
+            f"- {r['task']}, {r['label']}, {setting}, seed {r['seed']}: "
+            f"{r['zero_score_heads']} of its {len(r['selected_heads'])} heads"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _tuning_groups(records: list[dict]) -> dict[tuple, list[dict]]:
     """The tuning trials of ``records`` per (task, arm, sweep point), each group in the order of
     ``records``."""
@@ -868,6 +890,8 @@ def write_report(folder: Path, compare_to: dict[str, str] | None = None) -> Path
     ] + ([table] if table else [])  # no table before the first test run
     if superseded:
         parts.append(_superseded_note(superseded))
+    if unselected := _unselected_note(records):
+        parts.append(unselected)
     compared = comparison(records, rows, compare_to if compare_to is not None else spec.get("compare_to", {}))
     section = report_kind(spec.get("kind"))(records, rows, folder, spec)  # may write figures: after the checks
     if section is not None:
