@@ -413,6 +413,22 @@ def test_a_best_value_is_inside_only_when_the_line_through_the_best_trial_bracke
     assert edge_step("method", ["a", "b"], ["a", "b"], "a", 3, accepts) == (None, [])  # categorical
 
 
+def test_the_extension_cap_counts_steps_beyond_the_base_grid_not_trials():
+    """table3-v2's TruthfulQA group arm: one step of the penalty below its base grid (0.008), then
+    three bias rates tried at it. Those are three trials but one step, so with a cap of 3 the
+    penalty is still due its next step down (0.0032), as the runner had added it."""
+    trials = [{"bias_lr": lr, "group_lambda": mu} for lr in (0.025, 0.05, 0.1) for mu in (0.02, 0.05)]
+    trials += [{"bias_lr": 0.0125, "group_lambda": 0.02}]  # the first trial's rate extended
+    trials += [{"bias_lr": lr, "group_lambda": 0.008} for lr in (0.025, 0.0125, 0.05)]
+    best, accepts = trials[-2], lambda value: True
+    explored, line = [t["group_lambda"] for t in trials], option_line(trials, best, "group_lambda")
+    position, due = edge_step("group_lambda", [0.02, 0.05], explored, 0.008, 3, accepts, line)
+    assert position == "edge (pending)" and due == [pytest.approx(0.0032)]
+    steps = [0.008, 0.0032, 0.00128]  # three steps down, the last one with two trials
+    explored += [mu for mu in steps[1:] for _ in range(2)]
+    assert edge_step("group_lambda", [0.02, 0.05], explored, 0.00128, 3, accepts, [0.02, *steps]) == ("edge (cap)", [])
+
+
 def test_tuning_extends_past_the_edge_until_the_best_is_inside_and_resumes(setting, tmp_path, monkeypatch):
     arms = [RED_TUNED, {"label": "zero", "method": "zero-shot"}]
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=arms)))

@@ -626,9 +626,10 @@ def edge_step(
     The value is a local optimum along the option when the line holds a value on each side of it
     (the best trial beats both). A side the line lacks is due one trial, the other options at the
     best trial's values: at the nearest value explored on that side in another trial; past every
-    explored value, one log step beyond (an extension), unless ``cap`` extension trials beyond the
-    base grid were made on that side or the option takes no value there (``accepts`` says which
-    it takes). Returns (None, []) for an option not searched on a log grid (categorical, or one
+    explored value, one log step beyond (an extension), unless ``cap`` values beyond the base grid
+    were explored on that side (the extension steps taken: a value counts once, however many
+    trials of the other options it has) or the option takes no value there (``accepts`` says
+    which it takes). Returns (None, []) for an option not searched on a log grid (categorical, or one
     value); else (:data:`EDGE_PENDING`, the values due) while any is due, then
     (:data:`EDGE_CAP`, []) or (:data:`EDGE_BOUND`, []) for a side left unexplored at the cap or
     at a bound, else (:data:`INSIDE`, []) strictly inside the base grid's range or
@@ -644,7 +645,8 @@ def edge_step(
         if beyond:
             new = min(beyond) if up else max(beyond)
         else:
-            steps = sum(v > max(base) for v in explored) if up else sum(v < min(base) for v in explored)
+            outside = [v for v in explored if (v > max(base) if up else v < min(base))]
+            steps = sum(not any(same_value(v, w) for w in outside[:i]) for i, v in enumerate(outside))
             if steps >= cap:
                 ends.append(EDGE_CAP)
                 continue
