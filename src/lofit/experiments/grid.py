@@ -645,8 +645,7 @@ def edge_step(
         if beyond:
             new = min(beyond) if up else max(beyond)
         else:
-            outside = [v for v in explored if (v > max(base) if up else v < min(base))]
-            steps = sum(not any(same_value(v, w) for w in outside[:i]) for i, v in enumerate(outside))
+            steps = len({float(v) for v in explored if (v > max(base) if up else v < min(base))})
             if steps >= cap:
                 ends.append(EDGE_CAP)
                 continue
