@@ -424,7 +424,7 @@ def test_the_extension_cap_counts_steps_beyond_the_base_grid_not_trials():
     explored, line = [t["group_lambda"] for t in trials], option_line(trials, best, "group_lambda")
     position, due = edge_step("group_lambda", [0.02, 0.05], explored, 0.008, 3, accepts, line)
     assert position == "edge (pending)" and due == [pytest.approx(0.0032)]
-    steps = [0.008, 0.0032, 0.00128]  # three steps down, the last one with two trials
+    steps = [0.008, 0.0032, 0.00128]  # three steps down (7 trials): at the cap of 3
     explored += [mu for mu in steps[1:] for _ in range(2)]
     assert edge_step("group_lambda", [0.02, 0.05], explored, 0.00128, 3, accepts, [0.02, *steps]) == ("edge (cap)", [])
 
