@@ -24,7 +24,7 @@ COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 COMPLETE = {
-    "table3-v2": ["table3", "--tasks", "clutrr,mquake", "--seeds", "42,43", "--tune"],
+    "table3-v2": ["table3", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
 under today's grids. table2-v2 and capacity tuned the epochs, which table2 and capacity now fix
