@@ -52,6 +52,11 @@ def _setting(trial: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in trial.items())
 
 
+def _point_and_trial(point: str, trial: dict) -> str:
+    """A row's sweep point and its tuned setting, as the results table names them: "point; trial"."""
+    return "; ".join(filter(None, [point, _setting(trial)]))
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -196,7 +201,7 @@ def _table(rows: list[dict]) -> tuple[str, str]:
                 continue
             text = f"{100 * row[m][0]:.1f}" + (f" ± {100 * row[m][1]:.1f}" if len(row["seeds"]) > 1 else " (1 seed)")
             cells.append(f"**{text}**" if len(rows) > 1 and row[m][0] == best[(row["task"], m)] else text)
-        setting = "; ".join(filter(None, [row["point"], _setting(row["trial"])]))
+        setting = _point_and_trial(row["point"], row["trial"])
         parameters = f"{row['trained_parameters']:,}" if row["trained_parameters"] is not None else ""
         lines.append(
             "| "
@@ -281,7 +286,7 @@ def _unselected_note(records: list[dict]) -> str:
         "",
     ]
     for r in sorted(flagged, key=_grid_order(flagged, "point")):
-        setting = "; ".join(filter(None, [_point(r), _setting(r.get("trial", {}))])) or "no sweep point"
+        setting = _point_and_trial(_point(r), r.get("trial", {})) or "no sweep point"
         lines.append(
             f"- {r['task']}, {r['label']}, {setting}, seed {r['seed']}: "
             f"{r['zero_score_heads']} of its {len(r['selected_heads'])} heads"
