@@ -584,6 +584,48 @@ def test_a_trial_whose_step_1_kept_fewer_than_k_heads_is_never_chosen(setting, t
     assert "| 20.0 | 4 + 0 | 12 |" in rows  # the chosen trial's score in the summary
 
 
+def test_the_report_says_when_a_chosen_value_is_inside_only_beside_a_trial_that_kept_fewer_than_k_heads(
+    setting, tmp_path
+):
+    """The penalty's best eligible value 1e-2 has an eligible trial below it and, above it, only a
+    trial whose step 1 kept fewer than K heads: inside, and the report says which side is a non-selection."""
+    arm = GROUP_TUNED | {"tune": {"group_lambda": [1e-3, 1e-2, 1e-1], "bias_lr": [1e-2, 2e-2, 4e-2]}}
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[arm], tune_extend=0)))
+    folder = tmp_path / "runs" / "group"
+    for cell in Runner(grid, folder, tune=True, log=lambda _: None).trials():
+        trial = dict(cell.trial)
+        lam, lr = trial["group_lambda"], trial["bias_lr"]
+        score = 0.5 - 0.1 * abs(math.log10(lam / 1e-2)) - 0.1 * abs(math.log2(lr / 2e-2))
+        append_result(
+            folder,
+            {
+                "key": cell.key,
+                "phase": "tune",
+                "label": cell.label,
+                "task": cell.task,
+                "seed": cell.seed,
+                "method": cell.method,
+                "point": {},
+                "trial": trial,
+                "options": cell.config,
+                "metric": "exact_match",
+                "score": score + (0.3 if lam == 1e-1 else 0.0),
+                "metrics": {"exact_match": score, "num_examples": 12},
+                "selected_heads": [[0, 0], [0, 1]],
+                "zero_score_heads": int(lam == 1e-1),
+                "extends": None,
+                "tune_grid": arm["tune"],
+                "tune_extend": 0,
+            },
+        )
+    summary = report_module._tuning(read_results(folder))
+    assert (
+        "| group_lambda=0.01 (inside; the trial above kept fewer than K heads), bias_lr=0.02 (inside) | 50.0 |"
+        in summary
+    )
+    assert unexplored_edges(read_results(folder)) == []
+
+
 def test_a_step_2_cell_records_how_many_of_its_heads_scored_0_in_step_1_and_its_report_says_so(setting, tmp_path):
     """A group penalty far above every head's gradient sets all scales to 0: both heads the cell
     trained are index-order picks among heads at zero."""

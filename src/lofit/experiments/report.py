@@ -29,6 +29,8 @@ from lofit.experiments.grid import (
     EDGE_BOUND,
     EDGE_CAP,
     EDGE_PENDING,
+    EXTENDED_INSIDE,
+    INSIDE,
     admissible,
     edge_step,
     option_line,
@@ -317,10 +319,33 @@ UNEXPLORED = (EDGE_CAP, EDGE_PENDING)
 """Positions at an edge beyond which a value could have been tried but was not: marked in bold."""
 
 
-def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | None]]:
+def _unselected_neighbours(trials: list[dict], best: dict, option: str) -> list[str]:
+    """The sides ("below", "above") of ``best``'s value of ``option`` whose nearest trial on the
+    line through ``best`` along ``option`` (the trials whose other tuned values are ``best``'s)
+    kept fewer than K heads in step 1 (``zero_score_heads``, so not eligible): on such a side the
+    value beats a run that selected no K heads, and the best selection may lie between the two."""
+    value, sides = best["trial"][option], []
+    line = [
+        r
+        for r in trials
+        if option in r.get("trial", {})
+        and all(same_value(r["trial"].get(other), v) for other, v in best["trial"].items() if other != option)
+    ]
+    for side, beyond in (("below", lambda v: v < value), ("above", lambda v: v > value)):
+        neighbours = [r for r in line if beyond(r["trial"][option])]
+        if neighbours:
+            nearest = min(neighbours, key=lambda r: abs(r["trial"][option] - value))
+            if nearest.get("zero_score_heads"):
+                sides.append(side)
+    return sides
+
+
+def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | None, list[str]]]:
     """Each tuned option of ``best`` as (option, value, where the value sits in its group's
-    explored range, :func:`~lofit.experiments.grid.edge_step`); trials recorded before edge
-    extension (no ``tune_grid``) count their explored values as the base grid and a cap of 0."""
+    explored range, :func:`~lofit.experiments.grid.edge_step`, the sides on which that position
+    rests on a trial that kept fewer than K heads, :func:`_unselected_neighbours`); trials
+    recorded before edge extension (no ``tune_grid``) count their explored values as the base
+    grid and a cap of 0."""
     positions = []
     tried = [r.get("trial", {}) for r in trials]
     for option, value in best.get("trial", {}).items():
@@ -335,12 +360,16 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | 
             lambda new, option=option: admissible(best["method"], best.get("options", {}) | {option: new}),
             option_line(tried, best["trial"], option),
         )
-        positions.append((option, value, position))
+        unselected = _unselected_neighbours(trials, best, option) if position in (INSIDE, EXTENDED_INSIDE) else []
+        positions.append((option, value, position, unselected))
     return positions
 
 
-def _marked(option: str, value: object, position: str | None) -> str:
-    """``option=value`` with its position, in bold where it is an unexplored edge."""
+def _marked(option: str, value: object, position: str | None, unselected: list[str]) -> str:
+    """``option=value`` with its position, in bold where it is an unexplored edge, and the sides
+    whose neighbouring trial kept fewer than K heads."""
+    if unselected:
+        position = f"{position}; the trial {' and '.join(unselected)} kept fewer than K heads"
     mark = f" (**{position}**)" if position in UNEXPLORED else f" ({position})" if position else ""
     return f"{option}={value}{mark}"
 
@@ -351,7 +380,7 @@ def unexplored_edges(records: list[dict]) -> list[str]:
     found = []
     for trials in _tuning_groups(records).values():
         best = _best(trials)
-        for option, value, position in _positions(trials, best):
+        for option, value, position, _ in _positions(trials, best):
             if position in UNEXPLORED:
                 setting = _point(best) or "no sweep point"
                 found.append(f"{best['task']}, {best['label']}, {setting}: {option}={value} ({position})")
@@ -384,7 +413,9 @@ def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
         f"(`tune_extend`) was reached; *{EDGE_BOUND}*: at an edge beyond which the option takes no value (an "
         f"integer below 1, a fraction of heads of 1 or more); **{EDGE_PENDING}**: a trial on that line is due "
         "but has not run (one log step beyond an edge, or a value tried elsewhere but not at the chosen trial's "
-        "other values)."
+        "other values). An inside value whose nearest trial on a side kept fewer than K heads in step 1 says "
+        "so: on that side it beat a run that selected no K heads, not a selection, and the best selection may lie "
+        "between the two."
         + (
             " Trials recorded before edge extension existed (no tune grid in their records) were never extended: "
             f"their edges count as {EDGE_CAP}."
