@@ -541,17 +541,12 @@ GROUP_TUNED = {
 }
 
 
-def test_a_trial_whose_step_1_kept_fewer_than_k_heads_is_never_chosen(setting, tmp_path):
-    """The stronger penalty left 1 of the 2 heads it trained at a score of 0 (picked in index
-    order, chosen by nothing): however well it scores, the tuning and the report choose the trial
-    that kept its K heads, and the report says why the other is not eligible."""
-    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[GROUP_TUNED], tune_extend=0)))
-    folder = tmp_path / "runs" / "group"
-    cells = Runner(grid, folder, tune=True, log=lambda _: None).trials()
-    for cell in cells:  # the strong penalty scores higher, but trained a head at zero
+def record_group_trials(folder: Path, grid, arm: dict, outcome) -> None:
+    """Record every base trial of ``arm`` as run, with ``outcome(trial)`` = (its score, how many
+    of its 2 heads scored 0 in step 1)."""
+    for cell in Runner(grid, folder, tune=True, log=lambda _: None).trials():
         trial = dict(cell.trial)
-        strong = trial["group_lambda"] == 1e-1
-        score = (0.75 if strong else 0.25) - 5 * trial["bias_lr"]
+        score, zeros = outcome(trial)
         append_result(
             folder,
             {
@@ -568,12 +563,26 @@ def test_a_trial_whose_step_1_kept_fewer_than_k_heads_is_never_chosen(setting, t
                 "score": score,
                 "metrics": {"exact_match": score, "num_examples": 12},
                 "selected_heads": [[0, 0], [0, 1]],
-                "zero_score_heads": int(strong),
+                "zero_score_heads": zeros,
                 "extends": None,
-                "tune_grid": GROUP_TUNED["tune"],
+                "tune_grid": arm["tune"],
                 "tune_extend": 0,
             },
         )
+
+
+def test_a_trial_whose_step_1_kept_fewer_than_k_heads_is_never_chosen(setting, tmp_path):
+    """The stronger penalty left 1 of the 2 heads it trained at a score of 0 (picked in index
+    order, chosen by nothing): however well it scores, the tuning and the report choose the trial
+    that kept its K heads, and the report says why the other is not eligible."""
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[GROUP_TUNED], tune_extend=0)))
+    folder = tmp_path / "runs" / "group"
+
+    def outcome(trial: dict) -> tuple[float, int]:  # the strong penalty scores higher, but trained a head at zero
+        strong = trial["group_lambda"] == 1e-1
+        return (0.75 if strong else 0.25) - 5 * trial["bias_lr"], int(strong)
+
+    record_group_trials(folder, grid, GROUP_TUNED, outcome)
     best = {"group_lambda": 1e-2, "bias_lr": 1e-2}
     assert list(Runner(grid, folder, tune=True, log=lambda _: None).chosen().values()) == [best]
     records = read_results(folder)
@@ -592,32 +601,13 @@ def test_the_report_says_when_a_chosen_value_is_inside_only_beside_a_trial_that_
     arm = GROUP_TUNED | {"tune": {"group_lambda": [1e-3, 1e-2, 1e-1], "bias_lr": [1e-2, 2e-2, 4e-2]}}
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[arm], tune_extend=0)))
     folder = tmp_path / "runs" / "group"
-    for cell in Runner(grid, folder, tune=True, log=lambda _: None).trials():
-        trial = dict(cell.trial)
+
+    def outcome(trial: dict) -> tuple[float, int]:  # 1e-1 would score highest, but kept 1 of its 2 heads
         lam, lr = trial["group_lambda"], trial["bias_lr"]
         score = 0.5 - 0.1 * abs(math.log10(lam / 1e-2)) - 0.1 * abs(math.log2(lr / 2e-2))
-        append_result(
-            folder,
-            {
-                "key": cell.key,
-                "phase": "tune",
-                "label": cell.label,
-                "task": cell.task,
-                "seed": cell.seed,
-                "method": cell.method,
-                "point": {},
-                "trial": trial,
-                "options": cell.config,
-                "metric": "exact_match",
-                "score": score + (0.3 if lam == 1e-1 else 0.0),
-                "metrics": {"exact_match": score, "num_examples": 12},
-                "selected_heads": [[0, 0], [0, 1]],
-                "zero_score_heads": int(lam == 1e-1),
-                "extends": None,
-                "tune_grid": arm["tune"],
-                "tune_extend": 0,
-            },
-        )
+        return score + (0.3 if lam == 1e-1 else 0.0), int(lam == 1e-1)
+
+    record_group_trials(folder, grid, arm, outcome)
     summary = report_module._tuning(read_results(folder))
     assert (
         "| group_lambda=0.01 (inside; the trial above kept fewer than K heads), bias_lr=0.02 (inside) | 50.0 |"

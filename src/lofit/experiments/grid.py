@@ -661,14 +661,16 @@ def edge_step(
     return (INSIDE if min(base) < value < max(base) else EXTENDED_INSIDE), []
 
 
+def on_option_line(trial: dict, best: dict, option: str) -> bool:
+    """Whether ``trial`` (tuned values by option) has ``best``'s values of every option but
+    ``option``: it lies on the line through the best trial along ``option``."""
+    return all(same_value(trial.get(other), value) for other, value in best.items() if other != option)
+
+
 def option_line(trials: list[dict], best: dict, option: str) -> list:
-    """The values of ``option`` in those ``trials`` (tuned values by option) whose other options
-    equal ``best``'s: the line through the best trial along ``option``."""
-    return [
-        trial[option]
-        for trial in trials
-        if all(same_value(trial.get(other), value) for other, value in best.items() if other != option)
-    ]
+    """The values of ``option`` in those ``trials`` on the line through ``best`` along ``option``
+    (:func:`on_option_line`)."""
+    return [trial[option] for trial in trials if on_option_line(trial, best, option)]
 
 
 @dataclass

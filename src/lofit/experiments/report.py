@@ -33,6 +33,7 @@ from lofit.experiments.grid import (
     INSIDE,
     admissible,
     edge_step,
+    on_option_line,
     option_line,
     same_value,
 )
@@ -325,12 +326,7 @@ def _unselected_neighbours(trials: list[dict], best: dict, option: str) -> list[
     kept fewer than K heads in step 1 (``zero_score_heads``, so not eligible): on such a side the
     value beats a run that selected no K heads, and the best selection may lie between the two."""
     value, sides = best["trial"][option], []
-    line = [
-        r
-        for r in trials
-        if option in r.get("trial", {})
-        and all(same_value(r["trial"].get(other), v) for other, v in best["trial"].items() if other != option)
-    ]
+    line = [r for r in trials if option in r.get("trial", {}) and on_option_line(r["trial"], best["trial"], option)]
     for side, beyond in (("below", lambda v: v < value), ("above", lambda v: v > value)):
         neighbours = [r for r in line if beyond(r["trial"][option])]
         if neighbours:
