@@ -42,7 +42,7 @@ reports were built with (docs/results/README.md)."""
 OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "table2": "first run, tuned before edge extension; superseded on CLUTRR and MQuAKE by table2-v3, TruthfulQA owed",
-    "table3": "first run, tuned before edge extension; superseded on CLUTRR and MQuAKE by table3-v2, TruthfulQA owed",
+    "table3": "first run, tuned before edge extension; superseded on all three tasks by table3-v2",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "num-heads": "first run, tuned before edge extension; its CLUTRR re-run is owed",

@@ -108,6 +108,25 @@ def test_a_step_1_that_does_not_localize_says_so_once_with_the_fix():
     assert [m for m in log.warnings if "did not localize" in m] and len(log.warnings) == 1
 
 
+def test_all_heads_is_no_selection_and_step_1_does_not_warn_about_it():
+    """At K = N no head is left out: the figures are kept, but neither "localized" nor the advice
+    to raise the penalty applies, and step 1 stays silent."""
+    everything = Localization.of(torch.rand(3, 4, generator=torch.Generator().manual_seed(0)), 12)
+    assert not everything.selects and not everything.localized and not everything.a_choice
+    assert everything.label == "no selection (all heads)"
+    assert Localization.of(torch.ones(3, 4), 2).label == "NOT localized"
+    assert everything.verdict("l1").startswith("K = all 12 heads: step 2 tunes every head")
+    assert everything.to_json()["selects"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, log = select_heads(
+            get_lofit_model(tiny_model("llama"), LofitConfig(**CONFIG.to_dict() | {"num_heads": 12})),
+            SFT(synthetic_pairs(16), PAD),
+            progress=False,
+        )
+    assert log.warnings == [] and log.localization["k"] == 12 and log.localization["selects"] is False
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
 def test_every_step_clips_the_gradient_norm(monkeypatch, max_grad_norm):
     norms_after: list[float] = []

@@ -180,7 +180,7 @@ def _print_ranking(ranking: HeadRanking, top: int) -> None:
     for rank, (layer, head) in enumerate(ranking.order[:top]):
         print(f"{rank:4d}  {layer:5d}  {head:4d}  {float(ranking.scores[layer, head]):.5f}")
     figures = ranking.localization(top)
-    print(f"{'localized' if figures.localized else 'NOT localized'}: {figures.summary()}")
+    print(f"{figures.label}: {figures.summary()}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -808,42 +808,54 @@ def _objective(options: dict) -> str:
     return f"{strength}, scale lr {options.get('scale_lr')}, {options.get('select_epochs')} epochs"
 
 
+def _heads_tuned(record: dict, ranking: dict) -> int:
+    """K of a cell that tuned ``ranking``'s heads: the heads it recorded as selected, else the
+    ranking's own K (records from before cells recorded their heads)."""
+    return len(record.get("selected_heads") or []) or ranking["top_k"]
+
+
 def localization(records: list[dict]) -> str:
-    """Every step-1 ranking's localization figures (:class:`~lofit.methods.lofit.localization.Localization`) for
-    its K, with the mean score of the tuning trials and of the test runs that tuned the heads it chose."""
-    rankings = [r for r in records if r.get("phase") == "ranking"]
+    """Every step-1 ranking's localization figures (:class:`~lofit.methods.lofit.localization.Localization`)
+    for each K its cells tuned (a ranking is shared by cells of different K: num-heads), with the
+    mean score of the tuning trials and of the test runs that tuned its top K heads."""
+    rankings = {r["key"]: r for r in records if r.get("phase") == "ranking"}
     if not rankings:
         return ""
-    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+    scores: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for r in records:  # a TRAIN:EVAL cell's score is another task's: not a score of its ranking's heads
-        if r.get("ranking_key") and r.get("score") is not None and training_task_name(r["task"]) == r["task"]:
-            scores[(r["ranking_key"], r["phase"])].append(r["score"])
+        ranking = rankings.get(r.get("ranking_key"))
+        if ranking and r.get("score") is not None and training_task_name(r["task"]) == r["task"]:
+            scores[(ranking["key"], _heads_tuned(r, ranking), r["phase"])].append(r["score"])
 
-    def mean(key: str, phase: str) -> str:
-        found = scores.get((key, phase), [])
+    def mean(key: str, k: int, phase: str) -> str:
+        found = scores.get((key, k, phase), [])
         return f"{100 * statistics.fmean(found):.1f}% ({len(found)})" if found else ""
 
     lines = [
         "## Step-1 localization",
         "",
-        "For each ranking and its K: the top K heads' share of the total score (and K / N, the share if every "
-        "head scored the same), the effective number of heads (sum s)^2 / sum s^2, the heads below "
+        "For each ranking and each K its cells tuned: the top K heads' share of the total score (and K / N, the "
+        "share if every head scored the same), the effective number of heads (sum s)^2 / sum s^2, the heads below "
         f"{NEAR_ZERO:.0%} of the largest score (exactly 0), and whether the selection counts as localized "
-        "(top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2)); then the mean score (and count) of the tuning "
-        "trials and of the test runs that tuned the heads it chose.",
+        "(top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2); at K = N no head is left out, so there is no "
+        "selection to judge); then the mean score (and count) of the tuning trials and of the test runs that "
+        "tuned its top K heads.",
         "",
         "| task | seed | step 1 | K | top-K share (uniform) | effective heads | near 0 (exactly 0) | localized "
         "| trials | test runs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rankings, key=lambda r: (r["task"], r["seed"], _objective(r.get("options", {})))):
-        figures = Localization.of(torch.tensor(r["scores"]), r["top_k"])
-        lines.append(
-            f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {figures.k} of {figures.total} "
-            f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
-            f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
-            f"| {'yes' if figures.localized else '**no**'} | {mean(r['key'], 'tune')} | {mean(r['key'], 'test')} |"
-        )
+    for r in sorted(rankings.values(), key=lambda r: (r["task"], r["seed"], _objective(r.get("options", {})))):
+        tuned = sorted({k for key, k, _ in scores if key == r["key"]}) or [r["top_k"]]
+        for k in tuned:
+            figures = Localization.of(torch.tensor(r["scores"]), k)
+            verdict = ("yes" if figures.localized else "**no**") if figures.selects else "no selection (K = N)"
+            lines.append(
+                f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {figures.k} of {figures.total} "
+                f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
+                f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
+                f"| {verdict} | {mean(r['key'], k, 'tune')} | {mean(r['key'], k, 'test')} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,7 @@ def head_heatmap(scores: torch.Tensor, selected: Sequence[tuple[int, int]], path
         curve.set_title(
             f"top {len(selected)}: {100 * figures.top_share:.0f}% of the score "
             f"(uniform {100 * figures.uniform_share:.0f}%)\neffective heads {figures.effective_heads:.0f} "
-            f"of {figures.total}; {'localized' if figures.localized else 'NOT localized'}",
+            f"of {figures.total}; {figures.label}",
             fontsize=9,
         )
     curve.set_xlabel("heads, by rank")

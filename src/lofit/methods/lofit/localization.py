@@ -70,8 +70,21 @@ class Localization:
         return min(max(MAJORITY, 2 * self.uniform_share), (1 + self.uniform_share) / 2)
 
     @property
+    def selects(self) -> bool:
+        """Whether the top K leave any head out (K < N): at K = N every head is tuned, and the
+        ranking chooses nothing, localized or not."""
+        return self.k < self.total
+
+    @property
     def localized(self) -> bool:
-        return self.max_score > 0 and self.top_share >= self.threshold
+        return self.selects and self.max_score > 0 and self.top_share >= self.threshold
+
+    @property
+    def label(self) -> str:
+        """``localized``, ``NOT localized``, or ``no selection (all heads)`` when K = N."""
+        if not self.selects:
+            return "no selection (all heads)"
+        return "localized" if self.localized else "NOT localized"
 
     @property
     def kept(self) -> int:
@@ -94,6 +107,8 @@ class Localization:
 
     def verdict(self, selection: str | None = None) -> str:
         """The summary, preceded by whether the top K are a choice and, when not, what to change."""
+        if not self.selects:
+            return f"K = all {self.total} heads: step 2 tunes every head, so step 1 chooses none ({self.summary()})"
         lower = {"l1": "lower --l1-lambda", "group": "lower --group-lambda"}.get(selection or "", "lower the penalty")
         if self.kept < self.k:
             return (
@@ -113,6 +128,7 @@ class Localization:
         return asdict(self) | {
             "threshold": self.threshold,
             "localized": self.localized,
+            "selects": self.selects,
             "kept": self.kept,
             "near_zero_fraction": NEAR_ZERO,
         }

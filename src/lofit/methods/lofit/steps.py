@@ -105,7 +105,7 @@ def select_heads(
     model.head_ranking = ranking.order
     localization = ranking.localization(config.num_heads_to_tune(len(ranking.order)))
     log.localization = localization.to_json()
-    if not localization.a_choice:
+    if localization.selects and not localization.a_choice:
         message = localization.verdict(config.selection)
         log.warnings.append(message)
         if process_index() == 0:
