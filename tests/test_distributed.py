@@ -44,8 +44,9 @@ if os.environ.get("RANK", "0") != "0":
 """
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_two_processes_train_and_evaluate_like_one(tmp_path, kind):
+@pytest.mark.parametrize("kind, compiled", [("sft", False), ("dpo", False), ("dpo", True)])
+def test_two_processes_train_and_evaluate_like_one(tmp_path, kind, compiled):
+    """With ``compiled``, the two processes train through torch.compile and the one process eagerly."""
     model_dir = tiny_model_folder(tmp_path / "tiny")
     data = write_task(tmp_path / f"{kind}.jsonl", kind)
     options = [
@@ -95,6 +96,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, kind):
         str(two),
         "--gradient-accumulation-steps",
         "2",
+        *(["--compile"] if compiled else []),
     ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
     assert finished.returncode == 0, finished.stderr[-3000:]

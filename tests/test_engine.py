@@ -31,7 +31,7 @@ from lofit.training.loop import (
     gradient_checkpointing,
     train,
 )
-from lofit.training.objectives import SFT, Objective
+from lofit.training.objectives import DPO, SFT, Objective, PreferenceItem
 from lofit.training.prefix_cache import PrefixCache
 from lofit.utils.compute import ComputeConfig, resolve_device
 
@@ -400,12 +400,24 @@ def test_step_2_with_the_prefix_cache_trains_the_same_adapter():
     assert torch.allclose(tuned(0), tuned(64), atol=1e-5)
 
 
-def test_compiled_training_trains_the_same_adapter():
+def preference_pairs() -> DPO:
+    """DPO on synthetic pairs (each pair's rejected completion is the next pair's), with fixed reference log-probs."""
+    pairs = synthetic_pairs(14)
+    items = [PreferenceItem(pairs[i], pairs[(i + 1) % 14], -4.0 - i % 3, -5.0) for i in range(14)]
+    return DPO(items, PAD, beta=0.5)
+
+
+@pytest.mark.parametrize("variant", ["sft", "dpo", "gradient checkpointing"])
+def test_compiled_training_trains_the_same_adapter(variant):
     """torch.compile (dynamic shapes: the batches differ in length) in place of eager steps and of the
-    prefix cache: the same biases, to float rounding."""
+    prefix cache: the same biases, to float rounding, with SFT, with DPO (its chosen and rejected rows
+    in one batch) and with gradient checkpointing."""
+    checkpointing = variant == "gradient checkpointing"
 
     def tuned(compiled: bool) -> torch.Tensor:
-        return tuned_bias(TrainingSetup(ComputeConfig(compile=compiled)), heads=ABOVE_LAYER_0)
+        compute = ComputeConfig(compile=compiled, gradient_checkpointing=checkpointing)
+        objective = preference_pairs() if variant == "dpo" else None
+        return tuned_bias(TrainingSetup(compute), objective=objective, heads=ABOVE_LAYER_0)
 
     eager = tuned(False)
     counters.clear()
