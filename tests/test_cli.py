@@ -49,6 +49,8 @@ def test_bad_options_are_refused(tmp_path):
         parse(["run", "--num-heads", "0"])
     with pytest.raises(OptionsError, match="does not exist"):
         parse(["run", "--config", str(tmp_path / "absent.yaml")])
+    with pytest.raises(OptionsError, match="--compile with --gradient-checkpointing"):
+        parse(["run", "--compile", "--gradient-checkpointing"])
     with pytest.raises(ValueError, match="fold must be 0, 1 or all"):
         RunConfig(fold="2").folds()
 

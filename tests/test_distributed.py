@@ -81,6 +81,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, kind, compiled):
         "LOFIT_TEST_WATCH": str(two),
         "LOFIT_TEST_AUDIT": str(tmp_path / "audit"),
         "OMP_NUM_THREADS": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
     }
     # torch.distributed.run is torchrun, also in a virtual environment that borrows the system's torch
     command = [
@@ -102,6 +103,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, kind, compiled):
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     assert json.loads((tmp_path / "audit.1").read_text()) == []  # rank 1 wrote nothing
+    inductor = tmp_path / "inductor"
+    assert (inductor.is_dir() and any(inductor.rglob("*.py"))) == compiled  # TorchInductor wrote kernels only then
     one = tmp_path / "one"
     assert sorted(p.relative_to(one) for p in one.rglob("*")) == sorted(p.relative_to(two) for p in two.rglob("*"))
     ranking_one, ranking_two = (json.loads((d / "head_ranking.json").read_text())["ranking"] for d in (one, two))

@@ -631,25 +631,36 @@ def test_a_step_2_cell_records_how_many_of_its_heads_scored_0_in_step_1_and_its_
     assert f"- {test['task']}, LoFiT, no sweep point, seed {test['seed']}: 2 of its 2 heads" in report
 
 
-def test_the_reports_localization_has_a_row_for_each_k_that_tuned_a_shared_ranking():
-    """One step-1 ranking serves cells of three K (num-heads): a row per K, each with that K's
-    figures and only its own cells' scores; at K = N there is no selection to judge. A ranking no
-    cell tuned keeps one row, at its own K."""
+def test_the_reports_localization_has_a_row_for_each_k_and_arm_that_tuned_a_shared_ranking():
+    """One step-1 ranking serves cells of three K (num-heads) and two arms (capacity): a row per K
+    and arm, each with that K's figures and only its own cells' scores; at K = N there is no
+    selection to judge. A cell that tuned the heads on another task (cross-task) or was evaluated
+    on one is no score of the ranking's task. A cell without recorded heads counts at the ranking's
+    K. A ranking no cell tuned keeps one row, at its own K."""
     options = {"l1_lambda": 0.02, "scale_lr": 5e-3, "select_epochs": 5}
     ranking = {"key": "r1", "phase": "ranking", "task": "clutrr", "seed": 42, "options": options, "top_k": 1}
     unused = ranking | {"key": "r2", "seed": 43}
     records = [ranking | {"scores": [[4.0, 0.0, 0.0, 0.0]]}, unused | {"scores": [[1.0, 1.0, 1.0, 1.0]]}]
-    for heads, score in ((1, 0.5), (1, 0.7), (2, 0.3), (4, 0.9)):
-        records.append(
-            {"phase": "tune", "task": "clutrr", "ranking_key": "r1", "score": score, "selected_heads": [[0, 0]] * heads}
-        )
+    cells = [
+        ("v", "clutrr", 1, 0.5),
+        ("v", "clutrr", 0, 0.7),  # no selected_heads recorded: the ranking's K, 1
+        ("A and v", "clutrr", 1, 0.2),
+        ("v", "clutrr", 2, 0.3),
+        ("v", "clutrr", 4, 0.9),
+        ("v", "mquake", 1, 0.1),  # the clutrr heads tuned on MQuAKE
+        ("v", "clutrr:mquake", 1, 0.1),  # tuned on CLUTRR, evaluated on MQuAKE
+    ]
+    for label, task, heads, score in cells:
+        selected = {"selected_heads": [[0, 0]] * heads} if heads else {}
+        records.append({"phase": "tune", "label": label, "task": task, "ranking_key": "r1", "score": score} | selected)
     prefix = "| clutrr | 42 | L1 0.02, scale lr 0.005, 5 epochs | "
     rows = [line for line in report_module.localization(records).splitlines() if line.startswith("| clutrr")]
     assert rows == [
-        prefix + "1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | yes | 60.0% (2) |  |",
-        prefix + "2 of 4 | 100.0% (50.0%) | 1 | 3 (3) | yes | 30.0% (1) |  |",
-        prefix + "4 of 4 | 100.0% (100.0%) | 1 | 3 (3) | no selection (K = N) | 90.0% (1) |  |",
-        prefix.replace("42", "43") + "1 of 4 | 25.0% (25.0%) | 4 | 0 (0) | **no** |  |  |",
+        prefix + "A and v | 1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | yes | 20.0% (1) |  |",
+        prefix + "v | 1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | yes | 60.0% (2) |  |",
+        prefix + "v | 2 of 4 | 100.0% (50.0%) | 1 | 3 (3) | yes | 30.0% (1) |  |",
+        prefix + "v | 4 of 4 | 100.0% (100.0%) | 1 | 3 (3) | no selection (all heads) | 90.0% (1) |  |",
+        prefix.replace("42", "43") + " | 1 of 4 | 25.0% (25.0%) | 4 | 0 (0) | **no** |  |  |",
     ]
 
 

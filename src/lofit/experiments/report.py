@@ -42,7 +42,6 @@ from lofit.methods.lofit.config import selection_bias_lr_option
 from lofit.methods.lofit.localization import NEAR_ZERO, Localization
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.plots import curves, layer_histograms, matrix_plot
-from lofit.tasks import training_task_name
 from lofit.utils.atomic import write_text
 
 
@@ -809,52 +808,56 @@ def _objective(options: dict) -> str:
 
 
 def _heads_tuned(record: dict, ranking: dict) -> int:
-    """K of a cell that tuned ``ranking``'s heads: the heads it recorded as selected, else the
-    ranking's own K (records from before cells recorded their heads)."""
+    """K of a cell that tuned ``ranking``'s heads: the heads it recorded as selected, else (records
+    from before cells recorded their heads; none of the committed ones) the K the ranking was
+    recorded with, which may be another cell's."""
     return len(record.get("selected_heads") or []) or ranking["top_k"]
 
 
 def localization(records: list[dict]) -> str:
     """Every step-1 ranking's localization figures (:class:`~lofit.methods.lofit.localization.Localization`)
-    for each K its cells tuned (a ranking is shared by cells of different K: num-heads), with the
-    mean score of the tuning trials and of the test runs that tuned its top K heads."""
+    for each K and arm that tuned its top K heads on its own task (a ranking serves cells of several K,
+    num-heads, and of several arms, capacity), with the mean score of those tuning trials and test runs.
+    Cells that tuned its heads on another task (cross-task) or were evaluated on one (``TRAIN:EVAL``)
+    are left out: their scores are not of its task."""
     rankings = {r["key"]: r for r in records if r.get("phase") == "ranking"}
     if not rankings:
         return ""
-    scores: dict[tuple[str, int, str], list[float]] = defaultdict(list)
-    for r in records:  # a TRAIN:EVAL cell's score is another task's: not a score of its ranking's heads
+    scores: dict[tuple[str, int, str, str], list[float]] = defaultdict(list)
+    for r in records:
         ranking = rankings.get(r.get("ranking_key"))
-        if ranking and r.get("score") is not None and training_task_name(r["task"]) == r["task"]:
-            scores[(ranking["key"], _heads_tuned(r, ranking), r["phase"])].append(r["score"])
+        if ranking and r.get("score") is not None and r["task"] == ranking["task"]:
+            scores[(ranking["key"], _heads_tuned(r, ranking), r.get("label", ""), r["phase"])].append(r["score"])
 
-    def mean(key: str, k: int, phase: str) -> str:
-        found = scores.get((key, k, phase), [])
+    def mean(key: str, k: int, label: str, phase: str) -> str:
+        found = scores.get((key, k, label, phase), [])
         return f"{100 * statistics.fmean(found):.1f}% ({len(found)})" if found else ""
 
     lines = [
         "## Step-1 localization",
         "",
-        "For each ranking and each K its cells tuned: the top K heads' share of the total score (and K / N, the "
-        "share if every head scored the same), the effective number of heads (sum s)^2 / sum s^2, the heads below "
-        f"{NEAR_ZERO:.0%} of the largest score (exactly 0), and whether the selection counts as localized "
-        "(top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2); at K = N no head is left out, so there is no "
-        "selection to judge); then the mean score (and count) of the tuning trials and of the test runs that "
-        "tuned its top K heads.",
+        "For each ranking and each K and arm that tuned its top K heads: the top K heads' share of the total score "
+        "(and K / N, the share if every head scored the same), the effective number of heads (sum s)^2 / sum s^2, "
+        f"the heads below {NEAR_ZERO:.0%} of the largest score (exactly 0), and whether the selection counts as "
+        "localized (top share >= min(max(1/2, 2 K / N), (1 + K / N) / 2); at K = N no head is left out, so there "
+        "is no selection to judge); then the mean score (and count) of that arm's tuning trials and test runs "
+        "on the ranking's task.",
         "",
-        "| task | seed | step 1 | K | top-K share (uniform) | effective heads | near 0 (exactly 0) | localized "
+        "| task | seed | step 1 | arm | K | top-K share (uniform) | effective heads | near 0 (exactly 0) | localized "
         "| trials | test runs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rankings.values(), key=lambda r: (r["task"], r["seed"], _objective(r.get("options", {})))):
-        tuned = sorted({k for key, k, _ in scores if key == r["key"]}) or [r["top_k"]]
-        for k in tuned:
+        uses = sorted({(k, label) for key, k, label, _ in scores if key == r["key"]}) or [(r["top_k"], "")]
+        for k, label in uses:
             figures = Localization.of(torch.tensor(r["scores"]), k)
-            verdict = ("yes" if figures.localized else "**no**") if figures.selects else "no selection (K = N)"
+            verdict = ("yes" if figures.localized else "**no**") if figures.selects else figures.label
             lines.append(
-                f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {figures.k} of {figures.total} "
+                f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {label} "
+                f"| {figures.k} of {figures.total} "
                 f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
                 f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
-                f"| {verdict} | {mean(r['key'], k, 'tune')} | {mean(r['key'], k, 'test')} |"
+                f"| {verdict} | {mean(r['key'], k, label, 'tune')} | {mean(r['key'], k, label, 'test')} |"
             )
     return "\n".join(lines) + "\n"
 

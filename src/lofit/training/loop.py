@@ -19,8 +19,8 @@ with batch B. A regulariser (LoFiT's L1 term) is added once per step.
 **Speed.** Batches group examples of similar length (:func:`epoch_batches`), and when
 no trained tensor acts below layer L the layers below L run once per training sequence
 (:mod:`lofit.training.prefix_cache`). With ``compile`` the model's forward pass (and so its
-backward) runs through ``torch.compile`` with dynamic shapes, one graph for every batch
-length, in place of the prefix cache, whose per-sequence lookups would break the graph.
+backward) runs through ``torch.compile`` with dynamic shapes, so that batch lengths share
+compiled graphs, in place of the prefix cache, whose per-sequence lookups would break the graph.
 
 **Precision.** Forward passes run under ``accelerator.autocast()`` (``mixed_precision``
 bf16 or fp16; ``auto``: bf16 where the hardware runs it faster); the trained tensors stay

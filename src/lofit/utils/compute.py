@@ -143,6 +143,12 @@ class ComputeConfig:
             raise ValueError(f"prefix_cache_mb must be >= 0; got {self.prefix_cache_mb}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
+        if self.compile and self.gradient_checkpointing:
+            raise ValueError(
+                "--compile with --gradient-checkpointing: torch.compile breaks its graph inside transformers' "
+                "checkpointed decoder layers and runs them eagerly, so the combination would compile almost "
+                "nothing; use one of the two"
+            )
         if self.mixed_precision == "fp16" and (
             self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
         ):

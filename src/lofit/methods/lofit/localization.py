@@ -31,8 +31,9 @@ class Localization:
     - ``effective_heads`` = S^2 / sum s^2 (N when all scores are equal, 1 when one head holds
       everything).
 
-    ``localized`` holds when ``top_share`` >= min(max(MAJORITY, 2 k / N), (1 + k / N) / 2): for K up
-    to a quarter of the heads, when the top K hold at least half of the total score.
+    ``localized`` holds when K < N (``selects``) and ``top_share`` >= min(max(MAJORITY, 2 k / N),
+    (1 + k / N) / 2): for K up to a quarter of the heads, when the top K hold at least half of the
+    total score. At K = N nothing is chosen, so ``localized`` is false and ``label`` says "no selection".
     """
 
     k: int
@@ -77,6 +78,7 @@ class Localization:
 
     @property
     def localized(self) -> bool:
+        """K < N, some head moved, and the top K hold at least ``threshold`` of the total score."""
         return self.selects and self.max_score > 0 and self.top_share >= self.threshold
 
     @property
@@ -97,16 +99,18 @@ class Localization:
         return self.localized and self.kept >= self.k
 
     def summary(self) -> str:
-        """One line of figures."""
+        """One line of figures (with the localization threshold where K < N)."""
+        threshold = f"; localized from {100 * self.threshold:.1f}%" if self.selects else ""
         return (
             f"top {self.k} of {self.total} heads hold {100 * self.top_share:.1f}% of the total score "
-            f"({100 * self.uniform_share:.1f}% if all scored the same; localized from {100 * self.threshold:.1f}%), "
+            f"({100 * self.uniform_share:.1f}% if all scored the same{threshold}), "
             f"effective heads {self.effective_heads:.0f} of {self.total}, {self.near_zero} heads below "
             f"{NEAR_ZERO:.0%} of the largest score ({self.exact_zero} exactly 0)"
         )
 
     def verdict(self, selection: str | None = None) -> str:
-        """The summary, preceded by whether the top K are a choice and, when not, what to change."""
+        """The summary, preceded by whether the top K are a choice and, when not, what to change (at
+        K = N, that there is nothing to choose: step 1 itself does not warn then)."""
         if not self.selects:
             return f"K = all {self.total} heads: step 2 tunes every head, so step 1 chooses none ({self.summary()})"
         lower = {"l1": "lower --l1-lambda", "group": "lower --group-lambda"}.get(selection or "", "lower the penalty")
