@@ -48,7 +48,6 @@ OPEN_EDGES = {
     "num-heads": "first run, tuned before edge extension; its CLUTRR re-run is owed",
     "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
-    "num-heads-v2": "running: the re-run of num-heads on CLUTRR, its first trials only",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
 why. Each entry goes once its folder is re-run or replaced; an entry whose folder has no such
