@@ -656,11 +656,11 @@ def test_the_reports_localization_has_a_row_for_each_k_and_arm_that_tuned_a_shar
     prefix = "| clutrr | 42 | L1 0.02, scale lr 0.005, 5 epochs | "
     rows = [line for line in report_module.localization(records).splitlines() if line.startswith("| clutrr")]
     assert rows == [
-        prefix + "A and v | 1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | yes | 20.0% (1) |  |",
-        prefix + "v | 1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | yes | 60.0% (2) |  |",
-        prefix + "v | 2 of 4 | 100.0% (50.0%) | 1 | 3 (3) | yes | 30.0% (1) |  |",
+        prefix + "A and v | 1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | localized | 20.0% (1) |  |",
+        prefix + "v | 1 of 4 | 100.0% (25.0%) | 1 | 3 (3) | localized | 60.0% (2) |  |",
+        prefix + "v | 2 of 4 | 100.0% (50.0%) | 1 | 3 (3) | localized | 30.0% (1) |  |",
         prefix + "v | 4 of 4 | 100.0% (100.0%) | 1 | 3 (3) | no selection (all heads) | 90.0% (1) |  |",
-        prefix.replace("42", "43") + " | 1 of 4 | 25.0% (25.0%) | 4 | 0 (0) | **no** |  |  |",
+        prefix.replace("42", "43") + " | 1 of 4 | 25.0% (25.0%) | 4 | 0 (0) | NOT localized |  |  |",
     ]
 
 

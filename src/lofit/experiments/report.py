@@ -823,14 +823,15 @@ def localization(records: list[dict]) -> str:
     rankings = {r["key"]: r for r in records if r.get("phase") == "ranking"}
     if not rankings:
         return ""
-    scores: dict[tuple[str, int, str, str], list[float]] = defaultdict(list)
+    scores: dict[str, dict[tuple[int, str], dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )  # ranking key -> (K, arm) -> phase -> scores
     for r in records:
         ranking = rankings.get(r.get("ranking_key"))
         if ranking and r.get("score") is not None and r["task"] == ranking["task"]:
-            scores[(ranking["key"], _heads_tuned(r, ranking), r.get("label", ""), r["phase"])].append(r["score"])
+            scores[ranking["key"]][(_heads_tuned(r, ranking), r.get("label", ""))][r["phase"]].append(r["score"])
 
-    def mean(key: str, k: int, label: str, phase: str) -> str:
-        found = scores.get((key, k, label, phase), [])
+    def mean(found: list[float]) -> str:
         return f"{100 * statistics.fmean(found):.1f}% ({len(found)})" if found else ""
 
     lines = [
@@ -848,16 +849,16 @@ def localization(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rankings.values(), key=lambda r: (r["task"], r["seed"], _objective(r.get("options", {})))):
-        uses = sorted({(k, label) for key, k, label, _ in scores if key == r["key"]}) or [(r["top_k"], "")]
-        for k, label in uses:
-            figures = Localization.of(torch.tensor(r["scores"]), k)
-            verdict = ("yes" if figures.localized else "**no**") if figures.selects else figures.label
+        head_scores = torch.tensor(r["scores"])
+        uses = scores.get(r["key"]) or {(r["top_k"], ""): {}}
+        for (k, label), by_phase in sorted(uses.items()):
+            figures = Localization.of(head_scores, k)
             lines.append(
                 f"| {r['task']} | {r['seed']} | {_objective(r.get('options', {}))} | {label} "
                 f"| {figures.k} of {figures.total} "
                 f"| {100 * figures.top_share:.1f}% ({100 * figures.uniform_share:.1f}%) "
                 f"| {figures.effective_heads:.0f} | {figures.near_zero} ({figures.exact_zero}) "
-                f"| {verdict} | {mean(r['key'], k, label, 'tune')} | {mean(r['key'], k, label, 'test')} |"
+                f"| {figures.label} | {mean(by_phase.get('tune', []))} | {mean(by_phase.get('test', []))} |"
             )
     return "\n".join(lines) + "\n"
 
