@@ -25,6 +25,7 @@ DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "
 
 COMPLETE = {
     "table3-v2": ["table3", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
+    "num-heads-v2": ["num-heads", "--seeds", "42,43", "--tune"],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
 under today's grids. table2-v2 and capacity tuned the epochs, which table2 and capacity now fix
@@ -45,7 +46,7 @@ OPEN_EDGES = {
     "table3": "first run, tuned before edge extension; superseded on all three tasks by table3-v2",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "num-heads": "first run, tuned before edge extension; its CLUTRR re-run is owed",
+    "num-heads": "first run, tuned before edge extension; superseded by num-heads-v2",
     "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
 }
