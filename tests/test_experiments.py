@@ -27,8 +27,11 @@ from lofit.experiments.grid import (
     Grid,
     check_searches,
     check_tuning,
+    config_key,
     edge_step,
     expand,
+    make_cell,
+    measurement_key,
     option_line,
     same_value,
     shipped_grids,
@@ -170,6 +173,31 @@ def test_every_shipped_grid_searches_distinct_cells(name):
     for phase in ("tune", "test"):
         cells = expand(grid, phase, {})
         assert len({cell.key for cell in cells}) == len(cells), f"{name} {phase}: two cells share a key"
+
+
+def test_cells_that_set_an_option_to_what_unset_means_measure_what_the_same_cell_elsewhere_does():
+    table3, cross_task, data_efficiency = load_grid("table3"), load_grid("cross-task"), load_grid("data-efficiency")
+    lofit = next(arm for arm in table3.arms if arm.label == "LoFiT")
+
+    def measures(grid, arm, task, point, trial):
+        cell = make_cell(grid, "tune", arm, task, 42, point, trial, {})
+        return measurement_key(cell.method, cell.phase, cell.config), cell.key
+
+    trial = {"bias_lr": 5e-2, "l1_lambda": 2e-2}
+    for task in table3.tasks:  # cross-task's diagonal: the task's own heads
+        diagonal = measures(cross_task, cross_task.arms[0], task, {"heads_task": task}, trial)
+        reference = measures(table3, lofit, task, {}, trial)
+        assert diagonal[0] == reference[0] and diagonal[1] != reference[1]  # same measurement, own key
+    off_diagonal = measures(cross_task, cross_task.arms[0], "clutrr", {"heads_task": "mquake"}, trial)
+    assert off_diagonal[0] != measures(table3, lofit, "clutrr", {}, trial)[0]
+    for arm in data_efficiency.arms:  # CLUTRR's default training set is 300 stories; MQuAKE has no default size
+        same = next(other for other in table3.arms if other.label == arm.label)
+        first = {option: values[0] for option, values in arm.tune.items()}
+        for task, size, equal in (("clutrr", 300, True), ("clutrr", 100, False), ("mquake", 300, False)):
+            ours = measures(data_efficiency, arm, task, {"train_size": size}, first)[0]
+            assert (ours == measures(table3, same, task, {}, first)[0]) is equal
+    ood = {"task": "truthfulqa:nq_open", "heads_task": "truthfulqa", "seed": 1}  # step 1 on the training task
+    assert measurement_key("lofit", "ranking", ood) == measurement_key("lofit", "ranking", ood | {"task": "truthfulqa"})
 
 
 def test_tuned_numbers_are_log_grids(setting, tmp_path):
@@ -361,6 +389,32 @@ def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_pat
     [record] = Runner(layers, tmp_path / "experiments" / "layers", pool=pool, log=lambda _: None).run()
     assert len(selects) == 1 and record["phase"] == "ranking" and record["label"] == "step 1"
     assert record["scores"] == ranking[0]["scores"] and record["top_k"] == 2  # its own K, not a sibling's
+
+
+def test_a_cell_a_sibling_measured_under_another_key_is_copied_with_this_experiments_key(
+    setting, tmp_path, monkeypatch
+):
+    lofit_only = [{"label": "LoFiT", "method": "lofit"}]
+    own_heads = load_grid(str(grid_file(setting, tmp_path, sweep={"num_heads": [2]}, arms=lofit_only)))
+    pool = ModelPool()
+    records = Runner(own_heads, tmp_path / "experiments" / "own", pool=pool, log=lambda _: None).run()
+    measured = next(record for record in records if record["phase"] == "test")
+    fits = []
+    monkeypatch.setattr(runner_module, "run_cell", lambda *args: fits.append(args) or {})
+    monkeypatch.setattr(runner_module, "run_select", lambda *args: fits.append(args) or {})
+    diagonal = load_grid(
+        str(grid_file(setting, tmp_path, name="diagonal", sweep={"heads_task": [setting["task"]]}, arms=lofit_only))
+    )
+    runner = Runner(diagonal, tmp_path / "experiments" / "diagonal", {"num_heads": 2}, pool=pool, log=lambda _: None)
+    [cell] = runner.test_cells()
+    assert cell.key != measured["key"] and "1 measured by an experiment beside this one" in runner.listing()
+    [copied] = runner.run()
+    assert not fits  # nothing trained or ranked again
+    assert (
+        copied["key"] == cell.key == config_key("lofit", {k: v for k, v in copied["options"].items() if k != "method"})
+    )
+    assert copied["options"]["heads_task"] == setting["task"] and copied["point"] == {"heads_task": setting["task"]}
+    assert copied["per_example"] == measured["per_example"] and copied["reused_from"].endswith("own")
 
 
 def fake_fit(monkeypatch, score, calls: list):

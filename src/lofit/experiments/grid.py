@@ -42,7 +42,7 @@ from lofit.methods.lofit.config import LofitConfig, selection_bias_lr_option
 from lofit.runs.config import OPTION_OWNERS, CellConfig, RunConfig
 from lofit.runs.config import cell_config as build_cell_config
 from lofit.runs.recipes import with_recipe
-from lofit.tasks import training_task_name
+from lofit.tasks import TASKS, training_task_name
 from lofit.utils.compute import ComputeConfig
 from lofit.utils.options import option_group, unread_options
 
@@ -433,6 +433,33 @@ def ranking_key(options: dict[str, Any]) -> str:
     if selection_bias_lr_option(kept) != "bias_lr":
         kept.pop("bias_lr", None)
     return config_key("ranking", kept)
+
+
+def canonical_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with those set to what leaving them unset means, unset: a ``heads_task`` naming the
+    task the cell trains on (its heads are then that task's own) and a ``train_size`` equal to that
+    task's default size. Cells whose canonical options are equal measure the same thing under
+    different keys: cross-task's diagonal is table3's LoFiT arm, data-efficiency's n = 300 on CLUTRR
+    is table3's cells."""
+    options = dict(options)
+    trains_on = training_task_name(options["task"])
+    if options.get("heads_task") == trains_on:
+        options["heads_task"] = None
+    task_class = TASKS.get(trains_on)
+    if task_class is not None and options.get("train_size") == task_class.default_train_size:
+        options["train_size"] = None
+    return options
+
+
+def measurement_key(method: str, phase: str, options: dict[str, Any]) -> str:
+    """What a cell (or a ``ranking``) with ``options`` measures, as a key: its :func:`config_key`
+    (:func:`ranking_key`) over :func:`canonical_options`, the ranking's task that which its
+    examples come from. Equal for cells of two experiments that measure the same thing, so one
+    copies the other's record (:class:`~lofit.experiments.runner.Runner`)."""
+    options = canonical_options({k: v for k, v in options.items() if k != "method"})
+    if phase == "ranking":
+        return ranking_key(options | {"task": training_task_name(options.get("heads_task") or options["task"])})
+    return config_key(method, options)
 
 
 EVALUATION_ONLY = option_group([RunConfig], "evaluation", True)

@@ -58,6 +58,7 @@ from lofit.experiments.grid import (
     check_searches,
     check_tuning,
     expand,
+    measurement_key,
     ranking_key,
     search,
     training_key,
@@ -577,7 +578,7 @@ class Runner:
         key = ranking_key(cell.config)
         if key in self.done:
             return False
-        shared = self._shared_ranking(key)
+        shared = self._shared_ranking(cell)
         if shared is None:
             return True
         self.log(f"[{key}] ranking reused from {shared['reused_from']}")
@@ -665,36 +666,42 @@ class Runner:
         self.done[record["key"]] = record
 
     def _sibling_records(self) -> dict[tuple[str, str], dict]:
-        """Every record of the experiment folders beside this one (same parent), by key and
-        phase, marked with ``reused_from``, its folder (relative to the working directory when this
-        experiment's folder was given relative, so no machine's path enters the results); where
-        two folders hold one, the first by name."""
+        """Every record of the experiment folders beside this one (same parent), by what it
+        measures (:func:`~lofit.experiments.grid.measurement_key`) and phase, marked with
+        ``reused_from``, its folder (relative to the working directory when this experiment's
+        folder was given relative, so no machine's path enters the results); where two folders
+        hold one, the first by name."""
         records: dict[tuple[str, str], dict] = {}
         here = self.folder.resolve()
         for results in sorted(here.parent.glob(f"*/{RESULTS}")):
             if results.parent.resolve() == here:
                 continue
             sibling = str(results.parent if self.folder.is_absolute() else os.path.relpath(results.parent))
-            for record in read_results(results.parent):
-                records.setdefault((record["key"], record.get("phase")), record | {"reused_from": sibling})
+            for record in _measured(results):
+                records.setdefault((record["measures"], record.get("phase")), record | {"reused_from": sibling})
         return records
 
-    def _shared_ranking(self, key: str) -> dict | None:
-        """A ranking with ``key`` recorded by another experiment in a sibling folder (the
-        experiments of one parent folder share step 1), marked with where it came from. The
-        siblings are read again on each call: one running beside this one may have recorded it since."""
+    def _shared_ranking(self, cell: Cell) -> dict | None:
+        """The step-1 ranking of ``cell`` if another experiment in a sibling folder recorded it
+        (the experiments of one parent folder share step 1), as this experiment's record of it
+        (its key and options), marked with where it came from. The siblings are read again on each
+        call: one running beside this one may have recorded it since."""
         self.shared = self._sibling_records()
-        record = self.shared.get((key, "ranking"))
+        options = _ranking_options(cell)
+        record = self.shared.get((measurement_key("lofit", "ranking", options), "ranking"))
         if record is None:
             return None
-        return {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS} | {
-            "run_folder": str(self.folder / "rankings" / key)
-        }
+        key = ranking_key(cell.config)
+        kept = {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS and k != "measures"}
+        return kept | {"key": key, "options": options, "run_folder": str(self.folder / "rankings" / key)}
 
     def _shared_cell(self, cell: Cell) -> dict | None:
-        """The record of a sibling experiment's trial or test cell with ``cell``'s key and phase,
-        if any (a step-1 cell takes a sibling's ranking through :meth:`_needs_ranking`, with its own K)."""
-        return None if cell.phase == "ranking" else self.shared.get((cell.key, cell.phase))
+        """The record of a sibling experiment's trial or test cell that measures what ``cell``
+        does, in the same phase, if any (a step-1 cell takes a sibling's ranking through
+        :meth:`_needs_ranking`, with its own K)."""
+        if cell.phase == "ranking":
+            return None
+        return self.shared.get((measurement_key(cell.method, cell.phase, cell.config), cell.phase))
 
     def _copy_shared(self, cells: list[Cell]) -> list[Cell]:
         """Record a copy of each of ``cells`` that a sibling experiment has measured (with this
@@ -708,8 +715,9 @@ class Runner:
                 left.append(cell)
                 continue
             self.log(f"[{cell.key}] {cell.describe()}: measured in {record['reused_from']}, copied")
-            kept = {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS}
-            here = {"label": cell.label, "point": dict(cell.point), "trial": dict(cell.trial)}
+            kept = {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS and k != "measures"}
+            here = {"key": cell.key, "options": cell.config, "label": cell.label, "point": dict(cell.point)}
+            here |= {"trial": dict(cell.trial)}
             self._record(kept | here | self._tuning_fields(cell))
         return left
 
@@ -802,14 +810,36 @@ def _run_config(cell: Cell, output_dir: Path, pool: ModelPool) -> CellConfig:
     return replace(config, run=replace(config.run, output_dir=str(output_dir), resume=resume))
 
 
+def _ranking_options(cell: Cell) -> dict[str, Any]:
+    """The options of ``cell``'s step 1: its own, on its ``heads_task``, with no evaluation limit."""
+    return cell.config | {"task": cell.config.get("heads_task") or cell.task, "limit": None}
+
+
+@functools.lru_cache(maxsize=64)
+def _measured_records(path: Path, size: int, modified: int) -> tuple[dict, ...]:
+    records = []
+    for record in read_results(path.parent):
+        try:
+            measures = measurement_key(record["method"], record.get("phase", ""), record["options"])
+        except (KeyError, TypeError, ValueError):  # a record of an older lofit: only its own key
+            measures = record["key"]
+        records.append(record | {"measures": measures})
+    return tuple(records)
+
+
+def _measured(results: Path) -> tuple[dict, ...]:
+    """The records of a ``results.jsonl``, each with ``measures``, its
+    :func:`~lofit.experiments.grid.measurement_key` (read again only when the file changed)."""
+    stat = results.stat()
+    return _measured_records(results, stat.st_size, stat.st_mtime_ns)
+
+
 def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
     """Step 1 for ``job.cell`` (on its ``heads_task``): head_ranking.json in ``rankings/<key>/``, and its record."""
     cell, key = job.cell, job.key
     folder = job.folder / "rankings" / key
-    task = cell.config.get("heads_task") or cell.task
-    ranking_cell = replace(
-        cell, phase="ranking", options=tuple(sorted((cell.config | {"task": task, "limit": None}).items()))
-    )
+    ranking_cell = replace(cell, phase="ranking", options=tuple(sorted(_ranking_options(cell).items())))
+    task = ranking_cell.config["task"]
     config = _run_config(ranking_cell, folder, pool)
     start = time.perf_counter()
     ranking = run_select(config.run, config.lofit, config.compute, pool)
