@@ -18,6 +18,7 @@ import yaml
 
 from lofit.cli import main
 from lofit.experiments import ModelPool, Runner, load_grid
+from lofit.experiments import grid as grid_module
 from lofit.experiments import report as report_module
 from lofit.experiments import runner as runner_module
 from lofit.experiments.bootstrap import paired_bootstrap, paired_bootstrap_over_seeds
@@ -33,6 +34,7 @@ from lofit.experiments.grid import (
     make_cell,
     measurement_key,
     option_line,
+    ranking_key,
     same_value,
     shipped_grids,
     step_beyond,
@@ -196,6 +198,10 @@ def test_cells_that_set_an_option_to_what_unset_means_measure_what_the_same_cell
         for task, size, equal in (("clutrr", 300, True), ("clutrr", 100, False), ("mquake", 300, False)):
             ours = measures(data_efficiency, arm, task, {"train_size": size}, first)[0]
             assert (ours == measures(table3, same, task, {}, first)[0]) is equal
+    with_size = make_cell(cross_task, "tune", cross_task.arms[0], "clutrr", 42, {"heads_task": "mquake"}, trial, {})
+    sized = with_size.config | {"train_size": 300}  # step 1 then samples 300 of MQuAKE's examples, not all of them
+    assert measurement_key("lofit", "tune", sized) != measurement_key("lofit", "tune", with_size.config)
+    assert measurement_key("lofit", "ranking", sized) != measurement_key("lofit", "ranking", with_size.config)
     ood = {"task": "truthfulqa:nq_open", "heads_task": "truthfulqa", "seed": 1}  # step 1 on the training task
     assert measurement_key("lofit", "ranking", ood) == measurement_key("lofit", "ranking", ood | {"task": "truthfulqa"})
 
@@ -402,19 +408,29 @@ def test_a_cell_a_sibling_measured_under_another_key_is_copied_with_this_experim
     fits = []
     monkeypatch.setattr(runner_module, "run_cell", lambda *args: fits.append(args) or {})
     monkeypatch.setattr(runner_module, "run_select", lambda *args: fits.append(args) or {})
-    diagonal = load_grid(
-        str(grid_file(setting, tmp_path, name="diagonal", sweep={"heads_task": [setting["task"]]}, arms=lofit_only))
-    )
-    runner = Runner(diagonal, tmp_path / "experiments" / "diagonal", {"num_heads": 2}, pool=pool, log=lambda _: None)
+    # as if the task's default training set were its 12 rows: train_size 12 then means what unset does
+    monkeypatch.setattr(grid_module, "TASKS", {setting["task"]: type("Tiny", (), {"default_train_size": 12})})
+    point = {"heads_task": [setting["task"]], "train_size": [12]}
+    diagonal = load_grid(str(grid_file(setting, tmp_path, name="diagonal", sweep=point, arms=lofit_only)))
+    folder = tmp_path / "experiments" / "diagonal"
+    runner = Runner(diagonal, folder, {"num_heads": 2}, pool=pool, log=lambda _: None)
     [cell] = runner.test_cells()
     assert cell.key != measured["key"] and "1 measured by an experiment beside this one" in runner.listing()
-    [copied] = runner.run()
-    assert not fits  # nothing trained or ranked again
-    assert (
-        copied["key"] == cell.key == config_key("lofit", {k: v for k, v in copied["options"].items() if k != "method"})
-    )
-    assert copied["options"]["heads_task"] == setting["task"] and copied["point"] == {"heads_task": setting["task"]}
+    runner.run()
+    assert not fits  # nothing ranked or trained again
+    [ranking] = [r for r in read_results(folder) if r["phase"] == "ranking"]
+    [copied] = [r for r in read_results(folder) if r["phase"] == "test"]
+    assert ranking["key"] == ranking_key(cell.config) != measured["ranking_key"]  # under this experiment's key
+    for record, key in ((copied, config_key), (ranking, lambda _, options: ranking_key(options))):
+        assert record["key"] == key("lofit", {k: v for k, v in record["options"].items() if k != "method"})
+    assert copied["key"] == cell.key and copied["ranking_key"] == ranking["key"]
+    assert copied["options"]["train_size"] == 12 and copied["point"] == {
+        "heads_task": setting["task"],
+        "train_size": 12,
+    }
     assert copied["per_example"] == measured["per_example"] and copied["reused_from"].endswith("own")
+    [row] = [line for line in report_module.localization([ranking, copied]).splitlines() if "| 2 of " in line]
+    assert row.endswith(f"| {100 * copied['score']:.1f}% (1) |")  # the copy joins its ranking in the report
 
 
 def fake_fit(monkeypatch, score, calls: list):

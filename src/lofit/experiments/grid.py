@@ -436,17 +436,18 @@ def ranking_key(options: dict[str, Any]) -> str:
 
 
 def canonical_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with those set to what leaving them unset means, unset: a ``heads_task`` naming the
-    task the cell trains on (its heads are then that task's own) and a ``train_size`` equal to that
-    task's default size. Cells whose canonical options are equal measure the same thing under
-    different keys: cross-task's diagonal is table3's LoFiT arm, data-efficiency's n = 300 on CLUTRR
-    is table3's cells."""
+    """``options`` with those set to what leaving them unset means, unset: a ``heads_task`` naming
+    the task the cell trains on (its heads are then that task's own) and, for a cell with its own
+    task's heads, a ``train_size`` equal to that task's default size. Cells whose canonical options
+    are equal measure the same thing under different keys: cross-task's diagonal is table3's LoFiT
+    arm, data-efficiency's n = 300 on CLUTRR is table3's cells."""
     options = dict(options)
     trains_on = training_task_name(options["task"])
     if options.get("heads_task") == trains_on:
         options["heads_task"] = None
     task_class = TASKS.get(trains_on)
-    if task_class is not None and options.get("train_size") == task_class.default_train_size:
+    own_heads = options.get("heads_task") is None  # else step 1 samples train_size examples of another task
+    if own_heads and task_class is not None and options.get("train_size") == task_class.default_train_size:
         options["train_size"] = None
     return options
 

@@ -13,8 +13,9 @@
   (task, seed, model, step-1 options), recorded as ``ranking`` lines, and handed to every
   LoFiT cell that needs them as ``--heads file --heads-file``. A ranking already recorded
   by another experiment folder beside this one (same parent) is copied, not recomputed;
-  so is a tuning trial or test cell with the same key (the same options, seed and split
-  measure the same thing): its record is copied with ``reused_from`` naming its folder.
+  so is a tuning trial or test cell that measures the same thing (the same options, seed and
+  split, up to options set to what unset means: :func:`~lofit.experiments.grid.measurement_key`):
+  its record is copied under this experiment's key and options, with ``reused_from`` naming its folder.
 - The model is loaded once per process (:class:`ModelPool`) and lent to each cell; each
   cell takes its adapter off again, which the pool checks before lending it out.
 - Cells run on an :class:`~lofit.experiments.executors.Executor` (this process by default;
@@ -218,7 +219,8 @@ class Runner:
         self.executor = executor
         self.done = {record["key"]: record for record in read_results(self.folder)}
         self.shared = self._sibling_records()
-        """The records of the experiments beside this one, by key and phase: such cells are copied, not run."""
+        """The records of the experiments beside this one, by what they measure and phase: such cells
+        are copied, not run."""
         self.failed: dict[str, str] = {}
         """The jobs (by key) that failed in this process's :meth:`run`, with their errors."""
         self.held: dict[str, dict] = {}
@@ -693,7 +695,8 @@ class Runner:
             return None
         key = ranking_key(cell.config)
         kept = {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS and k != "measures"}
-        return kept | {"key": key, "options": options, "run_folder": str(self.folder / "rankings" / key)}
+        here = {"key": key, "task": options["task"], "options": options}
+        return kept | here | {"run_folder": str(self.folder / "rankings" / key)}
 
     def _shared_cell(self, cell: Cell) -> dict | None:
         """The record of a sibling experiment's trial or test cell that measures what ``cell``
@@ -705,8 +708,10 @@ class Runner:
 
     def _copy_shared(self, cells: list[Cell]) -> list[Cell]:
         """Record a copy of each of ``cells`` that a sibling experiment has measured (with this
-        grid's label, sweep point, trial and tuning fields, its ``run_folder`` still the sibling's,
-        so a test cell evaluates the adapter its trial trained there); return the others, to be run."""
+        experiment's key, options, label, sweep point, trial and tuning fields, and the key of its
+        own step-1 ranking, whose sibling record is copied too; its ``run_folder`` still the
+        sibling's, so a test cell evaluates the adapter its trial trained there); return the
+        others, to be run."""
         self.shared = self._sibling_records()
         left = []
         for cell in cells:
@@ -718,6 +723,9 @@ class Runner:
             kept = {k: v for k, v in record.items() if k not in EXPERIMENT_FIELDS and k != "measures"}
             here = {"key": cell.key, "options": cell.config, "label": cell.label, "point": dict(cell.point)}
             here |= {"trial": dict(cell.trial)}
+            if record.get("ranking_key"):  # this experiment's key of the ranking, recorded here as well
+                here["ranking_key"] = ranking_key(cell.config)
+                self._needs_ranking(cell)
             self._record(kept | here | self._tuning_fields(cell))
         return left
 
@@ -821,8 +829,8 @@ def _measured_records(path: Path, size: int, modified: int) -> tuple[dict, ...]:
     for record in read_results(path.parent):
         try:
             measures = measurement_key(record["method"], record.get("phase", ""), record["options"])
-        except (KeyError, TypeError, ValueError):  # a record of an older lofit: only its own key
-            measures = record["key"]
+        except Exception:  # a record of an older lofit, or not lofit's: only its own key
+            measures = record.get("key")
         records.append(record | {"measures": measures})
     return tuple(records)
 
@@ -830,7 +838,10 @@ def _measured_records(path: Path, size: int, modified: int) -> tuple[dict, ...]:
 def _measured(results: Path) -> tuple[dict, ...]:
     """The records of a ``results.jsonl``, each with ``measures``, its
     :func:`~lofit.experiments.grid.measurement_key` (read again only when the file changed)."""
-    stat = results.stat()
+    try:
+        stat = results.stat()
+    except OSError:  # removed since the folder was listed
+        return ()
     return _measured_records(results, stat.st_size, stat.st_mtime_ns)
 
 
