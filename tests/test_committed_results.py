@@ -47,6 +47,7 @@ OPEN_EDGES = {
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "num-heads": "first run, tuned before edge extension; superseded by num-heads-v2",
+    "table2-v3": "running: its TruthfulQA tuning has not settled (CLUTRR and MQuAKE complete, every choice inside)",
     "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
 }
