@@ -453,10 +453,10 @@ def canonical_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def measurement_key(method: str, phase: str, options: dict[str, Any]) -> str:
-    """What a cell (or a ``ranking``) with ``options`` measures, as a key: its :func:`config_key`
-    (:func:`ranking_key`) over :func:`canonical_options`, the ranking's task that which its
-    examples come from. Equal for cells of two experiments that measure the same thing, so one
-    copies the other's record (:class:`~lofit.experiments.runner.Runner`)."""
+    """What a cell (or, for ``phase`` ``ranking``, a step 1) with ``options`` measures, as a key:
+    the :func:`config_key` (:func:`ranking_key`, its task the one whose training examples step 1
+    uses) of its :func:`canonical_options`. Equal for cells of two experiments that measure the
+    same thing, so one copies the other's record (:class:`~lofit.experiments.runner.Runner`)."""
     options = canonical_options({k: v for k, v in options.items() if k != "method"})
     if phase == "ranking":
         return ranking_key(options | {"task": training_task_name(options.get("heads_task") or options["task"])})

@@ -709,7 +709,7 @@ class Runner:
     def _copy_shared(self, cells: list[Cell]) -> list[Cell]:
         """Record a copy of each of ``cells`` that a sibling experiment has measured (with this
         experiment's key, options, label, sweep point, trial and tuning fields, and the key of its
-        own step-1 ranking, whose sibling record is copied too; its ``run_folder`` still the
+        own step-1 ranking, whose sibling record is copied too where there is one; its ``run_folder`` still the
         sibling's, so a test cell evaluates the adapter its trial trained there); return the
         others, to be run."""
         self.shared = self._sibling_records()
@@ -825,6 +825,7 @@ def _ranking_options(cell: Cell) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def _measured_records(path: Path, size: int, modified: int) -> tuple[dict, ...]:
+    """:func:`_measured` of one version (``size``, ``modified``) of the file at ``path``."""
     records = []
     for record in read_results(path.parent):
         try:
