@@ -772,6 +772,34 @@ def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeyp
     assert capsys.readouterr().err == edge_warning(tmp_path / "capped") + "\n"  # lofit report warns
 
 
+def test_a_group_whose_trials_all_score_the_same_is_extended_on_both_sides_and_marked_flat(
+    setting, tmp_path, monkeypatch
+):
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, tune_extend=2, arms=[RED_TUNED])))
+    fake_fit(monkeypatch, lambda lr, epochs: 0.0, calls := [])  # fails at every setting
+    Runner(grid, tmp_path / "flat", tune=True, pool=ModelPool(), log=lambda _: None).run()
+    base = [(0.01, 1), (0.01, 2), (0.02, 1), (0.02, 2)]
+    # the first trial's line is extended below lr (epochs have no value below 1); then, settled with
+    # no value best, each option one step beyond its lowest and highest value per round, at the first
+    # trial's other values, to the cap; then the first trial's test
+    flat_rounds = [(0.0025, 1), (0.04, 1), (0.01, 4), (0.08, 1), (0.01, 8)]
+    assert calls == [*base, (0.005, 1), *flat_rounds, (0.01, 1)]
+    report = write_report(tmp_path / "flat").read_text()
+    assert "| red_lr=0.01 (flat), red_epochs=1 (flat) | 0.0 | 4 + 6 | 12 |" in report
+    assert unexplored_edges(read_results(tmp_path / "flat")) == []
+
+    def works_below(lr, epochs):  # a method that diverges on the base grid, as LoReFT did on Gemma 3
+        return 0.0 if lr > 0.005 else (0.3 if lr == 0.005 else 0.2) - 0.01 * epochs
+
+    fake_fit(monkeypatch, works_below, calls := [])
+    # in another parent folder, so that nothing is copied from the first
+    Runner(grid, tmp_path / "apart" / "found", tune=True, pool=ModelPool(), log=lambda _: None).run()
+    # the first trial's line finds lr 0.005 before the search is flat: no trial on the flat rounds
+    assert calls == [*base, (0.005, 1), (0.0025, 1), (0.005, 2), (0.005, 1)]
+    report = write_report(tmp_path / "apart" / "found").read_text()
+    assert "| red_lr=0.005 (inside after extension), red_epochs=1 (edge (bound)) | 29.0 | 4 + 3 | 12 |" in report
+
+
 def test_siblings_are_named_from_the_working_directory_even_for_the_folder_dot(setting, tmp_path, monkeypatch):
     lofit_only = [{"label": "LoFiT", "method": "lofit"}]
     first = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=lofit_only)))

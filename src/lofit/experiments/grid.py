@@ -26,6 +26,7 @@ say where or how verbosely to run (:data:`UNHASHED`), those the cell does not re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -627,14 +628,15 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
             )
 
 
-INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND = (
+INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND, FLAT = (
     "inside",
     "inside after extension",
     "edge (pending)",
     "edge (cap)",
     "edge (bound)",
+    "flat",
 )
-"""Where a chosen value sits in the range explored (:func:`edge_step`)."""
+"""Where a chosen value sits in the range explored (:func:`edge_step`, :func:`flat_step`)."""
 
 
 def edge_step(
@@ -689,6 +691,31 @@ def edge_step(
     return (INSIDE if min(base) < value < max(base) else EXTENDED_INSIDE), []
 
 
+def flat_step(
+    option: str, base: list, explored: list, cap: int, accepts: Callable[[Any], bool]
+) -> tuple[str | None, list]:
+    """For a group whose trials all scored the same, so that no value beats another (every trial
+    scored 0, say): the values of a tuned option due a trial, ``base`` its base grid and
+    ``explored`` its values in every trial. One log step beyond the lowest explored value and one
+    beyond the highest, each side until ``cap`` values beyond the base grid were explored there
+    or the option takes no value there (``accepts``): a method that fails throughout the base
+    grid is looked for on both sides of it. Returns (None, []) for an option not searched on a log
+    grid; (:data:`EDGE_PENDING`, the values due) while any is due; then (:data:`EDGE_CAP`, []) for
+    a group never extended (``cap`` 0), else (:data:`FLAT`, [])."""
+    if len(base) < 2 or not is_numeric(base):
+        return None, []
+    if cap == 0:
+        return EDGE_CAP, []
+    due = []
+    for up in (False, True):
+        if len({float(v) for v in explored if (v > max(base) if up else v < min(base))}) >= cap:
+            continue
+        new = step_beyond(option, max(explored) if up else min(explored), log_ratio(base), up)
+        if new is not None and accepts(new):
+            due.append(new)
+    return (EDGE_PENDING, due) if due else (FLAT, [])
+
+
 def on_option_line(trial: dict, best: dict, option: str) -> bool:
     """Whether ``trial`` (tuned values by option) has ``best``'s values of every option but
     ``option``: it lies on the line through the best trial along ``option``."""
@@ -712,6 +739,11 @@ class Search:
     best: Cell | None = None
 
 
+def _accepts(method: str, options: dict[str, Any], option: str, value: Any) -> bool:
+    """Whether ``method`` accepts ``options`` with ``option`` set to ``value`` (:func:`admissible`)."""
+    return admissible(method, options | {option: value})
+
+
 def search(
     grid: Grid, arm: Arm, task: str, point: dict, overrides: dict[str, Any], score: Callable[[Cell], float | None]
 ) -> Search:
@@ -720,7 +752,9 @@ def search(
     trial on a tie) is looked at: for each numeric tuned option whose line through the best trial
     lacks a value on a side (:func:`edge_step`), one trial with that option at the nearest value
     explored on that side, or one log step beyond every explored value, and the other options at
-    the best trial's values is added; this repeats until none is due."""
+    the best trial's values is added; this repeats until none is due. Where none is due but every
+    trial has the same score, no value is best: each option is extended on both sides instead
+    (:func:`flat_step`), until a trial scores otherwise or every side reached the cap or a bound."""
     seed = grid.seeds[0]
     cells = [make_cell(grid, "tune", arm, task, seed, point, trial, overrides) for trial in arm.trials()]
     while True:
@@ -730,20 +764,33 @@ def search(
         if not cells:
             return Search(cells, True)
         best = cells[scores.index(max(scores))]
-        added = []
         trials, chosen = [dict(cell.trial) for cell in cells], dict(best.trial)
-        for option in arm.searched():
-            _, due = edge_step(
+        steps = {  # option -> (explored values, values it accepts)
+            option: ([trial[option] for trial in trials], functools.partial(_accepts, arm.method, best.config, option))
+            for option in arm.searched()
+        }
+        due = {
+            option: edge_step(
                 option,
                 arm.tune[option],
-                [trial[option] for trial in trials],
+                explored,
                 chosen[option],
                 grid.tune_extend,
-                lambda value, best=best, option=option: admissible(arm.method, best.config | {option: value}),
+                accepts,
                 option_line(trials, chosen, option),
-            )
-            for new in due:
-                added.append(make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option))
+            )[1]
+            for option, (explored, accepts) in steps.items()
+        }
+        if not any(due.values()) and len(cells) > 1 and len(set(scores)) == 1:  # settled, but flat: both sides
+            due = {
+                option: flat_step(option, arm.tune[option], explored, grid.tune_extend, accepts)[1]
+                for option, (explored, accepts) in steps.items()
+            }
+        added = [
+            make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option)
+            for option, values in due.items()
+            for new in values
+        ]
         if not added:
             return Search(cells, True, best)
         cells += added

@@ -30,9 +30,11 @@ from lofit.experiments.grid import (
     EDGE_CAP,
     EDGE_PENDING,
     EXTENDED_INSIDE,
+    FLAT,
     INSIDE,
     admissible,
     edge_step,
+    flat_step,
     on_option_line,
     option_line,
     same_value,
@@ -340,21 +342,24 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | 
     explored range, :func:`~lofit.experiments.grid.edge_step`, the sides on which that position
     rests on a trial that kept fewer than K heads, :func:`_unselected_neighbours`); trials
     recorded before edge extension (no ``tune_grid``) count their explored values as the base
-    grid and a cap of 0."""
+    grid and a cap of 0. In a group whose trials all scored the same, each position is
+    :func:`~lofit.experiments.grid.flat_step`'s."""
     positions = []
     tried = [r.get("trial", {}) for r in trials]
+    flat = len(trials) > 1 and len({tuning_score(r) for r in trials}) == 1
+    cap = best.get("tune_extend", 0)
     for option, value in best.get("trial", {}).items():
         explored = [trial[option] for trial in tried if option in trial]
         base = best.get("tune_grid", {}).get(option, sorted(set(explored), key=explored.index))
-        position, _ = edge_step(
-            option,
-            base,
-            explored,
-            value,
-            best.get("tune_extend", 0),
-            lambda new, option=option: admissible(best["method"], best.get("options", {}) | {option: new}),
-            option_line(tried, best["trial"], option),
-        )
+
+        def accepts(new: object, option: str = option) -> bool:
+            return admissible(best["method"], best.get("options", {}) | {option: new})
+
+        if flat:
+            position, _ = flat_step(option, base, explored, cap, accepts)
+        else:
+            line = option_line(tried, best["trial"], option)
+            position, _ = edge_step(option, base, explored, value, cap, accepts, line)
         unselected = _unselected_neighbours(trials, best, option) if position in (INSIDE, EXTENDED_INSIDE) else []
         positions.append((option, value, position, unselected))
     return positions
@@ -408,7 +413,9 @@ def _tuning_summary(groups: dict[tuple, list[dict]]) -> str:
         f"(`tune_extend`) was reached; *{EDGE_BOUND}*: at an edge beyond which the option takes no value (an "
         f"integer below 1, a fraction of heads of 1 or more); **{EDGE_PENDING}**: a trial on that line is due "
         "but has not run (one log step beyond an edge, or a value tried elsewhere but not at the chosen trial's "
-        "other values). An inside value whose nearest trial on a side kept fewer than K heads in step 1 says "
+        f"other values); *{FLAT}*: every trial of the group scored the same, so no value beats another, and each "
+        "option was extended on both sides to the cap or a bound (the first trial is chosen). An inside value "
+        "whose nearest trial on a side kept fewer than K heads in step 1 says "
         "so: on that side it beat a run that selected no K heads, not a selection, and the best selection may lie "
         "between the two."
         + (
