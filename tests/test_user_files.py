@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
 from lofit.data.files import DataError
 from lofit.evaluation.multiple_choice import MultipleChoiceExample
+from lofit.runs.config import RunConfig
+from lofit.runs.data import RunData
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, UserFileTask, get_task
 
 from .conftest import word_tokenizer
@@ -106,3 +109,13 @@ def test_csv_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes("prompt,completion\nQ:, yes\n".encode("utf-8-sig"))
     assert UserFileTask(path).train_examples() == [PromptCompletion("Q:", " yes")]
+
+
+def test_a_train_size_above_the_training_examples_trains_on_all_of_them_and_says_so(tmp_path):
+    rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"{n}+{n}=", "completion": f" {2 * n}"} for n in range(3)])
+    with pytest.warns(UserWarning, match=r"--train-size 300 is more than its 3 training examples; training on all 3"):
+        assert len(RunData(RunConfig(task=str(rows), train_size=300), seed=0, needs=("train",)).train_examples()) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a smaller size nor the task's default warns
+        assert len(RunData(RunConfig(task=str(rows), train_size=2), seed=0, needs=("train",)).train_examples()) == 2
+        assert len(RunData(RunConfig(task=str(rows)), seed=0, needs=("train",)).train_examples()) == 3
