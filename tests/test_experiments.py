@@ -26,6 +26,7 @@ from lofit.experiments.executors import InlineExecutor, call
 from lofit.experiments.grid import (
     Arm,
     Grid,
+    all_tied,
     check_searches,
     check_tuning,
     config_key,
@@ -798,6 +799,18 @@ def test_a_group_whose_trials_all_score_the_same_is_extended_on_both_sides_and_m
     assert calls == [*base, (0.005, 1), (0.0025, 1), (0.005, 2), (0.005, 1)]
     report = write_report(tmp_path / "apart" / "found").read_text()
     assert "| red_lr=0.005 (inside after extension), red_epochs=1 (edge (bound)) | 29.0 | 4 + 3 | 12 |" in report
+
+
+def test_ties_are_broken_in_the_searchs_order_and_trials_that_count_for_nothing_do_not_break_a_flat_group():
+    grid = {"red_lr": [0.01, 0.02], "red_epochs": [1, 2]}
+
+    def trial(lr, epochs, score, extends=None):
+        return {"trial": {"red_lr": lr, "red_epochs": epochs}, "score": score, "tune_grid": grid, "extends": extends}
+
+    # recorded out of the grid's order (two drivers): the search's first trial wins the tie, as it was tested
+    records = [trial(0.02, 1, 0.5), trial(0.005, 1, 0.5, "red_lr"), trial(0.01, 2, 0.5), trial(0.01, 1, 0.5)]
+    assert report_module._best(records)["trial"] == {"red_lr": 0.01, "red_epochs": 1}
+    assert all_tied([0.0, float("-inf"), 0.0]) and all_tied([float("-inf")] * 2) and not all_tied([0.0, 0.1])
 
 
 def test_siblings_are_named_from_the_working_directory_even_for_the_folder_dot(setting, tmp_path, monkeypatch):

@@ -739,6 +739,12 @@ class Search:
     best: Cell | None = None
 
 
+def all_tied(scores: list[float]) -> bool:
+    """Whether no trial of a group beats another: every score that counts (not -inf, a trial that
+    is not eligible) is the same, or none counts."""
+    return len({score for score in scores if score != float("-inf")}) <= 1
+
+
 def _accepts(method: str, options: dict[str, Any], option: str, value: Any) -> bool:
     """Whether ``method`` accepts ``options`` with ``option`` set to ``value`` (:func:`admissible`)."""
     return admissible(method, options | {option: value})
@@ -752,8 +758,8 @@ def search(
     trial on a tie) is looked at: for each numeric tuned option whose line through the best trial
     lacks a value on a side (:func:`edge_step`), one trial with that option at the nearest value
     explored on that side, or one log step beyond every explored value, and the other options at
-    the best trial's values is added; this repeats until none is due. Where none is due but every
-    trial has the same score, no value is best: each option is extended on both sides instead
+    the best trial's values is added; this repeats until none is due. Where none is due but no
+    trial beats another (:func:`all_tied`), no value is best: each option is extended on both sides instead
     (:func:`flat_step`), until a trial scores otherwise or every side reached the cap or a bound."""
     seed = grid.seeds[0]
     cells = [make_cell(grid, "tune", arm, task, seed, point, trial, overrides) for trial in arm.trials()]
@@ -781,7 +787,7 @@ def search(
             )[1]
             for option, (explored, accepts) in steps.items()
         }
-        if not any(due.values()) and len(cells) > 1 and len(set(scores)) == 1:  # settled, but flat: both sides
+        if not any(due.values()) and len(cells) > 1 and all_tied(scores):  # settled, but flat: both sides
             due = {
                 option: flat_step(option, arm.tune[option], explored, grid.tune_extend, accepts)[1]
                 for option, (explored, accepts) in steps.items()

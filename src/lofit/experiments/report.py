@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import statistics
@@ -33,6 +34,7 @@ from lofit.experiments.grid import (
     FLAT,
     INSIDE,
     admissible,
+    all_tied,
     edge_step,
     flat_step,
     on_option_line,
@@ -312,9 +314,23 @@ def _best(trials: list[dict]) -> dict:
     """The chosen trial of one group: the highest :func:`~lofit.experiments.results.tuning_score`,
     the earlier trial on a tie (base trials in the order they ran, then extension trials in the
     order they were added)."""
-    ordered = sorted(trials, key=lambda r: r.get("extends") is not None)
+    ordered = sorted(trials, key=_search_order)
     scores = [tuning_score(r) for r in ordered]
     return ordered[scores.index(max(scores))]
+
+
+def _search_order(record: dict) -> tuple[bool, int]:
+    """Where a tuning trial comes in its group's search (:func:`~lofit.experiments.grid.search`):
+    base trials in the order of their grid (the product of ``tune_grid``'s values), then extension
+    trials (in the order they were recorded: ``sorted`` keeps it)."""
+    grid = record.get("tune_grid")
+    if record.get("extends") is not None or not grid:
+        return record.get("extends") is not None, 0
+    trial = record.get("trial", {})
+    try:
+        return False, list(itertools.product(*grid.values())).index(tuple(trial[option] for option in grid))
+    except (KeyError, ValueError):  # a trial outside its grid: after the others
+        return False, len(list(itertools.product(*grid.values())))
 
 
 UNEXPLORED = (EDGE_CAP, EDGE_PENDING)
@@ -346,8 +362,8 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | 
     :func:`~lofit.experiments.grid.flat_step`'s."""
     positions = []
     tried = [r.get("trial", {}) for r in trials]
-    flat = len(trials) > 1 and len({tuning_score(r) for r in trials}) == 1
-    cap = best.get("tune_extend", 0)
+    flat = len(trials) > 1 and all_tied([tuning_score(r) for r in trials])
+    cap = max(r.get("tune_extend", 0) for r in trials)  # a raised cap is in the newer records
     for option, value in best.get("trial", {}).items():
         explored = [trial[option] for trial in tried if option in trial]
         base = best.get("tune_grid", {}).get(option, sorted(set(explored), key=explored.index))

@@ -6,6 +6,7 @@ examples again (to train, to evaluate) reads no file a second time.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Collection
 
@@ -30,18 +31,22 @@ class RunData:
         if "eval" in needs:
             self.eval_examples()
 
-    def train_examples(self) -> list:
-        """``--train-size`` training examples (the task's default size), sampled with the seed; all
-        of them, with a warning, when ``--train-size`` asks for more than there are."""
+    @functools.cached_property
+    def _train(self) -> list:
         size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
         examples = self.task.sample_train(self.data_dir, size, self.seed)
         if self.run.train_size is not None and self.run.train_size > len(examples):
             warnings.warn(
                 f"{self.run.task}: --train-size {self.run.train_size} is more than its {len(examples)} training "
                 f"examples; training on all {len(examples)}",
-                stacklevel=2,
+                stacklevel=3,
             )
         return examples
+
+    def train_examples(self) -> list:
+        """``--train-size`` training examples (the task's default size), sampled with the seed once;
+        all of them, with a warning, when ``--train-size`` asks for more than there are."""
+        return self._train
 
     def eval_examples(self) -> list:
         """The ``--eval-split`` examples, the first ``--limit`` of them."""
