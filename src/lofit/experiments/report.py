@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import re
 import statistics
@@ -33,6 +32,7 @@ from lofit.experiments.grid import (
     EXTENDED_INSIDE,
     FLAT,
     INSIDE,
+    Arm,
     admissible,
     all_tied,
     edge_step,
@@ -312,25 +312,21 @@ def _tuning_groups(records: list[dict]) -> dict[tuple, list[dict]]:
 
 def _best(trials: list[dict]) -> dict:
     """The chosen trial of one group: the highest :func:`~lofit.experiments.results.tuning_score`,
-    the earlier trial on a tie (base trials in the order they ran, then extension trials in the
-    order they were added)."""
-    ordered = sorted(trials, key=_search_order)
+    the earlier trial on a tie in the order of its search (:func:`~lofit.experiments.grid.search`):
+    base trials in the order of their grid (:meth:`~lofit.experiments.grid.Arm.trials` of the
+    recorded ``tune_grid``; as recorded where there is none), then extension trials as recorded."""
+    tune_grid = next((r["tune_grid"] for r in trials if r.get("tune_grid")), {})
+    base = Arm(label="", method="", tune=tune_grid).trials()
+
+    def search_order(record: dict) -> tuple[bool, int]:
+        trial = record.get("trial", {})
+        if record.get("extends") is not None:
+            return True, 0
+        return False, base.index(trial) if trial in base else len(base)
+
+    ordered = sorted(trials, key=search_order)
     scores = [tuning_score(r) for r in ordered]
     return ordered[scores.index(max(scores))]
-
-
-def _search_order(record: dict) -> tuple[bool, int]:
-    """Where a tuning trial comes in its group's search (:func:`~lofit.experiments.grid.search`):
-    base trials in the order of their grid (the product of ``tune_grid``'s values), then extension
-    trials (in the order they were recorded: ``sorted`` keeps it)."""
-    grid = record.get("tune_grid")
-    if record.get("extends") is not None or not grid:
-        return record.get("extends") is not None, 0
-    trial = record.get("trial", {})
-    try:
-        return False, list(itertools.product(*grid.values())).index(tuple(trial[option] for option in grid))
-    except (KeyError, ValueError):  # a trial outside its grid: after the others
-        return False, len(list(itertools.product(*grid.values())))
 
 
 UNEXPLORED = (EDGE_CAP, EDGE_PENDING)
