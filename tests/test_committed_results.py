@@ -34,7 +34,6 @@ REFERENCE_ROWS = {
     "table1": "label=LoFiT",
     "table2": "heads=lofit",
     "table2-v2": "heads=lofit",
-    "table3": "label=LoFiT",
     "table3-v2": "label=LoFiT",
     "capacity": "LoFiT v (10% of heads)",
 }
@@ -43,10 +42,8 @@ reports were built with (docs/results/README.md)."""
 OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "table2": "first run, tuned before edge extension; superseded on CLUTRR and MQuAKE by table2-v3, TruthfulQA owed",
-    "table3": "first run, tuned before edge extension; superseded on all three tasks by table3-v2",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "num-heads": "first run, tuned before edge extension; superseded by num-heads-v2",
     "table2-v3": "running: its TruthfulQA tuning has not settled (CLUTRR and MQuAKE complete, every choice inside)",
     "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
