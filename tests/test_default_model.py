@@ -51,7 +51,8 @@ def test_default_model_geometry_and_tokens(default_model):
     layout = head_layout(model)
     assert (layout.model_type, layout.shape) == ("llama", (30, 9, 64))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
-    assert not model.is_quantized and model.dtype == torch.float32
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    assert not getattr(model, "is_quantized", False) and model.dtype == torch.float32
     assert tokenizer("Hi").input_ids[0] != tokenizer.bos_token_id  # adds no BOS
 
 
