@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+from lofit.cli import main
 from lofit.data.files import DataError
 from lofit.evaluation.multiple_choice import MultipleChoiceExample
 from lofit.runs.config import RunConfig
@@ -14,6 +15,7 @@ from lofit.runs.data import RunData
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, UserFileTask, get_task
 
 from .conftest import word_tokenizer
+from .tiny_run import tiny_model_folder, write_task
 
 
 def write_jsonl(path, rows):
@@ -119,3 +121,16 @@ def test_a_train_size_above_the_training_examples_trains_on_all_of_them_and_says
         warnings.simplefilter("error")  # neither a smaller size nor the task's default warns
         assert len(RunData(RunConfig(task=str(rows), train_size=2), seed=0, needs=("train",)).train_examples()) == 2
         assert len(RunData(RunConfig(task=str(rows)), seed=0, needs=("train",)).train_examples()) == 3
+
+
+def test_a_runs_metrics_record_what_its_data_warned_of(tmp_path):
+    """The warning above is kept in metrics.json (and so in an experiment's records), not only printed."""
+    model, data = tiny_model_folder(tmp_path / "tiny"), write_task(tmp_path / "sft.jsonl", rows=6)
+    options = ["--task", str(data), "--model", str(model), "--device", "cpu", "--no-progress", "--num-heads", "2"]
+    options += ["--train-size", "50", "--select-epochs", "1", "--tune-epochs", "1", "--output-dir"]
+    with pytest.warns(UserWarning, match="--train-size 50 is more than its 6 training examples"):
+        assert main(["run", *options, str(tmp_path / "run")]) == 0
+        assert main(["select", *options, str(tmp_path / "select")]) == 0
+    for folder in ("run", "select"):
+        recorded = json.loads((tmp_path / folder / "metrics.json").read_text())["warnings"]
+        assert recorded[0] == "sft.jsonl: --train-size 50 is more than its 6 training examples; training on all 6"

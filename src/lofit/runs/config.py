@@ -65,7 +65,11 @@ class RunConfig:
         default=None, metadata={"hashed": False, "help": "run folder (default: runs/<task>-<model>)"}
     )
     train_size: int | None = field(
-        default=None, metadata={"help": "training examples sampled (default: the task's, 300 for CLUTRR)"}
+        default=None,
+        metadata={
+            "help": "training examples sampled (default: the task's, 300 for CLUTRR); more than the task has "
+            "trains on all of them, with a warning kept in metrics.json"
+        },
     )
     eval_split: str = field(
         default="test", metadata={"step": 2, "evaluation": True, "help": "split to evaluate: val or test"}

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Collection
 
 from lofit.data.files import resolve_data_dir
+from lofit.models.identity import portable_name
 from lofit.runs.config import RunConfig
 from lofit.tasks import Task, get_task
 
@@ -22,6 +23,7 @@ class RunData:
     def __init__(self, run: RunConfig, seed: int, needs: Collection[str] = ("train", "eval")):
         self.run = run
         self.seed = seed
+        self.warnings: list[str] = []  # what reading the data warned of, for the run's metrics
         self.task: Task = get_task(
             run.task, fold=run.folds()[0], all_pairs=run.all_pairs, eval_file=run.eval_file, match=run.match
         )
@@ -36,11 +38,12 @@ class RunData:
         size = self.run.train_size if self.run.train_size is not None else self.task.default_train_size
         examples = self.task.sample_train(self.data_dir, size, self.seed)
         if self.run.train_size is not None and self.run.train_size > len(examples):
-            warnings.warn(
-                f"{self.run.task}: --train-size {self.run.train_size} is more than its {len(examples)} training "
-                f"examples; training on all {len(examples)}",
-                stacklevel=3,
+            message = (
+                f"{portable_name(self.run.task)}: --train-size {self.run.train_size} is more than its "
+                f"{len(examples)} training examples; training on all {len(examples)}"
             )
+            self.warnings.append(message)
+            warnings.warn(message, stacklevel=3)
         return examples
 
     def train_examples(self) -> list:

@@ -144,6 +144,12 @@ class Job:
             {"method_options": self.method_options} if self.method_options else {}
         )
 
+    def entries(self) -> dict:
+        """What the job measured (times, training entries), its data's warnings first among its warnings."""
+        if not self.data.warnings:
+            return self.timings
+        return self.timings | {"warnings": [*self.data.warnings, *self.timings.get("warnings", [])]}
+
     @property
     def output_dir(self) -> Path:
         return self.folder.path
@@ -238,7 +244,7 @@ def _summary(
         summary["selected_heads"] = [list(h) for h in adapted.selected_heads]
     if trained_parameters is not None:
         summary["trained_parameters"] = trained_parameters
-    return summary | job.timings
+    return summary | job.entries()
 
 
 def portable(summary: dict) -> dict:
@@ -262,7 +268,7 @@ def run_select(
         examples = job.train_examples()
         objective = build_objective(lofit_model, job.tokenizer, examples, run.beta)
         ranking = job.select(lofit_model, examples, objective, setup)
-        job.folder.write_metrics(portable(job.timings))
+        job.folder.write_metrics(portable(job.entries()))
         return ranking
 
 
