@@ -182,9 +182,9 @@ def test_cells_that_set_an_option_to_what_unset_means_measure_what_the_same_cell
     table3, cross_task, data_efficiency = load_grid("table3"), load_grid("cross-task"), load_grid("data-efficiency")
     lofit = next(arm for arm in table3.arms if arm.label == "LoFiT")
 
-    def measures(grid, arm, task, point, trial):
+    def measures(grid, arm, task, point, trial, training_examples=None):
         cell = make_cell(grid, "tune", arm, task, 42, point, trial, {})
-        return measurement_key(cell.method, cell.phase, cell.config), cell.key
+        return measurement_key(cell.method, cell.phase, cell.config, training_examples), cell.key
 
     trial = {"bias_lr": 5e-2, "l1_lambda": 2e-2}
     for task in table3.tasks:  # cross-task's diagonal: the task's own heads
@@ -193,18 +193,51 @@ def test_cells_that_set_an_option_to_what_unset_means_measure_what_the_same_cell
         assert diagonal[0] == reference[0] and diagonal[1] != reference[1]  # same measurement, own key
     off_diagonal = measures(cross_task, cross_task.arms[0], "clutrr", {"heads_task": "mquake"}, trial)
     assert off_diagonal[0] != measures(table3, lofit, "clutrr", {}, trial)[0]
-    for arm in data_efficiency.arms:  # CLUTRR's default training set is 300 stories; MQuAKE has no default size
+    # CLUTRR's default training set is 300 stories; MQuAKE's is all of its examples, so a size of at
+    # least as many as it has (134 in the shared data) samples what no size does, once that is known
+    settings = [("clutrr", 300, None, True), ("clutrr", 100, None, False), ("mquake", 300, None, False)]
+    settings += [("mquake", 300, 134, True), ("mquake", 134, 134, True), ("mquake", 100, 134, False)]
+    for arm in data_efficiency.arms:
         same = next(other for other in table3.arms if other.label == arm.label)
         first = {option: values[0] for option, values in arm.tune.items()}
-        for task, size, equal in (("clutrr", 300, True), ("clutrr", 100, False), ("mquake", 300, False)):
-            ours = measures(data_efficiency, arm, task, {"train_size": size}, first)[0]
-            assert (ours == measures(table3, same, task, {}, first)[0]) is equal
+        for task, size, count, equal in settings:
+            ours = measures(data_efficiency, arm, task, {"train_size": size}, first, count)[0]
+            assert (ours == measures(table3, same, task, {}, first, count)[0]) is equal
     with_size = make_cell(cross_task, "tune", cross_task.arms[0], "clutrr", 42, {"heads_task": "mquake"}, trial, {})
     sized = with_size.config | {"train_size": 300}  # step 1 then samples 300 of MQuAKE's examples, not all of them
     assert measurement_key("lofit", "tune", sized) != measurement_key("lofit", "tune", with_size.config)
     assert measurement_key("lofit", "ranking", sized) != measurement_key("lofit", "ranking", with_size.config)
+    assert measurement_key("lofit", "tune", sized, 134) != measurement_key("lofit", "tune", with_size.config, 134)
     ood = {"task": "truthfulqa:nq_open", "heads_task": "truthfulqa", "seed": 1}  # step 1 on the training task
     assert measurement_key("lofit", "ranking", ood) == measurement_key("lofit", "ranking", ood | {"task": "truthfulqa"})
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _runner_measures(grid, arm, task, point, trial, phase):
+    """What the runner takes a cell (``phase`` tune) or its step 1 (``phase`` ranking) to measure."""
+    cell = make_cell(grid, "tune", arm, task, 42, point, trial, {})
+    options = runner_module._ranking_options(cell) if phase == "ranking" else cell.config
+    return runner_module._measures(cell.method, phase, options)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mquake").is_dir(), reason="needs the shared data folder, as CI has")
+def test_the_runner_counts_a_tasks_examples_to_tell_a_size_above_them_measures_what_no_size_does(monkeypatch):
+    monkeypatch.setenv("LOFIT_DATA", str(SHARED_DATA))
+    table3, data_efficiency = load_grid("table3"), load_grid("data-efficiency")
+    examples = len((SHARED_DATA / "mquake" / "train.jsonl").read_text().splitlines())
+    for arm in data_efficiency.arms:
+        same = next(other for other in table3.arms if other.label == arm.label)
+        first = {option: values[0] for option, values in arm.tune.items()}
+        for phase in ("tune", "ranking") if arm.method == "lofit" else ("tune",):
+            reference = _runner_measures(table3, same, "mquake", {}, first, phase)
+            for size, equal in ((examples + 166, True), (examples, True), (examples - 34, False)):
+                ours = _runner_measures(data_efficiency, arm, "mquake", {"train_size": size}, first, phase)
+                assert (ours == reference) is equal
+            clutrr = _runner_measures(data_efficiency, arm, "clutrr", {"train_size": 300}, first, phase)
+            assert clutrr == _runner_measures(table3, same, "clutrr", {}, first, phase)
+    assert runner_module._training_examples({"task": "clutrr", "seed": 42, "fold": 0}) is None
 
 
 def test_tuned_numbers_are_log_grids(setting, tmp_path):

@@ -436,29 +436,37 @@ def ranking_key(options: dict[str, Any]) -> str:
     return config_key("ranking", kept)
 
 
-def canonical_options(options: dict[str, Any]) -> dict[str, Any]:
+def canonical_options(options: dict[str, Any], training_examples: int | None = None) -> dict[str, Any]:
     """``options`` with those set to what leaving them unset means, unset: a ``heads_task`` naming
     the task the cell trains on (its heads are then that task's own) and, for a cell with its own
-    task's heads, a ``train_size`` equal to that task's default size. Cells whose canonical options
-    are equal measure the same thing under different keys: cross-task's diagonal is table3's LoFiT
-    arm, data-efficiency's n = 300 on CLUTRR is table3's cells."""
+    task's heads, a ``train_size`` that samples what the task's default size does: equal to it
+    or, for a task whose default is all of its training examples, at least ``training_examples``
+    (how many it has; None where the caller does not know, and then only equality counts: a size
+    at least that large trains on all of them, in file order, as unset does). Cells whose
+    canonical options are equal measure the same thing under different keys: cross-task's
+    diagonal is table3's LoFiT arm, data-efficiency's n = 300 is table3's cells on CLUTRR (300
+    stories, its default) and on MQuAKE (all 134 examples)."""
     options = dict(options)
     trains_on = training_task_name(options["task"])
     if options.get("heads_task") == trains_on:
         options["heads_task"] = None
     task_class = TASKS.get(trains_on)
     own_heads = options.get("heads_task") is None  # else step 1 samples train_size examples of another task
-    if own_heads and task_class is not None and options.get("train_size") == task_class.default_train_size:
-        options["train_size"] = None
+    size = options.get("train_size")
+    if own_heads and task_class is not None and size is not None:
+        default = task_class.default_train_size
+        if size == default or (default is None and training_examples is not None and size >= training_examples):
+            options["train_size"] = None
     return options
 
 
-def measurement_key(method: str, phase: str, options: dict[str, Any]) -> str:
+def measurement_key(method: str, phase: str, options: dict[str, Any], training_examples: int | None = None) -> str:
     """What a cell (or, for ``phase`` ``ranking``, a step 1) with ``options`` measures, as a key:
     the :func:`config_key` (:func:`ranking_key`, its task the one whose training examples step 1
-    uses) of its :func:`canonical_options`. Equal for cells of two experiments that measure the
-    same thing, so one copies the other's record (:class:`~lofit.experiments.runner.Runner`)."""
-    options = canonical_options({k: v for k, v in options.items() if k != "method"})
+    uses) of its :func:`canonical_options` (``training_examples``: how many its task has, where
+    known). Equal for cells of two experiments that measure the same thing, so one copies the
+    other's record (:class:`~lofit.experiments.runner.Runner`)."""
+    options = canonical_options({k: v for k, v in options.items() if k != "method"}, training_examples)
     if phase == "ranking":
         return ranking_key(options | {"task": training_task_name(options.get("heads_task") or options["task"])})
     return config_key(method, options)

@@ -78,7 +78,7 @@ from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.config import CellConfig, RunConfig
 from lofit.runs.data import RunData
 from lofit.runs.pipeline import load_fresh, run_cell, run_eval, run_select
-from lofit.tasks import training_task_name
+from lofit.tasks import TASKS, training_task_name
 from lofit.tasks.transfer import SEPARATOR
 from lofit.training.checkpoints import stage_progress
 from lofit.training.loop import resolve_mixed_precision
@@ -172,6 +172,21 @@ def _example_counts(options: dict) -> tuple[int, int]:
 def _counted_examples(counted: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
     data = _run_data(dict(counted), needs=())
     return len(data.train_examples()), len(data.eval_examples())
+
+
+def _training_examples(options: dict) -> int | None:
+    """How many training examples the task of a cell of ``options`` has, where its default size
+    is all of them (what :func:`~lofit.experiments.grid.measurement_key` needs to tell that a
+    larger ``train_size`` samples the same); None for a task with a default size of its own."""
+    task_class = TASKS.get(training_task_name(options["task"]))
+    if task_class is None or task_class.default_train_size is not None:
+        return None
+    return _example_counts(options | {"train_size": None})[0]
+
+
+def _measures(method: str, phase: str, options: dict) -> str:
+    """:func:`~lofit.experiments.grid.measurement_key` of a cell, its task's training examples counted."""
+    return measurement_key(method, phase, options, _training_examples(options))
 
 
 def _rough_seconds(options: dict, method: str, phase: str, trains: bool) -> float:
@@ -690,7 +705,7 @@ class Runner:
         call: one running beside this one may have recorded it since."""
         self.shared = self._sibling_records()
         options = _ranking_options(cell)
-        record = self.shared.get((measurement_key("lofit", "ranking", options), "ranking"))
+        record = self.shared.get((_measures("lofit", "ranking", options), "ranking"))
         if record is None:
             return None
         key = ranking_key(cell.config)
@@ -704,7 +719,7 @@ class Runner:
         :meth:`_needs_ranking`, with its own K)."""
         if cell.phase == "ranking":
             return None
-        return self.shared.get((measurement_key(cell.method, cell.phase, cell.config), cell.phase))
+        return self.shared.get((_measures(cell.method, cell.phase, cell.config), cell.phase))
 
     def _copy_shared(self, cells: list[Cell]) -> list[Cell]:
         """Record a copy of each of ``cells`` that a sibling experiment has measured (with this
@@ -829,7 +844,7 @@ def _measured_records(path: Path, size: int, modified: int) -> tuple[dict, ...]:
     records = []
     for record in read_results(path.parent):
         try:
-            measures = measurement_key(record["method"], record.get("phase", ""), record["options"])
+            measures = _measures(record["method"], record.get("phase", ""), record["options"])
         except Exception:  # a record of an older lofit, or not lofit's: only its own key
             measures = record.get("key")
         records.append(record | {"measures": measures})
