@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import gguf
@@ -40,6 +43,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_token_merges(["Ġ t", "t h", "th e"])
     writer.add_bos_token_id(len(vocab) - 2)
     writer.add_eos_token_id(len(vocab) - 1)
+    writer.add_add_bos_token(True)  # as Gemma's file: save_pretrained loses this flag
 
     def tensor(name: str, *shape: int) -> None:
         values = (rng.standard_normal(shape) * 0.02).astype(np.float32)
@@ -102,6 +106,11 @@ def test_a_gguf_file_is_converted_once_and_every_later_load_reads_the_conversion
     special = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
     assert special == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
 
+    assert tokenizer.add_bos_token and tokenizer("the").input_ids[0] == tokenizer.bos_token_id
+    for loaded in (tokenizer, direct_tokenizer):  # the flag is kept: changing another rebuilds alike
+        loaded.add_eos_token = False
+    assert tokenizer("the theta").input_ids == direct_tokenizer("the theta").input_ids
+
     def no_second_conversion(*_):
         raise AssertionError("the GGUF file was read again")
 
@@ -158,8 +167,64 @@ def test_a_cache_that_cannot_be_written_falls_back_to_the_gguf_file_and_says_so(
     path = write_tiny_gguf(tmp_path / "model.gguf")
     (tmp_path / "not-a-folder").write_text("a file where the cache should be")
     monkeypatch.setenv("LOFIT_CACHE", str(tmp_path / "not-a-folder"))
-    with pytest.warns(UserWarning, match="cannot keep a converted copy of model.gguf .* Set LOFIT_CACHE"):
+    with pytest.warns(UserWarning, match="cannot keep or read a converted copy of model.gguf .* Set LOFIT_CACHE"):
         model, tokenizer = loading.load_model(str(path))
     direct, _ = loading._load_gguf_file(path, {"dtype": torch.float32})
-    assert _same_weights(model, direct) and tokenizer("the").input_ids == [TOKENS.index("the")]
+    assert _same_weights(model, direct) and tokenizer("the").input_ids == [len(TOKENS) + 1, TOKENS.index("the")]
     assert loading.model_config.__wrapped__(str(path)).num_hidden_layers == 2  # read from the file's metadata
+
+
+def test_a_file_rewritten_with_the_same_size_and_time_is_converted_again_in_the_same_process(tmp_path, cache):
+    path = write_tiny_gguf(tmp_path / "model.gguf", seed=0)
+    first, _ = loading.load_model(str(path))
+    times = path.stat()
+    time.sleep(0.05)  # so that the rewrite's change time differs even on a coarse clock
+    write_tiny_gguf(path, seed=1)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert path.stat().st_size == times.st_size and path.stat().st_mtime_ns == times.st_mtime_ns
+    second, _ = loading.load_model(str(path))
+    assert not torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
+
+
+def test_a_conversion_left_incomplete_is_replaced_and_its_files_are_readable_as_ordinary_files(tmp_path, cache):
+    path = write_tiny_gguf(tmp_path / "model.gguf")
+    folder = loading.gguf_conversion_folder(path)
+    folder.mkdir(parents=True)  # an interrupted delete: files left, the record gone
+    (folder / "chat_template.jinja").write_text("{{ 'left over' }}")
+    stale = folder.parent / f".{folder.name}.0badf00d.staging"  # a killed conversion's staging folder
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    umask = os.umask(0o022)
+    try:
+        model, tokenizer = loading.load_model(str(path))
+    finally:
+        os.umask(umask)
+    assert not (folder / "chat_template.jinja").exists() and tokenizer.chat_template is None
+    assert not stale.exists() and (folder / loading.CONVERSION_RECORD).is_file()
+    assert {written.name: written.stat().st_mode & 0o777 for written in folder.iterdir()} == {
+        written.name: 0o644 for written in folder.iterdir()
+    }
+    assert _same_weights(model, loading._load_gguf_file(path, {"dtype": torch.float32})[0])
+
+
+def test_a_conversion_this_user_cannot_read_falls_back_and_a_broken_gguf_file_is_not_blamed_on_the_cache(
+    tmp_path, cache, monkeypatch
+):
+    path = write_tiny_gguf(tmp_path / "model.gguf")
+    loading.gguf_conversion(path)
+
+    def unreadable(*_):
+        raise PermissionError(13, "Permission denied", "model.safetensors")
+
+    monkeypatch.setattr(loading, "_load_conversion", unreadable)
+    with pytest.warns(UserWarning, match="cannot keep or read a converted copy of model.gguf"):
+        model, _ = loading.load_model(str(path))
+    assert _same_weights(model, loading._load_gguf_file(path, {"dtype": torch.float32})[0])
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file's own error, not a warning about the cache
+        with pytest.raises(Exception) as raised:
+            loading.load_model(str(broken))
+    assert not isinstance(raised.value, (loading.ConversionCacheError, UserWarning))
+    assert not [folder for folder in (cache / "gguf").glob("broken-*") if folder.is_dir()]

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from filelock import FileLock
 from transformers import (
     AutoConfig,
@@ -104,9 +106,20 @@ def gemma3_model_file(cache_dir: Path | None = None) -> Path:
     return path
 
 
+TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
+"""Tokenizer attributes ``save_pretrained`` does not keep for a GGUF tokenizer (Gemma's adds BOS
+by its flag): the conversion's record keeps them and loading sets them again, so that a user who
+toggles one later gets what the GGUF tokenizer would do."""
+
+
+class ConversionCacheError(OSError):
+    """The cache cannot hold (or give back) the conversion of a GGUF file."""
+
+
 @functools.lru_cache(maxsize=16)
-def _content_digest(path: Path, size: int, modified_ns: int) -> str:
-    """SHA-256 of the file's bytes (memoised per file version: ``size`` and ``modified_ns`` key it)."""
+def _content_digest(path: Path, version: tuple[int, ...]) -> str:
+    """SHA-256 of the file's bytes, memoised per file version (``version``: its size, inode,
+    modification and change times, so a copy over it with the same size and times is read again)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -116,12 +129,17 @@ def _content_digest(path: Path, size: int, modified_ns: int) -> str:
 
 def _file_digest(path: Path) -> str:
     stat = path.stat()
-    return _content_digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return _content_digest(path.resolve(), (stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
+
+
+def _converter_versions() -> str:
+    """The versions of what de-quantises and converts a GGUF file: part of a conversion's key."""
+    return "|".join(f"{name} {importlib.metadata.version(name)}" for name in ("transformers", "gguf", "tokenizers"))
 
 
 def gguf_conversion_folder(path: Path, cache_dir: Path | None = None) -> Path:
     """Where :func:`gguf_conversion` keeps the GGUF file ``path`` converted (written or not)."""
-    key = f"{_file_digest(path)}|{transformers.__version__}|{CONVERSION_FORMAT}"
+    key = f"{_file_digest(path)}|{_converter_versions()}|{CONVERSION_FORMAT}"
     return (cache_dir or lofit_cache_dir()) / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -130,33 +148,62 @@ def gguf_conversion(path: Path, cache_dir: Path | None = None) -> Path:
 
     The folder, ``<cache>/gguf/<file stem>-<16 hex digits>`` (``<cache>``: ``cache_dir``, else
     :func:`lofit_cache_dir`), holds what ``save_pretrained`` writes for the model and its
-    tokenizer, plus ``lofit_gguf_conversion.json`` naming the source file. The digits hash the
-    file's bytes, the transformers version that de-quantised it and :data:`CONVERSION_FORMAT`,
-    so a changed file or another transformers gets a conversion of its own. The weights are
-    exactly the tensors transformers de-quantises from the GGUF file, so a model loaded
-    either way has the same fingerprint. The folder appears in one rename once complete, and
-    a file lock ``<folder>.lock`` makes concurrent processes (torchrun's ranks) convert once.
-    It takes about 4 bytes per parameter (the default model: 0.5 GB).
+    tokenizer, plus ``lofit_gguf_conversion.json`` naming the source file and keeping the
+    :data:`TOKENIZER_FLAGS`. The digits hash the file's bytes, the versions of transformers,
+    gguf and tokenizers (:func:`_converter_versions`) and :data:`CONVERSION_FORMAT`, so a
+    changed file or another converter gets a conversion of its own. The weights are exactly
+    the tensors transformers de-quantises from the GGUF file, so a model loaded either way has
+    the same fingerprint. Under a file lock ``<folder>.lock`` (concurrent processes, such as
+    torchrun's ranks, convert once), a folder left without its record (an interrupted delete)
+    and staging folders of a killed conversion are removed, and the new folder appears in one
+    rename once complete, readable by every user the umask allows. It takes about 4 bytes per
+    parameter (the default model: 0.5 GB). Raises :class:`ConversionCacheError` where the cache
+    cannot be written; errors reading the GGUF file itself pass through.
     """
     folder = gguf_conversion_folder(path, cache_dir)
     if (folder / CONVERSION_RECORD).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{folder}.lock"):
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{folder}.lock")
+        lock.acquire()
+    except OSError as error:
+        raise ConversionCacheError(f"cannot write in {folder.parent}: {error}") from error
+    try:
         if not (folder / CONVERSION_RECORD).is_file():
             model, tokenizer = _load_gguf_file(path, {"dtype": torch.float32})
-            with staged_folder(folder) as staging:
-                model.save_pretrained(staging)
-                tokenizer.save_pretrained(staging)
-                write_json(
-                    staging / CONVERSION_RECORD,
-                    {
-                        "source": path.name,
-                        "source_sha256": _file_digest(path),
-                        "transformers": transformers.__version__,
-                    },
-                )
+            try:
+                _write_conversion(folder, path, model, tokenizer)
+            except OSError as error:
+                raise ConversionCacheError(f"cannot write {folder}: {error}") from error
+    finally:
+        lock.release()
     return folder
+
+
+def _write_conversion(folder: Path, path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Write the converted ``model`` and ``tokenizer`` of ``path`` as ``folder`` (the caller holds its lock)."""
+    shutil.rmtree(folder, ignore_errors=True)  # a folder without its record is no conversion
+    for stale in folder.parent.glob(f".{folder.name}.*.staging"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        flags = {name: getattr(tokenizer, name) for name in TOKENIZER_FLAGS if hasattr(tokenizer, name)}
+        record = {"source": path.name, "source_sha256": _file_digest(path), "tokenizer_flags": flags}
+        write_json(staging / CONVERSION_RECORD, record | {"converted_with": _converter_versions()})
+        mode = (staging / CONVERSION_RECORD).stat().st_mode & 0o777  # an ordinary file's, under the umask
+        for written in staging.iterdir():  # save_pretrained writes the weights for their owner only
+            written.chmod(mode)
+
+
+def _load_conversion(folder: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    flags = json.loads((folder / CONVERSION_RECORD).read_text()).get("tokenizer_flags", {})
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    for name, value in flags.items():
+        if getattr(tokenizer, name, value) != value:
+            setattr(tokenizer, name, value)
+    return AutoModelForCausalLM.from_pretrained(str(folder), **placement), tokenizer
 
 
 def _load_gguf_file(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -182,16 +229,17 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
         placement = placement | {"dtype": torch.float32}
     try:
         folder = gguf_conversion(path)
-    except OSError as error:  # a cache that cannot be written: read the GGUF file itself
+        try:
+            model, tokenizer = _load_conversion(folder, placement)
+        except PermissionError as error:  # another user's conversion, not readable by this one
+            raise ConversionCacheError(f"cannot read {folder}: {error}") from error
+    except ConversionCacheError as error:
         warnings.warn(
-            f"cannot keep a converted copy of {path.name} in {lofit_cache_dir()} ({error}); loading the GGUF file "
-            "directly, which is slower. Set LOFIT_CACHE to a writable folder to convert it once.",
+            f"cannot keep or read a converted copy of {path.name} ({error}); loading the GGUF file directly, "
+            "which is slower. Set LOFIT_CACHE to a folder this user can write to convert it once.",
             stacklevel=3,
         )
         model, tokenizer = _load_gguf_file(path, placement)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **placement)
     model.name_or_path = str(path)
     return model, tokenizer
 
