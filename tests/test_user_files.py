@@ -10,6 +10,8 @@ import pytest
 from lofit.cli import main
 from lofit.data.files import DataError
 from lofit.evaluation.multiple_choice import MultipleChoiceExample
+from lofit.methods.lofit.config import LofitConfig
+from lofit.runs import pipeline
 from lofit.runs.config import RunConfig
 from lofit.runs.data import RunData
 from lofit.tasks import GenerationExample, PromptCompletion, PromptPreference, UserFileTask, get_task
@@ -134,3 +136,15 @@ def test_a_runs_metrics_record_what_its_data_warned_of(tmp_path):
     for folder in ("run", "select"):
         recorded = json.loads((tmp_path / folder / "metrics.json").read_text())["warnings"]
         assert recorded[0] == "sft.jsonl: --train-size 50 is more than its 6 training examples; training on all 6"
+
+
+def test_a_run_over_every_fold_shows_each_folds_warnings_at_its_top_level(tmp_path, monkeypatch):
+    def fold(cell, models):  # a fold's summary as run_cell returns it, the second with a warning
+        k = cell.run.output_dir.rsplit("_", 1)[1]
+        warned = {"warnings": ["the loss is diverging"]} if k == "1" else {}
+        return {"test_mc1": 0.5, "metric_keys": ["test_mc1"]} | warned
+
+    monkeypatch.setattr(pipeline, "run_cell", fold)
+    summary = pipeline.run_all(RunConfig(task="truthfulqa", fold="all", output_dir=str(tmp_path)), LofitConfig())
+    assert summary["warnings"] == ["fold 1: the loss is diverging"] and summary["mean_test_mc1"] == 0.5
+    assert json.loads((tmp_path / "metrics.json").read_text())["warnings"] == summary["warnings"]

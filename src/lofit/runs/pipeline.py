@@ -324,6 +324,10 @@ def run_all(
     }
     summary = {"task": run.task, "model": run.model, "method": run.method, "run_folder": str(base), "folds": summaries}
     summary |= {f"mean_{k}": v for k, v in mean.items()}
+    if warned := [
+        f"fold {k}: {message}" for k, s in zip(folds, summaries, strict=True) for message in s.get("warnings", [])
+    ]:
+        summary["warnings"] = warned  # each fold's, named, so that the run's top level shows them too
     summary["metric_keys"] = [f"mean_{key}" for key in summaries[0].get("metric_keys", [])]
     RunFolder(base).write_metrics(summary)
     return summary
