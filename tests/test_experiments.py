@@ -772,7 +772,10 @@ def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path
     grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[RED_TUNED], seeds=[1, 2])))
     trained, evaluated = [], []
     real_cell, real_eval = runner_module.run_cell, runner_module.run_eval
-    monkeypatch.setattr(runner_module, "run_cell", lambda c, m: trained.append(c.run.eval_split) or real_cell(c, m))
+    warned = {"warnings": ["the loss is diverging"]}  # what a training warned of reaches the cells evaluating it
+    monkeypatch.setattr(
+        runner_module, "run_cell", lambda c, m: trained.append(c.run.eval_split) or real_cell(c, m) | warned
+    )
     monkeypatch.setattr(
         runner_module, "run_eval", lambda *a, **k: evaluated.append(a[0].eval_split) or real_eval(*a, **k)
     )
@@ -784,6 +787,7 @@ def test_the_best_trials_adapter_is_the_test_cells_of_its_seed(setting, tmp_path
     assert second["seed"] == 2 and second["trained_by"] is None  # another seed trains anew
     assert trained == ["val"] * len(trials) + ["test"] and evaluated == ["test"]  # one training per seed and trial
     assert first["trained_parameters"] == best["trained_parameters"] and len(first["per_example"]) == 12
+    assert first["warnings"] == second["warnings"] == best["warnings"] == warned["warnings"]
 
 
 def test_an_edge_left_unexplored_at_the_cap_is_marked(setting, tmp_path, monkeypatch, capsys):

@@ -621,7 +621,7 @@ class Runner:
 
     def _trained_adapter(self, cell: Cell) -> dict | None:
         """The adapter that a finished cell of this experiment trained as ``cell`` would (one
-        training key), when its folder is still there: its cell's key, path and ranking."""
+        training key), when its folder is still there: its cell's key, path, ranking and warnings."""
         trained = training_key(cell.method, cell.config)
         if trained is None:
             return None
@@ -631,7 +631,8 @@ class Runner:
                     continue
                 path = Path(record["run_folder"]) / "adapter"
                 if path.is_dir():
-                    return {"key": record["key"], "path": str(path), "ranking_key": record.get("ranking_key")}
+                    kept = {"ranking_key": record.get("ranking_key"), "warnings": record.get("warnings", [])}
+                    return {"key": record["key"], "path": str(path)} | kept
         return None
 
     def _cell_job(self, cell: Cell) -> Job:
@@ -774,7 +775,8 @@ class Job:
     ranking: dict | None = None
     tuning: dict = field(default_factory=dict)
     adapter: dict | None = None
-    """For a cell whose adapter another cell trained: that cell's key, the adapter's path and its ranking's key."""
+    """For a cell whose adapter another cell trained: that cell's key, the adapter's path, its ranking's
+    key and the warnings its training gave."""
 
     @property
     def key(self) -> str:
@@ -952,6 +954,6 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "ranking_key": ranking.get("key") or trained_by.get("ranking_key"),
         "trained_by": trained_by.get("key"),
         "ranking_seconds": ranking.get("seconds"),
-        "warnings": summary.get("warnings", []),
+        "warnings": [*trained_by.get("warnings", []), *summary.get("warnings", [])],  # its training's too
         "run_folder": str(run_folder),
     }
