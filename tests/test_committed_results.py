@@ -26,13 +26,13 @@ DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "
 COMPLETE = {
     "table3-v2": ["table3", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
     "num-heads-v2": ["num-heads", "--seeds", "42,43", "--tune"],
+    "table2-v3": ["table2", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
 under today's grids. table2-v2 and capacity tuned the epochs, which table2 and capacity now fix
-(``budget: 48``); their successors, table2-v3 and capacity-v2, are not complete yet."""
+(``budget: 48``); table2-v3 is complete; capacity-v2 is not yet."""
 REFERENCE_ROWS = {
     "table1": "label=LoFiT",
-    "table2": "heads=lofit",
     "table2-v2": "heads=lofit",
     "table3-v2": "label=LoFiT",
     "capacity": "LoFiT v (10% of heads)",
@@ -41,10 +41,8 @@ REFERENCE_ROWS = {
 reports were built with (docs/results/README.md)."""
 OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "table2": "first run, tuned before edge extension; superseded on CLUTRR and MQuAKE by table2-v3, TruthfulQA owed",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "table2-v3": "running: its TruthfulQA tuning has not settled (CLUTRR and MQuAKE complete, every choice inside)",
     "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
 }
