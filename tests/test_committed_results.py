@@ -43,6 +43,7 @@ OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
+    "table3-gemma": "running: table3 CLUTRR on Gemma 3 270M has one tuning trial so far",
     "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
 }
