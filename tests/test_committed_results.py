@@ -29,11 +29,10 @@ COMPLETE = {
     "table2-v3": ["table2", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
-under today's grids. table2-v2 and capacity tuned the epochs, which table2 and capacity now fix
-(``budget: 48``); table2-v3 is complete; capacity-v2 is not yet."""
+under today's grids. capacity tuned the epochs, which capacity now fixes (``budget: 48``);
+capacity-v2 is not complete yet."""
 REFERENCE_ROWS = {
     "table1": "label=LoFiT",
-    "table2-v2": "heads=lofit",
     "table3-v2": "label=LoFiT",
     "capacity": "LoFiT v (10% of heads)",
 }
@@ -44,7 +43,6 @@ OPEN_EDGES = {
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "table3-gemma": "running: table3 CLUTRR on Gemma 3 270M has one tuning trial so far",
-    "table2-v2": "closed: tuned the step-2 epochs, which table2 now fixes at a stated budget (table2-v3)",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
