@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -387,6 +388,30 @@ def test_runner_records_each_cell_reuses_rankings_and_model_and_resumes(setting,
 
     report = write_report(folder)
     assert "| LoFiT |" in report.read_text() and (folder / "report.csv").read_text().count("\n") == 1 + 4
+
+
+def test_a_record_keeps_the_cells_cpu_time_which_leaves_out_time_spent_waiting(setting, tmp_path, monkeypatch):
+    """``cpu_seconds`` is the process's CPU time over the cell: a cell that waits (here a sleep,
+    standing for a paused process or one waiting for a core) adds to ``seconds`` but not to it."""
+    grid = load_grid(str(grid_file(setting, tmp_path, sweep={}, arms=[{"label": "LoFiT", "method": "lofit"}])))
+    real_select, real_cell = runner_module.run_select, runner_module.run_cell
+
+    def waiting_select(*args, **kwargs):
+        time.sleep(0.5)
+        return real_select(*args, **kwargs)
+
+    def waiting_cell(config, models):
+        time.sleep(0.5)
+        return real_cell(config, models)
+
+    monkeypatch.setattr(runner_module, "run_select", waiting_select)
+    monkeypatch.setattr(runner_module, "run_cell", waiting_cell)
+    Runner(grid, tmp_path / "out", tune=False, pool=ModelPool(), log=lambda _: None).run()
+    records = read_results(tmp_path / "out")
+    assert {r["phase"] for r in records} == {"ranking", "test"}
+    for record in records:
+        assert 0 < record["cpu_seconds"] <= record["seconds"] * torch.get_num_threads() + 0.5
+        assert record["seconds"] - record["cpu_seconds"] >= 0.45, record
 
 
 def test_a_sibling_experiments_ranking_is_reused_not_recomputed(setting, tmp_path, monkeypatch):

@@ -870,9 +870,9 @@ def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
     ranking_cell = replace(cell, phase="ranking", options=tuple(sorted(_ranking_options(cell).items())))
     task = ranking_cell.config["task"]
     config = _run_config(ranking_cell, folder, pool)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     ranking = run_select(config.run, config.lofit, config.compute, pool)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     top_k = _top_k(cell, len(ranking.order))
@@ -890,6 +890,7 @@ def _rank(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "top_k": top_k,
         "scores": ranking.scores.tolist(),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "resumed_steps": metrics.get("resumed_steps", 0),
         "hardware": cell_hardware(cell),
         "warnings": metrics.get("warnings", []),
@@ -909,13 +910,13 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
     run_folder = job.folder / "cells" / job.name
     if job.adapter is not None:  # whatever an unfinished attempt left (one that trained, under other code) goes
         shutil.rmtree(run_folder, ignore_errors=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     config = _run_config(cell, run_folder, pool)
     if job.adapter is not None:
         summary = run_eval(config.run, Path(job.adapter["path"]), config.compute, models=pool)
     else:
         summary = run_cell(config, pool)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
     split = options["eval_split"]
     metric = primary_metric(summary)
@@ -947,6 +948,7 @@ def _fit(job: Job, pool: ModelPool, session: TrackerSession | None) -> dict:
         "selected_heads": selected,
         **({"zero_score_heads": ranked.zero_scored(selected)} if ranked is not None else {}),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "fit_seconds": summary.get("fit_seconds"),
         "resumed_steps": summary.get("resumed_steps", 0),
         "eval_seconds": summary.get("eval_seconds"),
