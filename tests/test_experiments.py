@@ -30,6 +30,7 @@ from lofit.experiments.grid import (
     all_tied,
     check_searches,
     check_tuning,
+    chooses_nothing,
     config_key,
     edge_step,
     expand,
@@ -40,6 +41,7 @@ from lofit.experiments.grid import (
     same_value,
     shipped_grids,
     step_beyond,
+    tied_on_line,
 )
 from lofit.experiments.report import edge_warning, jaccard, parse_compare_to, unexplored_edges, write_report
 from lofit.experiments.results import RESULTS, append_result, read_results
@@ -540,6 +542,58 @@ def test_a_best_value_is_inside_only_when_the_line_through_the_best_trial_bracke
     assert edge_step("red_epochs", [1, 2, 4], [1, 2, 4], 2, 3, accepts) == ("inside", [])
     assert edge_step("red_epochs", [1, 2, 4], [1, 2, 4, 8], 4, 3, accepts, [2, 4, 8]) == ("inside after extension", [])
     assert edge_step("method", ["a", "b"], ["a", "b"], "a", 3, accepts) == (None, [])  # categorical
+
+
+def test_a_trial_tied_with_the_best_does_not_close_a_side_of_its_range():
+    """table2-v3's TruthfulQA random heads: 1.25e-2 and 6.25e-3 both scored 28.0%, and no rate
+    below 6.25e-3 was tried. The best, 1.25e-2, is beaten above (2.5e-2) but not below: a plateau
+    that reaches the edge of the range may rise beyond it, so one step past its end is due."""
+    rates, scores = [0.00625, 0.0125, 0.025, 0.05, 0.1], [0.28, 0.28, 0.268, 0.171, 0.195]
+    trials, accepts = [{"bias_lr": rate} for rate in rates], lambda value: True
+    best = trials[1]  # the earlier trial of the tie in the search's order (the base grid's)
+    tied = tied_on_line(trials, scores, best, "bias_lr")
+    assert tied == [0.00625, 0.0125]
+    base = [0.025, 0.05, 0.1]
+    assert edge_step("bias_lr", base, rates, 0.0125, 5, accepts, rates) == ("inside after extension", [])  # before
+    position, due = edge_step("bias_lr", base, rates, 0.0125, 5, accepts, rates, tied)
+    assert position == "edge (pending)" and due == [pytest.approx(0.003125)]
+    below = [0.003125, *rates]
+    assert edge_step("bias_lr", base, below, 0.0125, 5, accepts, below, tied) == ("inside after extension", [])
+    # a lower score between the best and a tied value closes the side: the tie lies beyond a dip
+    dip = tied_on_line(trials, [0.28, 0.2, 0.28, 0.1, 0.1], trials[2], "bias_lr")
+    position, due = edge_step("bias_lr", base, rates, 0.025, 5, accepts, rates, dip)
+    assert dip == [0.00625, 0.025] and (position, due) == ("inside after extension", [])
+    # at the cap the plateau's side stays an unexplored edge
+    capped = edge_step("bias_lr", [0.0125, 0.025], [0.0125, 0.025, 0.05], 0.025, 1, accepts, None, [0.025, 0.05])
+    assert capped == ("edge (cap)", [])
+
+
+def test_step_1_options_choose_nothing_where_every_head_is_selected():
+    """With num_heads: all the ranking chooses no head over another, so L1 lambda's trials are
+    the same training (num-heads-v2's K = all tied at 61.7% over three lambdas): the tuning does
+    not judge or extend it, and the report says why."""
+    assert chooses_nothing("l1_lambda", {"num_heads": "all"}) and chooses_nothing("scale_lr", {"num_heads": "all"})
+    assert not chooses_nothing("l1_lambda", {"num_heads": 0.1}) and not chooses_nothing("bias_lr", {"num_heads": "all"})
+    tune_grid = {"bias_lr": [0.0125, 0.025], "l1_lambda": [0.005, 0.02]}
+
+    def record(lr, lam, score):
+        trial = {"bias_lr": lr, "l1_lambda": lam}
+        return {
+            "trial": trial,
+            "score": score,
+            "tune_grid": tune_grid,
+            "tune_extend": 3,
+            "method": "lofit",
+            "options": {"num_heads": "all", "bias_lr": lr, "l1_lambda": lam},
+        }
+
+    rates = (0.00625, 0.0125, 0.025)
+    records = [record(lr, lam, 0.6 if lr == 0.0125 else 0.3) for lr in rates for lam in (0.005, 0.02)]
+    positions = report_module._positions(records, report_module._best(records))
+    assert [(option, position) for option, _, position, _ in positions] == [
+        ("bias_lr", "inside after extension"),
+        ("l1_lambda", "no effect: all heads"),
+    ]
 
 
 def test_the_extension_cap_counts_steps_beyond_the_base_grid_not_trials():

@@ -636,15 +636,29 @@ def check_searches(grid: Grid, overrides: dict[str, Any], tune: bool) -> None:
             )
 
 
-INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND, FLAT = (
+INSIDE, EXTENDED_INSIDE, EDGE_PENDING, EDGE_CAP, EDGE_BOUND, FLAT, NO_EFFECT = (
     "inside",
     "inside after extension",
     "edge (pending)",
     "edge (cap)",
     "edge (bound)",
     "flat",
+    "no effect: all heads",
 )
-"""Where a chosen value sits in the range explored (:func:`edge_step`, :func:`flat_step`)."""
+"""Where a chosen value sits in the range explored (:func:`edge_step`, :func:`flat_step`), or
+that the option shapes nothing the trial trains (:func:`chooses_nothing`)."""
+
+STEP1_ONLY = option_group([LofitConfig], "step", 1)
+"""Options only step 1 reads (``"step": 1`` in a field's metadata): the head ranking's."""
+
+
+def chooses_nothing(option: str, options: dict[str, Any]) -> bool:
+    """Whether ``option`` shapes nothing that a cell with ``options`` trains: a step-1 option
+    (:data:`STEP1_ONLY`) where every head is selected (``num_heads: all``), so that the ranking
+    it shapes chooses no head over another. Its trials differ at most by the order of the same
+    heads: their ties are no plateau to extend (:func:`search`), and the report gives its value
+    no position in the range explored."""
+    return option in STEP1_ONLY and options.get("num_heads") == ALL_HEADS
 
 
 def edge_step(
@@ -655,16 +669,21 @@ def edge_step(
     cap: int,
     accepts: Callable[[Any], bool],
     line: list | None = None,
+    tied: list | None = None,
 ) -> tuple[str | None, list]:
     """Where ``value``, the best trial's, sits among the values tried for a tuned option whose
     base grid is ``base``, and the values due a trial; ``explored`` holds the option's values in
     every trial of the group, ``line`` (default: ``explored``) those in the trials whose other
-    tuned options equal the best trial's: the line through the best trial along this option.
+    tuned options equal the best trial's: the line through the best trial along this option, and
+    ``tied`` (default: none) those of the line's trials that scored the same as the best.
 
-    The value is a local optimum along the option when the line holds a value on each side of it
-    (the best trial beats both). A side the line lacks is due one trial, the other options at the
-    best trial's values: at the nearest value explored on that side in another trial; past every
-    explored value, one log step beyond (an extension), unless ``cap`` values beyond the base grid
+    The value is a local optimum along the option when, on each side of it, the line holds a
+    value whose trial scores below the best: walking outwards from ``value``, the values of
+    trials tied with the best are passed over (a plateau that reaches the edge of the range
+    explored may go on rising beyond it), and the first value that is not tied closes the side.
+    A side left open is due one trial beyond the last tied value (the frontier), the other
+    options at the best trial's values: at the nearest value explored beyond it in another trial;
+    past every explored value, one log step beyond (an extension), unless ``cap`` values beyond the base grid
     were explored on that side (the extension steps taken: a value counts once, however many
     trials of the other options it has) or the option takes no value there (``accepts`` says
     which it takes). Returns (None, []) for an option not searched on a log grid (categorical, or one
@@ -675,11 +694,18 @@ def edge_step(
     if len(base) < 2 or not is_numeric(base):
         return None, []
     line = explored if line is None else line
+    plateau = {float(v) for v in tied or ()}
     due, ends = [], []
     for up in (False, True):
-        if any(v > value if up else v < value for v in line):
+        frontier, closed = value, False
+        for neighbour in sorted((v for v in line if (v > value if up else v < value)), reverse=not up):
+            if float(neighbour) not in plateau:
+                closed = True  # it scores below the best
+                break
+            frontier = neighbour
+        if closed:
             continue
-        beyond = [v for v in explored if (v > value if up else v < value)]
+        beyond = [v for v in explored if (v > frontier if up else v < frontier)]
         if beyond:
             new = min(beyond) if up else max(beyond)
         else:
@@ -687,7 +713,7 @@ def edge_step(
             if steps >= cap:
                 ends.append(EDGE_CAP)
                 continue
-            new = step_beyond(option, value, log_ratio(base), up)
+            new = step_beyond(option, frontier, log_ratio(base), up)
         if new is None or not accepts(new):
             ends.append(EDGE_BOUND)
         else:
@@ -736,6 +762,14 @@ def option_line(trials: list[dict], best: dict, option: str) -> list:
     return [trial[option] for trial in trials if on_option_line(trial, best, option)]
 
 
+def tied_on_line(trials: list[dict], scores: list[float], best: dict, option: str) -> list:
+    """The values of ``option`` on the line through ``best`` along ``option`` whose trials
+    (``scores`` in the order of ``trials``) scored the highest score, the best's own included."""
+    top = max(scores)
+    on_line = [(trial, score) for trial, score in zip(trials, scores) if on_option_line(trial, best, option)]
+    return [trial[option] for trial, score in on_line if score == top]
+
+
 @dataclass
 class Search:
     """The tuning of one (task, arm, sweep point): its trials so far (the base grid, then the
@@ -768,7 +802,13 @@ def search(
     explored on that side, or one log step beyond every explored value, and the other options at
     the best trial's values is added; this repeats until none is due. Where none is due but no
     trial beats another (:func:`all_tied`), no value is best: each option is extended on both sides instead
-    (:func:`flat_step`), until a trial scores otherwise or every side reached the cap or a bound."""
+    (:func:`flat_step`), until a trial scores otherwise or every side reached the cap or a bound.
+    Where none is due and some trials tie with the best, a side of a line on which those tied
+    trials reach the edge of the values explored (a plateau that may rise beyond it) is due one
+    trial past the plateau's end (``tied`` of :func:`edge_step`), except along an option that
+    chooses nothing there (:func:`chooses_nothing`), whose trials tie as one training. Plateaus are
+    looked at only once nothing else is due, so a tie never changes the path of the search before
+    it settles: it only adds trials to the settled state."""
     seed = grid.seeds[0]
     cells = [make_cell(grid, "tune", arm, task, seed, point, trial, overrides) for trial in arm.trials()]
     while True:
@@ -783,15 +823,10 @@ def search(
             option: ([trial[option] for trial in trials], functools.partial(_accepts, arm.method, best.config, option))
             for option in arm.searched()
         }
+        lines = {option: option_line(trials, chosen, option) for option in steps}
         due = {
             option: edge_step(
-                option,
-                arm.tune[option],
-                explored,
-                chosen[option],
-                grid.tune_extend,
-                accepts,
-                option_line(trials, chosen, option),
+                option, arm.tune[option], explored, chosen[option], grid.tune_extend, accepts, lines[option]
             )[1]
             for option, (explored, accepts) in steps.items()
         }
@@ -799,6 +834,21 @@ def search(
             due = {
                 option: flat_step(option, arm.tune[option], explored, grid.tune_extend, accepts)[1]
                 for option, (explored, accepts) in steps.items()
+            }
+        elif not any(due.values()):  # settled: a plateau of trials tied with the best may reach an edge
+            due = {
+                option: edge_step(
+                    option,
+                    arm.tune[option],
+                    explored,
+                    chosen[option],
+                    grid.tune_extend,
+                    accepts,
+                    lines[option],
+                    tied_on_line(trials, scores, chosen, option),
+                )[1]
+                for option, (explored, accepts) in steps.items()
+                if not chooses_nothing(option, best.config)
             }
         added = [
             make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option)

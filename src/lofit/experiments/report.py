@@ -32,14 +32,17 @@ from lofit.experiments.grid import (
     EXTENDED_INSIDE,
     FLAT,
     INSIDE,
+    NO_EFFECT,
     Arm,
     admissible,
     all_tied,
+    chooses_nothing,
     edge_step,
     flat_step,
     on_option_line,
     option_line,
     same_value,
+    tied_on_line,
 )
 from lofit.experiments.results import read_results, tuning_score
 from lofit.methods.lofit.config import selection_bias_lr_option
@@ -357,8 +360,8 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | 
     grid and a cap of 0. In a group whose trials all scored the same, each position is
     :func:`~lofit.experiments.grid.flat_step`'s."""
     positions = []
-    tried = [r.get("trial", {}) for r in trials]
-    flat = len(trials) > 1 and all_tied([tuning_score(r) for r in trials])
+    tried, scores = [r.get("trial", {}) for r in trials], [tuning_score(r) for r in trials]
+    flat = len(trials) > 1 and all_tied(scores)
     cap = max(r.get("tune_extend", 0) for r in trials)  # a raised cap is in the newer records
     for option, value in best.get("trial", {}).items():
         explored = [trial[option] for trial in tried if option in trial]
@@ -367,11 +370,13 @@ def _positions(trials: list[dict], best: dict) -> list[tuple[str, object, str | 
         def accepts(new: object, option: str = option) -> bool:
             return admissible(best["method"], best.get("options", {}) | {option: new})
 
-        if flat:
+        if chooses_nothing(option, best.get("options", {})):
+            position = NO_EFFECT
+        elif flat:
             position, _ = flat_step(option, base, explored, cap, accepts)
         else:
-            line = option_line(tried, best["trial"], option)
-            position, _ = edge_step(option, base, explored, value, cap, accepts, line)
+            line, tied = option_line(tried, best["trial"], option), tied_on_line(tried, scores, best["trial"], option)
+            position, _ = edge_step(option, base, explored, value, cap, accepts, line, tied)
         unselected = _unselected_neighbours(trials, best, option) if position in (INSIDE, EXTENDED_INSIDE) else []
         positions.append((option, value, position, unselected))
     return positions

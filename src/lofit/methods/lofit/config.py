@@ -73,14 +73,16 @@ class LofitConfig:
     selection: str = field(
         default="l1",
         metadata={
+            "step": 1,
             "help": "step-1 objective: l1 (the paper's: task loss + lambda * sum|A|) or group (a proximal "
-            "head-level penalty that sets whole heads exactly to zero; see docs/method.md)"
+            "head-level penalty that sets whole heads exactly to zero; see docs/method.md)",
         },
     )
     l1_lambda: float = field(
         default=1e-3,
         metadata={
             "read_when": {"selection": "l1"},
+            "step": 1,
             "help": "weight of the L1 penalty lambda * sum|A| in head selection (--selection l1)",
         },
     )
@@ -88,23 +90,25 @@ class LofitConfig:
         default=0.02,
         metadata={
             "read_when": {"selection": "group"},
+            "step": 1,
             "help": "mu of the head-level penalty mu * sum_h ||A_h||_2 of --selection group: a head keeps a "
             "non-zero scale only while its averaged task gradient exceeds mu in norm (0.02: on CLUTRR 125 of "
             "270 heads end at exactly 0; 0.1 removes every head)",
         },
     )
-    scale_lr: float = field(default=5e-3, metadata={"help": "learning rate of the scales A (step 1)"})
+    scale_lr: float = field(default=5e-3, metadata={"step": 1, "help": "learning rate of the scales A (step 1)"})
     bias_lr: float = field(default=5e-2, metadata={"help": "learning rate of the biases v (step 2)"})
     select_bias_lr: float | None = field(
         default=None,
         metadata={
             "read_when": {"heads": "bias-based"},
             "hashed": "when set",
+            "step": 1,
             "help": "learning rate of the biases v on all heads when --heads bias-based selects heads by "
             "their norm (default: --bias-lr; a rate that suits a few heads can make all-head training diverge)",
         },
     )
-    select_epochs: int = field(default=2, metadata={"help": "epochs of head selection (step 1)"})
+    select_epochs: int = field(default=2, metadata={"step": 1, "help": "epochs of head selection (step 1)"})
     tune_epochs: int = field(default=4, metadata={"step": 2, "help": "epochs of bias tuning (step 2)"})
     batch_size: int = field(default=8, metadata={"help": "training examples per optimiser step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
