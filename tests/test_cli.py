@@ -61,6 +61,14 @@ def test_heads_command_prints_the_ranking_and_writes_the_heatmap(tmp_path, capsy
     out = capsys.readouterr().out
     assert out.splitlines()[1].split() == ["0", "0", "1", "0.90000"]
     assert (tmp_path / "heads.png").stat().st_size > 1000
+    assert "step 1 localized: top 2 of 4 heads hold 77.8%" in out
+    flat = tmp_path / "flat"
+    HeadRanking.from_scores(torch.tensor([[0.5, 0.45], [0.48, 0.47]])).save(flat / "head_ranking.json")
+    assert main(["heads", str(flat), "--top", "1"]) == 0
+    assert "step 1 did not localize" in (out := capsys.readouterr().out) and "barely prefers its top heads" in out
+    (flat / "config.yaml").write_text("lofit: {selection: group}\n")  # the run that wrote it used group
+    assert main(["heads", str(flat), "--top", "1"]) == 0
+    assert "step 1 did not localize" in (out := capsys.readouterr().out) and "raise --group-lambda" in out
 
 
 def test_missing_files_exit_with_a_message(tmp_path, capsys):

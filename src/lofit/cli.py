@@ -174,13 +174,23 @@ def _print_summary(summary: dict, compute: ComputeConfig) -> None:
     print(f"run folder: {summary['run_folder']}")
 
 
-def _print_ranking(ranking: HeadRanking, top: int) -> None:
-    """The top heads with their scores, then the localization figures of a top-``top`` selection."""
+def _ranking_selection(path: Path) -> str | None:
+    """The step-1 objective (``l1``, ``group``) of the run that wrote the ranking ``path``, from the
+    config.yaml beside it; None where there is none to read."""
+    try:
+        return yaml.safe_load((path.parent / "config.yaml").read_text())["lofit"]["selection"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def _print_ranking(ranking: HeadRanking, top: int, selection: str | None = None) -> None:
+    """The top heads with their scores, then the localization verdict of a top-``top`` selection:
+    its figures and, where it is not localized, what to change for the step-1 ``selection``."""
     print("rank  layer  head  score")
     for rank, (layer, head) in enumerate(ranking.order[:top]):
         print(f"{rank:4d}  {layer:5d}  {head:4d}  {float(ranking.scores[layer, head]):.5f}")
     figures = ranking.localization(top)
-    print(f"{figures.label}: {figures.summary()}")
+    print(figures.verdict(selection))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = path / "head_ranking.json" if path.is_dir() else path
             ranking = HeadRanking.load(path)
             top = min(args.top or ranking.selected or 20, len(ranking.order))
-            _print_ranking(ranking, top)
+            _print_ranking(ranking, top, _ranking_selection(path))
             output = Path(args.output) if args.output else path.parent / "heads.png"
             head_heatmap(ranking.scores, ranking.top(top), output)
             print(f"heatmap: {output}")
@@ -425,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if session is not None:
                             session.log_summary({"localization": ranking.localization(top).to_json()})
                         if is_main_process():
-                            _print_ranking(ranking, top)
+                            _print_ranking(ranking, top, lofit.selection)
                             print(f"ranking: {run.resolved_output_dir() / 'head_ranking.json'}")
                     elif args.command == "compare":
                         summaries, folder = run_compare(run, lofit, list(method_configs), method_configs, compute)
