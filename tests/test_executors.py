@@ -32,7 +32,16 @@ ARMS = [
     {"label": "RED", "method": "red"},
 ]
 """Two LoFiT cells sharing one step-1 ranking, and a cell that needs none (it may run beside step 1)."""
-VARYING = {"seconds", "fit_seconds", "eval_seconds", "ranking_seconds", "hardware", "finished_at", "run_folder"}
+VARYING = {
+    "seconds",
+    "cpu_seconds",
+    "fit_seconds",
+    "eval_seconds",
+    "ranking_seconds",
+    "hardware",
+    "finished_at",
+    "run_folder",
+}
 """What may differ between two runs of one cell: times, where it ran, its folder."""
 
 
