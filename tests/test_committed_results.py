@@ -23,10 +23,12 @@ from lofit.experiments.runner import Runner
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
-COMPLETE: dict[str, list[str]] = {}
+COMPLETE = {
+    "table2-v3": ["table2", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
+}
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
-under today's grids. table3-v2, table2-v3 and num-heads-v2 were, until the tuning began to extend
-plateaus of trials tied with the best (2026-12-07): each owes a few such trials (OPEN_EDGES).
+under today's grids. table3-v2 and num-heads-v2 were, until the tuning began to extend plateaus of
+trials tied with the best (2026-12-07): each owes a few such trials (OPEN_EDGES).
 capacity tuned the epochs, which capacity now fixes (``budget: 48``); capacity-v2 is not complete yet."""
 REFERENCE_ROWS = {
     "table1": "label=LoFiT",
@@ -42,7 +44,6 @@ OPEN_EDGES = {
     "table3-gemma": "running: table3 CLUTRR on Gemma 3 270M has one tuning trial so far",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
     "table3-v2": "owes plateau trials: MQuAKE's group step 1 and RED, TruthfulQA's RED tie with the best at an edge",
-    "table2-v3": "owes plateau trials: MQuAKE's ITI heads and TruthfulQA's random heads tie with the best at an edge",
     "num-heads-v2": "owes plateau trials: K = 1% ties with the best at the top of bias lr and of L1 lambda",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
