@@ -29,6 +29,7 @@ from lofit.methods.lofit.config import LofitConfig
 from lofit.methods.lofit.ranking import HeadRanking
 from lofit.runs.comparison import comparison_table, run_compare
 from lofit.runs.config import RunConfig, build_configs
+from lofit.runs.folder import RunFolder
 from lofit.runs.pipeline import run_all, run_eval, run_merge, run_select, run_tune
 from lofit.runs.plots import head_heatmap
 from lofit.runs.recipes import with_recipe
@@ -178,9 +179,11 @@ def _ranking_selection(path: Path) -> str | None:
     """The step-1 objective (``l1``, ``group``) of the run that wrote the ranking ``path``, from the
     config.yaml beside it; None where there is none to read."""
     try:
-        return yaml.safe_load((path.parent / "config.yaml").read_text())["lofit"]["selection"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        saved = RunFolder(path.parent).saved_config()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
+    lofit = (saved or {}).get("lofit")
+    return lofit.get("selection") if isinstance(lofit, dict) else None
 
 
 def _print_ranking(ranking: HeadRanking, top: int, selection: str | None = None) -> None:

@@ -792,6 +792,37 @@ def _accepts(method: str, options: dict[str, Any], option: str, value: Any) -> b
     return admissible(method, options | {option: value})
 
 
+def _edges_due(
+    arm: Arm,
+    cap: int,
+    trials: list[dict],
+    scores: list[float],
+    chosen: dict,
+    config: dict[str, Any],
+    plateaus: bool,
+) -> dict[str, list]:
+    """For each tuned option of ``arm``, the values due a trial along the line through the best
+    trial (``chosen``, its tuned values; ``config``, its options) among ``trials`` (tuned values,
+    ``scores`` in their order), by :func:`edge_step` with extensions up to ``cap``. With
+    ``plateaus``, the trials tied with the best are passed over (:func:`tied_on_line`) and an
+    option that chooses nothing at ``config`` (:func:`chooses_nothing`) is left out."""
+    due = {}
+    for option in arm.searched():
+        if plateaus and chooses_nothing(option, config):
+            continue
+        due[option] = edge_step(
+            option,
+            arm.tune[option],
+            [trial[option] for trial in trials],
+            chosen[option],
+            cap,
+            functools.partial(_accepts, arm.method, config, option),
+            option_line(trials, chosen, option),
+            tied_on_line(trials, scores, chosen, option) if plateaus else None,
+        )[1]
+    return due
+
+
 def search(
     grid: Grid, arm: Arm, task: str, point: dict, overrides: dict[str, Any], score: Callable[[Cell], float | None]
 ) -> Search:
@@ -819,37 +850,20 @@ def search(
             return Search(cells, True)
         best = cells[scores.index(max(scores))]
         trials, chosen = [dict(cell.trial) for cell in cells], dict(best.trial)
-        steps = {  # option -> (explored values, values it accepts)
-            option: ([trial[option] for trial in trials], functools.partial(_accepts, arm.method, best.config, option))
-            for option in arm.searched()
-        }
-        lines = {option: option_line(trials, chosen, option) for option in steps}
-        due = {
-            option: edge_step(
-                option, arm.tune[option], explored, chosen[option], grid.tune_extend, accepts, lines[option]
-            )[1]
-            for option, (explored, accepts) in steps.items()
-        }
+        due = _edges_due(arm, grid.tune_extend, trials, scores, chosen, best.config, plateaus=False)
         if not any(due.values()) and len(cells) > 1 and all_tied(scores):  # settled, but flat: both sides
             due = {
-                option: flat_step(option, arm.tune[option], explored, grid.tune_extend, accepts)[1]
-                for option, (explored, accepts) in steps.items()
-            }
-        elif not any(due.values()):  # settled: a plateau of trials tied with the best may reach an edge
-            due = {
-                option: edge_step(
+                option: flat_step(
                     option,
                     arm.tune[option],
-                    explored,
-                    chosen[option],
+                    [trial[option] for trial in trials],
                     grid.tune_extend,
-                    accepts,
-                    lines[option],
-                    tied_on_line(trials, scores, chosen, option),
+                    functools.partial(_accepts, arm.method, best.config, option),
                 )[1]
-                for option, (explored, accepts) in steps.items()
-                if not chooses_nothing(option, best.config)
+                for option in arm.searched()
             }
+        elif not any(due.values()):  # settled: a plateau of trials tied with the best may reach an edge
+            due = _edges_due(arm, grid.tune_extend, trials, scores, chosen, best.config, plateaus=True)
         added = [
             make_cell(grid, "tune", arm, task, seed, point, chosen | {option: new}, overrides, option)
             for option, values in due.items()

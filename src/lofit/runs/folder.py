@@ -32,13 +32,22 @@ class RunFolder:
         self.resume = resume
         self.save_steps = save_steps
 
+    def saved_config(self) -> dict | None:
+        """The resolved configuration this folder's run wrote (config.yaml), by section; None where
+        the folder has no config.yaml. A file that is not YAML raises yaml.YAMLError."""
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            return None
+        saved = yaml.safe_load(path.read_text())
+        return saved if isinstance(saved, dict) else {}
+
     def check_resumable(self, config: dict, may_change: Collection[str]) -> None:
         """Refuse ``--resume`` unless this folder's config.yaml has the settings of ``config``
         (the resolved configuration), apart from the run options in ``may_change``."""
-        path = self.path / "config.yaml"
-        if not path.is_file():
+        saved = self.saved_config()
+        if saved is None:
+            path = self.path / "config.yaml"
             raise FileNotFoundError(f"--resume: {path} does not exist, so there is no run to continue in {self.path}")
-        saved = yaml.safe_load(path.read_text()) or {}
         differences = []
         for section in ("run", "lofit", "method_options"):
             before, after = saved.get(section) or {}, config.get(section) or {}
