@@ -174,6 +174,33 @@ def test_a_cache_that_cannot_be_written_falls_back_to_the_gguf_file_and_says_so(
     assert loading.model_config.__wrapped__(str(path)).num_hidden_layers == 2  # read from the file's metadata
 
 
+def test_a_disk_that_fills_while_writing_the_conversion_falls_back_without_reading_the_file_again(
+    tmp_path, cache, monkeypatch
+):
+    path = write_tiny_gguf(tmp_path / "model.gguf")
+    direct, _ = loading._load_gguf_file(path, {"dtype": torch.float32})
+    reads = []
+    read = loading._load_gguf_file
+
+    def counted(*arguments):
+        reads.append(arguments[0])
+        return read(*arguments)
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loading, "_load_gguf_file", counted)
+    monkeypatch.setattr(loading, "_write_conversion", full)
+    for dtype in ("auto", "bfloat16"):
+        with pytest.warns(UserWarning, match="cannot keep or read a converted copy of model.gguf .*No space left"):
+            model, tokenizer = loading.load_model(str(path), dtype=dtype)
+        wanted = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        assert model.dtype == wanted and _same_weights(model, direct.to(wanted))
+        assert tokenizer("the").input_ids == [len(TOKENS) + 1, TOKENS.index("the")]
+    assert reads == [path, path]  # once per load: the de-quantised copy served the fallback
+    assert not _conversions(cache)
+
+
 def test_a_file_rewritten_with_the_same_size_and_time_is_converted_again_in_the_same_process(tmp_path, cache):
     path = write_tiny_gguf(tmp_path / "model.gguf", seed=0)
     first, _ = loading.load_model(str(path))

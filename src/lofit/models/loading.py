@@ -128,7 +128,13 @@ toggles one later gets what the GGUF tokenizer would do."""
 
 
 class ConversionCacheError(OSError):
-    """The cache cannot hold (or give back) the conversion of a GGUF file."""
+    """The cache cannot hold (or give back) the conversion of a GGUF file. ``converted``: the
+    model (float32, on the CPU) and tokenizer de-quantised before writing them failed, if any,
+    so that the fallback need not parse the file again."""
+
+    def __init__(self, message: str, converted: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> None:
+        super().__init__(message)
+        self.converted = converted
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,7 +179,8 @@ def gguf_conversion(path: Path, cache_dir: Path | None = None) -> Path:
     and staging folders of a killed conversion are removed, and the new folder appears in one
     rename once complete, readable by every user the umask allows. It takes about 4 bytes per
     parameter (the default model: 0.5 GB). Raises :class:`ConversionCacheError` where the cache
-    cannot be written; errors reading the GGUF file itself pass through.
+    cannot be written (holding the de-quantised model where the file was read before a write
+    failed); errors reading the GGUF file itself pass through.
     """
     folder = gguf_conversion_folder(path, cache_dir)
     if (folder / CONVERSION_RECORD).is_file():
@@ -190,7 +197,7 @@ def gguf_conversion(path: Path, cache_dir: Path | None = None) -> Path:
             try:
                 _write_conversion(folder, path, model, tokenizer)
             except OSError as error:
-                raise ConversionCacheError(f"cannot write {folder}: {error}") from error
+                raise ConversionCacheError(f"cannot write {folder}: {error}", (model, tokenizer)) from error
     finally:
         lock.release()
     return folder
@@ -254,7 +261,12 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
             "which is slower. Set LOFIT_CACHE to a folder this user can write to convert it once.",
             stacklevel=3,
         )
-        model, tokenizer = _load_gguf_file(path, placement)
+        target = placement.get("device_map", {"": "cpu"})
+        if error.converted is not None and isinstance(target, dict) and set(target) == {""}:  # one device
+            model, tokenizer = error.converted
+            model = model.to(device=target[""], dtype=placement["dtype"])
+        else:
+            model, tokenizer = _load_gguf_file(path, placement)
     model.name_or_path = str(path)
     return model, tokenizer
 
