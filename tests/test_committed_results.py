@@ -29,8 +29,8 @@ COMPLETE = {
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
 under today's grids. table3-v2 and num-heads-v2 were, until the tuning began to extend plateaus of
-trials tied with the best (2026-12-07): num-heads-v2 has run its own, table3-v2 owes such trials
-(OPEN_EDGES).
+trials tied with the best (2026-12-07): num-heads-v2 has run its own; table3-v2 has too, and owes
+the seed-43 test run of TruthfulQA's re-tuned RED.
 capacity tuned the epochs, which capacity now fixes (``budget: 48``); capacity-v2 is not complete yet."""
 REFERENCE_ROWS = {
     "table1": "label=LoFiT",
@@ -45,7 +45,6 @@ OPEN_EDGES = {
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "table3-gemma": "running: table3 CLUTRR on Gemma 3 270M has one tuning trial so far",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
-    "table3-v2": "owes plateau trials: TruthfulQA's RED rose past its tie (6e-2: 40.2%); its 24-epoch trial is due",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
 why. Each entry goes once its folder is re-run or replaced; an entry whose folder has no such
