@@ -26,11 +26,11 @@ DATA = Path(os.environ.get("LOFIT_DATA", Path(__file__).resolve().parents[2] / "
 COMPLETE = {
     "table2-v3": ["table2", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
     "num-heads-v2": ["num-heads", "--seeds", "42,43", "--tune"],
+    "table3-v2": ["table3", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
-under today's grids. table3-v2 and num-heads-v2 were, until the tuning began to extend plateaus of
-trials tied with the best (2026-12-07): num-heads-v2 has run its own; table3-v2 has too, and owes
-the seed-43 test run of TruthfulQA's re-tuned RED.
+under today's grids. table3-v2 and num-heads-v2 were also complete before the tuning began to
+extend plateaus of trials tied with the best (2026-12-07), and are again with those trials run.
 capacity tuned the epochs, which capacity now fixes (``budget: 48``); capacity-v2 is not complete yet."""
 REFERENCE_ROWS = {
     "table1": "label=LoFiT",
