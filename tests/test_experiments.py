@@ -716,6 +716,59 @@ def test_a_trial_a_sibling_records_while_it_waits_here_is_run_and_recorded_once(
     assert "reused_from" not in record and record["score"] > 0.01  # its own run, not the copy
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "ood").is_dir(), reason="needs the shared data folder, as CI has")
+def test_a_transfer_task_is_tuned_as_its_training_task_and_each_of_its_cells_runs_that_choice(monkeypatch, tmp_path):
+    """ood's tasks truthfulqa:EVAL have no validation split and evaluate TruthfulQA's adapter: every
+    trial runs on TruthfulQA's validation split, and the setting it chooses is the one each
+    truthfulqa:EVAL cell of the arm runs, with every seed."""
+    monkeypatch.setenv("LOFIT_DATA", str(SHARED_DATA))
+    grid, folder = load_grid("ood"), tmp_path / "ood"
+    middle = {arm.label: {option: values[len(values) // 2] for option, values in arm.tune.items()} for arm in grid.arms}
+
+    def score(label: str, trial: dict) -> float:  # peaks at the middle of each base grid (the higher of two values)
+        return 0.5 - sum(abs(math.log(trial[option] / best)) for option, best in middle[label].items()) / 100
+
+    def due() -> list:  # the trials known now that have no record yet
+        recorded = {record["key"] for record in read_results(folder)}
+        return [
+            cell for cell in Runner(grid, folder, tune=True, log=lambda _: None).trials() if cell.key not in recorded
+        ]
+
+    rounds = 0
+    while new := due():
+        rounds += 1
+        for cell in new:
+            assert cell.task == "truthfulqa" and cell.config["eval_split"] == "val", cell.describe()
+            append_result(
+                folder,
+                {
+                    "key": cell.key,
+                    "phase": "tune",
+                    "label": cell.label,
+                    "task": cell.task,
+                    "seed": cell.seed,
+                    "method": cell.method,
+                    "point": {},
+                    "trial": dict(cell.trial),
+                    "options": cell.config,
+                    "metric": "mc1",
+                    "score": score(cell.label, dict(cell.trial)),
+                    "metrics": {"mc1": 0.5, "num_examples": 82},
+                },
+            )
+    runner = Runner(grid, folder, tune=True, log=lambda _: None)
+    assert rounds >= 2 and runner.pending_tuning() == 0  # extension trials came after the base grid
+    tuned = [arm.label for arm in grid.arms if arm.tune]
+    chosen = runner.chosen()
+    assert sorted(chosen) == sorted((task, label, ()) for task in grid.tasks for label in tuned)
+    tests = runner.test_cells()
+    assert len(tests) == len(grid.tasks) * len(grid.arms) * len(grid.seeds)
+    for cell in tests:
+        assert dict(cell.trial) == (middle[cell.label] if cell.label in tuned else {}), cell.describe()
+        assert cell.config["eval_split"] == "test"
+    assert not unexplored_edges(read_results(folder))
+
+
 GROUP_TUNED = {
     "label": "LoFiT",
     "method": "lofit",

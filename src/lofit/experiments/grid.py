@@ -874,6 +874,13 @@ def search(
         cells += added
 
 
+def tuning_group(task: str, label: str, point: tuple) -> tuple[str, str, tuple]:
+    """The tuning group (task, label, sweep point) that chooses the setting of a test cell on
+    ``task``: the task itself, or for a ``TRAIN:EVAL`` task TRAIN, since such a cell trains TRAIN's
+    adapter and EVAL may have no validation split (an out-of-domain task such as NQ-open)."""
+    return training_task_name(task), label, point
+
+
 def expand(grid: Grid, phase: str, overrides: dict[str, Any], chosen: dict[tuple, dict] | None = None) -> list[Cell]:
     """The grid's cells of ``phase``: for ``tune``, every base trial of every arm with the first
     seed; for ``test``, every seed (with the trial ``chosen`` per (task, label, point), if any).

@@ -63,6 +63,7 @@ from lofit.experiments.grid import (
     ranking_key,
     search,
     training_key,
+    tuning_group,
 )
 from lofit.experiments.progress import (
     claim_marker,
@@ -244,16 +245,19 @@ class Runner:
         if tune:
             check_tuning(grid)
         check_searches(grid, self.overrides, tune)
+        checked: set[tuple] = set()
         for cell in self.trials() + self.test_cells():
-            self._check_data(cell)
+            self._check_data(cell, checked)
 
     def searches(self) -> dict[tuple, Search]:
-        """The tuning of every (task, label, point) so far, replayed from the recorded trials (none without tune)."""
+        """The tuning of every (task, label, point) so far, replayed from the recorded trials (none
+        without tune). A ``TRAIN:EVAL`` task is tuned as TRAIN, on TRAIN's validation split: what it
+        trains is TRAIN's adapter, and EVAL may have no validation split (:func:`tuning_group`)."""
         if not self.tune:
             return {}
         return {
             (task, arm.label, tuple(point.items())): search(self.grid, arm, task, point, self.overrides, self._score)
-            for task in self.grid.tasks
+            for task in dict.fromkeys(training_task_name(task) for task in self.grid.tasks)
             for arm in self.grid.arms
             for point in self.grid.points()
         }
@@ -275,20 +279,34 @@ class Runner:
         return expand(self.grid, "test", self.overrides, self.chosen(searches))
 
     def chosen(self, searches: dict[tuple, Search] | None = None) -> dict[tuple, dict]:
-        """The best trial per (task, label, point) whose tuning has settled (of ``searches``, else replayed now)."""
+        """The best trial per (task, label, point) of the grid whose tuning group has settled (of
+        ``searches``, else replayed now); a ``TRAIN:EVAL`` task takes TRAIN's."""
         searches = searches if searches is not None else self.searches()
-        return {group: dict(s.best.trial) for group, s in searches.items() if s.settled and s.best is not None}
+        best = {group: dict(s.best.trial) for group, s in searches.items() if s.settled and s.best is not None}
+        groups = [
+            (task, arm.label, tuple(point.items()))
+            for task in self.grid.tasks
+            for arm in self.grid.arms
+            for point in self.grid.points()
+        ]
+        return {group: best[tuning_group(*group)] for group in groups if tuning_group(*group) in best}
 
     def pending_tuning(self) -> int:
         """How many (task, label, point) groups have not settled their tuning."""
         return sum(not s.settled for s in self.searches().values())
 
-    def _check_data(self, cell: Cell) -> None:
-        """The cell's training and evaluation rows, read and validated before any model loads."""
+    def _check_data(self, cell: Cell, checked: set[tuple]) -> None:
+        """The cell's training and evaluation rows, read and validated before any model loads,
+        except those ``checked`` names already (training rows by the seed that samples them,
+        evaluation rows by their data options alone); adds what it checks to ``checked``."""
         options = cell.config
-        needs = ("train",) if cell.phase == "ranking" else ("train", "eval")
+        data = tuple((name, options.get(name)) for name in _DATA_OPTIONS)
+        splits = [("train", options["seed"])] + ([] if cell.phase == "ranking" else [("eval", None)])
         for task_name in {options["task"], options.get("heads_task") or options["task"]}:
-            _run_data(options, needs, task_name)
+            for split, seed in splits:
+                if (task_name, split, seed, data) not in checked:
+                    _run_data(options, (split,), task_name)
+                    checked.add((task_name, split, seed, data))
 
     # --- listing -----------------------------------------------------------------------
 
@@ -446,7 +464,7 @@ class Runner:
             recorded = len(self.done)
             searches = self.searches()
             unsettled = {group for group, s in searches.items() if not s.settled}
-            tests = [c for c in self.test_cells(searches) if (c.task, c.label, c.point) not in unsettled]
+            tests = [c for c in self.test_cells(searches) if tuning_group(c.task, c.label, c.point) not in unsettled]
             trials = self.trials(searches)
             cells = [
                 c for c in trials + tests if c.key not in self.done and c.key not in self.failed and c.key not in busy

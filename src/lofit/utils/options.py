@@ -18,6 +18,7 @@ differ when they resume) is read by :func:`unread_options`.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -33,9 +34,16 @@ class OptionsError(ValueError):
         self.problems = problems
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, resolved once per class (an experiment grid builds configs
+    for every cell, and resolving the hints is most of that time); not to be mutated."""
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, name: str) -> type:
     """The type of ``cls``'s field ``name``, with ``| None`` removed."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _type_hints(cls)[name]
     if isinstance(hint, types.UnionType):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
@@ -49,7 +57,7 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
     for name, value in values.items():
         if name in names:
             kind = field_type(cls, name)
-            if value is None and type(None) not in typing.get_args(typing.get_type_hints(cls)[name]):
+            if value is None and type(None) not in typing.get_args(_type_hints(cls)[name]):
                 raise ValueError(f"option {name} must be of type {kind.__name__}, got None")
             if kind is bool and not isinstance(value, bool):
                 raise ValueError(f"option {name} must be true or false, got {value!r}")
