@@ -27,6 +27,7 @@ COMPLETE = {
     "table2-v3": ["table2", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
     "num-heads-v2": ["num-heads", "--seeds", "42,43", "--tune"],
     "table3-v2": ["table3", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
+    "localization-sweep": ["localization-sweep", "--seeds", "42"],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
 under today's grids. table3-v2 and num-heads-v2 were also complete before the tuning began to
