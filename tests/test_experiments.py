@@ -739,28 +739,12 @@ def test_a_transfer_task_is_tuned_as_its_training_task_and_each_of_its_cells_run
         rounds += 1
         for cell in new:
             assert cell.task == "truthfulqa" and cell.config["eval_split"] == "val", cell.describe()
-            append_result(
-                folder,
-                {
-                    "key": cell.key,
-                    "phase": "tune",
-                    "label": cell.label,
-                    "task": cell.task,
-                    "seed": cell.seed,
-                    "method": cell.method,
-                    "point": {},
-                    "trial": dict(cell.trial),
-                    "options": cell.config,
-                    "metric": "mc1",
-                    "score": score(cell.label, dict(cell.trial)),
-                    "metrics": {"mc1": 0.5, "num_examples": 82},
-                },
-            )
+            append_result(folder, trial_record(cell, "mc1", score(cell.label, dict(cell.trial)), 82))
     runner = Runner(grid, folder, tune=True, log=lambda _: None)
     assert rounds >= 2 and runner.pending_tuning() == 0  # extension trials came after the base grid
     tuned = [arm.label for arm in grid.arms if arm.tune]
     chosen = runner.chosen()
-    assert sorted(chosen) == sorted((task, label, ()) for task in grid.tasks for label in tuned)
+    assert sorted(chosen) == sorted(("truthfulqa", label, ()) for label in tuned)  # one tuning per arm
     tests = runner.test_cells()
     assert len(tests) == len(grid.tasks) * len(grid.arms) * len(grid.seeds)
     for cell in tests:
@@ -777,27 +761,33 @@ GROUP_TUNED = {
 }
 
 
+def trial_record(cell, metric: str, score: float, examples: int) -> dict:
+    """The record of tuning trial ``cell`` as run, scoring ``score`` on ``examples`` validation examples."""
+    return {
+        "key": cell.key,
+        "phase": "tune",
+        "label": cell.label,
+        "task": cell.task,
+        "seed": cell.seed,
+        "method": cell.method,
+        "point": {},
+        "trial": dict(cell.trial),
+        "options": cell.config,
+        "metric": metric,
+        "score": score,
+        "metrics": {metric: score, "num_examples": examples},
+    }
+
+
 def record_group_trials(folder: Path, grid, arm: dict, outcome) -> None:
     """Record every base trial of ``arm`` as run, with ``outcome(trial)`` = (its score, how many
     of its 2 heads scored 0 in step 1)."""
     for cell in Runner(grid, folder, tune=True, log=lambda _: None).trials():
-        trial = dict(cell.trial)
-        score, zeros = outcome(trial)
+        score, zeros = outcome(dict(cell.trial))
         append_result(
             folder,
-            {
-                "key": cell.key,
-                "phase": "tune",
-                "label": cell.label,
-                "task": cell.task,
-                "seed": cell.seed,
-                "method": cell.method,
-                "point": {},
-                "trial": trial,
-                "options": cell.config,
-                "metric": "exact_match",
-                "score": score,
-                "metrics": {"exact_match": score, "num_examples": 12},
+            trial_record(cell, "exact_match", score, 12)
+            | {
                 "selected_heads": [[0, 0], [0, 1]],
                 "zero_score_heads": zeros,
                 "extends": None,

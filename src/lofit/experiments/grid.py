@@ -883,7 +883,7 @@ def tuning_group(task: str, label: str, point: tuple) -> tuple[str, str, tuple]:
 
 def expand(grid: Grid, phase: str, overrides: dict[str, Any], chosen: dict[tuple, dict] | None = None) -> list[Cell]:
     """The grid's cells of ``phase``: for ``tune``, every base trial of every arm with the first
-    seed; for ``test``, every seed (with the trial ``chosen`` per (task, label, point), if any).
+    seed; for ``test``, every seed (with the trial ``chosen`` for the cell's :func:`tuning_group`, if any).
     Ordered seed first, so that a stopped experiment has whole seeds."""
     cells = []
     seeds = grid.seeds[:1] if phase == "tune" else grid.seeds
@@ -896,6 +896,6 @@ def expand(grid: Grid, phase: str, overrides: dict[str, Any], chosen: dict[tuple
                             make_cell(grid, phase, arm, task, seed, point, trial, overrides) for trial in arm.trials()
                         ]
                     else:
-                        trial = (chosen or {}).get((task, arm.label, tuple(point.items())), {})
+                        trial = (chosen or {}).get(tuning_group(task, arm.label, tuple(point.items())), {})
                         cells.append(make_cell(grid, phase, arm, task, seed, point, trial, overrides))
     return cells

@@ -279,17 +279,10 @@ class Runner:
         return expand(self.grid, "test", self.overrides, self.chosen(searches))
 
     def chosen(self, searches: dict[tuple, Search] | None = None) -> dict[tuple, dict]:
-        """The best trial per (task, label, point) of the grid whose tuning group has settled (of
-        ``searches``, else replayed now); a ``TRAIN:EVAL`` task takes TRAIN's."""
+        """The best trial per tuning group (:func:`~lofit.experiments.grid.tuning_group`) whose
+        tuning has settled (of ``searches``, else replayed now)."""
         searches = searches if searches is not None else self.searches()
-        best = {group: dict(s.best.trial) for group, s in searches.items() if s.settled and s.best is not None}
-        groups = [
-            (task, arm.label, tuple(point.items()))
-            for task in self.grid.tasks
-            for arm in self.grid.arms
-            for point in self.grid.points()
-        ]
-        return {group: best[tuning_group(*group)] for group in groups if tuning_group(*group) in best}
+        return {group: dict(s.best.trial) for group, s in searches.items() if s.settled and s.best is not None}
 
     def pending_tuning(self) -> int:
         """How many (task, label, point) groups have not settled their tuning."""
