@@ -285,7 +285,7 @@ class Runner:
         return {group: dict(s.best.trial) for group, s in searches.items() if s.settled and s.best is not None}
 
     def pending_tuning(self) -> int:
-        """How many (task, label, point) groups have not settled their tuning."""
+        """How many tuning groups (:func:`~lofit.experiments.grid.tuning_group`) have not settled their tuning."""
         return sum(not s.settled for s in self.searches().values())
 
     def _check_data(self, cell: Cell, checked: set[tuple]) -> None:
