@@ -44,7 +44,9 @@ OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "table3-gemma": "running: table3 CLUTRR on Gemma 3 270M, RED's tuning not settled yet",
+    "table3-gemma": "closed: RED's tuned epochs rose to the extension cap (48) while the other arms trained 5; "
+    "table3-gemma-budget states an equal budget of 5 epochs instead",
+    "table3-gemma-budget": "running: table3-budget CLUTRR on Gemma 3 270M, RED's tuning not settled yet",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
