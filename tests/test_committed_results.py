@@ -48,6 +48,7 @@ OPEN_EDGES = {
     "table3-gemma-budget states an equal budget of 5 epochs instead",
     "table3-gemma-budget": "running: table3-budget CLUTRR on Gemma 3 270M, RED's tuning not settled yet",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
+    "capacity-v2": "running: capacity at its stated 48-epoch budget, its arms' tuning not settled yet",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
 why. Each entry goes once its folder is re-run or replaced; an entry whose folder has no such
