@@ -127,6 +127,55 @@ def test_grid_expands_to_keyed_cells(setting, tmp_path):
         expand(grid, "test", {"no_such_option": 1})
 
 
+def test_a_derived_grid_replaces_its_bases_keys_and_merges_its_arms_by_label(setting, tmp_path):
+    base = grid_file(setting, tmp_path, seeds=[1, 2])
+    derived = tmp_path / "derived.yaml"
+    red_options = {"red_epochs": 2}
+    lora = {"label": "LoRA", "method": "lora", "tune": {"lora_lr": [1e-3, 2e-3], "lora_rank": [2, 4]}}
+    derived.write_text(
+        yaml.safe_dump(
+            {"base": "grid.yaml", "seeds": [3], "arms": [{"label": "RED", "options": red_options}, lora]},
+            sort_keys=False,
+        )
+    )
+    grid = load_grid(str(derived))
+    assert grid.name == "derived" and grid.seeds == [3]  # its own name and the keys it gives
+    assert grid.description == "a tiny grid" and grid.sweep == {"num_heads": [2, 4]}  # the rest its base's
+    assert [arm.label for arm in grid.arms] == ["LoFiT", "RED", "LoRA"]  # the base's order, new arms after
+    red = grid.arms[1]
+    assert red.method == "red" and red.options == red_options and red.tune == RED_TUNED["tune"]
+    (tmp_path / "flat").mkdir()
+    flat_arms = [LOFIT_TUNED, RED_TUNED | {"options": red_options}, lora]
+    flat = load_grid(str(grid_file(setting, tmp_path / "flat", name="derived", seeds=[3], arms=flat_arms)))
+    for phase in ("tune", "test"):  # the same cells as the grid written out whole, under the same keys
+        assert [cell.key for cell in expand(grid, phase, {})] == [cell.key for cell in expand(flat, phase, {})]
+    derived.write_text(yaml.safe_dump({"base": "grid.yaml", "drop_arms": ["RED"]}))
+    assert [arm.label for arm in load_grid(str(derived)).arms] == ["LoFiT"]
+    for changes, message in (
+        ({"drop_arms": ["LoRA"]}, r"drop_arms names no arm of its base: \['LoRA'\] \(its arms: LoFiT, RED\)"),
+        ({"base": "no-such-grid.yaml"}, "no experiment 'no-such-grid.yaml'"),
+        ({"base": "derived.yaml"}, r"its bases form a circle \(derived.yaml -> derived.yaml\)"),
+        ({"arms": [{"method": "red"}]}, "each arm is a mapping with a label"),
+    ):
+        derived.write_text(yaml.safe_dump({"base": "grid.yaml"} | changes))
+        with pytest.raises(ValueError, match=message):
+            load_grid(str(derived))
+    base.write_text(yaml.safe_dump({"drop_arms": ["RED"]}))
+    with pytest.raises(ValueError, match="drop_arms drops arms of a base grid; name it with base"):
+        load_grid(str(base))
+
+
+def test_shipped_grids_derived_from_table3_key_its_cells_as_table3_does():
+    """table3-budget's LoFiT, LoRA and LoReFT trials at its 5-epoch budget, and data-efficiency's
+    arms at n = 300, are table3's: they share the cells table3 measured."""
+    table3 = {cell.describe(): cell.key for cell in expand(load_grid("table3"), "tune", {})}
+    budget = {cell.describe(): cell.key for cell in expand(load_grid("table3-budget"), "tune", {})}
+    shared = [name for name in budget if not name.split(" seed")[0].endswith("RED")]
+    assert len(shared) == 4 * 6 * 3 and all(budget[name] == table3[name] for name in shared)
+    assert not {budget[name] for name in budget if name not in shared} & set(table3.values())
+    assert [arm.label for arm in load_grid("data-efficiency").arms] == ["LoFiT", "LoRA", "RED"]
+
+
 def test_a_search_whose_values_would_be_one_cell_is_refused(setting, tmp_path):
     group = {"label": "LoFiT", "method": "lofit", "options": {"selection": "group"}}
     tuned = load_grid(str(grid_file(setting, tmp_path, arms=[group | {"tune": LOFIT_TUNED["tune"]}])))

@@ -330,24 +330,74 @@ def check_compare_to(grid: Grid) -> None:
             raise ValueError(f"{where} needs a value of {option}: it is swept over {values}")
 
 
-def load_grid(name_or_path: str) -> Grid:
-    """A shipped grid by name, or a grid YAML file; a ValueError naming what is wrong."""
+def _grid_path(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """The file of a shipped grid named ``name_or_path``, or that path (relative to ``relative_to``'s
+    folder when it is relative and one is given); a ValueError when there is none."""
     shipped = shipped_grids()
     path = shipped.get(name_or_path) or Path(name_or_path)
+    if relative_to is not None and name_or_path not in shipped and not path.is_absolute():
+        path = relative_to.parent / path
     if not path.is_file():
         raise ValueError(
             f"no experiment {name_or_path!r}: name one of {', '.join(sorted(shipped))} or a grid YAML file"
         )
+    return path
+
+
+def merge_arms(path: Path, base_arms: list[dict], arms: list[dict], drop: list[str]) -> list[dict]:
+    """A derived grid's arms over its base's: the base arms labelled in ``drop`` go; an arm whose
+    label a base arm has replaces that arm's keys it gives (``method``, ``options``, ``tune``: each
+    whole, not merged) and keeps its place; an arm with a new label is added after the base's."""
+    merged = {arm.get("label"): dict(arm) for arm in base_arms}
+    unknown = [label for label in drop if label not in merged]
+    if unknown:
+        raise ValueError(f"{path}: drop_arms names no arm of its base: {unknown} (its arms: {', '.join(merged)})")
+    merged = {label: arm for label, arm in merged.items() if label not in drop}
+    for arm in arms:
+        if not isinstance(arm, dict) or "label" not in arm:
+            raise ValueError(f"{path}: each arm is a mapping with a label; got {arm!r}")
+        merged[arm["label"]] = merged.get(arm["label"], {}) | arm
+    return list(merged.values())
+
+
+def grid_data(path: Path, derived: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping a grid file states, over its ``base`` grid's when it names one (a shipped grid or
+    a file relative to this one): every key it gives replaces the base's, except ``arms`` and
+    ``drop_arms`` (:func:`merge_arms`); ``name`` is the file's stem unless given, not the base's. A
+    ValueError for a file that is not a mapping, an unknown key, ``drop_arms`` without a base or a
+    chain of bases that returns to a grid it started from."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping (name, tasks, seeds, arms, ...)")
-    known = {f.name for f in fields(Grid)}
+    known = {f.name for f in fields(Grid)} | {"base", "drop_arms"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown grid keys {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data = {"name": path.stem} | data
+    if "base" not in data:
+        if "drop_arms" in data:
+            raise ValueError(f"{path}: drop_arms drops arms of a base grid; name it with base: <grid>")
+        return data
+    base_path = _grid_path(str(data.pop("base")), relative_to=path)
+    chain = (*derived, path.resolve())
+    if base_path.resolve() in chain:
+        raise ValueError(f"{path}: its bases form a circle ({' -> '.join(p.name for p in (*chain, base_path))})")
+    base = grid_data(base_path, chain)
+    drop = data.pop("drop_arms", [])
+    if not isinstance(drop, list):
+        raise ValueError(f"{path}: drop_arms is a list of its base's arm labels; got {drop!r}")
+    data["arms"] = merge_arms(path, base.get("arms") or [], data.get("arms") or [], drop)
+    return base | data
+
+
+def load_grid(name_or_path: str) -> Grid:
+    """A shipped grid by name, or a grid YAML file (over the grid its ``base`` names, if any:
+    :func:`grid_data`); a ValueError naming what is wrong."""
+    path = _grid_path(name_or_path)
+    data = grid_data(path)
     try:
         arms = [Arm(**arm) for arm in data.pop("arms")]
-        grid = Grid(**{"name": path.stem, "description": ""} | data, arms=arms)
+        grid = Grid(**{"description": ""} | data, arms=arms)
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a valid grid: {error}") from None
     if not grid.arms or len({arm.label for arm in grid.arms}) != len(grid.arms):
