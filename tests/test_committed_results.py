@@ -28,6 +28,16 @@ COMPLETE = {
     "num-heads-v2": ["num-heads", "--seeds", "42,43", "--tune"],
     "table3-v2": ["table3", "--tasks", "clutrr,mquake,truthfulqa", "--seeds", "42,43", "--tune"],
     "localization-sweep": ["localization-sweep", "--seeds", "42"],
+    "table3-gemma-budget": [
+        "table3-budget",
+        "--model",
+        "gemma3-270m",
+        "--tasks",
+        "clutrr",
+        "--seeds",
+        "42,43",
+        "--tune",
+    ],
 }
 """Committed re-runs (folder: the ``lofit experiment`` arguments of its command) that are complete
 under today's grids. table3-v2 and num-heads-v2 were also complete before the tuning began to
@@ -46,7 +56,6 @@ OPEN_EDGES = {
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "table3-gemma": "closed: RED's tuned epochs rose to the extension cap (48) while the other arms trained 5; "
     "table3-gemma-budget states an equal budget of 5 epochs instead",
-    "table3-gemma-budget": "running: table3-budget CLUTRR on Gemma 3 270M, RED's tuning not settled yet",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
     "capacity-v2": "running: capacity at its stated 48-epoch budget, its arms' tuning not settled yet",
 }
