@@ -54,8 +54,6 @@ OPEN_EDGES = {
     "table1": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
-    "table3-gemma": "closed: RED's tuned epochs rose to the extension cap (48) while the other arms trained 5; "
-    "table3-gemma-budget states an equal budget of 5 epochs instead",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
     "capacity-v2": "running: capacity at its stated 48-epoch budget, its arms' tuning not settled yet",
 }
