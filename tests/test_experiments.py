@@ -1394,6 +1394,25 @@ def test_dry_run_lists_cells_and_runs_nothing(setting, tmp_path, capsys):
     shutil.rmtree(tmp_path / "dry", ignore_errors=True)
 
 
+@pytest.mark.parametrize("name", sorted(shipped_grids()))
+def test_show_grid_prints_what_grid_reads_back_to_the_same_cells(name, tmp_path, capsys):
+    assert main(["experiment", name, "--show-grid", "--seeds", "7"]) == 0
+    printed = tmp_path / "shown.yaml"
+    printed.write_text(capsys.readouterr().out)
+    shown, grid = load_grid(str(printed)), load_grid(name)
+    grid.seeds = [7]
+    assert "base" not in yaml.safe_load(printed.read_text()) and shown.seeds == [7]
+    for phase in ("tune", "test"):
+        assert [c.key for c in expand(shown, phase, {})] == [c.key for c in expand(grid, phase, {})]
+
+
+def test_show_grid_dry_run_and_status_are_one_at_a_time(capsys):
+    assert main(["experiment", "table3", "--show-grid", "--dry-run"]) == 2
+    assert "give one of --show-grid, --dry-run and --status, not --show-grid and --dry-run" in capsys.readouterr().err
+    assert main(["experiment", "table3", "--show-grid", "--workers", "2"]) == 2
+    assert "--show-grid runs nothing: --executor and its options do not apply" in capsys.readouterr().err
+
+
 def test_time_estimates_come_from_cells_finished_on_this_hardware(setting, tmp_path):
     grid = load_grid(str(grid_file(setting, tmp_path)))
     runner = Runner(grid, tmp_path / "out", log=lambda _: None)

@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument(
         "--dry-run", action="store_true", help="list the cells, which are done, and estimated times; run nothing"
     )
+    experiment.add_argument(
+        "--show-grid",
+        action="store_true",
+        help="print the grid as this command runs it (its base grid merged, tune grids expanded, --tasks, --seeds, "
+        "--heads and --train-size applied), as YAML that --grid reads back; run nothing",
+    )
     experiment.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     experiment.add_argument(
         "--status",

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from lofit.experiments.executors import EXECUTORS, Executor, LocalExecutor, RayExecutor, SlurmExecutor
-from lofit.experiments.grid import Grid, load_grid
+from lofit.experiments.grid import Grid, grid_mapping, load_grid
 from lofit.experiments.progress import FAILURES
 from lofit.experiments.report import edge_warning, report_kind, write_report
 from lofit.experiments.results import RESULTS
@@ -120,13 +120,25 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
-    """``lofit experiment``: list (``--dry-run``), show progress (``--status``) or run; 1 when
-    cells failed (they run again next time) or were left to another driver running them, else 0."""
+    """``lofit experiment``: show the grid (``--show-grid``), list its cells (``--dry-run``), show
+    progress (``--status``) or run; 1 when cells failed (they run again next time) or were left to
+    another driver running them, else 0."""
     grid, overrides, folder = configure(args)
-    if args.dry_run and args.status:
-        raise ValueError("give --dry-run or --status, not both")
-    if (args.dry_run or args.status) and (args.executor != "local" or args.workers is not None):
-        raise ValueError("--dry-run and --status run nothing: --executor and its options do not apply")
+    looks = [
+        name
+        for name, given in (("--show-grid", args.show_grid), ("--dry-run", args.dry_run), ("--status", args.status))
+        if given
+    ]
+    if len(looks) > 1:
+        raise ValueError(f"give one of --show-grid, --dry-run and --status, not {' and '.join(looks)}")
+    if looks and (args.executor != "local" or args.workers is not None):
+        raise ValueError(f"{looks[0]} runs nothing: --executor and its options do not apply")
+    if args.show_grid:
+        print(
+            yaml.safe_dump(grid_mapping(grid), sort_keys=False, allow_unicode=True, default_flow_style=None, width=100),
+            end="",
+        )
+        return 0
     runner = Runner(grid, folder, overrides, tune=args.tune)
     if args.dry_run or args.status:
         print(runner.listing() if args.dry_run else runner.status())
