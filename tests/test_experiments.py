@@ -153,7 +153,7 @@ def test_a_derived_grid_replaces_its_bases_keys_and_merges_its_arms_by_label(set
     assert [arm.label for arm in load_grid(str(derived)).arms] == ["LoFiT"]
     for changes, message in (
         ({"drop_arms": ["LoRA"]}, r"drop_arms names no arm of its base: \['LoRA'\] \(its arms: LoFiT, RED\)"),
-        ({"base": "no-such-grid.yaml"}, "no experiment 'no-such-grid.yaml'"),
+        ({"base": "no-such-grid.yaml"}, "derived.yaml: no base grid 'no-such-grid.yaml': name one of capacity, "),
         ({"base": "derived.yaml"}, r"its bases form a circle \(derived.yaml -> derived.yaml\)"),
         ({"arms": [{"method": "red"}]}, "each arm is a mapping with a label"),
     ):

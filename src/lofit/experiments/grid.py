@@ -338,9 +338,8 @@ def _grid_path(name_or_path: str, relative_to: Path | None = None) -> Path:
     if relative_to is not None and name_or_path not in shipped and not path.is_absolute():
         path = relative_to.parent / path
     if not path.is_file():
-        raise ValueError(
-            f"no experiment {name_or_path!r}: name one of {', '.join(sorted(shipped))} or a grid YAML file"
-        )
+        what = f"{relative_to}: no base grid" if relative_to is not None else "no experiment"
+        raise ValueError(f"{what} {name_or_path!r}: name one of {', '.join(sorted(shipped))} or a grid YAML file")
     return path
 
 
