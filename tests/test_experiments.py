@@ -166,8 +166,8 @@ def test_a_derived_grid_replaces_its_bases_keys_and_merges_its_arms_by_label(set
 
 
 def test_shipped_grids_derived_from_table3_key_its_cells_as_table3_does():
-    """table3-budget's LoFiT, LoRA and LoReFT trials at its 5-epoch budget, and data-efficiency's
-    arms at n = 300, are table3's: they share the cells table3 measured."""
+    """table3-budget's LoFiT, LoRA and LoReFT trials at its 5-epoch budget are table3's (they share
+    the cells table3 measured), its RED trials are its own; data-efficiency keeps three of table3's arms."""
     table3 = {cell.describe(): cell.key for cell in expand(load_grid("table3"), "tune", {})}
     budget = {cell.describe(): cell.key for cell in expand(load_grid("table3-budget"), "tune", {})}
     shared = [name for name in budget if not name.split(" seed")[0].endswith("RED")]

@@ -407,8 +407,9 @@ def load_grid(name_or_path: str) -> Grid:
 def grid_mapping(grid: Grid) -> dict[str, Any]:
     """The grid as the mapping a grid file states, its base merged and its tune grids expanded (every
     key given, arms last): :func:`load_grid` reads it back to the same cells under the same keys."""
-    mapping = {f.name: getattr(grid, f.name) for f in fields(Grid) if f.name != "arms"}
-    return mapping | {"arms": [asdict(arm) for arm in grid.arms]}
+    mapping = asdict(grid)
+    mapping["arms"] = mapping.pop("arms")
+    return mapping
 
 
 @dataclass(frozen=True, kw_only=True)
