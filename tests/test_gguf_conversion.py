@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -191,13 +192,16 @@ def test_a_disk_that_fills_while_writing_the_conversion_falls_back_without_readi
 
     monkeypatch.setattr(loading, "_load_gguf_file", counted)
     monkeypatch.setattr(loading, "_write_conversion", full)
-    for dtype in ("auto", "bfloat16"):
+    modules = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+    per_module = dict.fromkeys(modules, "cpu")
+    placements = [("auto", None), ("bfloat16", None), ("bfloat16", "auto"), ("float32", per_module)]
+    for dtype, device_map in placements:  # one device, and maps that transformers spreads over devices
         with pytest.warns(UserWarning, match="cannot keep or read a converted copy of model.gguf .*No space left"):
-            model, tokenizer = loading.load_model(str(path), dtype=dtype)
+            model, tokenizer = loading.load_model(str(path), dtype=dtype, device_map=device_map)
         wanted = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        assert model.dtype == wanted and _same_weights(model, direct.to(wanted))
+        assert model.dtype == wanted and _same_weights(model, copy.deepcopy(direct).to(wanted)) and not model.training
         assert tokenizer("the").input_ids == [len(TOKENS) + 1, TOKENS.index("the")]
-    assert reads == [path, path]  # once per load: the de-quantised copy served the fallback
+    assert reads == [path] * len(placements)  # once per load: the de-quantised copy served the fallback
     assert not _conversions(cache)
 
 

@@ -262,11 +262,15 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
             stacklevel=3,
         )
         target = placement.get("device_map", {"": "cpu"})
-        if error.converted is not None and isinstance(target, dict) and set(target) == {""}:  # one device
-            model, tokenizer = error.converted
-            model = model.to(device=target[""], dtype=placement["dtype"])
-        else:
+        if error.converted is None:
             model, tokenizer = _load_gguf_file(path, placement)
+        else:  # the copy de-quantised before the write failed serves: the file is not read again
+            model, tokenizer = error.converted
+            if isinstance(target, dict) and set(target) == {""}:  # one device
+                model = model.to(device=target[""], dtype=placement["dtype"])
+            else:  # spread over several devices by transformers, as a checkpoint folder would be
+                state = model.state_dict()
+                model = type(model).from_pretrained(None, config=model.config, state_dict=state, **placement)
     model.name_or_path = str(path)
     return model, tokenizer
 
