@@ -261,11 +261,11 @@ def _load_gguf(path: Path, placement: dict[str, Any]) -> tuple[PreTrainedModel, 
             "which is slower. Set LOFIT_CACHE to a folder this user can write to convert it once.",
             stacklevel=3,
         )
-        target = placement.get("device_map", {"": "cpu"})
         if error.converted is None:
             model, tokenizer = _load_gguf_file(path, placement)
         else:  # the copy de-quantised before the write failed serves: the file is not read again
             model, tokenizer = error.converted
+            target = placement.get("device_map", {"": "cpu"})
             if isinstance(target, dict) and set(target) == {""}:  # one device
                 model = model.to(device=target[""], dtype=placement["dtype"])
             else:  # spread over several devices by transformers, as a checkpoint folder would be
