@@ -55,7 +55,6 @@ OPEN_EDGES = {
     "cross-task": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "data-efficiency": "first run, tuned before edge extension existed; no re-run under today's grid yet",
     "capacity": "closed: tuned the step-2 epochs, which capacity now fixes at a stated budget (capacity-v2)",
-    "capacity-v2": "running: capacity at its stated 48-epoch budget, its arms' tuning not settled yet",
     "data-efficiency-v2": "running: data-efficiency's re-run under today's grid, its tuning not settled yet",
 }
 """The committed folders with a tuned choice at an unexplored edge (issue 24 asks for none), with
